@@ -1,0 +1,69 @@
+// The kernel table: every hot loop, in one variant per instruction set.
+// The variant is chosen once from the CPU's features (or forced by the
+// TOKENTRAIL_ISA environment variable / set_isa) and called through here.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "tokentrail/tensor.h"
+
+namespace tokentrail {
+
+// Where attention writes its per-head tables when a caller asked for them.
+// Layout of each: [n_queries][n_heads][ctx], ctx = pos0 + n_queries.
+struct AttentionCapture {
+  float* scores = nullptr;    // scaled q.k before softmax, -inf above the causal diagonal
+  float* pattern = nullptr;   // softmax probabilities, 0 above the diagonal
+};
+
+struct KernelTable {
+  const char* name;
+  // y[n][w.rows] = x[n][w.cols] . w^T (+ bias). Float weight types only.
+  void (*matmul)(const WeightView& w, const float* x, int n, float* y, const float* bias);
+  // In place over `rows` rows of length `n`: softmax(x / temperature).
+  void (*softmax)(float* x, int rows, int n, float temperature);
+  void (*rmsnorm)(const float* x, const float* w, int rows, int n, float eps, float* y);
+  void (*layernorm)(const float* x, const float* w, const float* b, int rows, int n, float eps, float* y);
+  // x: [n][heads * head_dim]; positions[n]; adjacent pairs (2i, 2i+1) or split halves (i, i + d/2).
+  void (*rope)(float* x, int n, int heads, int head_dim, const int* positions, float theta, bool adjacent);
+  void (*gelu_tanh)(float* x, size_t n);
+  void (*gelu_erf)(float* x, size_t n);
+  void (*silu)(float* x, size_t n);
+  void (*relu)(float* x, size_t n);
+  // Causal attention of n queries at positions pos0..pos0+n-1 over keys 0..pos0+n-1.
+  // q, z: [n][n_heads*head_dim]; k, v: [n_kv][cap][head_dim] (one layer of the cache).
+  void (*attention)(const float* q, const float* k, const float* v, int cap, int n, int pos0,
+                    int n_heads, int n_kv, int head_dim, float scale, float* z,
+                    const AttentionCapture* capture);
+};
+
+const KernelTable& kernels();
+// Select a variant by name ("scalar", "avx2", "avx512"); throws if this CPU lacks it.
+void set_isa(const std::string& name);
+std::vector<std::string> available_isas();
+
+// Thread count for every parallel loop (OpenMP when built with it).
+void set_threads(int n);
+int get_threads();
+
+// Weight rows of any type (float or block-quantized) widened to float32.
+void row_to_f32(const WeightView& w, int64_t row, float* out);
+
+// Quantized matrix products (block types), see quant.cpp.
+void matmul_quant(const WeightView& w, const float* x, int n, float* y, const float* bias);
+
+// Whatever the weight type: the one entry point the forward pass calls.
+inline void matmul_any(const WeightView& w, const float* x, int n, float* y, const float* bias) {
+  if (w.type == DType::F32 || w.type == DType::F16 || w.type == DType::BF16)
+    kernels().matmul(w, x, n, y, bias);
+  else
+    matmul_quant(w, x, n, y, bias);
+}
+
+namespace isa_scalar { extern const KernelTable table; }
+#ifdef TOKENTRAIL_X86
+namespace isa_avx2 { extern const KernelTable table; }
+namespace isa_avx512 { extern const KernelTable table; }
+#endif
+
+}  // namespace tokentrail

@@ -1,0 +1,130 @@
+// One forward pass for every decoder-only family; families differ only by Config.
+#pragma once
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "tokentrail/kernels.h"
+
+namespace tokentrail {
+
+enum class Norm { RMS, Layer };
+enum class Activation { SiLU, GeluTanh, GeluErf, ReLU };
+
+struct Config {
+  int vocab = 0, dim = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn = 0, max_seq = 0;
+  Norm norm = Norm::RMS;
+  float norm_eps = 1e-5f;
+  Activation act = Activation::SiLU;
+  bool gated_mlp = true;
+  bool learned_positions = false;  // else rotary
+  float rope_theta = 10000.0f;
+  bool rope_adjacent = false;      // pairs (2i, 2i+1) instead of (i, i + d/2)
+};
+
+// Small vectors (norm weights, biases) are always float32; absent ones are null.
+struct LayerWeights {
+  const float *attn_norm_w = nullptr, *attn_norm_b = nullptr;
+  WeightView q, k, v, o;
+  const float *q_b = nullptr, *k_b = nullptr, *v_b = nullptr, *o_b = nullptr;
+  const float *mlp_norm_w = nullptr, *mlp_norm_b = nullptr;
+  WeightView gate, up, down;
+  const float *gate_b = nullptr, *up_b = nullptr, *down_b = nullptr;
+};
+
+struct Weights {
+  WeightView embed, pos_embed, unembed;
+  const float *final_norm_w = nullptr, *final_norm_b = nullptr;
+  std::vector<LayerWeights> layers;
+};
+
+// Keys and values of every layer, laid out [layer][kv_head][position][head_dim]
+// so attention reads each head's history contiguously. Grows on demand up to `limit`.
+class KVCache {
+ public:
+  KVCache(const Config& cfg, int limit);
+  int length() const { return length_; }
+  int capacity() const { return capacity_; }
+  int limit() const { return limit_; }
+  void reserve(int positions);
+  void truncate(int positions);
+  std::unique_ptr<KVCache> clone() const;
+  float* k(int layer) { return k_.data() + size_t(layer) * n_kv_ * capacity_ * head_dim_; }
+  float* v(int layer) { return v_.data() + size_t(layer) * n_kv_ * capacity_ * head_dim_; }
+  void advance(int n) { length_ += n; }
+
+ private:
+  int n_layers_, n_kv_, head_dim_, limit_, capacity_ = 0, length_ = 0;
+  std::vector<float> k_, v_;
+};
+
+// Capture points: named places on the journey where a tensor can be copied out
+// or changed. The table in hooks.cpp is the one list of them.
+enum Point : int {
+  P_EMBED, P_POS_EMBED, P_RESID_PRE, P_ATTN_NORM, P_Q, P_K, P_V, P_ATTN_SCORES, P_ATTN_PATTERN,
+  P_ATTN_Z, P_ATTN_OUT, P_RESID_MID, P_MLP_NORM, P_MLP_PRE, P_MLP_PRE_LINEAR, P_MLP_POST,
+  P_MLP_OUT, P_RESID_POST, P_FINAL_NORM, P_LOGITS, P_COUNT
+};
+
+struct PointInfo {
+  const char* name;
+  bool per_layer;
+  const char* shape;  // per captured position
+  const char* doc;
+};
+const PointInfo& point_info(int p);
+
+// A tensor copied out during one forward call: rows for the selected positions.
+struct Captured {
+  std::vector<float> data;
+  std::vector<int64_t> shape;     // [n_selected, ...]
+  std::vector<int> positions;     // absolute position of each row
+};
+
+// What happens at one (point, layer): interventions first (replace, scale
+// heads, add), then the capture, so the record is the value the model used.
+struct Site {
+  bool capture = false;
+  std::vector<int> positions;                          // capture these only; empty = all
+  std::unordered_map<int, std::vector<float>> replace;  // absolute position -> row
+  std::vector<float> head_scale;                       // one factor per head
+  std::vector<float> add;                              // added to every row
+  std::vector<Captured> captured;
+  bool wants(int pos) const;
+};
+
+class Hooks {
+ public:
+  explicit Hooks(int n_layers) : n_layers_(n_layers), sites_(size_t(P_COUNT) * (n_layers + 1)) {}
+  Site& at(int point, int layer);                // creates
+  Site* find(int point, int layer) const {      // null when nothing is asked there
+    return sites_[index(point, layer)].get();
+  }
+  void clear() { for (auto& s : sites_) s.reset(); }
+  void clear_captures() { for (auto& s : sites_) if (s) s->captured.clear(); }
+  int n_layers() const { return n_layers_; }
+  size_t index(int point, int layer) const;
+
+ private:
+  int n_layers_;
+  std::vector<std::unique_ptr<Site>> sites_;
+};
+
+enum class LogitsMode { None, Last, All };
+
+class Model {
+ public:
+  Model(Config cfg, Weights w) : cfg_(std::move(cfg)), w_(std::move(w)) {}
+  const Config& config() const { return cfg_; }
+  // Runs tokens at the cache's next positions, appends their keys and values,
+  // and writes logits ([1 or n][vocab], per mode) into `logits`.
+  void forward(KVCache& cache, const int* tokens, int n, LogitsMode mode, Hooks* hooks,
+               std::vector<float>& logits) const;
+
+ private:
+  Config cfg_;
+  Weights w_;
+};
+
+}  // namespace tokentrail

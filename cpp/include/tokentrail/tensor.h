@@ -1,0 +1,66 @@
+// Views of weight storage. The engine never owns weights: Python keeps the
+// (usually memory-mapped) arrays alive and hands the core pointers into them.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace tokentrail {
+
+enum class DType : int { F32 = 0, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K };
+
+DType dtype_from_name(const std::string& name);
+const char* dtype_name(DType t);
+
+// Values per block and bytes per block (1 and sizeof(element) for float types).
+struct BlockLayout { int values; int bytes; };
+BlockLayout block_layout(DType t);
+
+// A row-major matrix [rows, cols] of any weight type; rows are row_bytes apart.
+struct WeightView {
+  const void* data = nullptr;
+  DType type = DType::F32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  size_t row_bytes = 0;
+  bool empty() const { return data == nullptr; }
+  const uint8_t* row(int64_t r) const { return static_cast<const uint8_t*>(data) + r * row_bytes; }
+};
+
+// Element types of half-precision weights (bit patterns).
+struct F16 { uint16_t bits; };
+struct BF16 { uint16_t bits; };
+
+// Half-precision conversions used by the portable paths.
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t bits = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do { mant <<= 1; ++e; } while ((mant & 0x400) == 0);
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (mant & 0x3ff) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | mant << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | mant << 13;
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+}  // namespace tokentrail

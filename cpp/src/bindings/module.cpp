@@ -1,0 +1,316 @@
+// tokentrail._core: thin bindings. Arrays come in as views (never copied),
+// the GIL is released while the core computes, and every size is checked here
+// so that a bad weight raises a Python error instead of reading out of bounds.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+
+#include "tokentrail/kernels.h"
+#include "tokentrail/model.h"
+
+namespace py = pybind11;
+using namespace tokentrail;
+
+namespace {
+
+struct ModelHandle {
+  std::unique_ptr<Model> model;
+  std::vector<py::object> keep_alive;  // the arrays the weight views point into
+};
+
+size_t row_bytes_for(DType t, int64_t cols, const std::string& name) {
+  const BlockLayout bl = block_layout(t);
+  if (cols % bl.values)
+    throw py::value_error("tensor '" + name + "': " + std::to_string(cols) + " columns is not a multiple of the " +
+                          dtype_name(t) + " block size " + std::to_string(bl.values));
+  return size_t(cols / bl.values) * bl.bytes;
+}
+
+// weights[name] = (array, dtype_name); the logical shape is what the config implies.
+WeightView matrix(ModelHandle& h, const py::dict& weights, const std::string& name, int64_t rows, int64_t cols,
+                  bool required = true) {
+  if (!weights.contains(name)) {
+    if (required) throw py::value_error("missing tensor '" + name + "'");
+    return {};
+  }
+  auto entry = weights[py::str(name)].cast<py::tuple>();
+  py::array arr = entry[0].cast<py::array>();
+  const DType t = dtype_from_name(entry[1].cast<std::string>());
+  if (!(arr.flags() & py::array::c_style)) throw py::value_error("tensor '" + name + "' is not C-contiguous");
+  const size_t rb = row_bytes_for(t, cols, name);
+  const size_t need = rb * size_t(rows);
+  const size_t have = size_t(arr.nbytes());
+  if (have != need)
+    throw py::value_error("tensor '" + name + "' holds " + std::to_string(have) + " bytes, but [" +
+                          std::to_string(rows) + ", " + std::to_string(cols) + "] of " + dtype_name(t) + " needs " +
+                          std::to_string(need));
+  h.keep_alive.push_back(arr);
+  return WeightView{arr.data(), t, rows, cols, rb};
+}
+
+const float* vec(ModelHandle& h, const py::dict& weights, const std::string& name, int64_t n, bool required) {
+  if (!weights.contains(name)) {
+    if (required) throw py::value_error("missing tensor '" + name + "'");
+    return nullptr;
+  }
+  auto entry = weights[py::str(name)].cast<py::tuple>();
+  if (entry[1].cast<std::string>() != "f32") throw py::value_error("vector tensor '" + name + "' must be f32");
+  py::array_t<float, py::array::c_style> arr = entry[0].cast<py::array_t<float, py::array::c_style>>();
+  if (arr.size() != n)
+    throw py::value_error("tensor '" + name + "' has " + std::to_string(arr.size()) + " values, expected " +
+                          std::to_string(n));
+  h.keep_alive.push_back(arr);
+  return arr.data();
+}
+
+Config config_from(const py::dict& d) {
+  Config c;
+  auto geti = [&](const char* k) { return d[k].cast<int>(); };
+  c.vocab = geti("vocab_size");
+  c.dim = geti("hidden_size");
+  c.n_layers = geti("n_layers");
+  c.n_heads = geti("n_heads");
+  c.n_kv_heads = geti("n_kv_heads");
+  c.head_dim = geti("head_dim");
+  c.ffn = geti("ffn_size");
+  c.max_seq = geti("max_seq_len");
+  if (c.vocab <= 0 || c.dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.head_dim <= 0 ||
+      c.ffn <= 0 || c.max_seq <= 0 || c.n_heads % c.n_kv_heads)
+    throw py::value_error("invalid model config sizes");
+  const std::string norm = d["norm"].cast<std::string>();
+  c.norm = norm == "rms" ? Norm::RMS : Norm::Layer;
+  c.norm_eps = d["norm_eps"].cast<float>();
+  const std::string act = d["activation"].cast<std::string>();
+  if (act == "silu") c.act = Activation::SiLU;
+  else if (act == "gelu_tanh") c.act = Activation::GeluTanh;
+  else if (act == "gelu_erf") c.act = Activation::GeluErf;
+  else if (act == "relu") c.act = Activation::ReLU;
+  else throw py::value_error("unknown activation '" + act + "'");
+  c.gated_mlp = d["gated_mlp"].cast<bool>();
+  c.learned_positions = d["position"].cast<std::string>() == "learned";
+  c.rope_theta = d["rope_theta"].cast<float>();
+  c.rope_adjacent = d["rope_layout"].cast<std::string>() == "adjacent";
+  return c;
+}
+
+std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd) {
+  auto h = std::make_unique<ModelHandle>();
+  Config c = config_from(cfgd);
+  Weights w;
+  const int d = c.dim, qs = c.n_heads * c.head_dim, kvs = c.n_kv_heads * c.head_dim, f = c.ffn;
+  const bool layer_norm = c.norm == Norm::Layer;
+  w.embed = matrix(*h, wd, "embed.weight", c.vocab, d);
+  if (c.learned_positions) w.pos_embed = matrix(*h, wd, "pos_embed.weight", c.max_seq, d);
+  w.unembed = matrix(*h, wd, "unembed.weight", c.vocab, d, false);
+  w.final_norm_w = vec(*h, wd, "final_norm.weight", d, true);
+  w.final_norm_b = vec(*h, wd, "final_norm.bias", d, false);
+  for (int l = 0; l < c.n_layers; ++l) {
+    const std::string p = "blocks." + std::to_string(l) + ".";
+    LayerWeights L;
+    L.attn_norm_w = vec(*h, wd, p + "attn_norm.weight", d, true);
+    L.attn_norm_b = vec(*h, wd, p + "attn_norm.bias", d, false);
+    L.mlp_norm_w = vec(*h, wd, p + "mlp_norm.weight", d, true);
+    L.mlp_norm_b = vec(*h, wd, p + "mlp_norm.bias", d, false);
+    (void)layer_norm;
+    L.q = matrix(*h, wd, p + "attn.q.weight", qs, d);
+    L.k = matrix(*h, wd, p + "attn.k.weight", kvs, d);
+    L.v = matrix(*h, wd, p + "attn.v.weight", kvs, d);
+    L.o = matrix(*h, wd, p + "attn.o.weight", d, qs);
+    L.q_b = vec(*h, wd, p + "attn.q.bias", qs, false);
+    L.k_b = vec(*h, wd, p + "attn.k.bias", kvs, false);
+    L.v_b = vec(*h, wd, p + "attn.v.bias", kvs, false);
+    L.o_b = vec(*h, wd, p + "attn.o.bias", d, false);
+    if (c.gated_mlp) {
+      L.gate = matrix(*h, wd, p + "mlp.gate.weight", f, d);
+      L.gate_b = vec(*h, wd, p + "mlp.gate.bias", f, false);
+    }
+    L.up = matrix(*h, wd, p + "mlp.up.weight", f, d);
+    L.up_b = vec(*h, wd, p + "mlp.up.bias", f, false);
+    L.down = matrix(*h, wd, p + "mlp.down.weight", d, f);
+    L.down_b = vec(*h, wd, p + "mlp.down.bias", d, false);
+    w.layers.push_back(L);
+  }
+  h->model = std::make_unique<Model>(c, std::move(w));
+  return h;
+}
+
+py::array_t<float> to_numpy(std::vector<float>&& v, std::vector<int64_t> shape) {
+  auto* heap = new std::vector<float>(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<float>*>(p); });
+  return py::array_t<float>(shape, heap->data(), owner);
+}
+
+const float* f32_ptr(const py::array_t<float, py::array::c_style | py::array::forcecast>& a) { return a.data(); }
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "tokentrail's C++ core: kernels, forward pass, KV cache and capture points";
+
+  m.def("available_isas", &available_isas, "Kernel variants this binary has and this CPU runs");
+  m.def("set_isa", &set_isa, py::arg("name"));
+  m.def("isa", []() { return std::string(kernels().name); });
+  m.def("set_threads", &set_threads, py::arg("n"));
+  m.def("get_threads", &get_threads);
+
+  m.def("capture_points", []() {
+    py::list out;
+    for (int p = 0; p < P_COUNT; ++p) {
+      const PointInfo& i = point_info(p);
+      out.append(py::make_tuple(i.name, i.per_layer, i.shape, i.doc));
+    }
+    return out;
+  });
+
+  // Kernels, exposed for tests and benchmarks against numpy.
+  m.def("matmul", [](py::array w, const std::string& dtype, int64_t rows, int64_t cols,
+                     py::array_t<float, py::array::c_style | py::array::forcecast> x,
+                     std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>> bias) {
+    ModelHandle keep;
+    py::dict wd;
+    wd["w"] = py::make_tuple(w, dtype);
+    WeightView view = matrix(keep, wd, "w", rows, cols);
+    if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error("x must be [n, cols]");
+    if (bias && bias->size() != rows) throw py::value_error("bias must have one value per row");
+    const int n = int(x.shape(0));
+    std::vector<float> y(size_t(n) * rows);
+    const float* b = bias ? bias->data() : nullptr;
+    {
+      py::gil_scoped_release nogil;
+      matmul_any(view, x.data(), n, y.data(), b);
+    }
+    return to_numpy(std::move(y), {n, rows});
+  }, py::arg("w"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("bias") = py::none());
+
+  m.def("softmax", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, float temperature) {
+    if (!(temperature > 0)) throw py::value_error("temperature must be positive");
+    py::array_t<float> y(x.request().shape);
+    std::copy(x.data(), x.data() + x.size(), y.mutable_data());
+    const int n = x.ndim() ? int(x.shape(x.ndim() - 1)) : 1;
+    kernels().softmax(y.mutable_data(), n ? int(x.size() / n) : 0, n, temperature);
+    return y;
+  }, py::arg("x"), py::arg("temperature") = 1.0f);
+
+  m.def("rmsnorm", [](py::array_t<float, py::array::c_style | py::array::forcecast> x,
+                      py::array_t<float, py::array::c_style | py::array::forcecast> w, float eps) {
+    const int n = int(w.size());
+    if (x.ndim() != 2 || x.shape(1) != n) throw py::value_error("x must be [rows, len(w)]");
+    py::array_t<float> y(x.request().shape);
+    kernels().rmsnorm(x.data(), w.data(), int(x.shape(0)), n, eps, y.mutable_data());
+    return y;
+  });
+  m.def("layernorm", [](py::array_t<float, py::array::c_style | py::array::forcecast> x,
+                        py::array_t<float, py::array::c_style | py::array::forcecast> w,
+                        py::array_t<float, py::array::c_style | py::array::forcecast> b, float eps) {
+    const int n = int(w.size());
+    if (x.ndim() != 2 || x.shape(1) != n || b.size() != n) throw py::value_error("x must be [rows, len(w)]");
+    py::array_t<float> y(x.request().shape);
+    kernels().layernorm(x.data(), w.data(), b.data(), int(x.shape(0)), n, eps, y.mutable_data());
+    return y;
+  });
+  m.def("rope", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array_t<int> positions,
+                   int heads, int head_dim, float theta, bool adjacent) {
+    if (x.ndim() != 2 || x.shape(1) != int64_t(heads) * head_dim || positions.size() != x.shape(0) || head_dim % 2)
+      throw py::value_error("x must be [n, heads*head_dim] with one position per row and even head_dim");
+    py::array_t<float> y(x.request().shape);
+    std::copy(x.data(), x.data() + x.size(), y.mutable_data());
+    py::array_t<int, py::array::c_style | py::array::forcecast> pos(positions);
+    kernels().rope(y.mutable_data(), int(x.shape(0)), heads, head_dim, pos.data(), theta, adjacent);
+    return y;
+  });
+  auto elementwise = [&m](const char* name, void (*KernelTable::*fn)(float*, size_t)) {
+    m.def(name, [fn](py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+      py::array_t<float> y(x.request().shape);
+      std::copy(x.data(), x.data() + x.size(), y.mutable_data());
+      (kernels().*fn)(y.mutable_data(), size_t(x.size()));
+      return y;
+    });
+  };
+  elementwise("gelu_tanh", &KernelTable::gelu_tanh);
+  elementwise("gelu_erf", &KernelTable::gelu_erf);
+  elementwise("silu", &KernelTable::silu);
+  elementwise("relu", &KernelTable::relu);
+  m.def("attention", [](py::array_t<float, py::array::c_style | py::array::forcecast> q,
+                        py::array_t<float, py::array::c_style | py::array::forcecast> k,
+                        py::array_t<float, py::array::c_style | py::array::forcecast> v, int pos0, float scale) {
+    // q: [n, heads, hd]; k, v: [kv_heads, ctx, hd] with ctx = pos0 + n. Returns (z, pattern).
+    if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3) throw py::value_error("q, k, v must be 3-D");
+    const int n = int(q.shape(0)), heads = int(q.shape(1)), hd = int(q.shape(2));
+    const int kvh = int(k.shape(0)), ctx = int(k.shape(1));
+    if (ctx != pos0 + n || k.shape(2) != hd || v.shape(0) != kvh || v.shape(1) != ctx || v.shape(2) != hd ||
+        heads % kvh)
+      throw py::value_error("attention shapes do not agree");
+    std::vector<float> z(size_t(n) * heads * hd), pattern(size_t(n) * heads * ctx);
+    AttentionCapture cap;
+    cap.pattern = pattern.data();
+    kernels().attention(q.data(), k.data(), v.data(), ctx, n, pos0, heads, kvh, hd, scale, z.data(), &cap);
+    return py::make_tuple(to_numpy(std::move(z), {n, heads, hd}), to_numpy(std::move(pattern), {n, heads, ctx}));
+  });
+  m.def("row_to_f32", [](py::array w, const std::string& dtype, int64_t rows, int64_t cols) {
+    ModelHandle keep;
+    py::dict wd;
+    wd["w"] = py::make_tuple(w, dtype);
+    WeightView view = matrix(keep, wd, "w", rows, cols);
+    std::vector<float> out(size_t(rows) * cols);
+    for (int64_t r = 0; r < rows; ++r) row_to_f32(view, r, out.data() + r * cols);
+    return to_numpy(std::move(out), {rows, cols});
+  });
+
+  py::class_<ModelHandle>(m, "Model")
+      .def(py::init(&make_model), py::arg("config"), py::arg("weights"))
+      .def_property_readonly("n_layers", [](const ModelHandle& h) { return h.model->config().n_layers; })
+      .def("forward", [](const ModelHandle& h, KVCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
+                         const std::string& mode, Hooks* hooks) {
+        LogitsMode lm = mode == "all" ? LogitsMode::All : mode == "last" ? LogitsMode::Last : LogitsMode::None;
+        if (mode != "all" && mode != "last" && mode != "none") throw py::value_error("logits mode must be all, last or none");
+        if (hooks && hooks->n_layers() != h.model->config().n_layers) throw py::value_error("hooks were made for another model");
+        const int n = int(tokens.size());
+        std::vector<float> logits;
+        {
+          py::gil_scoped_release nogil;
+          h.model->forward(cache, tokens.data(), n, lm, hooks, logits);
+        }
+        const int vocab = h.model->config().vocab;
+        if (lm == LogitsMode::All) return to_numpy(std::move(logits), {n, vocab});
+        if (lm == LogitsMode::Last) return to_numpy(std::move(logits), {vocab});
+        return to_numpy(std::move(logits), {0});
+      }, py::arg("cache"), py::arg("tokens"), py::arg("logits") = "last", py::arg("hooks") = nullptr);
+
+  py::class_<KVCache>(m, "KVCache")
+      .def(py::init([](const ModelHandle& h, int limit) { return std::make_unique<KVCache>(h.model->config(), limit); }),
+           py::arg("model"), py::arg("limit"))
+      .def_property_readonly("length", &KVCache::length)
+      .def_property_readonly("capacity", &KVCache::capacity)
+      .def_property_readonly("limit", &KVCache::limit)
+      .def("truncate", &KVCache::truncate)
+      .def("clone", &KVCache::clone);
+
+  py::class_<Hooks>(m, "Hooks")
+      .def(py::init<int>(), py::arg("n_layers"))
+      .def("set", [](Hooks& hk, int point, int layer, bool capture, std::vector<int> positions,
+                     std::vector<float> head_scale, std::vector<float> add,
+                     std::unordered_map<int, std::vector<float>> replace) {
+        Site& s = hk.at(point, layer);
+        s.capture = capture;
+        s.positions = std::move(positions);
+        s.head_scale = std::move(head_scale);
+        s.add = std::move(add);
+        s.replace = std::move(replace);
+      }, py::arg("point"), py::arg("layer"), py::arg("capture") = false, py::arg("positions") = std::vector<int>{},
+         py::arg("head_scale") = std::vector<float>{}, py::arg("add") = std::vector<float>{},
+         py::arg("replace") = std::unordered_map<int, std::vector<float>>{})
+      .def("clear", &Hooks::clear)
+      .def("clear_captures", &Hooks::clear_captures)
+      .def("captured", [](Hooks& hk, int point, int layer) {
+        // List of (array, positions), one per forward call that captured here.
+        py::list out;
+        Site* s = hk.find(point, layer);
+        if (!s) return out;
+        for (Captured& c : s->captured)
+          out.append(py::make_tuple(to_numpy(std::vector<float>(c.data), c.shape), c.positions));
+        return out;
+      });
+}

@@ -1,0 +1,113 @@
+// Chooses the kernel variant at run time and owns the thread count.
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#include "tokentrail/kernels.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace tokentrail {
+
+DType dtype_from_name(const std::string& name) {
+  static const char* names[] = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k"};
+  for (int i = 0; i < 7; ++i)
+    if (name == names[i]) return DType(i);
+  throw std::invalid_argument("unknown weight dtype '" + name + "'");
+}
+
+const char* dtype_name(DType t) {
+  static const char* names[] = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k"};
+  return names[int(t)];
+}
+
+BlockLayout block_layout(DType t) {
+  switch (t) {
+    case DType::F32: return {1, 4};
+    case DType::F16: return {1, 2};
+    case DType::BF16: return {1, 2};
+    case DType::Q8_0: return {32, 34};
+    case DType::Q4_0: return {32, 18};
+    case DType::Q4_K: return {256, 144};
+    case DType::Q6_K: return {256, 210};
+  }
+  throw std::invalid_argument("bad dtype");
+}
+
+namespace {
+
+bool cpu_has(const char* isa) {
+#ifdef TOKENTRAIL_X86
+  __builtin_cpu_init();
+  if (!std::strcmp(isa, "avx2"))
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (!std::strcmp(isa, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  return !std::strcmp(isa, "scalar");
+}
+
+const KernelTable* table_for(const std::string& name) {
+  if (name == "scalar") return &isa_scalar::table;
+#ifdef TOKENTRAIL_X86
+  if (name == "avx2") return &isa_avx2::table;
+  if (name == "avx512") return &isa_avx512::table;
+#endif
+  return nullptr;
+}
+
+const KernelTable* choose_default() {
+  if (const char* forced = std::getenv("TOKENTRAIL_ISA")) {
+    if (*forced) {
+      const KernelTable* t = table_for(forced);
+      if (t && cpu_has(forced)) return t;
+      // A wrong setting must not crash at import; fall through to detection.
+    }
+  }
+  for (const char* isa : {"avx512", "avx2"})
+    if (cpu_has(isa) && table_for(isa)) return table_for(isa);
+  return &isa_scalar::table;
+}
+
+const KernelTable* g_table = nullptr;
+
+}  // namespace
+
+const KernelTable& kernels() {
+  if (!g_table) g_table = choose_default();
+  return *g_table;
+}
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (const char* isa : {"scalar", "avx2", "avx512"})
+    if (table_for(isa) && cpu_has(isa)) out.push_back(isa);
+  return out;
+}
+
+void set_isa(const std::string& name) {
+  const KernelTable* t = table_for(name);
+  if (!t) throw std::invalid_argument("kernel variant '" + name + "' is not built into this binary");
+  if (!cpu_has(name.c_str())) throw std::invalid_argument("this CPU does not support kernel variant '" + name + "'");
+  g_table = t;
+}
+
+void set_threads(int n) {
+  if (n < 1) throw std::invalid_argument("threads must be at least 1");
+#ifdef _OPENMP
+  omp_set_num_threads(n);
+#endif
+}
+
+int get_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace tokentrail

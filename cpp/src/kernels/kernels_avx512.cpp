@@ -1,0 +1,32 @@
+// AVX-512 (F, BW, VL, DQ) variant: sixteen floats per vector.
+#include <immintrin.h>
+
+#include "kernels_common.h"
+
+namespace tokentrail {
+namespace isa_avx512 {
+
+struct V {
+  using R = __m512;
+  // 4 weight rows x 4 tokens: 16 accumulators of the 32 registers.
+  static constexpr int W = 16, TILE_ROWS = 4, TILE_COLS = 4;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float a) { return _mm512_set1_ps(a); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static R loadw(const float* p) { return _mm512_loadu_ps(p); }
+  static R loadw(const F16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static R loadw(const BF16* p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(R a) { return _mm512_reduce_add_ps(a); }
+};
+
+#include "kernels_impl.h"
+
+const KernelTable table = make_table("avx512");
+
+}  // namespace isa_avx512
+}  // namespace tokentrail

@@ -1,0 +1,10 @@
+// Headers every kernel variant needs, included before its namespace opens.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "tokentrail/kernels.h"

@@ -1,0 +1,75 @@
+"""Weights as the engine consumes them, independent of the file they came from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Block layouts of the quantized types: (values per block, bytes per block).
+BLOCK_TYPES = {
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q4_k": (256, 144),
+    "q6_k": (256, 210),
+}
+FLOAT_TYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
+DTYPES = tuple(FLOAT_TYPES) + tuple(BLOCK_TYPES)
+
+
+@dataclass
+class Weight:
+    """One named tensor.
+
+    `data` is the storage the kernels read, usually a memory map of the file:
+    float32/float16 arrays as themselves, bfloat16 as uint16 bit patterns, and
+    block-quantized types as a uint8 array of shape [rows, bytes_per_row].
+    `shape` is the logical shape (rows, cols) or (n,).
+    """
+
+    data: np.ndarray
+    dtype: str
+    shape: tuple[int, ...]
+    # (file, tensor name in that file), so later checks can say where a bad tensor came from.
+    source: tuple | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown weight dtype {self.dtype!r}; expected one of {DTYPES}")
+        self.shape = tuple(int(s) for s in self.shape)
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> "Weight":
+        array = np.asarray(array)
+        if array.dtype == np.float32:
+            return cls(array, "f32", array.shape)
+        if array.dtype == np.float16:
+            return cls(array, "f16", array.shape)
+        return cls(np.ascontiguousarray(array, dtype=np.float32), "f32", array.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def to_float32(self) -> np.ndarray:
+        """A float32 copy in the logical shape (for tests, the journey, and conversion)."""
+        if self.dtype == "f32":
+            return np.asarray(self.data, dtype=np.float32).reshape(self.shape)
+        if self.dtype == "f16":
+            return np.asarray(self.data).astype(np.float32).reshape(self.shape)
+        if self.dtype == "bf16":
+            bits = np.asarray(self.data, dtype=np.uint16).astype(np.uint32) << 16
+            return bits.view(np.float32).reshape(self.shape)
+        from .quant import dequantize
+
+        return dequantize(self.data, self.dtype, self.shape)
+
+
+def bf16_from_float32(array: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 bit patterns (round to nearest even), as uint16."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + 0x7FFF
+    out = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(array)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out

@@ -1,0 +1,82 @@
+"""Text <-> token ids, through the `tokenizers` library for every format."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import tokenizers
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the facts generation needs.
+
+    `add_bos` prepends the BOS id when encoding a prompt, for models whose
+    tokenizer.json does not do it in its own post-processor.
+    """
+
+    def __init__(self, inner: tokenizers.Tokenizer, bos_id: int | None = None,
+                 eos_ids: Iterable[int] = (), add_bos: bool = False):
+        self.inner = inner
+        self.bos_id = bos_id
+        self.eos_ids = list(eos_ids)
+        self.add_bos = add_bos
+
+    @classmethod
+    def from_file(cls, path, **kw) -> "Tokenizer":
+        return cls(tokenizers.Tokenizer.from_file(str(path)), **kw)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Ids of `text`; with `special`, the model's BOS and template tokens too."""
+        ids = self.inner.encode(text, add_special_tokens=special).ids
+        if special and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self.inner.decode(list(ids), skip_special_tokens=skip_special)
+
+    def piece(self, token_id: int) -> str:
+        """The token's own vocabulary entry, for tables (e.g. 'Ġis' or '▁is')."""
+        p = self.inner.id_to_token(int(token_id))
+        return p if p is not None else f"<{token_id}>"
+
+    def display(self, token_id: int) -> str:
+        """The text a token stands for, as a reader would see it."""
+        text = self.inner.decode([int(token_id)], skip_special_tokens=False)
+        return text if text else self.piece(token_id)
+
+    def stream(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns ids arriving one at a time into text pieces.
+
+    Decoding each token alone breaks characters whose bytes span several
+    tokens and drops the spaces some tokenizers restore only in context, so
+    the decoder re-decodes a short window and emits only what is final: text
+    that does not end in a half-finished character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context: Iterable[int] = ()):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(context)
+        self.emitted = len(self.tokenizer.decode(self.ids))
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self.emitted:]
+        self.emitted = len(text)
+        return piece
+
+    def feed(self, ids: Iterable[int]) -> Iterator[str]:
+        for i in ids:
+            piece = self.push(i)
+            if piece:
+                yield piece

@@ -1,0 +1,29 @@
+"""Shared test helpers: references that may be absent, and where shared data lives."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TOKENTRAIL_SHARED", REPO.parent / "shared"))
+STORIES = SHARED / "models" / "stories260K"
+
+
+def require(module: str):
+    """Import a reference implementation, or skip; CI sets TOKENTRAIL_REQUIRE_REFERENCE=1
+    so that a missing reference fails instead of silently skipping the comparison."""
+    if os.environ.get("TOKENTRAIL_REQUIRE_REFERENCE") == "1":
+        import importlib
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"reference implementation {module!r} is not installed")
+
+
+def require_stories():
+    if not (STORIES / "stories260K.bin").exists():
+        if os.environ.get("TOKENTRAIL_REQUIRE_REFERENCE") == "1":
+            pytest.fail(f"stories260K model not found at {STORIES}")
+        pytest.skip(f"the shared stories260K model is not present at {STORIES}")
+    return STORIES

@@ -210,21 +210,26 @@ def read_hf(directory, dtype: str | None = None) -> Checkpoint:
     if tok_path.exists():
         tokenizer = Tokenizer.from_file(tok_path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
     ckpt = Checkpoint(cfg, weights, tokenizer, source=str(directory))
-    check_weights(ckpt, {n: where.get(names.get(n, ""), directory) for n in weights})
+    file_names = {n.format(l=layer): h.format(l=layer) for n, h in names.items() for layer in range(cfg.n_layers)}
+    check_weights(ckpt, file_names)
     return ckpt
 
 
-def check_weights(ckpt: Checkpoint, files: dict | None = None) -> None:
-    """Every required tensor present, every present tensor of the expected shape."""
+def check_weights(ckpt: Checkpoint, file_names: dict[str, str] | None = None) -> None:
+    """Every required tensor present, every present tensor of the expected shape.
+
+    `file_names` maps neutral names to the names the file uses, for messages.
+    """
     from ..config import expected_shapes, is_optional
 
-    files = files or {}
+    file_names = file_names or {}
     expected = expected_shapes(ckpt.config)
     for name, shape in expected.items():
         w = ckpt.weights.get(name)
         if w is None:
             if not is_optional(name):
-                raise CheckpointError("missing tensor", path=ckpt.source, tensor=name)
+                raise CheckpointError(f"missing tensor (tokentrail name {name!r})", path=ckpt.source,
+                                      tensor=file_names.get(name, name))
             continue
         if tuple(w.shape) != shape:
             src = getattr(w, "source", None)

@@ -1,0 +1,139 @@
+"""Every kernel variant this CPU runs, against numpy, at sizes that are not multiples of a vector."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tokentrail import _core
+from tokentrail.loading.weights import bf16_from_float32
+
+ISAS = _core.available_isas()
+SIZES = [(1, 1, 1), (3, 17, 5), (7, 64, 33), (5, 100, 130), (9, 31, 257)]  # (n, rows, cols)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = _core.isa()
+    _core.set_isa(request.param)
+    yield request.param
+    _core.set_isa(before)
+
+
+def test_scalar_is_always_available():
+    assert "scalar" in ISAS
+    with pytest.raises(ValueError):
+        _core.set_isa("no-such-isa")
+
+
+@pytest.mark.parametrize("n,rows,cols", SIZES)
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_matmul(isa, dtype, n, rows, cols):
+    rng = np.random.default_rng(rows * cols)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    b = rng.standard_normal(rows).astype(np.float32)
+    if dtype == "f16":
+        stored = w.astype(np.float16)
+        exact = stored.astype(np.float32)
+    elif dtype == "bf16":
+        stored = bf16_from_float32(w)
+        exact = (stored.astype(np.uint32) << 16).view(np.float32)
+    else:
+        stored = exact = w
+    got = _core.matmul(stored, dtype, rows, cols, x, b)
+    want = x.astype(np.float64) @ exact.astype(np.float64).T + b
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * math.sqrt(cols))
+
+
+def test_matmul_rejects_wrong_size():
+    with pytest.raises(ValueError, match="bytes"):
+        _core.matmul(np.zeros((3, 4), np.float32), "f32", 3, 5, np.zeros((1, 5), np.float32))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0, 1e-3])
+def test_softmax(isa, temperature):
+    x = np.random.default_rng(1).standard_normal((4, 37)).astype(np.float32) * 10
+    z = x.astype(np.float64) / temperature
+    want = np.exp(z - z.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(_core.softmax(x, temperature), want, atol=1e-6)
+
+
+def test_norms(isa):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 67)).astype(np.float32)
+    w = rng.standard_normal(67).astype(np.float32)
+    b = rng.standard_normal(67).astype(np.float32)
+    rms = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(_core.rmsnorm(x, w, 1e-5), rms, rtol=1e-5, atol=1e-6)
+    mu = x.mean(-1, keepdims=True)
+    ln = (x - mu) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * w + b
+    np.testing.assert_allclose(_core.layernorm(x, w, b, 1e-5), ln, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("adjacent", [False, True])
+def test_rope(isa, adjacent):
+    rng = np.random.default_rng(3)
+    n, heads, hd, theta = 6, 3, 10, 10000.0
+    x = rng.standard_normal((n, heads * hd)).astype(np.float32)
+    pos = np.array([0, 1, 5, 17, 100, 1000], np.int32)
+    half = hd // 2
+    inv = theta ** (-2.0 * np.arange(half) / hd)
+    ang = pos[:, None] * inv[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    v = x.reshape(n, heads, hd).astype(np.float64)
+    if adjacent:
+        a, b = v[..., 0::2], v[..., 1::2]
+    else:
+        a, b = v[..., :half], v[..., half:]
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    want = np.empty_like(v)
+    if adjacent:
+        want[..., 0::2], want[..., 1::2] = ra, rb
+    else:
+        want[..., :half], want[..., half:] = ra, rb
+    np.testing.assert_allclose(_core.rope(x, pos, heads, hd, theta, adjacent), want.reshape(n, -1), atol=1e-5)
+
+
+def test_activations(isa):
+    x = np.linspace(-8, 8, 1001).astype(np.float32)
+    xd = x.astype(np.float64)
+    erf = np.vectorize(math.erf)
+    np.testing.assert_allclose(_core.gelu_erf(x), 0.5 * xd * (1 + erf(xd / math.sqrt(2))), atol=1e-6)
+    tanh_form = 0.5 * xd * (1 + np.tanh(math.sqrt(2 / math.pi) * (xd + 0.044715 * xd ** 3)))
+    np.testing.assert_allclose(_core.gelu_tanh(x), tanh_form, atol=1e-6)
+    np.testing.assert_allclose(_core.silu(x), xd / (1 + np.exp(-xd)), atol=1e-6)
+    np.testing.assert_allclose(_core.relu(x), np.maximum(xd, 0), atol=0)
+
+
+@pytest.mark.parametrize("pos0,n,heads,kv,hd", [(0, 5, 4, 2, 8), (7, 3, 6, 3, 17), (0, 1, 2, 1, 33), (20, 1, 8, 8, 64)])
+def test_attention_gqa_causal(isa, pos0, n, heads, kv, hd):
+    rng = np.random.default_rng(pos0 + n)
+    ctx = pos0 + n
+    q = rng.standard_normal((n, heads, hd)).astype(np.float32)
+    k = rng.standard_normal((kv, ctx, hd)).astype(np.float32)
+    v = rng.standard_normal((kv, ctx, hd)).astype(np.float32)
+    scale = 1 / math.sqrt(hd)
+    z, pattern = _core.attention(q, k, v, pos0, scale)
+    group = heads // kv
+    for i in range(n):
+        for h in range(heads):
+            s = (k[h // group] @ q[i, h]).astype(np.float64) * scale
+            s[pos0 + i + 1:] = -np.inf
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            np.testing.assert_allclose(pattern[i, h], p, atol=1e-6)
+            np.testing.assert_allclose(z[i, h], p @ v[h // group], atol=1e-5)
+
+
+def test_environment_variable_forces_a_variant():
+    import subprocess
+    import sys
+
+    for name in ISAS:
+        out = subprocess.run([sys.executable, "-c", "from tokentrail import _core; print(_core.isa())"],
+                             env={**__import__("os").environ, "TOKENTRAIL_ISA": name},
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == name

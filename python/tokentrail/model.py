@@ -95,6 +95,24 @@ class Model:
             ids = self.encode(ids)
         return self.session().feed(ids, all_logits=all_positions, hooks=hooks)
 
+    def hooks(self):
+        """A fresh set of capture requests and interventions for this model."""
+        from .capture import Hooks
+
+        return Hooks(self)
+
+    def run_with_cache(self, prompt, names="*", positions=None, hooks=None):
+        """Logits of every position and an ActivationCache of the named points (all by default).
+
+        `positions` limits the record to those absolute positions: for long
+        prompts, recording only what you will look at saves most of the memory.
+        """
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        hooks = hooks if hooks is not None else self.hooks()
+        hooks.capture(names, positions=positions)
+        logits = self.forward(ids, all_positions=True, hooks=hooks)
+        return logits, hooks.cache
+
     def generate(self, prompt, max_new_tokens: int = 32, **kwargs):
         """Continue `prompt` (text or ids); see tokentrail.generation.generate for the options."""
         from .generation import generate

@@ -113,6 +113,12 @@ class Model:
         logits = self.forward(ids, all_positions=True, hooks=hooks)
         return logits, hooks.cache
 
+    def journey(self, prompt, temperature: float = 1.0, position: int = -1, top: int = 5, seed=None):
+        """Follow the token at `position` of `prompt` through the model; see tokentrail.journey."""
+        from .journey import Journey
+
+        return Journey(self, prompt, temperature=temperature, position=position, top=top, seed=seed)
+
     def generate(self, prompt, max_new_tokens: int = 32, **kwargs):
         """Continue `prompt` (text or ids); see tokentrail.generation.generate for the options."""
         from .generation import generate

@@ -46,7 +46,12 @@ class Tokenizer:
     def display(self, token_id: int) -> str:
         """The text a token stands for, as a reader would see it."""
         text = self.inner.decode([int(token_id)], skip_special_tokens=False)
-        return text if text else self.piece(token_id)
+        if not text:
+            return self.piece(token_id)
+        # Sentencepiece-style decoders drop a word's leading space when it is decoded alone.
+        if self.piece(token_id).startswith("\u2581") and not text.startswith(" "):
+            text = " " + text
+        return text
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)

@@ -1,0 +1,1 @@
+"""Ways to show a journey: the terminal (rich) and one self-contained HTML page."""

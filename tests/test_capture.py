@@ -147,3 +147,18 @@ def test_bad_names_and_shapes_raise(pair):
         model.hooks().add("blocks.0.resid_pre", np.zeros(3))
     with pytest.raises(KeyError, match="was not captured"):
         model.run_with_cache(IDS, names="embed")[1]["logits"]
+
+
+def test_interventions_and_capture_during_generation(pair):
+    model, _ = pair
+    hooks = model.hooks().ablate_head(0, 0).capture("blocks.0.attn_z")
+    g = model.generate(IDS[:4], max_new_tokens=6, temperature=0, hooks=hooks, ignore_eos=True)
+    s, manual = model.session(), model.hooks().ablate_head(0, 0)
+    logits, want = s.feed(IDS[:4], hooks=manual), []
+    for _ in range(6):
+        want.append(int(np.argmax(logits)))
+        logits = s.feed([want[-1]], hooks=manual)
+    assert g.token_ids == want
+    z = hooks.cache["blocks.0.attn_z"].reshape(-1, model.config.n_heads, model.config.head_dim)
+    assert z.shape[0] == 4 + 5  # the prompt, then each generated token but the last (never fed)
+    assert np.all(z[:, 0] == 0) and np.any(z[:, 1] != 0)

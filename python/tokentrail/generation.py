@@ -166,13 +166,15 @@ def _held_back(text: str, start: int, stops: Sequence[str]) -> int:
 def generate(model, prompt, max_new_tokens: int = 64, *, seed: int | None = None,
              stop: str | Sequence[str] = (), eos_ids: int | Iterable[int] | None = None,
              ignore_eos: bool = False, stream: bool = False, logprobs: bool = False, top_n: int = 0,
-             sampling: SamplingConfig | None = None, **options: Any):
+             sampling: SamplingConfig | None = None, hooks=None, **options: Any):
     """Continue `prompt` (text or token ids) by sampling.
 
     Sampling options (temperature=0 for greedy, top_k, top_p, min_p,
     repetition_penalty, mirostat, order=, processors=, ...) are those of
     SamplingConfig, given as keywords or as `sampling=`. `seed` makes the run
     reproducible bit for bit (None: fresh entropy, reported in the result).
+    `hooks` (from model.hooks()) records and intervenes during every forward
+    pass of the run, the prompt's and each new token's.
     `eos_ids` defaults to the tokenizer's and config's end-of-sequence ids.
 
     Returns a Generation, or with stream=True an iterator of Step records
@@ -191,7 +193,7 @@ def generate(model, prompt, max_new_tokens: int = 64, *, seed: int | None = None
     prompt_ids = _prompt_ids(model, prompt)
     _check_fits(model, prompt_ids)
     eos = set() if ignore_eos else _eos_ids(model, eos_ids)
-    run = _Run(model, prompt_ids, max_new_tokens, sampler, stops, eos, logprobs, top_n)
+    run = _Run(model, prompt_ids, max_new_tokens, sampler, stops, eos, logprobs, top_n, hooks)
     if stream:
         return run.steps()
     steps = list(run.steps())
@@ -200,7 +202,8 @@ def generate(model, prompt, max_new_tokens: int = 64, *, seed: int | None = None
 
 
 class _Run:
-    def __init__(self, model, prompt_ids, max_new_tokens, sampler, stops, eos, logprobs, top_n):
+    def __init__(self, model, prompt_ids, max_new_tokens, sampler, stops, eos, logprobs, top_n, hooks=None):
+        self.hooks = hooks
         self.model = model
         self.prompt_ids = prompt_ids
         self.max_new_tokens = max_new_tokens
@@ -222,7 +225,8 @@ class _Run:
         limit = _limit(model, session)
         if len(self.prompt_ids) > limit:
             raise ValueError(f"prompt: {len(self.prompt_ids)} tokens do not fit the context of {limit}")
-        logits = session.feed(self.prompt_ids)
+        feed_kw = {"hooks": self.hooks} if self.hooks is not None else {}
+        logits = session.feed(self.prompt_ids, **feed_kw)
         history = list(self.prompt_ids)
         decoder = StreamDecoder(tok, context=self.prompt_ids[-DECODE_CONTEXT:]) if tok is not None else None
         for i in range(self.max_new_tokens):
@@ -261,7 +265,7 @@ class _Run:
             if finish is not None:
                 self.finish_reason = finish
                 return
-            logits = session.feed([token])
+            logits = session.feed([token], **feed_kw)
 
     def _details(self, step: Step, logits: np.ndarray, probs: np.ndarray) -> None:
         logp = log_softmax(logits)

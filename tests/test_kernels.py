@@ -137,3 +137,25 @@ def test_environment_variable_forces_a_variant():
                              env={**__import__("os").environ, "TOKENTRAIL_ISA": name},
                              capture_output=True, text=True, check=True).stdout.strip()
         assert out == name
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("n,rows", [(1, 7), (3, 33), (6, 5)])
+def test_quantized_matmul_against_numpy_dequantize(isa, dtype, n, rows):
+    from tokentrail.loading.quant import block_info, dequantize, quantize
+
+    block = block_info(dtype)[0]
+    cols = block * (3 if block == 32 else 2) + (block if rows % 2 else 0)  # several blocks, odd counts too
+    rng = np.random.default_rng(rows + n)
+    packed = quantize(rng.standard_normal((rows, cols)).astype(np.float32), dtype)
+    exact = dequantize(packed, dtype, (rows, cols)).astype(np.float64)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    b = rng.standard_normal(rows).astype(np.float32)
+    got = _core.matmul(packed, dtype, rows, cols, x, b)
+    np.testing.assert_allclose(got, x @ exact.T + b, rtol=1e-5, atol=1e-4 * math.sqrt(cols))
+    np.testing.assert_allclose(_core.row_to_f32(packed, dtype, rows, cols), exact, rtol=1e-6, atol=1e-7)
+
+
+def test_quantized_columns_must_fill_blocks():
+    with pytest.raises(ValueError, match="block size"):
+        _core.matmul(np.zeros((2, 34), np.uint8), "q8_0", 2, 33, np.zeros((1, 33), np.float32))

@@ -20,6 +20,10 @@ struct KernelTable {
   const char* name;
   // y[n][w.rows] = x[n][w.cols] . w^T (+ bias). Float weight types only.
   void (*matmul)(const WeightView& w, const float* x, int n, float* y, const float* bias);
+  // The same product for block-quantized weights (Q8_0, Q4_0, Q4_K, Q6_K).
+  void (*matmul_quant)(const WeightView& w, const float* x, int n, float* y, const float* bias);
+  // One row of a block-quantized matrix widened to float32.
+  void (*dequant_row)(const WeightView& w, int64_t row, float* out);
   // In place over `rows` rows of length `n`: softmax(x / temperature).
   void (*softmax)(float* x, int rows, int n, float temperature);
   void (*rmsnorm)(const float* x, const float* w, int rows, int n, float eps, float* y);
@@ -49,15 +53,12 @@ int get_threads();
 // Weight rows of any type (float or block-quantized) widened to float32.
 void row_to_f32(const WeightView& w, int64_t row, float* out);
 
-// Quantized matrix products (block types), see quant.cpp.
-void matmul_quant(const WeightView& w, const float* x, int n, float* y, const float* bias);
-
 // Whatever the weight type: the one entry point the forward pass calls.
 inline void matmul_any(const WeightView& w, const float* x, int n, float* y, const float* bias) {
   if (w.type == DType::F32 || w.type == DType::F16 || w.type == DType::BF16)
     kernels().matmul(w, x, n, y, bias);
   else
-    matmul_quant(w, x, n, y, bias);
+    kernels().matmul_quant(w, x, n, y, bias);
 }
 
 namespace isa_scalar { extern const KernelTable table; }

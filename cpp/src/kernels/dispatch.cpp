@@ -95,6 +95,22 @@ void set_isa(const std::string& name) {
   g_table = t;
 }
 
+void row_to_f32(const WeightView& w, int64_t row, float* out) {
+  const uint8_t* r = w.row(row);
+  switch (w.type) {
+    case DType::F32: std::memcpy(out, r, size_t(w.cols) * 4); return;
+    case DType::F16:
+    case DType::BF16:
+      for (int64_t i = 0; i < w.cols; ++i) {
+        uint16_t h;
+        std::memcpy(&h, r + 2 * i, 2);
+        out[i] = w.type == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
+      }
+      return;
+    default: kernels().dequant_row(w, row, out);
+  }
+}
+
 void set_threads(int n) {
   if (n < 1) throw std::invalid_argument("threads must be at least 1");
 #ifdef _OPENMP

@@ -222,7 +222,132 @@ static void attention(const float* q, const float* k, const float* v, int cap, i
   }
 }
 
+// ---- Block-quantized weights (GGML layouts) ---------------------------------
+// Each block is widened into a small buffer that stays in L1 and is consumed
+// at once by vector FMAs: a matrix is never widened as a whole, every block
+// is read from memory once per product, and the widening loops themselves
+// are vectorized for the instruction set this file is compiled for.
+
+static inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return f16_to_f32(h);
+}
+
+static inline void deq_q8_0(const uint8_t* __restrict b, float* __restrict y) {  // d:f16, qs:int8[32]
+  const float d = half_at(b);
+  const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
+  for (int i = 0; i < 32; ++i) y[i] = d * float(q[i]);
+}
+
+static inline void deq_q4_0(const uint8_t* __restrict b, float* __restrict y) {  // d:f16, qs:u8[16], low nibbles first
+  const float d = half_at(b);
+  const uint8_t* q = b + 2;
+  for (int i = 0; i < 16; ++i) {
+    y[i] = d * float(int(q[i] & 0xF) - 8);
+    y[i + 16] = d * float(int(q[i] >> 4) - 8);
+  }
+}
+
+// 6-bit scale and min of sub-block j, packed into 12 bytes.
+static inline void scale_min_k4(int j, const uint8_t* s, int& sc, int& m) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    m = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+static inline void deq_q4_k(const uint8_t* __restrict b, float* __restrict y) {  // d, dmin: f16; scales[12]; qs[128]
+  const float d = half_at(b), dmin = half_at(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* q = b + 16;
+  for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32) {
+    int sc, m;
+    scale_min_k4(is, scales, sc, m);
+    const float d1 = d * sc, m1 = dmin * m;
+    scale_min_k4(is + 1, scales, sc, m);
+    const float d2 = d * sc, m2 = dmin * m;
+    for (int l = 0; l < 32; ++l) y[j + l] = d1 * float(q[l] & 0xF) - m1;
+    for (int l = 0; l < 32; ++l) y[j + 32 + l] = d2 * float(q[l] >> 4) - m2;
+  }
+}
+
+static inline void deq_q6_k(const uint8_t* __restrict b, float* __restrict y) {  // ql[128], qh[64], scales:int8[16], d:f16
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = half_at(b + 208);
+  for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8) {
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      y[n + l] = d * sc[is] * float(int((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
+      y[n + l + 32] = d * sc[is + 2] * float(int((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+      y[n + l + 64] = d * sc[is + 4] * float(int((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+      y[n + l + 96] = d * sc[is + 6] * float(int((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+    }
+  }
+}
+
+template <int BS, int BYTES, void (*DEQ)(const uint8_t*, float*), int C>
+static inline void quant_row_tile(const uint8_t* row, int K, const float* x, size_t ldx, float* y, size_t ldy) {
+  alignas(64) float buf[BS];
+  typename V::R acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = V::zero();
+  const int nb = K / BS;
+  for (int b = 0; b < nb; ++b) {
+    DEQ(row + size_t(b) * BYTES, buf);
+    const float* xb = x + size_t(b) * BS;
+    for (int k = 0; k < BS; k += V::W) {
+      const typename V::R w = V::load(buf + k);
+      for (int c = 0; c < C; ++c) acc[c] = V::fma(w, V::load(xb + c * ldx + k), acc[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) y[c * ldy] = V::sum(acc[c]);
+}
+
+template <int BS, int BYTES, void (*DEQ)(const uint8_t*, float*)>
+static void matmul_quant_typed(const WeightView& wv, const float* x, int n, float* y, const float* bias) {
+  const int rows = int(wv.rows), K = int(wv.cols);
+  constexpr int C = V::TILE_COLS;
+  const double work = double(rows) * K * n;
+#pragma omp parallel for schedule(static) if (work > 200000.0)
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* row = wv.row(r);
+    int t = 0;
+    for (; t + C <= n; t += C) quant_row_tile<BS, BYTES, DEQ, C>(row, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
+    for (; t < n; ++t) quant_row_tile<BS, BYTES, DEQ, 1>(row, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
+  }
+  if (bias)
+    for (int t = 0; t < n; ++t)
+      for (int r = 0; r < rows; ++r) y[size_t(t) * rows + r] += bias[r];
+}
+
+static void matmul_quant(const WeightView& w, const float* x, int n, float* y, const float* bias) {
+  switch (w.type) {
+    case DType::Q8_0: return matmul_quant_typed<32, 34, deq_q8_0>(w, x, n, y, bias);
+    case DType::Q4_0: return matmul_quant_typed<32, 18, deq_q4_0>(w, x, n, y, bias);
+    case DType::Q4_K: return matmul_quant_typed<256, 144, deq_q4_k>(w, x, n, y, bias);
+    case DType::Q6_K: return matmul_quant_typed<256, 210, deq_q6_k>(w, x, n, y, bias);
+    default: throw std::invalid_argument("quantized matmul called with a float weight");
+  }
+}
+
+static void dequant_row(const WeightView& w, int64_t r, float* out) {
+  const uint8_t* row = w.row(r);
+  const int K = int(w.cols);
+  switch (w.type) {
+    case DType::Q8_0: for (int b = 0; b < K / 32; ++b) deq_q8_0(row + b * 34, out + b * 32); return;
+    case DType::Q4_0: for (int b = 0; b < K / 32; ++b) deq_q4_0(row + b * 18, out + b * 32); return;
+    case DType::Q4_K: for (int b = 0; b < K / 256; ++b) deq_q4_k(row + b * 144, out + b * 256); return;
+    case DType::Q6_K: for (int b = 0; b < K / 256; ++b) deq_q6_k(row + b * 210, out + b * 256); return;
+    default: throw std::invalid_argument("dequant_row called with a float weight");
+  }
+}
+
 static const KernelTable make_table(const char* name) {
-  return KernelTable{name, matmul, softmax, rmsnorm, layernorm, rope,
+  return KernelTable{name, matmul, matmul_quant, dequant_row, softmax, rmsnorm, layernorm, rope,
                      gelu_tanh, gelu_erf, silu, relu, attention};
 }

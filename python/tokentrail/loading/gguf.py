@@ -1,0 +1,500 @@
+"""GGUF (versions 2 and 3): metadata, tensor infos and memory-mapped tensor data.
+
+Layout (little-endian): magic "GGUF", uint32 version, uint64 tensor count,
+uint64 metadata count; the metadata as (string key, uint32 type, value);
+each tensor's info as (string name, uint32 n_dims, uint64 dims[n_dims],
+uint32 ggml type, uint64 offset); then, at the next multiple of
+`general.alignment` (default 32), the tensor data, each tensor at its offset.
+Strings are a uint64 length and UTF-8 bytes. Dims are listed fastest-varying
+first, so dims[0] is the number of columns.
+
+The parser is our own so that every count, length and offset read from the
+file is checked against the file's size before it is used: a malformed file
+raises CheckpointError naming the file and the key or tensor, never crashes
+or allocates what the file merely claims.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+from ..config import ModelConfig, expected_shapes, is_optional
+from ..errors import CheckpointError
+from ..tokenizer import Tokenizer
+from . import Checkpoint
+from .llama2c import BYTE, BYTE_PIECE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, sentencepiece_bpe
+from .weights import BLOCK_TYPES, Weight
+
+MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML tensors have at most four dimensions
+MAX_NESTING = 8
+
+# Metadata value types.
+(T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL, T_STRING,
+ T_ARRAY, T_UINT64, T_INT64, T_FLOAT64) = range(13)
+SCALARS = {T_UINT8: "<u1", T_INT8: "<i1", T_UINT16: "<u2", T_INT16: "<i2", T_UINT32: "<u4",
+           T_INT32: "<i4", T_FLOAT32: "<f4", T_UINT64: "<u8", T_INT64: "<i8", T_FLOAT64: "<f8",
+           T_BOOL: "<u1"}
+
+# GGML tensor types tokentrail reads, by their number in the file.
+GGML_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 8: "q8_0", 12: "q4_k", 14: "q6_k", 30: "bf16"}
+GGML_TYPE_IDS = {v: k for k, v in GGML_TYPES.items()}
+# Names of other GGML types, only to say which one a file uses.
+OTHER_GGML_TYPES = {3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 13: "Q5_K",
+                    15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
+                    21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64",
+                    28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+FLOAT_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
+FLOAT_NUMPY = {"f32": "<f4", "f16": "<f2", "bf16": "<u2"}
+
+# Architectures and how their GGUF files differ.
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+# llama.cpp's converter permutes the q/k rows of Llama-family models into
+# adjacent-pair order; Qwen2 keeps the half-split (NeoX) order.
+ROPE_LAYOUT = {"llama": "adjacent", "mistral": "adjacent", "qwen2": "half"}
+
+BLOCK_NAMES = {
+    "attn_norm": "attn_norm", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
+    "attn_output": "attn.o", "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up",
+    "ffn_down": "mlp.down",
+}
+TOP_NAMES = {"token_embd": "embed", "position_embd": "pos_embed", "output_norm": "final_norm",
+             "output": "unembed"}
+
+# Pre-tokenizer split patterns of byte-level BPE vocabularies, by tokenizer.ggml.pre.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_PATTERNS = {"default": GPT2_PATTERN, "gpt-2": GPT2_PATTERN, "gpt2": GPT2_PATTERN,
+                "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
+
+# GGUF token types (tokenizer.ggml.token_type) as SentencePiece kinds.
+TOKEN_KINDS = {1: NORMAL, 2: UNKNOWN, 3: CONTROL, 4: USER_DEFINED, 5: UNUSED, 6: BYTE}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    ggml_type: int
+    dims: tuple[int, ...]   # as stored: dims[0] is the number of columns
+    offset: int             # absolute, in bytes from the start of the file
+    nbytes: int
+
+    @property
+    def dtype(self) -> str:
+        return GGML_TYPES[self.ggml_type]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Row-major (numpy) shape with GGML's unit outer dimensions dropped."""
+        dims = list(self.dims)
+        while len(dims) > 1 and dims[-1] == 1:
+            dims.pop()
+        return tuple(reversed(dims))
+
+
+class GGUFFile:
+    """The parsed header of a GGUF file; `weight(name)` maps a tensor's data."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.size = self.path.stat().st_size
+            with open(self.path, "rb") as fh:
+                if self.size == 0:
+                    raise self.error("file is empty", "header")
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                    self._parse(buf)
+        except OSError as e:
+            raise CheckpointError(f"cannot read GGUF file: {e.strerror}", path=self.path) from None
+        self._data: np.ndarray | None = None
+
+    def error(self, message: str, where: str | None = None) -> CheckpointError:
+        return CheckpointError(message, path=self.path, tensor=where)
+
+    # -- header ---------------------------------------------------------
+
+    def _parse(self, buf) -> None:
+        self._buf, self._pos = buf, 0
+        magic = self._take(4, "magic")
+        if magic != MAGIC:
+            raise self.error(f"not a GGUF file (magic {magic!r}, expected {MAGIC!r})", "header")
+        self.version = self._scalar("<I", "version")
+        if self.version not in SUPPORTED_VERSIONS:
+            hint = " (a big-endian file?)" if self.version > 0xFFFF else ""
+            raise self.error(f"unsupported GGUF version {self.version}{hint}; tokentrail reads "
+                             f"versions {SUPPORTED_VERSIONS}", "header")
+        n_tensors = self._scalar("<Q", "tensor count")
+        n_kv = self._scalar("<Q", "metadata count")
+        # Each metadata entry takes at least 12 bytes, each tensor info at least 24.
+        if n_kv * 12 > self.size - self._pos:
+            raise self.error(f"metadata count {n_kv} cannot fit in the file", "header")
+        if n_tensors * 24 > self.size - self._pos:
+            raise self.error(f"tensor count {n_tensors} cannot fit in the file", "header")
+
+        self.metadata: dict[str, object] = {}
+        self.metadata_types: dict[str, int] = {}
+        for i in range(n_kv):
+            key = self._string(f"metadata key #{i}")
+            vtype = self._scalar("<I", key)
+            self.metadata[key] = self._value(vtype, key, 0)
+            self.metadata_types[key] = vtype
+
+        self.alignment = DEFAULT_ALIGNMENT
+        if "general.alignment" in self.metadata:
+            a = self.metadata["general.alignment"]
+            if not isinstance(a, int) or isinstance(a, bool) or a <= 0 or a & (a - 1):
+                raise self.error(f"general.alignment must be a power of two, got {a!r}", "general.alignment")
+            self.alignment = a
+
+        infos = []
+        for i in range(n_tensors):
+            name = self._string(f"tensor name #{i}")
+            n_dims = self._scalar("<I", name)
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise self.error(f"tensor has {n_dims} dimensions (1..{MAX_DIMS} allowed)", name)
+            dims = tuple(self._scalar("<Q", name) for _ in range(n_dims))
+            ggml_type = self._scalar("<I", name)
+            rel = self._scalar("<Q", name)
+            infos.append((name, dims, ggml_type, rel))
+        data_start = -(-self._pos // self.alignment) * self.alignment
+
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, dims, ggml_type, rel in infos:
+            if name in self.tensors:
+                raise self.error("tensor name appears twice", name)
+            if ggml_type not in GGML_TYPES:
+                tname = OTHER_GGML_TYPES.get(ggml_type, f"unknown type {ggml_type}")
+                raise self.error(f"tensor type {tname} is not supported (tokentrail reads "
+                                 f"{', '.join(t.upper() for t in GGML_TYPES.values())})", name)
+            dtype = GGML_TYPES[ggml_type]
+            if any(d <= 0 for d in dims):
+                raise self.error(f"tensor has an empty dimension {dims}", name)
+            count = 1
+            for d in dims:
+                count *= d
+            if dtype in BLOCK_TYPES:
+                per_block, block_bytes = BLOCK_TYPES[dtype]
+                if dims[0] % per_block:
+                    raise self.error(f"{dtype} rows of {dims[0]} values do not fill whole "
+                                     f"blocks of {per_block}", name)
+                nbytes = count // per_block * block_bytes
+            else:
+                nbytes = count * FLOAT_ITEMSIZE[dtype]
+            if rel % self.alignment:
+                raise self.error(f"tensor data offset {rel} is not a multiple of the "
+                                 f"alignment {self.alignment}", name)
+            start = data_start + rel
+            if start + nbytes > self.size:
+                raise self.error(f"tensor data ({nbytes} bytes at offset {start}) runs past the end "
+                                 f"of the file ({self.size} bytes); the file is truncated?", name)
+            self.tensors[name] = TensorInfo(name, ggml_type, dims, start, nbytes)
+        del self._buf
+
+    def _take(self, n: int, where: str) -> bytes:
+        if n < 0 or self._pos + n > self.size:
+            raise self.error(f"file ends inside {where} (needs {n} bytes at offset {self._pos}, "
+                             f"file has {self.size})", where)
+        out = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return out
+
+    def _scalar(self, fmt: str, where: str):
+        n = struct.calcsize(fmt)
+        return struct.unpack(fmt, self._take(n, where))[0]
+
+    def _string(self, where: str) -> str:
+        n = self._scalar("<Q", where)
+        if n > self.size - self._pos:
+            raise self.error(f"string length {n} is larger than the rest of the file", where)
+        return self._take(n, where).decode("utf-8", errors="replace")
+
+    def _value(self, vtype: int, key: str, depth: int):
+        if vtype == T_STRING:
+            return self._string(key)
+        if vtype in SCALARS:
+            v = np.frombuffer(self._take(np.dtype(SCALARS[vtype]).itemsize, key), SCALARS[vtype])[0]
+            if vtype == T_BOOL:
+                return bool(v)
+            # float32 values as their shortest decimal (1e-05, not 9.999999747378752e-06).
+            return float(str(v)) if vtype == T_FLOAT32 else v.item()
+        if vtype == T_ARRAY:
+            if depth >= MAX_NESTING:
+                raise self.error("arrays nested too deeply", key)
+            etype = self._scalar("<I", key)
+            count = self._scalar("<Q", key)
+            remaining = self.size - self._pos
+            if etype in SCALARS:
+                itemsize = np.dtype(SCALARS[etype]).itemsize
+                if count * itemsize > remaining:
+                    raise self.error(f"array of {count} items is larger than the rest of the file", key)
+                arr = np.frombuffer(self._take(count * itemsize, key), SCALARS[etype]).copy()
+                return arr.astype(bool) if etype == T_BOOL else arr
+            if etype == T_STRING:
+                if count * 8 > remaining:
+                    raise self.error(f"array of {count} strings is larger than the rest of the file", key)
+                return [self._string(f"{key}[{i}]") for i in range(count)]
+            if etype == T_ARRAY:
+                if count * 12 > remaining:
+                    raise self.error(f"array of {count} arrays is larger than the rest of the file", key)
+                return [self._value(T_ARRAY, f"{key}[{i}]", depth + 1) for i in range(count)]
+            raise self.error(f"unknown array element type {etype}", key)
+        raise self.error(f"unknown metadata value type {vtype}", key)
+
+    # -- tensor data ----------------------------------------------------
+
+    def weight(self, name: str) -> Weight:
+        """The tensor as a Weight whose data is a read-only view of the file."""
+        info = self.tensors[name]
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = self._data[info.offset:info.offset + info.nbytes]
+        shape = info.shape
+        if info.dtype in BLOCK_TYPES:
+            cols = info.dims[0]
+            rows = info.nbytes // (cols // BLOCK_TYPES[info.dtype][0] * BLOCK_TYPES[info.dtype][1])
+            return Weight(raw.reshape(rows, -1), info.dtype, shape)
+        return Weight(raw.view(FLOAT_NUMPY[info.dtype]).reshape(shape), info.dtype, shape)
+
+
+# --------------------------------------------------------------------------
+# Checkpoint
+# --------------------------------------------------------------------------
+
+def read_gguf(path) -> Checkpoint:
+    """Read a GGUF model of a supported architecture (llama, mistral, qwen2, gpt2)."""
+    f = GGUFFile(path)
+    meta = f.metadata
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise f.error("general.architecture is missing", "general.architecture")
+    if arch not in LLAMA_LIKE and arch != "gpt2":
+        raise f.error(f"architecture {arch!r} is not supported (tokentrail reads "
+                      f"{', '.join(LLAMA_LIKE + ('gpt2',))})", "general.architecture")
+
+    def get(key: str, default=None, kind=int):
+        full = f"{arch}.{key}"
+        if full not in meta:
+            if default is None:
+                raise f.error("required metadata key is missing", full)
+            return default
+        v = meta[full]
+        if kind is int and isinstance(v, np.ndarray) and v.size > 0 and np.all(v == v.flat[0]):
+            v = v.flat[0].item()  # a per-layer array that is the same everywhere
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool)) if kind is float else \
+             (isinstance(v, int) and not isinstance(v, bool))
+        if not ok:
+            raise f.error(f"expected a single {kind.__name__}, got {type(v).__name__}", full)
+        return kind(v)
+
+    if "token_embd.weight" not in f.tensors:
+        raise f.error("the token embedding is missing", "token_embd.weight")
+    embed_shape = f.tensors["token_embd.weight"].shape
+    if len(embed_shape) != 2:
+        raise f.error(f"token embedding must be 2-D, has shape {embed_shape}", "token_embd.weight")
+    vocab, d = embed_shape
+    hidden = get("embedding_length")
+    n_heads = get("attention.head_count")
+    n_kv = get("attention.head_count_kv", n_heads)
+    if n_heads <= 0 or n_kv <= 0 or hidden <= 0:
+        raise f.error("head counts and embedding length must be positive", f"{arch}.attention.head_count")
+    head_dim = get("attention.key_length", hidden // n_heads)
+    if get("attention.value_length", head_dim) != head_dim:
+        raise f.error("key and value head sizes differ", f"{arch}.attention.value_length")
+    n_layers = get("block_count")
+    if n_layers > len(f.tensors):  # every block has tensors; also bounds the loops below
+        raise f.error(f"block_count {n_layers} is more than the file's {len(f.tensors)} tensors",
+                      f"{arch}.block_count")
+    common = dict(vocab_size=vocab, hidden_size=hidden, n_layers=n_layers, n_heads=n_heads,
+                  n_kv_heads=n_kv, head_dim=head_dim, ffn_size=get("feed_forward_length"),
+                  max_seq_len=get("context_length"), architecture=arch)
+
+    if arch == "gpt2":
+        fields = dict(norm="layer", norm_eps=get("attention.layer_norm_epsilon", 1e-5, float),
+                      activation="gelu_tanh", gated_mlp=False, position="learned")
+    else:
+        scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+        factor = meta.get(f"{arch}.rope.scaling.factor", 1.0)
+        if scaling not in ("none", "") and factor != 1.0:
+            raise f.error(f"rope scaling {scaling!r} is not supported", f"{arch}.rope.scaling.type")
+        rope_dims = get("rope.dimension_count", head_dim)
+        if rope_dims != head_dim:
+            raise f.error(f"partial rotary embedding ({rope_dims} of {head_dim} dims) is not supported",
+                          f"{arch}.rope.dimension_count")
+        fields = dict(norm="rms", norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
+                      activation="silu", gated_mlp=True, position="rope",
+                      rope_theta=get("rope.freq_base", 10000.0, float), rope_layout=ROPE_LAYOUT[arch])
+    if d != hidden:
+        raise f.error(f"token embedding has {d} columns but {arch}.embedding_length is {hidden}",
+                      "token_embd.weight")
+    declared_vocab = meta.get(f"{arch}.vocab_size")
+    if isinstance(declared_vocab, int) and declared_vocab != vocab:
+        raise f.error(f"token embedding has {vocab} rows but {arch}.vocab_size is {declared_vocab}",
+                      "token_embd.weight")
+
+    weights = _map_tensors(f, arch, hidden)
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                             "tokenizer.ggml.eom_token_id") if isinstance(meta.get(k), int)]
+    eos = [e for i, e in enumerate(eos) if e not in eos[:i] and 0 <= e < vocab]
+    try:
+        config = ModelConfig(**common, **fields, tied_embeddings="unembed.weight" not in weights,
+                             bos_token_id=bos if isinstance(bos, int) and 0 <= bos < vocab else None,
+                             eos_token_ids=eos)
+    except ValueError as e:
+        raise f.error(str(e), f"{arch}.*") from None
+    _check_shapes(f, config, weights)
+    tokenizer = _tokenizer(f, vocab, config)
+    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, source=str(f.path))
+
+
+def _map_tensors(f: GGUFFile, arch: str, hidden: int) -> dict[str, Weight]:
+    weights: dict[str, Weight] = {}
+    origin: dict[str, str] = {}
+
+    def put(neutral: str, w: Weight, source: str) -> None:
+        if neutral in weights:
+            raise f.error(f"maps to {neutral!r}, which {origin[neutral]!r} already provides", source)
+        weights[neutral], origin[neutral] = w, source
+
+    for name in f.tensors:
+        parts = name.split(".")
+        if len(parts) == 2 and parts[0] in TOP_NAMES and parts[1] in ("weight", "bias"):
+            put(f"{TOP_NAMES[parts[0]]}.{parts[1]}", f.weight(name), name)
+            continue
+        if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] in ("weight", "bias")):
+            layer, kind, suffix = int(parts[1]), parts[2], parts[3]
+            prefix = f"blocks.{layer}."
+            if kind in BLOCK_NAMES:
+                put(f"{prefix}{BLOCK_NAMES[kind]}.{suffix}", f.weight(name), name)
+                continue
+            if kind == "attn_qkv":
+                for neutral, w in zip(("q", "k", "v"), _split_qkv(f, name, hidden)):
+                    put(f"{prefix}attn.{neutral}.{suffix}", w, name)
+                continue
+        if name == "rope_freqs.weight":
+            raise f.error("per-frequency rope scaling (Llama 3.1 style) is not supported", name)
+        raise f.error(f"tensor is not part of a supported {arch} model", name)
+    return weights
+
+
+def _split_qkv(f: GGUFFile, name: str, hidden: int) -> list[Weight]:
+    """Row slices (views, no copy) of a fused [3 * hidden, ...] projection."""
+    w = f.weight(name)
+    rows = w.shape[0]
+    if rows != 3 * hidden:
+        raise f.error(f"fused qkv has {rows} rows, expected 3 x {hidden}", name)
+    return [Weight(w.data[i * hidden:(i + 1) * hidden], w.dtype, (hidden,) + w.shape[1:]) for i in range(3)]
+
+
+def _check_shapes(f: GGUFFile, config: ModelConfig, weights: dict[str, Weight]) -> None:
+    expected = expected_shapes(config)
+    for name, w in weights.items():
+        if name not in expected:
+            raise f.error(f"{name!r} does not belong to this model's configuration", name)
+        if w.shape != expected[name]:
+            raise f.error(f"shape {w.shape} does not match the metadata's {expected[name]}", name)
+    for name in expected:
+        if name not in weights and not is_optional(name):
+            raise f.error("required tensor is missing", name)
+
+
+# --------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------
+
+def _tokenizer(f: GGUFFile, n_vocab: int, config: ModelConfig) -> Tokenizer | None:
+    meta = f.metadata
+    model = meta.get("tokenizer.ggml.model")
+    if model is None or model == "none":
+        return None
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise f.error("tokenizer.ggml.tokens must be an array of strings", "tokenizer.ggml.tokens")
+    n = len(tokens)
+    if n > n_vocab:
+        raise f.error(f"{n} tokens but the embedding has only {n_vocab} rows", "tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type")
+    if types is None:
+        types = np.ones(n, np.int32)
+    if not isinstance(types, np.ndarray) or types.shape != (n,):
+        raise f.error("token_type must be an integer array as long as the token list",
+                      "tokenizer.ggml.token_type")
+    add_bos_default = model == "llama"
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", add_bos_default)
+
+    if model == "llama":
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None:
+            scores = -np.arange(n, dtype=np.float32)
+        if not isinstance(scores, np.ndarray) or scores.shape != (n,):
+            raise f.error("scores must be a number array as long as the token list", "tokenizer.ggml.scores")
+        kinds = [TOKEN_KINDS.get(int(t), NORMAL) for t in types]
+        pieces = list(tokens)
+        for i, p in enumerate(pieces):
+            if kinds[i] == BYTE and not BYTE_PIECE.fullmatch(p):
+                kinds[i] = NORMAL
+        inner = sentencepiece_bpe(pieces, [float(s) for s in scores], kinds,
+                                  add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+                                  remove_extra_whitespaces=bool(
+                                      meta.get("tokenizer.ggml.remove_extra_whitespaces", False)))
+    elif model == "gpt2":
+        inner = _byte_level_bpe(f, tokens, types)
+    else:
+        raise f.error(f"tokenizer model {model!r} is not supported (tokentrail reads 'llama' and "
+                      f"'gpt2')", "tokenizer.ggml.model")
+    return Tokenizer(inner, bos_id=config.bos_token_id, eos_ids=config.eos_token_ids,
+                     add_bos=bool(add_bos) and config.bos_token_id is not None)
+
+
+def _byte_level_bpe(f: GGUFFile, tokens: list[str], types: np.ndarray) -> tokenizers.Tokenizer:
+    meta = f.metadata
+    merges_raw = meta.get("tokenizer.ggml.merges", [])
+    if not isinstance(merges_raw, list):
+        raise f.error("merges must be an array of strings", "tokenizer.ggml.merges")
+    merges = []
+    for i, m in enumerate(merges_raw):
+        pair = m.split(" ") if isinstance(m, str) else []
+        if len(pair) != 2:
+            raise f.error(f"merge {i} ({m!r}) is not two tokens separated by one space",
+                          "tokenizer.ggml.merges")
+        merges.append((pair[0], pair[1]))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_PATTERNS:
+        raise f.error(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_PATTERNS)})",
+                      "tokenizer.ggml.pre")
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        # A repeated text cannot have two ids in a BPE vocabulary; see sentencepiece_bpe.
+        vocab[t if t not in vocab else f"<unused_{i}>"] = i
+    try:
+        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    except Exception as e:  # the library reports merges of unknown tokens this way
+        raise f.error(f"tokenizer cannot be built: {e}", "tokenizer.ggml.merges") from None
+    if PRE_PATTERNS[pre] == GPT2_PATTERN:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRE_PATTERNS[pre]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    inv = {i: t for t, i in vocab.items()}
+    specials = [AddedToken(inv[i], special=True, normalized=False)
+                for i in range(len(tokens)) if int(types[i]) == 3]
+    user = [AddedToken(inv[i], special=False, normalized=False)
+            for i in range(len(tokens)) if int(types[i]) == 4]
+    if specials:
+        tok.add_special_tokens(specials)
+    if user:
+        tok.add_tokens(user)
+    return tok

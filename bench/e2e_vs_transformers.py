@@ -8,45 +8,18 @@ Figures are medians over repeats; both engines use the same thread count.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-
-def make_model(shape: str, directory: Path):
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if shape == "gpt2":
-        cfg = tf.GPT2Config()  # 124M: 12 layers, width 768, 12 heads, vocab 50257
-    elif shape == "smollm":
-        cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                             tie_word_embeddings=True)
-    else:
-        raise SystemExit(f"unknown shape {shape}")
-    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    model.save_pretrained(directory)
-    return model
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from shapes import make_model
+from timing import timeit_median
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="gpt2")
+    ap.add_argument("--shape", default="gpt2", help="gpt2, smollm or tinyllama")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
@@ -89,8 +62,8 @@ def main() -> None:
         rows = []
         for name, prefill, decode in (("tokentrail", ours_prefill, ours_decode),
                                       ("transformers", ref_prefill, ref_decode)):
-            tp = median_time(prefill, args.repeats)
-            td = median_time(decode, args.repeats)
+            tp = timeit_median(prefill, args.repeats)
+            td = timeit_median(decode, args.repeats)
             rows.append((name, args.prompt / tp, args.new / td))
     print(f"shape={args.shape} params={ours.n_params / 1e6:.1f}M threads={args.threads} "
           f"prompt={args.prompt} new={args.new} isa={tokentrail._core.isa()}")

@@ -261,9 +261,13 @@ def test_wrong_header_sizes(stories, tmp_path):
         read_llama2c(p)
 
 
-def test_missing_file():
+def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read"):
-        read_llama2c("/nonexistent/model.bin")
+        read_llama2c(tmp_path / "nonexistent.bin")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_llama2c(tmp_path)
+    with pytest.raises(CheckpointError, match="cannot read tokenizer"):
+        read_llama2c_tokenizer(tmp_path / "tokenizer.bin", 512)
 
 
 # --------------------------------------------------------------------------

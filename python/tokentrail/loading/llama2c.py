@@ -52,13 +52,13 @@ def read_llama2c(path, tokenizer_path=None) -> Checkpoint:
     path = Path(path)
     try:
         size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(HEADER.size)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint: {e.strerror}", path=path) from None
-    if size < HEADER.size:
+    if size < HEADER.size or len(head) < HEADER.size:
         raise CheckpointError(f"file is {size} bytes, shorter than the {HEADER.size}-byte header",
                               path=path, tensor="header")
-    with open(path, "rb") as fh:
-        head = fh.read(HEADER.size)
     if struct.unpack_from("<I", head)[0] == EXPORT_MAGIC:
         raise CheckpointError("this is a newer llama2.c export (magic 'ak42'); only the legacy "
                               "version-0 format is supported", path=path, tensor="header")

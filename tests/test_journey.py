@@ -46,8 +46,9 @@ def test_journey_uses_the_real_logits(model):
     np.testing.assert_allclose(j.stats.probs, probs / probs.sum(), rtol=1e-9)
 
 
-def test_logit_lens_last_layer_is_the_logits(model):
-    j = model.journey(IDS)
+@pytest.mark.parametrize("n", [len(IDS), 2, 3])
+def test_logit_lens_last_layer_is_the_logits(model, n):
+    j = model.journey(IDS[:n])
     lens = j.logit_lens()
     assert len(lens["labels"]) == model.config.n_layers + 1
     np.testing.assert_array_equal(lens["logits"][-1], j.logits)

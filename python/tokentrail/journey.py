@@ -113,9 +113,25 @@ class Journey:
         return _core.layernorm(x, g, b, c.norm_eps)
 
     def _unembed_rows(self, h: np.ndarray) -> np.ndarray:
+        """Unembed rows through the kernel path the forward pass took for this prompt.
+
+        The core sums each output in a fixed order per path (GEMM for many rows,
+        GEMV for few), so matching the path makes the lens's last row equal the
+        real logits bit for bit.
+        """
         w = self.model.weights.get("unembed.weight") or self.model.weights["embed.weight"]
-        return _core.matmul(np.ascontiguousarray(w.data), w.dtype, w.shape[0], w.shape[1],
-                            np.ascontiguousarray(h, dtype=np.float32))
+        data = np.ascontiguousarray(w.data)
+        h = np.ascontiguousarray(np.atleast_2d(h), dtype=np.float32)
+        g = _core.GEMM_MIN_ROWS
+        n = h.shape[0]
+        if len(self.ids) >= g and n < g:   # pad to take the GEMM path too
+            padded = np.zeros((g, h.shape[1]), np.float32)
+            padded[:n] = h
+            return _core.matmul(data, w.dtype, w.shape[0], w.shape[1], padded)[:n]
+        if len(self.ids) < g and n >= g:   # one row at a time takes the GEMV path
+            return np.concatenate([_core.matmul(data, w.dtype, w.shape[0], w.shape[1], h[i:i + 1])
+                                   for i in range(n)])
+        return _core.matmul(data, w.dtype, w.shape[0], w.shape[1], h)
 
     # -- analyses ---------------------------------------------------------
     def residuals(self) -> list[tuple[str, np.ndarray]]:

@@ -16,6 +16,11 @@ struct AttentionCapture {
   float* pattern = nullptr;   // softmax probabilities, 0 above the diagonal
 };
 
+// Products over this many tokens or more use the packed GEMM, fewer the GEMV.
+// Each path sums a given output in one fixed order, so a row's result depends
+// only on which path ran, never on the other rows computed with it.
+constexpr int GEMM_MIN_ROWS = 4;
+
 struct KernelTable {
   const char* name;
   // y[n][w.rows] = x[n][w.cols] . w^T (+ bias). Float weight types only.

@@ -154,6 +154,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_isa", &set_isa, py::arg("name"));
   m.def("isa", []() { return std::string(kernels().name); });
   m.def("set_threads", &set_threads, py::arg("n"));
+  m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;
   m.def("get_threads", &get_threads);
 
   m.def("capture_points", []() {

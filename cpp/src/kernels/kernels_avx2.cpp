@@ -9,7 +9,7 @@ namespace isa_avx2 {
 struct V {
   using R = __m256;
   // 4 weight rows x 2 tokens: 8 accumulators + operands fit the 16 registers.
-  static constexpr int W = 8, TILE_ROWS = 4, TILE_COLS = 2;
+  static constexpr int W = 8, TILE_ROWS = 4, GEMM_MR = 6, TILE_COLS = 2;
   static R zero() { return _mm256_setzero_ps(); }
   static R set1(float a) { return _mm256_set1_ps(a); }
   static R load(const float* p) { return _mm256_loadu_ps(p); }

@@ -9,7 +9,7 @@ namespace isa_avx512 {
 struct V {
   using R = __m512;
   // 4 weight rows x 4 tokens: 16 accumulators of the 32 registers.
-  static constexpr int W = 16, TILE_ROWS = 4, TILE_COLS = 4;
+  static constexpr int W = 16, TILE_ROWS = 4, GEMM_MR = 8, TILE_COLS = 4;
   static R zero() { return _mm512_setzero_ps(); }
   static R set1(float a) { return _mm512_set1_ps(a); }
   static R load(const float* p) { return _mm512_loadu_ps(p); }

@@ -36,10 +36,12 @@ static inline void micro_tile(const T* w, size_t ldw, const float* x, size_t ldx
     }
 }
 
-// Rows are split among threads in blocks that stay in cache while every
-// token tile of x passes over them: each weight is read from memory once.
+// ---- Matrix-vector products (decode: a few tokens) ---------------------------
+// Rows are split among threads in blocks; each block streams its weights once
+// while the few token vectors stay in L1. Dynamic scheduling lets one thread
+// take over the work of another that the OS has descheduled.
 template <class T>
-static void matmul_typed(const WeightView& wv, const float* x, int n, float* y, const float* bias) {
+static void gemv_typed(const WeightView& wv, const float* x, int n, float* y) {
   const T* w = static_cast<const T*>(wv.data);
   const size_t ldw = wv.row_bytes / sizeof(T);
   const int rows = int(wv.rows), K = int(wv.cols);
@@ -47,7 +49,7 @@ static void matmul_typed(const WeightView& wv, const float* x, int n, float* y, 
   constexpr int ROW_BLOCK = 64;
   const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
   const double work = double(rows) * K * n;
-#pragma omp parallel for schedule(static) if (work > 200000.0)
+#pragma omp parallel for schedule(dynamic, 1) if (work > 200000.0)
   for (int b = 0; b < n_blocks; ++b) {
     const int r0 = b * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
     int t = 0;
@@ -62,18 +64,90 @@ static void matmul_typed(const WeightView& wv, const float* x, int n, float* y, 
       for (; r < r1; ++r) micro_tile<T, 1, 1>(w + r * ldw, ldw, x + size_t(t) * K, K, K, y + size_t(t) * rows + r, rows);
     }
   }
+}
+
+// ---- Matrix-matrix products (prefill) ----------------------------------------
+// Outer-product form: a panel of NR weight rows is widened to float32 and
+// packed k-major ([K][NR]), then MR tokens at a time multiply it: per k, two
+// vector loads of the panel, MR broadcasts of x, 2*MR FMAs into registers.
+// Packing widens any weight type (f16, bf16, quantized blocks), so one
+// microkernel serves them all, and each panel is reused by every token tile.
+constexpr int NR = 2 * V::W;
+
+template <int MR>
+static inline void gemm_micro(const float* x, size_t ldx, const float* p, int K, float* out /*[MR][NR]*/) {
+  typename V::R c0[MR], c1[MR];
+  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = V::zero();
+  for (int k = 0; k < K; ++k) {
+    const typename V::R b0 = V::load(p + size_t(k) * NR), b1 = V::load(p + size_t(k) * NR + V::W);
+    for (int m = 0; m < MR; ++m) {
+      const typename V::R a = V::set1(x[m * ldx + k]);
+      c0[m] = V::fma(a, b0, c0[m]);
+      c1[m] = V::fma(a, b1, c1[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    V::store(out + m * NR, c0[m]);
+    V::store(out + m * NR + V::W, c1[m]);
+  }
+}
+
+template <int MR>
+static void gemm_rows(const float* x, int K, const float* p, int m_count, float* out) {
+  // m_count <= MR tokens; smaller tails use smaller instantiations.
+  if (m_count == MR) return gemm_micro<MR>(x, K, p, K, out);
+  if constexpr (MR > 1) return gemm_rows<MR - 1>(x, K, p, m_count, out);
+}
+
+static void widen_row(const WeightView& w, int64_t r, float* out);
+
+static void gemm(const WeightView& wv, const float* x, int n, float* y) {
+  const int rows = int(wv.rows), K = int(wv.cols);
+  constexpr int MR = V::GEMM_MR;
+  const int panels = (rows + NR - 1) / NR;
+#pragma omp parallel
+  {
+    std::vector<float> panel(size_t(K) * NR), row(K);
+    alignas(64) float out[MR * NR];
+#pragma omp for schedule(dynamic, 1)
+    for (int pi = 0; pi < panels; ++pi) {
+      const int n0 = pi * NR, nr = std::min(NR, rows - n0);
+      for (int j = 0; j < NR; ++j) {
+        if (j < nr) widen_row(wv, n0 + j, row.data());
+        else std::fill(row.begin(), row.end(), 0.0f);
+        for (int k = 0; k < K; ++k) panel[size_t(k) * NR + j] = row[k];
+      }
+      for (int t = 0; t < n; t += MR) {
+        const int mc = std::min(MR, n - t);
+        gemm_rows<MR>(x + size_t(t) * K, K, panel.data(), mc, out);
+        for (int m = 0; m < mc; ++m)
+          std::copy(out + m * NR, out + m * NR + nr, y + size_t(t + m) * rows + n0);
+      }
+    }
+  }
+}
+
+// Prefill-sized products (GEMM_MIN_ROWS tokens or more, see kernels.h) go
+// through the packed GEMM, decode-sized ones through the GEMV.
+
+static void add_bias(const float* bias, int rows, int n, float* y) {
   if (bias)
     for (int t = 0; t < n; ++t)
       for (int r = 0; r < rows; ++r) y[size_t(t) * rows + r] += bias[r];
 }
 
 static void matmul(const WeightView& w, const float* x, int n, float* y, const float* bias) {
-  switch (w.type) {
-    case DType::F32: return matmul_typed<float>(w, x, n, y, bias);
-    case DType::F16: return matmul_typed<F16>(w, x, n, y, bias);
-    case DType::BF16: return matmul_typed<BF16>(w, x, n, y, bias);
-    default: throw std::invalid_argument("float matmul called with a block-quantized weight");
+  if (n >= GEMM_MIN_ROWS) {
+    gemm(w, x, n, y);
+  } else {
+    switch (w.type) {
+      case DType::F32: gemv_typed<float>(w, x, n, y); break;
+      case DType::F16: gemv_typed<F16>(w, x, n, y); break;
+      case DType::BF16: gemv_typed<BF16>(w, x, n, y); break;
+      default: throw std::invalid_argument("float matmul called with a block-quantized weight");
+    }
   }
+  add_bias(bias, int(w.rows), n, y);
 }
 
 static inline float dot(const float* a, const float* b, int n) {
@@ -309,30 +383,32 @@ static inline void quant_row_tile(const uint8_t* row, int K, const float* x, siz
 }
 
 template <int BS, int BYTES, void (*DEQ)(const uint8_t*, float*)>
-static void matmul_quant_typed(const WeightView& wv, const float* x, int n, float* y, const float* bias) {
+static void gemv_quant_typed(const WeightView& wv, const float* x, int n, float* y) {
   const int rows = int(wv.rows), K = int(wv.cols);
   constexpr int C = V::TILE_COLS;
   const double work = double(rows) * K * n;
-#pragma omp parallel for schedule(static) if (work > 200000.0)
+#pragma omp parallel for schedule(dynamic, 16) if (work > 200000.0)
   for (int r = 0; r < rows; ++r) {
     const uint8_t* row = wv.row(r);
     int t = 0;
     for (; t + C <= n; t += C) quant_row_tile<BS, BYTES, DEQ, C>(row, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
     for (; t < n; ++t) quant_row_tile<BS, BYTES, DEQ, 1>(row, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
   }
-  if (bias)
-    for (int t = 0; t < n; ++t)
-      for (int r = 0; r < rows; ++r) y[size_t(t) * rows + r] += bias[r];
 }
 
 static void matmul_quant(const WeightView& w, const float* x, int n, float* y, const float* bias) {
-  switch (w.type) {
-    case DType::Q8_0: return matmul_quant_typed<32, 34, deq_q8_0>(w, x, n, y, bias);
-    case DType::Q4_0: return matmul_quant_typed<32, 18, deq_q4_0>(w, x, n, y, bias);
-    case DType::Q4_K: return matmul_quant_typed<256, 144, deq_q4_k>(w, x, n, y, bias);
-    case DType::Q6_K: return matmul_quant_typed<256, 210, deq_q6_k>(w, x, n, y, bias);
-    default: throw std::invalid_argument("quantized matmul called with a float weight");
+  if (n >= GEMM_MIN_ROWS) {
+    gemm(w, x, n, y);
+  } else {
+    switch (w.type) {
+      case DType::Q8_0: gemv_quant_typed<32, 34, deq_q8_0>(w, x, n, y); break;
+      case DType::Q4_0: gemv_quant_typed<32, 18, deq_q4_0>(w, x, n, y); break;
+      case DType::Q4_K: gemv_quant_typed<256, 144, deq_q4_k>(w, x, n, y); break;
+      case DType::Q6_K: gemv_quant_typed<256, 210, deq_q6_k>(w, x, n, y); break;
+      default: throw std::invalid_argument("quantized matmul called with a float weight");
+    }
   }
+  add_bias(bias, int(w.rows), n, y);
 }
 
 static void dequant_row(const WeightView& w, int64_t r, float* out) {
@@ -344,6 +420,17 @@ static void dequant_row(const WeightView& w, int64_t r, float* out) {
     case DType::Q4_K: for (int b = 0; b < K / 256; ++b) deq_q4_k(row + b * 144, out + b * 256); return;
     case DType::Q6_K: for (int b = 0; b < K / 256; ++b) deq_q6_k(row + b * 210, out + b * 256); return;
     default: throw std::invalid_argument("dequant_row called with a float weight");
+  }
+}
+
+// Any weight row widened to float32 (used when packing GEMM panels).
+static void widen_row(const WeightView& w, int64_t r, float* out) {
+  const int K = int(w.cols);
+  switch (w.type) {
+    case DType::F32: std::memcpy(out, w.row(r), size_t(K) * 4); return;
+    case DType::F16: { const F16* p = reinterpret_cast<const F16*>(w.row(r)); for (int k = 0; k < K; ++k) out[k] = to_f32(p[k]); return; }
+    case DType::BF16: { const BF16* p = reinterpret_cast<const BF16*>(w.row(r)); for (int k = 0; k < K; ++k) out[k] = to_f32(p[k]); return; }
+    default: dequant_row(w, r, out);
   }
 }
 

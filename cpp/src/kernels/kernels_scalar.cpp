@@ -6,7 +6,7 @@ namespace isa_scalar {
 
 struct V {
   using R = float;
-  static constexpr int W = 1, TILE_ROWS = 4, TILE_COLS = 2;
+  static constexpr int W = 1, TILE_ROWS = 4, GEMM_MR = 4, TILE_COLS = 2;
   static R zero() { return 0.0f; }
   static R set1(float a) { return a; }
   static R load(const float* p) { return *p; }

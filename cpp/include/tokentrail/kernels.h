@@ -44,6 +44,10 @@ struct KernelTable {
   void (*attention)(const float* q, const float* k, const float* v, int cap, int n, int pos0,
                     int n_heads, int n_kv, int head_dim, float scale, float* z,
                     const AttentionCapture* capture);
+  // Roofline probes: sum of a read-only sweep; an FMA chain on registers (12 vectors per iteration per thread).
+  double (*probe_read)(const float* p, size_t n);
+  double (*probe_fma)(long long iters);
+  int lanes;  // floats per vector
 };
 
 const KernelTable& kernels();

@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -156,6 +158,33 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_threads", &set_threads, py::arg("n"));
   m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;
   m.def("get_threads", &get_threads);
+
+  m.def("probe_bandwidth", [](double megabytes, int repeats) {
+    // GB/s of a read-only sweep over a buffer far larger than the caches, all threads.
+    const size_t n = size_t(megabytes * 1e6 / 4);
+    std::vector<float> buf(n, 1.0f);
+    py::gil_scoped_release nogil;
+    kernels().probe_read(buf.data(), n);  // warm: pages mapped
+    double best = 0.0;
+    for (int r = 0; r < repeats; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      volatile double sink = kernels().probe_read(buf.data(), n);
+      (void)sink;
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      best = std::max(best, n * 4.0 / s / 1e9);
+    }
+    return best;
+  }, py::arg("megabytes") = 1024.0, py::arg("repeats") = 5);
+  m.def("probe_flops", [](long long iters) {
+    // GFLOP/s of FMAs on registers, all threads (2 FLOP per lane per FMA).
+    py::gil_scoped_release nogil;
+    kernels().probe_fma(iters / 10);
+    const auto t0 = std::chrono::steady_clock::now();
+    volatile double sink = kernels().probe_fma(iters);
+    (void)sink;
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return double(iters) * 12 * kernels().lanes * 2 * get_threads() / s / 1e9;
+  }, py::arg("iters") = 50000000LL);
 
   m.def("capture_points", []() {
     py::list out;

@@ -434,7 +434,43 @@ static void widen_row(const WeightView& w, int64_t r, float* out) {
   }
 }
 
+// ---- Roofline probes -----------------------------------------------------------
+// A read-only sweep (the shape of a decode step: every weight read once) and
+// an FMA loop on registers only (the shape of a GEMM's inner loop).
+static double probe_read(const float* p, size_t n) {
+  double total = 0.0;
+#pragma omp parallel reduction(+ : total)
+  {
+    typename V::R a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+#pragma omp for schedule(static)
+    for (long long i = 0; i < (long long)(n / (4 * V::W)); ++i) {
+      const float* q = p + size_t(i) * 4 * V::W;
+      a0 = V::fma(V::load(q), V::set1(1.0f), a0);
+      a1 = V::fma(V::load(q + V::W), V::set1(1.0f), a1);
+      a2 = V::fma(V::load(q + 2 * V::W), V::set1(1.0f), a2);
+      a3 = V::fma(V::load(q + 3 * V::W), V::set1(1.0f), a3);
+    }
+    total += V::sum(a0) + V::sum(a1) + V::sum(a2) + V::sum(a3);
+  }
+  return total;
+}
+
+static double probe_fma(long long iters) {
+  double total = 0.0;
+#pragma omp parallel reduction(+ : total)
+  {
+    constexpr int A = 12;  // independent chains hide the FMA latency on two ports
+    typename V::R acc[A];
+    for (int j = 0; j < A; ++j) acc[j] = V::set1(float(j) * 1e-3f);
+    const typename V::R m = V::set1(0.999999f), c = V::set1(1e-7f);
+    for (long long i = 0; i < iters; ++i)
+      for (int j = 0; j < A; ++j) acc[j] = V::fma(acc[j], m, c);
+    for (int j = 0; j < A; ++j) total += V::sum(acc[j]);
+  }
+  return total;
+}
+
 static const KernelTable make_table(const char* name) {
   return KernelTable{name, matmul, matmul_quant, dequant_row, softmax, rmsnorm, layernorm, rope,
-                     gelu_tanh, gelu_erf, silu, relu, attention};
+                     gelu_tanh, gelu_erf, silu, relu, attention, probe_read, probe_fma, V::W};
 }

@@ -14,6 +14,35 @@ SHAPES = {
 }
 
 
+def synthetic_tokenizer(vocab_size: int, seed: int = 0):
+    """A byte-level BPE tokenizer with exactly `vocab_size` tokens, made of random merges.
+
+    Random-weight models have no tokenizer, but GGUF readers (llama.cpp) insist
+    on one; this gives every shape a valid one of the right size.
+    """
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    rng = random.Random(seed)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(alphabet)}
+    pieces, merges = list(alphabet), []
+    target = vocab_size - 1  # one special token at the end
+    while len(vocab) < target:
+        a, b = rng.choice(pieces[: max(256, len(pieces) // 4)]), rng.choice(alphabet)
+        if a + b not in vocab and len(a + b) <= 8:
+            vocab[a + b] = len(vocab)
+            pieces.append(a + b)
+            merges.append((a, b))
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
 def make_model(shape: str, directory: Path, seed: int = 0):
     """Save a transformers model of `shape` with random weights into `directory`; return it."""
     import torch
@@ -27,4 +56,5 @@ def make_model(shape: str, directory: Path, seed: int = 0):
     cfg = tf.GPT2Config(**spec) if family == "gpt2" else tf.LlamaConfig(**spec)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     model.save_pretrained(directory)
+    synthetic_tokenizer(cfg.vocab_size, seed).save(str(Path(directory) / "tokenizer.json"))
     return model

@@ -10,7 +10,10 @@ from tokentrail import _core
 from tokentrail.loading.weights import bf16_from_float32
 
 ISAS = _core.available_isas()
-SIZES = [(1, 1, 1), (3, 17, 5), (7, 64, 33), (5, 100, 130), (9, 31, 257)]  # (n, rows, cols)
+# (n, rows, cols): decode-sized products take the GEMV, prefill-sized ones (GEMM_MIN_ROWS
+# tokens or more) the packed GEMM; both at sizes that are not multiples of a vector or tile.
+G = _core.GEMM_MIN_ROWS
+SIZES = [(1, 1, 1), (3, 17, 5), (7, 64, 33), (5, 100, 130), (9, 31, 257), (G, 33, 70), (G + 11, 97, 129)]
 
 
 @pytest.fixture(params=ISAS)
@@ -140,7 +143,7 @@ def test_environment_variable_forces_a_variant():
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_k", "q6_k"])
-@pytest.mark.parametrize("n,rows", [(1, 7), (3, 33), (6, 5)])
+@pytest.mark.parametrize("n,rows", [(1, 7), (3, 33), (6, 5), (_core.GEMM_MIN_ROWS + 3, 35)])
 def test_quantized_matmul_against_numpy_dequantize(isa, dtype, n, rows):
     from tokentrail.loading.quant import block_info, dequantize, quantize
 

@@ -19,7 +19,7 @@ struct AttentionCapture {
 // Products over this many tokens or more use the packed GEMM, fewer the GEMV.
 // Each path sums a given output in one fixed order, so a row's result depends
 // only on which path ran, never on the other rows computed with it.
-constexpr int GEMM_MIN_ROWS = 4;
+constexpr int GEMM_MIN_ROWS = 64;
 
 struct KernelTable {
   const char* name;

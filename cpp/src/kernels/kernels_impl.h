@@ -46,7 +46,7 @@ static void gemv_typed(const WeightView& wv, const float* x, int n, float* y) {
   const size_t ldw = wv.row_bytes / sizeof(T);
   const int rows = int(wv.rows), K = int(wv.cols);
   constexpr int R = V::TILE_ROWS, C = V::TILE_COLS;
-  constexpr int ROW_BLOCK = 64;
+  constexpr int ROW_BLOCK = 16;
   const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
   const double work = double(rows) * K * n;
 #pragma omp parallel for schedule(dynamic, 1) if (work > 200000.0)
@@ -101,27 +101,55 @@ static void gemm_rows(const float* x, int K, const float* p, int m_count, float*
 
 static void widen_row(const WeightView& w, int64_t r, float* out);
 
+// Widen and transpose NR weight rows [n0, n0 + NR) into a k-major panel.
+static void pack_panel(const WeightView& wv, int n0, float* panel, float* scratch) {
+  const int rows = int(wv.rows), K = int(wv.cols), nr = std::min(NR, rows - n0);
+  // Rows as float32 (views for f32 weights, widened otherwise), then written
+  // k-major with sequential stores: NR read streams, one write stream.
+  const float* src[NR];
+  for (int j = 0; j < NR; ++j) {
+    float* row = scratch + size_t(j) * K;
+    if (j >= nr) {
+      std::fill(row, row + K, 0.0f);
+      src[j] = row;
+    } else if (wv.type == DType::F32) {
+      src[j] = reinterpret_cast<const float*>(wv.row(n0 + j));
+    } else {
+      widen_row(wv, n0 + j, row);
+      src[j] = row;
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    float* dst = panel + size_t(k) * NR;
+    for (int j = 0; j < NR; ++j) dst[j] = src[j][k];
+  }
+}
+
 static void gemm(const WeightView& wv, const float* x, int n, float* y) {
   const int rows = int(wv.rows), K = int(wv.cols);
   constexpr int MR = V::GEMM_MR;
   const int panels = (rows + NR - 1) / NR;
+  // A group of panels shares each pass over the tokens, so x is read from
+  // the outer caches once per group instead of once per panel; the group is
+  // sized to stay in L2 (about 512 KiB of packed weights).
+  const int group = std::max(1, std::min(8, int((512 * 1024) / (size_t(K) * NR * 4))));
+  const int groups = (panels + group - 1) / group;
 #pragma omp parallel
   {
-    std::vector<float> panel(size_t(K) * NR), row(K);
+    std::vector<float> packed(size_t(group) * K * NR), scratch(size_t(NR) * K);
     alignas(64) float out[MR * NR];
 #pragma omp for schedule(dynamic, 1)
-    for (int pi = 0; pi < panels; ++pi) {
-      const int n0 = pi * NR, nr = std::min(NR, rows - n0);
-      for (int j = 0; j < NR; ++j) {
-        if (j < nr) widen_row(wv, n0 + j, row.data());
-        else std::fill(row.begin(), row.end(), 0.0f);
-        for (int k = 0; k < K; ++k) panel[size_t(k) * NR + j] = row[k];
-      }
+    for (int gi = 0; gi < groups; ++gi) {
+      const int p0 = gi * group, pc = std::min(group, panels - p0);
+      for (int p = 0; p < pc; ++p) pack_panel(wv, (p0 + p) * NR, packed.data() + size_t(p) * K * NR, scratch.data());
       for (int t = 0; t < n; t += MR) {
         const int mc = std::min(MR, n - t);
-        gemm_rows<MR>(x + size_t(t) * K, K, panel.data(), mc, out);
-        for (int m = 0; m < mc; ++m)
-          std::copy(out + m * NR, out + m * NR + nr, y + size_t(t + m) * rows + n0);
+        for (int p = 0; p < pc; ++p) {
+          const int n0 = (p0 + p) * NR, nr = std::min(NR, rows - n0);
+          gemm_rows<MR>(x + size_t(t) * K, K, packed.data() + size_t(p) * K * NR, mc, out);
+          for (int m = 0; m < mc; ++m)
+            std::copy(out + m * NR, out + m * NR + nr, y + size_t(t + m) * rows + n0);
+        }
       }
     }
   }

@@ -330,11 +330,7 @@ static void attention(const float* q, const float* k, const float* v, int cap, i
 // is read from memory once per product, and the widening loops themselves
 // are vectorized for the instruction set this file is compiled for.
 
-static inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return f16_to_f32(h);
-}
+static inline float half_at(const uint8_t* p) { return V::half(p); }
 
 static inline void deq_q8_0(const uint8_t* __restrict b, float* __restrict y) {  // d:f16, qs:int8[32]
   const float d = half_at(b);
@@ -382,15 +378,16 @@ static inline void deq_q6_k(const uint8_t* __restrict b, float* __restrict y) { 
   const uint8_t* qh = b + 128;
   const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
   const float d = half_at(b + 208);
-  for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8) {
-    for (int l = 0; l < 32; ++l) {
-      const int is = l / 16;
-      y[n + l] = d * sc[is] * float(int((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
-      y[n + l + 32] = d * sc[is + 2] * float(int((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-      y[n + l + 64] = d * sc[is + 4] * float(int((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-      y[n + l + 96] = d * sc[is + 6] * float(int((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+  // Each run of 16 outputs shares one scale: four separate loops keep them vectorizable.
+  for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8)
+    for (int h = 0; h < 2; ++h) {
+      const int o = h * 16;
+      const float s0 = d * sc[h], s1 = d * sc[h + 2], s2 = d * sc[h + 4], s3 = d * sc[h + 6];
+      for (int l = o; l < o + 16; ++l) y[n + l] = s0 * float(int((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
+      for (int l = o; l < o + 16; ++l) y[n + 32 + l] = s1 * float(int((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+      for (int l = o; l < o + 16; ++l) y[n + 64 + l] = s2 * float(int((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+      for (int l = o; l < o + 16; ++l) y[n + 96 + l] = s3 * float(int((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
     }
-  }
 }
 
 template <int BS, int BYTES, void (*DEQ)(const uint8_t*, float*), int C>
@@ -410,6 +407,53 @@ static inline void quant_row_tile(const uint8_t* row, int K, const float* x, siz
   for (int c = 0; c < C; ++c) y[c * ldy] = V::sum(acc[c]);
 }
 
+// Q8_0 and Q4_0 (the common decode types) skip the buffer: quants are widened
+// in registers, multiplied by x, and each block's sum is scaled once.
+template <int C>
+static inline void q8_0_row_tile(const uint8_t* row, int K, const float* x, size_t ldx, float* y, size_t ldy) {
+  typename V::R acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = V::zero();
+  for (int b = 0; b < K / 32; ++b) {
+    const uint8_t* blk = row + size_t(b) * 34;
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    const float* xb = x + size_t(b) * 32;
+    typename V::R part[C];
+    for (int c = 0; c < C; ++c) part[c] = V::zero();
+    for (int k = 0; k < 32; k += V::W) {
+      const typename V::R w = V::cvt_i8(q + k);
+      for (int c = 0; c < C; ++c) part[c] = V::fma(w, V::load(xb + c * ldx + k), part[c]);
+    }
+    const typename V::R d = V::set1(V::half(blk));
+    for (int c = 0; c < C; ++c) acc[c] = V::fma(d, part[c], acc[c]);
+  }
+  for (int c = 0; c < C; ++c) y[c * ldy] = V::sum(acc[c]);
+}
+
+template <int C>
+static inline void q4_0_row_tile(const uint8_t* row, int K, const float* x, size_t ldx, float* y, size_t ldy) {
+  typename V::R acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = V::zero();
+  const typename V::R eight = V::set1(8.0f);
+  for (int b = 0; b < K / 32; ++b) {
+    const uint8_t* blk = row + size_t(b) * 18;
+    const uint8_t* q = blk + 2;
+    const float* xb = x + size_t(b) * 32;
+    typename V::R part[C];
+    for (int c = 0; c < C; ++c) part[c] = V::zero();
+    for (int k = 0; k < 16; k += V::W) {  // low nibbles are values 0..15, high ones 16..31
+      const typename V::R lo = V::sub(V::cvt_nibble(q + k, 0), eight);
+      const typename V::R hi = V::sub(V::cvt_nibble(q + k, 4), eight);
+      for (int c = 0; c < C; ++c) {
+        part[c] = V::fma(lo, V::load(xb + c * ldx + k), part[c]);
+        part[c] = V::fma(hi, V::load(xb + c * ldx + 16 + k), part[c]);
+      }
+    }
+    const typename V::R d = V::set1(V::half(blk));
+    for (int c = 0; c < C; ++c) acc[c] = V::fma(d, part[c], acc[c]);
+  }
+  for (int c = 0; c < C; ++c) y[c * ldy] = V::sum(acc[c]);
+}
+
 template <int BS, int BYTES, void (*DEQ)(const uint8_t*, float*)>
 static void gemv_quant_typed(const WeightView& wv, const float* x, int n, float* y) {
   const int rows = int(wv.rows), K = int(wv.cols);
@@ -419,8 +463,20 @@ static void gemv_quant_typed(const WeightView& wv, const float* x, int n, float*
   for (int r = 0; r < rows; ++r) {
     const uint8_t* row = wv.row(r);
     int t = 0;
-    for (; t + C <= n; t += C) quant_row_tile<BS, BYTES, DEQ, C>(row, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
-    for (; t < n; ++t) quant_row_tile<BS, BYTES, DEQ, 1>(row, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
+    for (; t + C <= n; t += C) {
+      float* yt = y + size_t(t) * rows + r;
+      const float* xt = x + size_t(t) * K;
+      if constexpr (DEQ == deq_q8_0) q8_0_row_tile<C>(row, K, xt, K, yt, rows);
+      else if constexpr (DEQ == deq_q4_0) q4_0_row_tile<C>(row, K, xt, K, yt, rows);
+      else quant_row_tile<BS, BYTES, DEQ, C>(row, K, xt, K, yt, rows);
+    }
+    for (; t < n; ++t) {
+      float* yt = y + size_t(t) * rows + r;
+      const float* xt = x + size_t(t) * K;
+      if constexpr (DEQ == deq_q8_0) q8_0_row_tile<1>(row, K, xt, K, yt, rows);
+      else if constexpr (DEQ == deq_q4_0) q4_0_row_tile<1>(row, K, xt, K, yt, rows);
+      else quant_row_tile<BS, BYTES, DEQ, 1>(row, K, xt, K, yt, rows);
+    }
   }
 }
 

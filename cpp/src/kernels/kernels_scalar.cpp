@@ -14,6 +14,10 @@ struct V {
   static R loadw(const float* p) { return *p; }
   static R loadw(const F16* p) { return f16_to_f32(p->bits); }
   static R loadw(const BF16* p) { return bf16_to_f32(p->bits); }
+  static R sub(R a, R b) { return a - b; }
+  static R cvt_i8(const int8_t* p) { return float(*p); }
+  static R cvt_nibble(const uint8_t* p, int shift) { return float((*p >> shift) & 0xF); }
+  static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
   static R fma(R a, R b, R c) { return a * b + c; }
   static float sum(R a) { return a; }
 };

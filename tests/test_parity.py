@@ -74,3 +74,15 @@ def test_generate_greedy_matches_transformers(pair):
         got.append(tok)
         logits = s.feed([tok])
     assert got == want
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    torch = require("torch")
+    require("transformers")
+    ref = build("llama", tmp_path / "one")
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ours = tokentrail.load(tmp_path / "sharded")
+    np.testing.assert_allclose(ours.forward(PROMPT), reference_logits(ref, PROMPT), atol=1e-4, rtol=1e-4)
+    del torch

@@ -81,3 +81,23 @@ def test_followed_position_and_sampling(model):
         model.journey(IDS, position=len(IDS))
     with pytest.raises(ValueError, match="temperature"):
         model.journey(IDS, temperature=-1)
+
+
+def test_long_prompts_keep_only_the_followed_attention_row(model, monkeypatch):
+    import tokentrail.journey as journey_module
+
+    monkeypatch.setattr(journey_module, "FULL_ATTENTION_LIMIT", 4)
+    j = model.journey(IDS)
+    full = model.journey(IDS[:4])
+    assert not j.full_attention and full.full_attention
+    L, H, n = model.config.n_layers, model.config.n_heads, len(IDS)
+    assert j.cache["blocks.0.attn_pattern"].shape == (1, H, n)
+    _, reference = model.run_with_cache(IDS, names="blocks.*.attn_pattern")
+    attn = [s for s in j if s.kind == "attention"]
+    for layer in range(L):
+        np.testing.assert_array_equal(attn[layer].data["pattern"], reference[f"blocks.{layer}.attn_pattern"][-1])
+    from tokentrail.report.html import journey_data
+
+    data = journey_data(j)
+    assert data["attention_rows"] == [n - 1]
+    assert len(data["attention"][0][0]) == 1 and len(data["attention"][0][0][0]) == n

@@ -22,6 +22,10 @@ import numpy as np
 from . import _core, thermo
 
 
+# Prompts up to this many tokens keep every position's attention table.
+FULL_ATTENTION_LIMIT = 512
+
+
 @dataclass
 class Stage:
     kind: str            # tokenize, embed, position, attention, residual, mlp, final_norm, logits, softmax, choice
@@ -56,8 +60,11 @@ class Journey:
         tok = model.tokenizer
         self.tokens = [tok.display(i) if tok else str(i) for i in self.ids]
 
+        # Whole attention tables (for heatmaps) only while they stay small: they
+        # grow with layers x heads x n^2. Everything else at the followed position.
+        self.full_attention = n <= FULL_ATTENTION_LIMIT
         hooks = model.hooks()
-        hooks.capture("blocks.*.attn_pattern")
+        hooks.capture("blocks.*.attn_pattern", positions=None if self.full_attention else [self.position])
         hooks.capture([n_ for n_ in _everything(c.n_layers) if not n_.endswith("attn_pattern")],
                       positions=[self.position])
         all_logits = model.forward(self.ids, all_positions=True, hooks=hooks)
@@ -263,7 +270,8 @@ class Journey:
         lens = self.logit_lens()
         resid = self._row("blocks.0.resid_pre")
         for l in range(c.n_layers):
-            pattern = self.cache[f"blocks.{l}.attn_pattern"][p][:, : p + 1]  # [heads, keys]
+            rows = self.cache[f"blocks.{l}.attn_pattern"]
+            pattern = rows[p if self.full_attention else 0][:, : p + 1]  # [heads, keys]
             heads = []
             for h in range(c.n_heads):
                 j = int(np.argmax(pattern[h]))

@@ -18,6 +18,8 @@ def journey_data(j) -> dict:
     c = j.config
     n = len(j.ids)
     attention = []
+    # Long prompts keep only the followed position's row of each table.
+    query_rows = list(range(n)) if j.full_attention else [j.position]
     for layer in range(c.n_layers):
         pat = j.cache[f"blocks.{layer}.attn_pattern"]  # [query, head, key]
         attention.append(np.round(pat.transpose(1, 0, 2)[:, :, :n], 4).tolist())
@@ -33,6 +35,7 @@ def journey_data(j) -> dict:
         "n_layers": c.n_layers,
         "n_heads": c.n_heads,
         "attention": attention,
+        "attention_rows": query_rows,
         "lens": lens,
         "attribution": {"token": a["text"], "logit": a["logit"], "total": a["total"],
                         "parts": [[k, v] for k, v in parts], "n_parts": len(a["parts"])},
@@ -99,11 +102,11 @@ const ol = document.getElementById("stages");
 for (const s of D.stages) { const li = el("li"); li.append(el("b", {}, s.title + ": "), document.createTextNode(s.text)); ol.append(li); }
 
 function drawPattern(canvas, m, cell) {
-  const n = m.length; canvas.width = canvas.height = n * cell;
+  const n = D.prompt_tokens.length, rows = D.attention_rows; canvas.width = n * cell; canvas.height = rows.length * cell;
   const g = canvas.getContext("2d");
-  for (let q = 0; q < n; q++) for (let k = 0; k < n; k++) {
-    const v = m[q][k]; g.fillStyle = k > q ? "#f4f4f4" : `rgba(20,60,160,${v})`; g.fillRect(k * cell, q * cell, cell, cell);
-  }
+  rows.forEach((q, r) => { for (let k = 0; k < n; k++) {
+    const v = m[r][k]; g.fillStyle = k > q ? "#f4f4f4" : `rgba(20,60,160,${v})`; g.fillRect(k * cell, r * cell, cell, cell);
+  } });
 }
 const att = document.getElementById("attention");
 const n = D.prompt_tokens.length;
@@ -114,7 +117,7 @@ function enlarge(l, h, node) {
   big.append(el("div", {}, `layer ${l}, head ${h}`));
   const m = D.attention[l][h]; const t = el("table", {className: "lens"});
   const hr = el("tr"); hr.append(el("th", {}, "query \\ key")); for (const tk of D.prompt_tokens) hr.append(el("th", {}, show(tk))); t.append(hr);
-  m.forEach((row, q) => { const tr = el("tr"); tr.append(el("th", {}, show(D.prompt_tokens[q])));
+  m.forEach((row, r) => { const q = D.attention_rows[r]; const tr = el("tr"); tr.append(el("th", {}, show(D.prompt_tokens[q])));
     row.forEach((v, k) => { const td = el("td", {}, k > q ? "" : v.toFixed(2)); if (k <= q) td.style.background = `rgba(20,60,160,${v * 0.8})`; if (v > 0.5) td.style.color = "#fff"; tr.append(td); });
     t.append(tr); });
   big.append(t);

@@ -408,50 +408,73 @@ static inline void quant_row_tile(const uint8_t* row, int K, const float* x, siz
 }
 
 // Q8_0 and Q4_0 (the common decode types) skip the buffer: quants are widened
-// in registers, multiplied by x, and each block's sum is scaled once.
-template <int C>
-static inline void q8_0_row_tile(const uint8_t* row, int K, const float* x, size_t ldx, float* y, size_t ldy) {
-  typename V::R acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = V::zero();
-  for (int b = 0; b < K / 32; ++b) {
-    const uint8_t* blk = row + size_t(b) * 34;
-    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-    const float* xb = x + size_t(b) * 32;
-    typename V::R part[C];
-    for (int c = 0; c < C; ++c) part[c] = V::zero();
-    for (int k = 0; k < 32; k += V::W) {
-      const typename V::R w = V::cvt_i8(q + k);
-      for (int c = 0; c < C; ++c) part[c] = V::fma(w, V::load(xb + c * ldx + k), part[c]);
-    }
-    const typename V::R d = V::set1(V::half(blk));
-    for (int c = 0; c < C; ++c) acc[c] = V::fma(d, part[c], acc[c]);
-  }
-  for (int c = 0; c < C; ++c) y[c * ldy] = V::sum(acc[c]);
-}
-
-template <int C>
-static inline void q4_0_row_tile(const uint8_t* row, int K, const float* x, size_t ldx, float* y, size_t ldy) {
-  typename V::R acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = V::zero();
+// in registers, multiplied by x, and each block's sum is scaled once. R rows
+// at a time give R independent accumulation chains and share each x load.
+template <bool Q4, int R, int C>
+static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, const float* x, size_t ldx,
+                                float* y, size_t ldy) {
+  constexpr int BYTES = Q4 ? 18 : 34;
+  typename V::R acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
   const typename V::R eight = V::set1(8.0f);
   for (int b = 0; b < K / 32; ++b) {
-    const uint8_t* blk = row + size_t(b) * 18;
-    const uint8_t* q = blk + 2;
     const float* xb = x + size_t(b) * 32;
-    typename V::R part[C];
-    for (int c = 0; c < C; ++c) part[c] = V::zero();
-    for (int k = 0; k < 16; k += V::W) {  // low nibbles are values 0..15, high ones 16..31
-      const typename V::R lo = V::sub(V::cvt_nibble(q + k, 0), eight);
-      const typename V::R hi = V::sub(V::cvt_nibble(q + k, 4), eight);
-      for (int c = 0; c < C; ++c) {
-        part[c] = V::fma(lo, V::load(xb + c * ldx + k), part[c]);
-        part[c] = V::fma(hi, V::load(xb + c * ldx + 16 + k), part[c]);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = row0 + r * row_bytes + size_t(b) * BYTES;
+      typename V::R part[C];
+      for (int c = 0; c < C; ++c) part[c] = V::zero();
+      if constexpr (Q4) {
+        for (int k = 0; k < 16; k += V::W) {  // low nibbles are values 0..15, high ones 16..31
+          const typename V::R lo = V::sub(V::cvt_nibble(blk + 2 + k, 0), eight);
+          const typename V::R hi = V::sub(V::cvt_nibble(blk + 2 + k, 4), eight);
+          for (int c = 0; c < C; ++c) {
+            part[c] = V::fma(lo, V::load(xb + c * ldx + k), part[c]);
+            part[c] = V::fma(hi, V::load(xb + c * ldx + 16 + k), part[c]);
+          }
+        }
+      } else {
+        const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+        for (int k = 0; k < 32; k += V::W) {
+          const typename V::R w = V::cvt_i8(q + k);
+          for (int c = 0; c < C; ++c) part[c] = V::fma(w, V::load(xb + c * ldx + k), part[c]);
+        }
       }
+      const typename V::R d = V::set1(V::half(blk));
+      for (int c = 0; c < C; ++c) acc[r][c] = V::fma(d, part[c], acc[r][c]);
     }
-    const typename V::R d = V::set1(V::half(blk));
-    for (int c = 0; c < C; ++c) acc[c] = V::fma(d, part[c], acc[c]);
   }
-  for (int c = 0; c < C; ++c) y[c * ldy] = V::sum(acc[c]);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[c * ldy + r] = V::sum(acc[r][c]);
+}
+
+template <bool Q4>
+static void gemv_q_blocks(const WeightView& wv, const float* x, int n, float* y) {
+  const int rows = int(wv.rows), K = int(wv.cols);
+  constexpr int R = 4, C = V::TILE_COLS;
+  constexpr int ROW_BLOCK = 16;
+  const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+  const double work = double(rows) * K * n;
+  const size_t rb = wv.row_bytes;
+#pragma omp parallel for schedule(dynamic, 1) if (work > 200000.0)
+  for (int blk = 0; blk < n_blocks; ++blk) {
+    const int r0 = blk * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
+    int t = 0;
+    for (; t + C <= n; t += C) {
+      const float* xt = x + size_t(t) * K;
+      float* yt = y + size_t(t) * rows;
+      int r = r0;
+      for (; r + R <= r1; r += R) q_block_tile<Q4, R, C>(wv.row(r), rb, K, xt, K, yt + r, rows);
+      for (; r < r1; ++r) q_block_tile<Q4, 1, C>(wv.row(r), rb, K, xt, K, yt + r, rows);
+    }
+    for (; t < n; ++t) {
+      const float* xt = x + size_t(t) * K;
+      float* yt = y + size_t(t) * rows;
+      int r = r0;
+      for (; r + R <= r1; r += R) q_block_tile<Q4, R, 1>(wv.row(r), rb, K, xt, K, yt + r, rows);
+      for (; r < r1; ++r) q_block_tile<Q4, 1, 1>(wv.row(r), rb, K, xt, K, yt + r, rows);
+    }
+  }
 }
 
 template <int BS, int BYTES, void (*DEQ)(const uint8_t*, float*)>
@@ -463,20 +486,8 @@ static void gemv_quant_typed(const WeightView& wv, const float* x, int n, float*
   for (int r = 0; r < rows; ++r) {
     const uint8_t* row = wv.row(r);
     int t = 0;
-    for (; t + C <= n; t += C) {
-      float* yt = y + size_t(t) * rows + r;
-      const float* xt = x + size_t(t) * K;
-      if constexpr (DEQ == deq_q8_0) q8_0_row_tile<C>(row, K, xt, K, yt, rows);
-      else if constexpr (DEQ == deq_q4_0) q4_0_row_tile<C>(row, K, xt, K, yt, rows);
-      else quant_row_tile<BS, BYTES, DEQ, C>(row, K, xt, K, yt, rows);
-    }
-    for (; t < n; ++t) {
-      float* yt = y + size_t(t) * rows + r;
-      const float* xt = x + size_t(t) * K;
-      if constexpr (DEQ == deq_q8_0) q8_0_row_tile<1>(row, K, xt, K, yt, rows);
-      else if constexpr (DEQ == deq_q4_0) q4_0_row_tile<1>(row, K, xt, K, yt, rows);
-      else quant_row_tile<BS, BYTES, DEQ, 1>(row, K, xt, K, yt, rows);
-    }
+    for (; t + C <= n; t += C) quant_row_tile<BS, BYTES, DEQ, C>(row, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
+    for (; t < n; ++t) quant_row_tile<BS, BYTES, DEQ, 1>(row, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
   }
 }
 
@@ -485,8 +496,8 @@ static void matmul_quant(const WeightView& w, const float* x, int n, float* y, c
     gemm(w, x, n, y);
   } else {
     switch (w.type) {
-      case DType::Q8_0: gemv_quant_typed<32, 34, deq_q8_0>(w, x, n, y); break;
-      case DType::Q4_0: gemv_quant_typed<32, 18, deq_q4_0>(w, x, n, y); break;
+      case DType::Q8_0: gemv_q_blocks<false>(w, x, n, y); break;
+      case DType::Q4_0: gemv_q_blocks<true>(w, x, n, y); break;
       case DType::Q4_K: gemv_quant_typed<256, 144, deq_q4_k>(w, x, n, y); break;
       case DType::Q6_K: gemv_quant_typed<256, 210, deq_q6_k>(w, x, n, y); break;
       default: throw std::invalid_argument("quantized matmul called with a float weight");

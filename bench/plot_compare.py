@@ -1,0 +1,76 @@
+"""Turn a bench/compare.py result file into docs/benchmarks.md and its PNG plots.
+
+    python bench/plot_compare.py bench/results/compare.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+ENGINES = ("tokentrail", "llama.cpp", "transformers")
+COLORS = {"tokentrail": "#2a7", "llama.cpp": "#47a", "transformers": "#c84"}
+
+
+def bar_chart(rows, metric: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["shape"], r["type"]) for r in rows}, key=lambda g: (g[0], g[1]))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups)), 3.6))
+    width = 0.27
+    for i, e in enumerate(ENGINES):
+        vals = [next((r[metric] for r in rows if (r["shape"], r["type"]) == g and r["engine"] == e), 0) for g in groups]
+        ax.bar([x + (i - 1) * width for x in range(len(groups))], vals, width, label=e, color=COLORS[e])
+    ax.set_xticks(range(len(groups)), [f"{s}\n{t}" for s, t in groups], fontsize=8)
+    ax.set_ylabel("tokens / s")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/compare.json")
+    data = json.loads(src.read_text())
+    rows, roof = data["results"], data["roof"]
+    DOCS.mkdir(exist_ok=True)
+    bar_chart(rows, "decode_128", "decode at context 128", DOCS / "bench-decode.png")
+    bar_chart(rows, "prefill_512", "prefill of 512 tokens", DOCS / "bench-prefill.png")
+
+    def get(shape, t, e, k):
+        return next((r[k] for r in rows if r["shape"] == shape and r["type"] == t and r["engine"] == e), None)
+
+    lines = ["# Benchmarks", "",
+             f"Measured {data['date']} on {data['machine'].get('cpu', '?')} ({data['machine'].get('cpus')} cores, "
+             f"{data['machine'].get('mem_gb')} GiB), {roof['threads']} threads, kernels `{roof['isa']}`. "
+             f"Roofs measured in the same run: read bandwidth {roof['bandwidth_gbs']:.1f} GB/s, "
+             f"FMA peak {roof['peak_gflops']:.0f} GFLOP/s.", "",
+             "Reproduce: `python bench/compare.py --shapes gpt2,smollm --types f32,f16,q8_0,q4_0 "
+             "--out bench/results/compare.json && python bench/plot_compare.py bench/results/compare.json`.",
+             "Random weights in the shapes of real models; every engine reads the same GGUF file "
+             "(transformers its Hugging Face twin, float types only); each engine runs in a fresh "
+             "process, engines interleaved; medians.", "",
+             "![decode](bench-decode.png)", "", "![prefill](bench-prefill.png)", "",
+             "| model | type | engine | prefill 16 / 128 / 512 tok/s | decode @128 / @1024 tok/s | "
+             "decode vs llama.cpp | % bandwidth roof | prefill 512 vs llama.cpp | load s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["shape"], r["type"], ENGINES.index(r["engine"]))):
+        ref_d = get(r["shape"], r["type"], "llama.cpp", "decode_128")
+        ref_p = get(r["shape"], r["type"], "llama.cpp", "prefill_512")
+        lines.append(
+            f"| {r['shape']} | {r['type']} | {r['engine']} | {r['prefill_16']:.0f} / {r['prefill_128']:.0f} / "
+            f"{r['prefill_512']:.0f} | {r['decode_128']:.1f} / {r['decode_1024']:.1f} | "
+            f"{(r['decode_128'] / ref_d) if ref_d else float('nan'):.2f}x | {r['decode_128_roof']:.0%} | "
+            f"{(r['prefill_512'] / ref_p) if ref_p else float('nan'):.2f}x | {r['load_s']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} |")
+    (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {DOCS / 'benchmarks.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -58,6 +58,7 @@ def test_matmul_rejects_wrong_size():
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0, 1e-3])
 def test_softmax(isa, temperature):
     x = np.random.default_rng(1).standard_normal((4, 37)).astype(np.float32) * 10
+    x[2, 5] = 1e4  # one overwhelming logit, others underflow to exactly 0
     z = x.astype(np.float64) / temperature
     want = np.exp(z - z.max(-1, keepdims=True))
     want /= want.sum(-1, keepdims=True)
@@ -101,13 +102,16 @@ def test_rope(isa, adjacent):
 
 
 def test_activations(isa):
-    x = np.linspace(-8, 8, 1001).astype(np.float32)
+    # Odd length (a vector tail), and values far out where exp over- or underflows.
+    x = np.concatenate([np.linspace(-8, 8, 1001), [-100, -60, -30, 30, 60, 100]]).astype(np.float32)
     xd = x.astype(np.float64)
     erf = np.vectorize(math.erf)
     np.testing.assert_allclose(_core.gelu_erf(x), 0.5 * xd * (1 + erf(xd / math.sqrt(2))), atol=1e-6)
     tanh_form = 0.5 * xd * (1 + np.tanh(math.sqrt(2 / math.pi) * (xd + 0.044715 * xd ** 3)))
     np.testing.assert_allclose(_core.gelu_tanh(x), tanh_form, atol=1e-6)
-    np.testing.assert_allclose(_core.silu(x), xd / (1 + np.exp(-xd)), atol=1e-6)
+    np.testing.assert_allclose(_core.silu(x), xd / (1 + np.exp(-xd)), atol=1e-6, rtol=1e-6)
+    big = np.random.default_rng(5).standard_normal(200_003).astype(np.float32) * 4  # threaded path
+    np.testing.assert_allclose(_core.silu(big), big / (1 + np.exp(-big.astype(np.float64))), atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(_core.relu(x), np.maximum(xd, 0), atol=0)
 
 

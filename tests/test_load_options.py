@@ -86,3 +86,11 @@ def test_loading_maps_instead_of_copying(tmp_path):
     grown = int(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout)
     assert size > 80e6
     assert grown < 1.25 * size, (grown, size)
+
+
+def test_rows_that_do_not_fill_blocks_fall_back_to_f16(llama):
+    d, _ = llama
+    k_model = tokentrail.load(d, dtype="q4_k")  # 256-value blocks; this model's rows have 64 or 96 values
+    f16_model = tokentrail.load(d, dtype="f16")
+    assert {w.dtype for n, w in k_model.weights.items() if len(w.shape) == 2} == {"f16"}
+    np.testing.assert_array_equal(k_model.forward(IDS), f16_model.forward(IDS))

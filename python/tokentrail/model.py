@@ -44,8 +44,11 @@ def _convert(w: Weight, dtype: str) -> Weight:
     if dtype in BLOCK_TYPES:
         from .loading.quant import quantize
 
+        if w.shape[-1] % BLOCK_TYPES[dtype][0]:
+            # Rows that do not fill whole blocks stay in half precision, as GGUF writers do.
+            return Weight(values.astype(np.float16), "f16", w.shape)
         return Weight(quantize(values, dtype), dtype, w.shape)
-    raise ValueError(f"unknown dtype {dtype!r}; expected f32, f16, bf16, q8_0 or q4_0")
+    raise ValueError(f"unknown dtype {dtype!r}; expected f32, f16, bf16, q8_0, q4_0, q4_k or q6_k")
 
 
 class Model:

@@ -132,7 +132,9 @@ static void gemm(const WeightView& wv, const float* x, int n, float* y) {
   // A group of panels shares each pass over the tokens, so x is read from
   // the outer caches once per group instead of once per panel; the group is
   // sized to stay in L2 (about 512 KiB of packed weights).
-  const int group = std::max(1, std::min(8, int((512 * 1024) / (size_t(K) * NR * 4))));
+  // At least four groups per thread, so that dynamic scheduling can even out the load.
+  const int by_cache = std::max(1, std::min(8, int((512 * 1024) / (size_t(K) * NR * 4))));
+  const int group = std::max(1, std::min(by_cache, panels / (4 * get_threads())));
   const int groups = (panels + group - 1) / group;
 #pragma omp parallel
   {
@@ -206,13 +208,23 @@ static inline void softmax_row(float* x, int n, float temperature) {
     for (int i = 0; i < n; ++i) x[i] = 1.0f / n;
     return;
   }
-  double s = 0.0;
-  for (int i = 0; i < n; ++i) {
+  const typename V::R mv = V::set1(m), iv = V::set1(inv_t);
+  typename V::R acc = V::zero();
+  int i = 0;
+  for (; i + V::W <= n; i += V::W) {
+    const typename V::R e = V::exp(V::mul(V::sub(V::load(x + i), mv), iv));
+    V::store(x + i, e);
+    acc = V::add(acc, e);
+  }
+  double s = V::sum(acc);
+  for (; i < n; ++i) {
     x[i] = std::exp((x[i] - m) * inv_t);
     s += x[i];
   }
-  const float inv = float(1.0 / s);
-  for (int i = 0; i < n; ++i) x[i] *= inv;
+  const typename V::R inv = V::set1(float(1.0 / s));
+  i = 0;
+  for (; i + V::W <= n; i += V::W) V::store(x + i, V::mul(V::load(x + i), inv));
+  for (; i < n; ++i) x[i] *= float(1.0 / s);
 }
 
 static void softmax(float* x, int rows, int n, float temperature) {
@@ -220,6 +232,7 @@ static void softmax(float* x, int rows, int n, float temperature) {
 }
 
 static void rmsnorm(const float* x, const float* w, int rows, int n, float eps, float* y) {
+#pragma omp parallel for schedule(static) if (double(rows) * n > 65536.0)
   for (int r = 0; r < rows; ++r) {
     const float* xr = x + size_t(r) * n;
     float* yr = y + size_t(r) * n;
@@ -231,6 +244,7 @@ static void rmsnorm(const float* x, const float* w, int rows, int n, float eps, 
 }
 
 static void layernorm(const float* x, const float* w, const float* b, int rows, int n, float eps, float* y) {
+#pragma omp parallel for schedule(static) if (double(rows) * n > 65536.0)
   for (int r = 0; r < rows; ++r) {
     const float* xr = x + size_t(r) * n;
     float* yr = y + size_t(r) * n;
@@ -269,20 +283,59 @@ static void rope(float* x, int n, int heads, int head_dim, const int* positions,
   }
 }
 
-static void gelu_tanh(float* x, size_t n) {
-  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
-  for (size_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    x[i] = 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v)));
+// Elementwise activations: vector exp (V::exp, accurate to about an ulp) over
+// full vectors, the tail padded into one more vector; chunks spread over
+// threads when the tensor is large (prefill).
+template <class F>
+static inline void map_vectors(float* x, size_t n, F f) {
+  const long long chunks = (long long)((n + 4095) / 4096);
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (long long c = 0; c < chunks; ++c) {
+    const size_t begin = size_t(c) * 4096, end = std::min(n, begin + 4096);
+    size_t i = begin;
+    for (; i + V::W <= end; i += V::W) V::store(x + i, f(V::load(x + i)));
+    if (i < end) {
+      alignas(64) float tail[V::W] = {};
+      std::copy(x + i, x + end, tail);
+      V::store(tail, f(V::load(tail)));
+      std::copy(tail, tail + (end - i), x + i);
+    }
   }
 }
 
+static void gelu_tanh(float* x, size_t n) {
+  // 0.5 x (1 + tanh(u)), tanh(u) = 1 - 2 / (exp(2u) + 1), u = sqrt(2/pi) (x + 0.044715 x^3)
+  map_vectors(x, n, [](typename V::R v) {
+    const typename V::R u = V::mul(V::set1(0.7978845608028654f),
+                                   V::fma(V::mul(V::set1(0.044715f), V::mul(v, v)), v, v));
+    const typename V::R e = V::exp(V::add(u, u));
+    const typename V::R t = V::sub(V::set1(1.0f), V::div(V::set1(2.0f), V::add(e, V::set1(1.0f))));
+    return V::mul(V::mul(V::set1(0.5f), v), V::add(V::set1(1.0f), t));
+  });
+}
+
 static void gelu_erf(float* x, size_t n) {
-  for (size_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.7071067811865476f));
+  // erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), sign restored after.
+  map_vectors(x, n, [](typename V::R v) {
+    const typename V::R z = V::mul(v, V::set1(0.7071067811865476f));
+    const typename V::R a = V::abs(z);
+    const typename V::R t = V::div(V::set1(1.0f), V::fma(V::set1(0.3275911f), a, V::set1(1.0f)));
+    typename V::R p = V::set1(1.061405429f);
+    p = V::fma(p, t, V::set1(-1.453152027f));
+    p = V::fma(p, t, V::set1(1.421413741f));
+    p = V::fma(p, t, V::set1(-0.284496736f));
+    p = V::fma(p, t, V::set1(0.254829592f));
+    p = V::mul(p, t);
+    const typename V::R erf_abs = V::sub(V::set1(1.0f), V::mul(p, V::exp(V::sub(V::zero(), V::mul(a, a)))));
+    const typename V::R erf = V::copysign(erf_abs, z);
+    return V::mul(V::mul(V::set1(0.5f), v), V::add(V::set1(1.0f), erf));
+  });
 }
 
 static void silu(float* x, size_t n) {
-  for (size_t i = 0; i < n; ++i) x[i] = x[i] / (1.0f + std::exp(-x[i]));
+  map_vectors(x, n, [](typename V::R v) {
+    return V::div(v, V::add(V::set1(1.0f), V::exp(V::sub(V::zero(), v))));
+  });
 }
 
 static void relu(float* x, size_t n) {

@@ -18,6 +18,12 @@ struct V {
   static R cvt_i8(const int8_t* p) { return float(*p); }
   static R cvt_nibble(const uint8_t* p, int shift) { return float((*p >> shift) & 0xF); }
   static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
+  static R add(R a, R b) { return a + b; }
+  static R mul(R a, R b) { return a * b; }
+  static R div(R a, R b) { return a / b; }
+  static R abs(R a) { return std::fabs(a); }
+  static R copysign(R mag, R sign) { return std::copysign(mag, sign); }
+  static R exp(R a) { return std::exp(a); }
   static R fma(R a, R b, R c) { return a * b + c; }
   static float sum(R a) { return a; }
 };

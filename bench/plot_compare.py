@@ -1,6 +1,9 @@
-"""Turn a bench/compare.py result file into docs/benchmarks.md and its PNG plots.
+"""Turn bench/compare.py result files into docs/benchmarks.md and its PNG plots.
 
-    python bench/plot_compare.py bench/results/compare.json
+    python bench/plot_compare.py bench/results/compare.json [bench/results/compare-tinyllama.json ...]
+
+The first file gives the plots and the main table; each further file (a
+separate run, e.g. a large model) adds a section with its own roofs.
 """
 from __future__ import annotations
 
@@ -34,29 +37,11 @@ def bar_chart(rows, metric: str, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    src = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/compare.json")
-    data = json.loads(src.read_text())
-    rows, roof = data["results"], data["roof"]
-    DOCS.mkdir(exist_ok=True)
-    bar_chart(rows, "decode_128", "decode at context 128", DOCS / "bench-decode.png")
-    bar_chart(rows, "prefill_512", "prefill of 512 tokens", DOCS / "bench-prefill.png")
-
+def table(rows) -> list[str]:
     def get(shape, t, e, k):
         return next((r[k] for r in rows if r["shape"] == shape and r["type"] == t and r["engine"] == e), None)
 
-    lines = ["# Benchmarks", "",
-             f"Measured {data['date']} on {data['machine'].get('cpu', '?')} ({data['machine'].get('cpus')} cores, "
-             f"{data['machine'].get('mem_gb')} GiB), {roof['threads']} threads, kernels `{roof['isa']}`. "
-             f"Roofs measured in the same run: read bandwidth {roof['bandwidth_gbs']:.1f} GB/s, "
-             f"FMA peak {roof['peak_gflops']:.0f} GFLOP/s.", "",
-             "Reproduce: `python bench/compare.py --shapes gpt2,smollm --types f32,f16,q8_0,q4_0 "
-             "--out bench/results/compare.json && python bench/plot_compare.py bench/results/compare.json`.",
-             "Random weights in the shapes of real models; every engine reads the same GGUF file "
-             "(transformers its Hugging Face twin, float types only); each engine runs in a fresh "
-             "process, engines interleaved; medians.", "",
-             "![decode](bench-decode.png)", "", "![prefill](bench-prefill.png)", "",
-             "| model | type | engine | prefill 16 / 128 / 512 tok/s | decode @128 / @1024 tok/s | "
+    lines = ["| model | type | engine | prefill 16 / 128 / 512 tok/s | decode @128 / @1024 tok/s | "
              "decode vs llama.cpp | % bandwidth roof | prefill 512 vs llama.cpp | load s | peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["shape"], r["type"], ENGINES.index(r["engine"]))):
@@ -68,6 +53,36 @@ def main() -> None:
             f"{(r['decode_128'] / ref_d) if ref_d else float('nan'):.2f}x | {r['decode_128_roof']:.0%} | "
             f"{(r['prefill_512'] / ref_p) if ref_p else float('nan'):.2f}x | {r['load_s']:.2f} | "
             f"{r['peak_rss_mb']:.0f} |")
+    return lines
+
+
+def describe(data) -> str:
+    roof = data["roof"]
+    return (f"Measured {data['date']} on {data['machine'].get('cpu', '?')} ({data['machine'].get('cpus')} cores, "
+            f"{data['machine'].get('mem_gb')} GiB), {roof['threads']} threads, kernels `{roof['isa']}`. "
+            f"Roofs measured in the same run: read bandwidth {roof['bandwidth_gbs']:.1f} GB/s, "
+            f"FMA peak {roof['peak_gflops']:.0f} GFLOP/s.")
+
+
+def main() -> None:
+    files = [Path(f) for f in sys.argv[1:]] or [Path("bench/results/compare.json")]
+    data = json.loads(files[0].read_text())
+    rows = data["results"]
+    DOCS.mkdir(exist_ok=True)
+    bar_chart(rows, "decode_128", "decode at context 128", DOCS / "bench-decode.png")
+    bar_chart(rows, "prefill_512", "prefill of 512 tokens", DOCS / "bench-prefill.png")
+
+    lines = ["# Benchmarks", "", describe(data), "",
+             "Reproduce: `python bench/compare.py --shapes gpt2,smollm --types f32,f16,q8_0,q4_0 "
+             "--out bench/results/compare.json && python bench/plot_compare.py bench/results/compare.json`.",
+             "Random weights in the shapes of real models; every engine reads the same GGUF file "
+             "(transformers its Hugging Face twin, float types only); each engine runs in a fresh "
+             "process, engines interleaved; medians.", "",
+             "![decode](bench-decode.png)", "", "![prefill](bench-prefill.png)", ""] + table(rows)
+    for extra in files[1:]:
+        more = json.loads(extra.read_text())
+        shapes = ", ".join(sorted({r["shape"] for r in more["results"]}))
+        lines += ["", f"## {shapes} (a separate run)", "", describe(more), ""] + table(more["results"])
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {DOCS / 'benchmarks.md'}")
 

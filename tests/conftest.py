@@ -27,3 +27,16 @@ def require_stories():
             pytest.fail(f"stories260K model not found at {STORIES}")
         pytest.skip(f"the shared stories260K model is not present at {STORIES}")
     return STORIES
+
+
+def greedy(model, ids, n: int, hooks=None):
+    """The argmax continuation of `ids` for n steps, fed one token at a time; also the last logits."""
+    import numpy as np
+
+    session = model.session()
+    logits = session.feed(list(ids), hooks=hooks)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = session.feed([out[-1]], hooks=hooks)
+    return out, logits

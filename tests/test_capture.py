@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tokentrail
-from conftest import require
+from conftest import greedy, require
 from reference_models import build
 
 IDS = [1, 17, 200, 5, 99, 42, 42, 7]
@@ -69,18 +69,9 @@ def test_positions_limit_what_is_kept(pair):
 def test_capture_changes_nothing(pair):
     model, _ = pair
 
-    def greedy(hooks):
-        s = model.session()
-        logits = s.feed(IDS[:4], hooks=hooks)
-        out = []
-        for _ in range(10):
-            out.append(int(np.argmax(logits)))
-            logits = s.feed([out[-1]], hooks=hooks)
-        return out, logits
-
-    plain, lp = greedy(None)
+    plain, lp = greedy(model, IDS[:4], 10)
     hooks = model.hooks().capture("*")
-    traced, lt = greedy(hooks)
+    traced, lt = greedy(model, IDS[:4], 10, hooks=hooks)
     assert plain == traced
     np.testing.assert_array_equal(lp, lt)
     # Records accumulate over the prompt and every generated token, attention padded to the longest context.
@@ -153,11 +144,7 @@ def test_interventions_and_capture_during_generation(pair):
     model, _ = pair
     hooks = model.hooks().ablate_head(0, 0).capture("blocks.0.attn_z")
     g = model.generate(IDS[:4], max_new_tokens=6, temperature=0, hooks=hooks, ignore_eos=True)
-    s, manual = model.session(), model.hooks().ablate_head(0, 0)
-    logits, want = s.feed(IDS[:4], hooks=manual), []
-    for _ in range(6):
-        want.append(int(np.argmax(logits)))
-        logits = s.feed([want[-1]], hooks=manual)
+    want, _ = greedy(model, IDS[:4], 6, hooks=model.hooks().ablate_head(0, 0))
     assert g.token_ids == want
     z = hooks.cache["blocks.0.attn_z"].reshape(-1, model.config.n_heads, model.config.head_dim)
     assert z.shape[0] == 4 + 5  # the prompt, then each generated token but the last (never fed)

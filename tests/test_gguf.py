@@ -14,6 +14,7 @@ import struct
 import numpy as np
 import pytest
 
+from conftest import greedy as continue_greedily
 from conftest import require, require_stories
 from tokentrail.config import expected_shapes
 from tokentrail.errors import CheckpointError
@@ -581,13 +582,7 @@ def test_permutation_makes_adjacent_rope_equal_half_rope():
 # --------------------------------------------------------------------------
 
 def greedy(model, ids, n):
-    s = model.session()
-    logits = s.feed(ids)
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        logits = s.feed([out[-1]])
-    return out
+    return continue_greedily(model, ids, n)[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import struct
 import numpy as np
 import pytest
 
+from conftest import greedy as continue_greedily
 from conftest import require, require_stories
 from tokentrail.config import expected_shapes, is_optional
 from tokentrail.errors import CheckpointError
@@ -319,13 +320,7 @@ def mean_nll(logits: np.ndarray, ids: list[int]) -> float:
 
 
 def greedy(model, ids: list[int], n: int) -> list[int]:
-    session = model.session()
-    logits = session.feed(ids)
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        logits = session.feed([out[-1]])
-    return out
+    return continue_greedily(model, ids, n)[0]
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,8 @@ constexpr int GEMM_MIN_ROWS = 64;
 
 struct KernelTable {
   const char* name;
-  // y[n][w.rows] = x[n][w.cols] . w^T (+ bias). Float weight types only.
+  // y[n][w.rows] = x[n][w.cols] . w^T (+ bias), for every weight type.
   void (*matmul)(const WeightView& w, const float* x, int n, float* y, const float* bias);
-  // The same product for block-quantized weights (Q8_0, Q4_0, Q4_K, Q6_K).
-  void (*matmul_quant)(const WeightView& w, const float* x, int n, float* y, const float* bias);
   // One row of a block-quantized matrix widened to float32.
   void (*dequant_row)(const WeightView& w, int64_t row, float* out);
   // In place over `rows` rows of length `n`: softmax(x / temperature).
@@ -61,14 +59,6 @@ int get_threads();
 
 // Weight rows of any type (float or block-quantized) widened to float32.
 void row_to_f32(const WeightView& w, int64_t row, float* out);
-
-// Whatever the weight type: the one entry point the forward pass calls.
-inline void matmul_any(const WeightView& w, const float* x, int n, float* y, const float* bias) {
-  if (w.type == DType::F32 || w.type == DType::F16 || w.type == DType::BF16)
-    kernels().matmul(w, x, n, y, bias);
-  else
-    kernels().matmul_quant(w, x, n, y, bias);
-}
 
 namespace isa_scalar { extern const KernelTable table; }
 #ifdef TOKENTRAIL_X86

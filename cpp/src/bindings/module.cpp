@@ -210,7 +210,7 @@ PYBIND11_MODULE(_core, m) {
     const float* b = bias ? bias->data() : nullptr;
     {
       py::gil_scoped_release nogil;
-      matmul_any(view, x.data(), n, y.data(), b);
+      kernels().matmul(view, x.data(), n, y.data(), b);
     }
     return to_numpy(std::move(y), {n, rows});
   }, py::arg("w"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("bias") = py::none());

@@ -157,27 +157,10 @@ static void gemm(const WeightView& wv, const float* x, int n, float* y) {
   }
 }
 
-// Prefill-sized products (GEMM_MIN_ROWS tokens or more, see kernels.h) go
-// through the packed GEMM, decode-sized ones through the GEMV.
-
 static void add_bias(const float* bias, int rows, int n, float* y) {
   if (bias)
     for (int t = 0; t < n; ++t)
       for (int r = 0; r < rows; ++r) y[size_t(t) * rows + r] += bias[r];
-}
-
-static void matmul(const WeightView& w, const float* x, int n, float* y, const float* bias) {
-  if (n >= GEMM_MIN_ROWS) {
-    gemm(w, x, n, y);
-  } else {
-    switch (w.type) {
-      case DType::F32: gemv_typed<float>(w, x, n, y); break;
-      case DType::F16: gemv_typed<F16>(w, x, n, y); break;
-      case DType::BF16: gemv_typed<BF16>(w, x, n, y); break;
-      default: throw std::invalid_argument("float matmul called with a block-quantized weight");
-    }
-  }
-  add_bias(bias, int(w.rows), n, y);
 }
 
 static inline float dot(const float* a, const float* b, int n) {
@@ -544,16 +527,21 @@ static void gemv_quant_typed(const WeightView& wv, const float* x, int n, float*
   }
 }
 
-static void matmul_quant(const WeightView& w, const float* x, int n, float* y, const float* bias) {
+// One entry for every weight type: prefill-sized products (GEMM_MIN_ROWS
+// tokens or more, see kernels.h) through the packed GEMM, decode-sized ones
+// through the GEMV of the weight's type.
+static void matmul(const WeightView& w, const float* x, int n, float* y, const float* bias) {
   if (n >= GEMM_MIN_ROWS) {
     gemm(w, x, n, y);
   } else {
     switch (w.type) {
+      case DType::F32: gemv_typed<float>(w, x, n, y); break;
+      case DType::F16: gemv_typed<F16>(w, x, n, y); break;
+      case DType::BF16: gemv_typed<BF16>(w, x, n, y); break;
       case DType::Q8_0: gemv_q_blocks<false>(w, x, n, y); break;
       case DType::Q4_0: gemv_q_blocks<true>(w, x, n, y); break;
       case DType::Q4_K: gemv_quant_typed<256, 144, deq_q4_k>(w, x, n, y); break;
       case DType::Q6_K: gemv_quant_typed<256, 210, deq_q6_k>(w, x, n, y); break;
-      default: throw std::invalid_argument("quantized matmul called with a float weight");
     }
   }
   add_bias(bias, int(w.rows), n, y);
@@ -619,6 +607,6 @@ static double probe_fma(long long iters) {
 }
 
 static const KernelTable make_table(const char* name) {
-  return KernelTable{name, matmul, matmul_quant, dequant_row, softmax, rmsnorm, layernorm, rope,
+  return KernelTable{name, matmul, dequant_row, softmax, rmsnorm, layernorm, rope,
                      gelu_tanh, gelu_erf, silu, relu, attention, probe_read, probe_fma, V::W};
 }

@@ -73,9 +73,9 @@ void Model::forward(KVCache& cache, const int* tokens, int n, LogitsMode mode, H
     // Attention.
     normalize(c, x.data(), L.attn_norm_w, L.attn_norm_b, n, h.data());
     apply_site(hooks, P_ATTN_NORM, l, h.data(), n, d, pos0, 0);
-    matmul_any(L.q, h.data(), n, q.data(), L.q_b);
-    matmul_any(L.k, h.data(), n, k.data(), L.k_b);
-    matmul_any(L.v, h.data(), n, v.data(), L.v_b);
+    kernels().matmul(L.q, h.data(), n, q.data(), L.q_b);
+    kernels().matmul(L.k, h.data(), n, k.data(), L.k_b);
+    kernels().matmul(L.v, h.data(), n, v.data(), L.v_b);
     if (!c.learned_positions) {
       K.rope(q.data(), n, c.n_heads, c.head_dim, positions.data(), c.rope_theta, c.rope_adjacent);
       K.rope(k.data(), n, c.n_kv_heads, c.head_dim, positions.data(), c.rope_theta, c.rope_adjacent);
@@ -106,7 +106,7 @@ void Model::forward(KVCache& cache, const int* tokens, int n, LogitsMode mode, H
     if (cap_buf.scores) capture_rows(s_site, scores_buf.data(), n, row, pos0, {c.n_heads, ctx});
     if (cap_buf.pattern) capture_rows(p_site, pattern_buf.data(), n, row, pos0, {c.n_heads, ctx});
     apply_site(hooks, P_ATTN_Z, l, z.data(), n, qs, pos0, c.n_heads);
-    matmul_any(L.o, z.data(), n, h.data(), L.o_b);
+    kernels().matmul(L.o, z.data(), n, h.data(), L.o_b);
     apply_site(hooks, P_ATTN_OUT, l, h.data(), n, d, pos0, 0);
     add_into(x.data(), h.data(), nd);
     apply_site(hooks, P_RESID_MID, l, x.data(), n, d, pos0, 0);
@@ -116,19 +116,19 @@ void Model::forward(KVCache& cache, const int* tokens, int n, LogitsMode mode, H
     apply_site(hooks, P_MLP_NORM, l, h.data(), n, d, pos0, 0);
     const size_t nf = size_t(n) * c.ffn;
     if (c.gated_mlp) {
-      matmul_any(L.gate, h.data(), n, a.data(), L.gate_b);
-      matmul_any(L.up, h.data(), n, u.data(), L.up_b);
+      kernels().matmul(L.gate, h.data(), n, a.data(), L.gate_b);
+      kernels().matmul(L.up, h.data(), n, u.data(), L.up_b);
       apply_site(hooks, P_MLP_PRE, l, a.data(), n, c.ffn, pos0, 0);
       apply_site(hooks, P_MLP_PRE_LINEAR, l, u.data(), n, c.ffn, pos0, 0);
       activate(c.act, a.data(), nf);
       for (size_t i = 0; i < nf; ++i) a[i] *= u[i];
     } else {
-      matmul_any(L.up, h.data(), n, a.data(), L.up_b);
+      kernels().matmul(L.up, h.data(), n, a.data(), L.up_b);
       apply_site(hooks, P_MLP_PRE, l, a.data(), n, c.ffn, pos0, 0);
       activate(c.act, a.data(), nf);
     }
     apply_site(hooks, P_MLP_POST, l, a.data(), n, c.ffn, pos0, 0);
-    matmul_any(L.down, a.data(), n, h.data(), L.down_b);
+    kernels().matmul(L.down, a.data(), n, h.data(), L.down_b);
     apply_site(hooks, P_MLP_OUT, l, h.data(), n, d, pos0, 0);
     add_into(x.data(), h.data(), nd);
     apply_site(hooks, P_RESID_POST, l, x.data(), n, d, pos0, 0);
@@ -148,7 +148,7 @@ void Model::forward(KVCache& cache, const int* tokens, int n, LogitsMode mode, H
   }
   std::vector<float> out(size_t(rows) * c.vocab);
   const WeightView& un = w_.unembed.empty() ? w_.embed : w_.unembed;
-  matmul_any(un, h.data(), rows, out.data(), nullptr);
+  kernels().matmul(un, h.data(), rows, out.data(), nullptr);
   apply_site(hooks, P_LOGITS, -1, out.data(), rows, c.vocab, pos0 + first, 0);
   if (mode == LogitsMode::All) {
     logits.swap(out);

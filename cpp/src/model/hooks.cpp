@@ -95,6 +95,9 @@ void apply_site(Hooks* hooks, int point, int layer, float* data, int n, int widt
 void capture_rows(Site* site, const float* data, int n, int row_size, int pos0, std::vector<int64_t> row_shape) {
   if (!site || !site->capture) return;
   Captured c;
+  int wanted = 0;
+  for (int i = 0; i < n; ++i) wanted += site->wants(pos0 + i);
+  c.data.reserve(size_t(wanted) * row_size);  // one allocation, no regrowth copies
   for (int i = 0; i < n; ++i) {
     if (!site->wants(pos0 + i)) continue;
     c.positions.push_back(pos0 + i);

@@ -12,6 +12,10 @@ static inline float to_f32(float v) { return v; }
 static inline float to_f32(F16 v) { return f16_to_f32(v.bits); }
 static inline float to_f32(BF16 v) { return bf16_to_f32(v.bits); }
 
+// Decode-sized products ask for weight rows this far ahead: the hardware
+// prefetchers alone leave too few loads in flight to fill DRAM's pipe.
+constexpr int PREFETCH_ROWS = 8;
+
 // R rows of w times C vectors of x, all K columns: the register tile of the product.
 template <class T, int R, int C>
 static inline void micro_tile(const T* w, size_t ldw, const float* x, size_t ldx, int K,
@@ -24,6 +28,7 @@ static inline void micro_tile(const T* w, size_t ldw, const float* x, size_t ldx
     typename V::R xv[C];
     for (int c = 0; c < C; ++c) xv[c] = V::load(x + c * ldx + k);
     for (int r = 0; r < R; ++r) {
+      if constexpr (C == 1) __builtin_prefetch(w + (r + PREFETCH_ROWS) * ldw + k);  // decode: keep DRAM busy
       typename V::R wv = V::loadw(w + r * ldw + k);
       for (int c = 0; c < C; ++c) acc[r][c] = V::fma(wv, xv[c], acc[r][c]);
     }
@@ -458,6 +463,8 @@ static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, co
     const float* xb = x + size_t(b) * 32;
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = row0 + r * row_bytes + size_t(b) * BYTES;
+      __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes);
+      __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes + 64);
       typename V::R part[C];
       for (int c = 0; c < C; ++c) part[c] = V::zero();
       if constexpr (Q4) {

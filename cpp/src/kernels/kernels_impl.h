@@ -28,7 +28,8 @@ static inline void micro_tile(const T* w, size_t ldw, const float* x, size_t ldx
     typename V::R xv[C];
     for (int c = 0; c < C; ++c) xv[c] = V::load(x + c * ldx + k);
     for (int r = 0; r < R; ++r) {
-      if constexpr (C == 1) __builtin_prefetch(w + (r + PREFETCH_ROWS) * ldw + k);  // decode: keep DRAM busy
+      // Half-precision rows: prefetching ahead measured faster; f32 rows measured slower with it.
+      if constexpr (C == 1 && sizeof(T) == 2) __builtin_prefetch(w + (r + PREFETCH_ROWS) * ldw + k);
       typename V::R wv = V::loadw(w + r * ldw + k);
       for (int c = 0; c < C; ++c) acc[r][c] = V::fma(wv, xv[c], acc[r][c]);
     }

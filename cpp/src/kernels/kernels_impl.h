@@ -567,13 +567,20 @@ static void dequant_row(const WeightView& w, int64_t r, float* out) {
   }
 }
 
+template <class T>
+static inline void widen_half(const T* p, int K, float* out) {
+  int k = 0;
+  for (; k + V::W <= K; k += V::W) V::store(out + k, V::loadw(p + k));  // vector conversion
+  for (; k < K; ++k) out[k] = to_f32(p[k]);
+}
+
 // Any weight row widened to float32 (used when packing GEMM panels).
 static void widen_row(const WeightView& w, int64_t r, float* out) {
   const int K = int(w.cols);
   switch (w.type) {
     case DType::F32: std::memcpy(out, w.row(r), size_t(K) * 4); return;
-    case DType::F16: { const F16* p = reinterpret_cast<const F16*>(w.row(r)); for (int k = 0; k < K; ++k) out[k] = to_f32(p[k]); return; }
-    case DType::BF16: { const BF16* p = reinterpret_cast<const BF16*>(w.row(r)); for (int k = 0; k < K; ++k) out[k] = to_f32(p[k]); return; }
+    case DType::F16: return widen_half(reinterpret_cast<const F16*>(w.row(r)), K, out);
+    case DType::BF16: return widen_half(reinterpret_cast<const BF16*>(w.row(r)), K, out);
     default: dequant_row(w, r, out);
   }
 }

@@ -58,6 +58,11 @@ struct V {
     const R s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k2, _mm256_set1_epi32(127)), 23));
     return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
   }
+  static void nibbles_minus8(const uint8_t* p, R& lo, R& hi) {
+    const R eight = _mm256_set1_ps(8.0f);
+    lo = _mm256_sub_ps(cvt_nibble(p, 0), eight);
+    hi = _mm256_sub_ps(cvt_nibble(p, 4), eight);
+  }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static float sum(R a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

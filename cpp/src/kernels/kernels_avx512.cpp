@@ -58,6 +58,14 @@ struct V {
     const R s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k2, _mm512_set1_epi32(127)), 23));
     return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
   }
+  // Sixteen bytes to thirty-two values q - 8: a 16-entry table permute turns each
+  // nibble straight into its float (the permute reads only an index's low 4 bits).
+  static void nibbles_minus8(const uint8_t* p, R& lo, R& hi) {
+    const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm512_permutexvar_ps(b, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+  }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(R a) { return _mm512_reduce_add_ps(a); }
 };

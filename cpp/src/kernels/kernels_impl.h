@@ -459,7 +459,6 @@ static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, co
   typename V::R acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
-  const typename V::R eight = V::set1(8.0f);
   for (int b = 0; b < K / 32; ++b) {
     const float* xb = x + size_t(b) * 32;
     for (int r = 0; r < R; ++r) {
@@ -470,8 +469,8 @@ static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, co
       for (int c = 0; c < C; ++c) part[c] = V::zero();
       if constexpr (Q4) {
         for (int k = 0; k < 16; k += V::W) {  // low nibbles are values 0..15, high ones 16..31
-          const typename V::R lo = V::sub(V::cvt_nibble(blk + 2 + k, 0), eight);
-          const typename V::R hi = V::sub(V::cvt_nibble(blk + 2 + k, 4), eight);
+          typename V::R lo, hi;
+          V::nibbles_minus8(blk + 2 + k, lo, hi);
           for (int c = 0; c < C; ++c) {
             part[c] = V::fma(lo, V::load(xb + c * ldx + k), part[c]);
             part[c] = V::fma(hi, V::load(xb + c * ldx + 16 + k), part[c]);

@@ -24,6 +24,10 @@ struct V {
   static R abs(R a) { return std::fabs(a); }
   static R copysign(R mag, R sign) { return std::copysign(mag, sign); }
   static R exp(R a) { return std::exp(a); }
+  static void nibbles_minus8(const uint8_t* p, R& lo, R& hi) {
+    lo = float(int(*p & 0xF) - 8);
+    hi = float(int(*p >> 4) - 8);
+  }
   static R fma(R a, R b, R c) { return a * b + c; }
   static float sum(R a) { return a; }
 };

@@ -186,6 +186,30 @@ static inline void axpy(float a, const float* x, float* y, int n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+// exp(x) = 2^k e^r with |r| <= ln2/2: Cephes' degree-5 polynomial for e^r, and
+// k put into the exponent bits (V::clamp, V::round, V::fnma, V::times_pow2).
+// The portable variant calls std::exp.
+// A template so that `if constexpr` drops the branch a variant cannot compile.
+template <class Vec = V>
+static inline typename Vec::R vexp(typename Vec::R x) {
+  if constexpr (Vec::W == 1) {
+    return std::exp(x);
+  } else {
+    x = Vec::clamp(x, -87.33654f, 88.37626f);
+    const typename Vec::R k = Vec::round(Vec::mul(x, Vec::set1(1.44269504088896341f)));
+    typename Vec::R r = Vec::fnma(k, Vec::set1(0.693359375f), x);
+    r = Vec::fnma(k, Vec::set1(-2.12194440e-4f), r);
+    typename Vec::R p = Vec::set1(1.9875691500e-4f);
+    p = Vec::fma(p, r, Vec::set1(1.3981999507e-3f));
+    p = Vec::fma(p, r, Vec::set1(8.3334519073e-3f));
+    p = Vec::fma(p, r, Vec::set1(4.1665795894e-2f));
+    p = Vec::fma(p, r, Vec::set1(1.6666665459e-1f));
+    p = Vec::fma(p, r, Vec::set1(5.0000001201e-1f));
+    p = Vec::fma(p, Vec::mul(r, r), Vec::add(r, Vec::set1(1.0f)));
+    return Vec::times_pow2(p, k);
+  }
+}
+
 // Softmax of one row; the max is subtracted first so exp never overflows,
 // and the division by T happens before it, so any T > 0 stays exact.
 static inline void softmax_row(float* x, int n, float temperature) {
@@ -201,7 +225,7 @@ static inline void softmax_row(float* x, int n, float temperature) {
   typename V::R acc = V::zero();
   int i = 0;
   for (; i + V::W <= n; i += V::W) {
-    const typename V::R e = V::exp(V::mul(V::sub(V::load(x + i), mv), iv));
+    const typename V::R e = vexp(V::mul(V::sub(V::load(x + i), mv), iv));
     V::store(x + i, e);
     acc = V::add(acc, e);
   }
@@ -297,7 +321,7 @@ static void gelu_tanh(float* x, size_t n) {
   map_vectors(x, n, [](typename V::R v) {
     const typename V::R u = V::mul(V::set1(0.7978845608028654f),
                                    V::fma(V::mul(V::set1(0.044715f), V::mul(v, v)), v, v));
-    const typename V::R e = V::exp(V::add(u, u));
+    const typename V::R e = vexp(V::add(u, u));
     const typename V::R t = V::sub(V::set1(1.0f), V::div(V::set1(2.0f), V::add(e, V::set1(1.0f))));
     return V::mul(V::mul(V::set1(0.5f), v), V::add(V::set1(1.0f), t));
   });
@@ -315,7 +339,7 @@ static void gelu_erf(float* x, size_t n) {
     p = V::fma(p, t, V::set1(-0.284496736f));
     p = V::fma(p, t, V::set1(0.254829592f));
     p = V::mul(p, t);
-    const typename V::R erf_abs = V::sub(V::set1(1.0f), V::mul(p, V::exp(V::sub(V::zero(), V::mul(a, a)))));
+    const typename V::R erf_abs = V::sub(V::set1(1.0f), V::mul(p, vexp(V::sub(V::zero(), V::mul(a, a)))));
     const typename V::R erf = V::copysign(erf_abs, z);
     return V::mul(V::mul(V::set1(0.5f), v), V::add(V::set1(1.0f), erf));
   });
@@ -323,7 +347,7 @@ static void gelu_erf(float* x, size_t n) {
 
 static void silu(float* x, size_t n) {
   map_vectors(x, n, [](typename V::R v) {
-    return V::div(v, V::add(V::set1(1.0f), V::exp(V::sub(V::zero(), v))));
+    return V::div(v, V::add(V::set1(1.0f), vexp(V::sub(V::zero(), v))));
   });
 }
 

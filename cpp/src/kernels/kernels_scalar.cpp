@@ -23,7 +23,6 @@ struct V {
   static R div(R a, R b) { return a / b; }
   static R abs(R a) { return std::fabs(a); }
   static R copysign(R mag, R sign) { return std::copysign(mag, sign); }
-  static R exp(R a) { return std::exp(a); }
   static void nibbles_minus8(const uint8_t* p, R& lo, R& hi) {
     lo = float(int(*p & 0xF) - 8);
     hi = float(int(*p >> 4) - 8);

@@ -277,3 +277,17 @@ def test_hf_models_gguf_in_llama_cpp(hf_model, tmp_path, dtype):
     continuation = compare(path, HF_PROMPT, dtype, family, original)
     if dtype == "f32":
         assert tokentrail_greedy(original, HF_PROMPT, GREEDY_STEPS)[0] == continuation
+
+
+def test_checkpoint_without_tokenizer_converts_for_llama_cpp(hf_model, tmp_path):
+    """A model with no tokenizer is written with tokenizer.ggml.model = "none"; both engines read it."""
+    family, ck, original = hf_model
+    bare = Checkpoint(ck.config, ck.weights, None, ck.source)
+    path = write_gguf(bare, tmp_path / f"{family}-bare.gguf", "f32")
+    reread = tokentrail.load(path)
+    assert reread.tokenizer is None
+    ours = original.forward(HF_PROMPT)
+    np.testing.assert_allclose(reread.forward(HF_PROMPT), ours, atol=1e-5)
+    theirs = llama_cpp_logits(path, HF_PROMPT, [])
+    # f32 everywhere: only summation order (and llama.cpp's GELU table on gpt2) differs, as above.
+    assert np.abs(theirs - ours).max() / ours.std() < 5e-4

@@ -44,6 +44,9 @@ def write_gguf(checkpoint, out_path, dtype: str = "f32") -> Path:
     _write_config(writer, cfg, arch, dtype)
     if checkpoint.tokenizer is not None:
         _write_tokenizer(writer, checkpoint.tokenizer, cfg)
+    else:
+        # No tokenizer (random or id-only models): say so, or llama.cpp refuses the file.
+        writer.add_string("tokenizer.ggml.model", "none")
     for name, array, raw_type in _tensors(checkpoint, cfg, arch, dtype, gguf):
         if raw_type is None:
             writer.add_tensor(name, array)

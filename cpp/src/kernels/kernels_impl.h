@@ -544,6 +544,86 @@ static void gemv_q_blocks(const WeightView& wv, const float* x, int n, float* y)
   }
 }
 
+// Q4_K (the body of the common Q4_K_M files): each 32-value sub-block is
+// d*sc*q - dmin*m. The q part is multiplied in registers; the min part needs
+// only the sub-block's sum of x, computed once per product and shared by every row.
+template <int R, int C>
+static inline void q4_k_tile(const uint8_t* row0, size_t row_bytes, int K, const float* x, size_t ldx,
+                             const float* xsum, size_t lds, float* y, size_t ldy) {
+  typename V::R acc[R][C];
+  float corr[R][C] = {};
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
+  for (int b = 0; b < K / 256; ++b) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = row0 + r * row_bytes + size_t(b) * 144;
+      __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes);
+      __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes + 64);
+      __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes + 128);
+      const float d = V::half(blk), dmin = V::half(blk + 2);
+      const uint8_t* scales = blk + 4;
+      const uint8_t* q = blk + 16;
+      for (int j = 0; j < 4; ++j) {  // 64 values: low nibbles are sub-block 2j, high ones 2j + 1
+        int sc1, m1, sc2, m2;
+        scale_min_k4(2 * j, scales, sc1, m1);
+        scale_min_k4(2 * j + 1, scales, sc2, m2);
+        const float* xb = x + size_t(b) * 256 + j * 64;
+        typename V::R p1[C], p2[C];
+        for (int c = 0; c < C; ++c) p1[c] = p2[c] = V::zero();
+        for (int k = 0; k < 32; k += V::W) {
+          const typename V::R lo = V::cvt_nibble(q + j * 32 + k, 0), hi = V::cvt_nibble(q + j * 32 + k, 4);
+          for (int c = 0; c < C; ++c) {
+            p1[c] = V::fma(lo, V::load(xb + c * ldx + k), p1[c]);
+            p2[c] = V::fma(hi, V::load(xb + c * ldx + 32 + k), p2[c]);
+          }
+        }
+        const typename V::R d1 = V::set1(d * sc1), d2 = V::set1(d * sc2);
+        const size_t sb = size_t(b) * 8 + 2 * j;
+        for (int c = 0; c < C; ++c) {
+          acc[r][c] = V::fma(d2, p2[c], V::fma(d1, p1[c], acc[r][c]));
+          corr[r][c] += dmin * (m1 * xsum[c * lds + sb] + m2 * xsum[c * lds + sb + 1]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[c * ldy + r] = V::sum(acc[r][c]) - corr[r][c];
+}
+
+static void gemv_q4_k(const WeightView& wv, const float* x, int n, float* y) {
+  const int rows = int(wv.rows), K = int(wv.cols), nsub = K / 32;
+  std::vector<float> xsum(size_t(n) * nsub);  // per token and 32-value sub-block: sum of x
+  for (int t = 0; t < n; ++t)
+    for (int s = 0; s < nsub; ++s) {
+      float acc = 0.0f;
+      for (int i = 0; i < 32; ++i) acc += x[size_t(t) * K + size_t(s) * 32 + i];
+      xsum[size_t(t) * nsub + s] = acc;
+    }
+  constexpr int R = 2, C = V::TILE_COLS;
+  constexpr int ROW_BLOCK = 16;
+  const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+  const size_t rb = wv.row_bytes;
+#pragma omp parallel for schedule(dynamic, 1) if (double(rows) * K * n > 200000.0)
+  for (int blk = 0; blk < n_blocks; ++blk) {
+    const int r0 = blk * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
+    int t = 0;
+    for (; t + C <= n; t += C) {
+      const float* xt = x + size_t(t) * K;
+      const float* st = xsum.data() + size_t(t) * nsub;
+      int r = r0;
+      for (; r + R <= r1; r += R) q4_k_tile<R, C>(wv.row(r), rb, K, xt, K, st, nsub, y + size_t(t) * rows + r, rows);
+      for (; r < r1; ++r) q4_k_tile<1, C>(wv.row(r), rb, K, xt, K, st, nsub, y + size_t(t) * rows + r, rows);
+    }
+    for (; t < n; ++t) {
+      const float* xt = x + size_t(t) * K;
+      const float* st = xsum.data() + size_t(t) * nsub;
+      int r = r0;
+      for (; r + R <= r1; r += R) q4_k_tile<R, 1>(wv.row(r), rb, K, xt, K, st, nsub, y + size_t(t) * rows + r, rows);
+      for (; r < r1; ++r) q4_k_tile<1, 1>(wv.row(r), rb, K, xt, K, st, nsub, y + size_t(t) * rows + r, rows);
+    }
+  }
+}
+
 template <int BS, int BYTES, void (*DEQ)(const uint8_t*, float*)>
 static void gemv_quant_typed(const WeightView& wv, const float* x, int n, float* y) {
   const int rows = int(wv.rows), K = int(wv.cols);
@@ -571,7 +651,7 @@ static void matmul(const WeightView& w, const float* x, int n, float* y, const f
       case DType::BF16: gemv_typed<BF16>(w, x, n, y); break;
       case DType::Q8_0: gemv_q_blocks<false>(w, x, n, y); break;
       case DType::Q4_0: gemv_q_blocks<true>(w, x, n, y); break;
-      case DType::Q4_K: gemv_quant_typed<256, 144, deq_q4_k>(w, x, n, y); break;
+      case DType::Q4_K: gemv_q4_k(w, x, n, y); break;
       case DType::Q6_K: gemv_quant_typed<256, 210, deq_q6_k>(w, x, n, y); break;
     }
   }

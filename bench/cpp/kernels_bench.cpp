@@ -160,7 +160,7 @@ void bm_gemv(benchmark::State& state, std::string isa, tt::DType t, int rows, in
   const Matrix& m = weights(t, rows, cols);
   Buffer x = random_floats(cols, 1), y(size_t(rows) * sizeof(float));
   for (auto _ : state) {
-    tt::matmul_any(m.view, x.f(), 1, y.f(), nullptr);
+    tt::kernels().matmul(m.view, x.f(), 1, y.f(), nullptr);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
@@ -176,7 +176,7 @@ void bm_gemm(benchmark::State& state, std::string isa, tt::DType t, int rows, in
   const Matrix& m = weights(t, rows, cols);
   Buffer x = random_floats(size_t(n) * cols, 2), y(size_t(n) * rows * sizeof(float));
   for (auto _ : state) {
-    tt::matmul_any(m.view, x.f(), n, y.f(), nullptr);
+    tt::kernels().matmul(m.view, x.f(), n, y.f(), nullptr);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }

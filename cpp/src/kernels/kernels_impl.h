@@ -391,10 +391,9 @@ static void attention(const float* q, const float* k, const float* v, int cap, i
 }
 
 // ---- Block-quantized weights (GGML layouts) ---------------------------------
-// Each block is widened into a small buffer that stays in L1 and is consumed
-// at once by vector FMAs: a matrix is never widened as a whole, every block
-// is read from memory once per product, and the widening loops themselves
-// are vectorized for the instruction set this file is compiled for.
+// Decode products widen each block's quants in registers (below, per type) and
+// never widen a matrix as a whole; every block is read from memory once per
+// product. The deq_* routines widen whole rows, for GEMM panels and lookups.
 
 static inline float half_at(const uint8_t* p) { return V::half(p); }
 
@@ -456,22 +455,6 @@ static inline void deq_q6_k(const uint8_t* __restrict b, float* __restrict y) { 
     }
 }
 
-template <int BS, int BYTES, void (*DEQ)(const uint8_t*, float*), int C>
-static inline void quant_row_tile(const uint8_t* row, int K, const float* x, size_t ldx, float* y, size_t ldy) {
-  alignas(64) float buf[BS];
-  typename V::R acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = V::zero();
-  const int nb = K / BS;
-  for (int b = 0; b < nb; ++b) {
-    DEQ(row + size_t(b) * BYTES, buf);
-    const float* xb = x + size_t(b) * BS;
-    for (int k = 0; k < BS; k += V::W) {
-      const typename V::R w = V::load(buf + k);
-      for (int c = 0; c < C; ++c) acc[c] = V::fma(w, V::load(xb + c * ldx + k), acc[c]);
-    }
-  }
-  for (int c = 0; c < C; ++c) y[c * ldy] = V::sum(acc[c]);
-}
 
 // Q8_0 and Q4_0 (the common decode types) skip the buffer: quants are widened
 // in registers, multiplied by x, and each block's sum is scaled once. R rows
@@ -590,6 +573,75 @@ static inline void q4_k_tile(const uint8_t* row0, size_t row_bytes, int K, const
     for (int c = 0; c < C; ++c) y[c * ldy + r] = V::sum(acc[r][c]) - corr[r][c];
 }
 
+// Q6_K: q = low nibble | two high bits << 4, value = d * sc * (q - 32), one
+// int8 scale per 16 values. Widened and scaled in registers, 16 values (or a
+// vector, if shorter) at a time, so each vector sees a single scale.
+template <int R, int C>
+static inline void q6_k_tile(const uint8_t* row0, size_t row_bytes, int K, const float* x, size_t ldx,
+                             float* y, size_t ldy) {
+  typename V::R acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
+  const typename V::R sixteen = V::set1(16.0f), thirty_two = V::set1(32.0f);
+  for (int b = 0; b < K / 256; ++b) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = row0 + r * row_bytes + size_t(b) * 210;
+      for (int o = 0; o < 210; o += 64) __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes + o);
+      const float d = V::half(blk + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+      for (int h = 0; h < 2; ++h) {  // two halves of 128 values
+        const uint8_t* ql = blk + h * 64;
+        const uint8_t* qh = blk + 128 + h * 32;
+        const float* xb = x + size_t(b) * 256 + h * 128;
+        for (int l = 0; l < 32; l += V::W) {
+          const int is = h * 8 + l / 16;
+          // (ql byte, its shift, qh shift, output offset, scale index) for the four groups
+          const typename V::R q0 = V::fma(V::cvt_bits(qh + l, 0, 3), sixteen, V::cvt_bits(ql + l, 0, 0xF));
+          const typename V::R q1 = V::fma(V::cvt_bits(qh + l, 2, 3), sixteen, V::cvt_bits(ql + 32 + l, 0, 0xF));
+          const typename V::R q2 = V::fma(V::cvt_bits(qh + l, 4, 3), sixteen, V::cvt_bits(ql + l, 4, 0xF));
+          const typename V::R q3 = V::fma(V::cvt_bits(qh + l, 6, 3), sixteen, V::cvt_bits(ql + 32 + l, 4, 0xF));
+          const typename V::R w0 = V::mul(V::sub(q0, thirty_two), V::set1(d * sc[is]));
+          const typename V::R w1 = V::mul(V::sub(q1, thirty_two), V::set1(d * sc[is + 2]));
+          const typename V::R w2 = V::mul(V::sub(q2, thirty_two), V::set1(d * sc[is + 4]));
+          const typename V::R w3 = V::mul(V::sub(q3, thirty_two), V::set1(d * sc[is + 6]));
+          for (int c = 0; c < C; ++c) {
+            const float* xc = xb + c * ldx + l;
+            acc[r][c] = V::fma(w0, V::load(xc), acc[r][c]);
+            acc[r][c] = V::fma(w1, V::load(xc + 32), acc[r][c]);
+            acc[r][c] = V::fma(w2, V::load(xc + 64), acc[r][c]);
+            acc[r][c] = V::fma(w3, V::load(xc + 96), acc[r][c]);
+          }
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[c * ldy + r] = V::sum(acc[r][c]);
+}
+
+static void gemv_q6_k(const WeightView& wv, const float* x, int n, float* y) {
+  const int rows = int(wv.rows), K = int(wv.cols);
+  constexpr int R = 2, C = V::TILE_COLS;
+  constexpr int ROW_BLOCK = 16;
+  const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+  const size_t rb = wv.row_bytes;
+#pragma omp parallel for schedule(dynamic, 1) if (double(rows) * K * n > 200000.0)
+  for (int blk = 0; blk < n_blocks; ++blk) {
+    const int r0 = blk * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
+    int t = 0;
+    for (; t + C <= n; t += C) {
+      int r = r0;
+      for (; r + R <= r1; r += R) q6_k_tile<R, C>(wv.row(r), rb, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
+      for (; r < r1; ++r) q6_k_tile<1, C>(wv.row(r), rb, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
+    }
+    for (; t < n; ++t) {
+      int r = r0;
+      for (; r + R <= r1; r += R) q6_k_tile<R, 1>(wv.row(r), rb, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
+      for (; r < r1; ++r) q6_k_tile<1, 1>(wv.row(r), rb, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
+    }
+  }
+}
+
 static void gemv_q4_k(const WeightView& wv, const float* x, int n, float* y) {
   const int rows = int(wv.rows), K = int(wv.cols), nsub = K / 32;
   std::vector<float> xsum(size_t(n) * nsub);  // per token and 32-value sub-block: sum of x
@@ -624,19 +676,6 @@ static void gemv_q4_k(const WeightView& wv, const float* x, int n, float* y) {
   }
 }
 
-template <int BS, int BYTES, void (*DEQ)(const uint8_t*, float*)>
-static void gemv_quant_typed(const WeightView& wv, const float* x, int n, float* y) {
-  const int rows = int(wv.rows), K = int(wv.cols);
-  constexpr int C = V::TILE_COLS;
-  const double work = double(rows) * K * n;
-#pragma omp parallel for schedule(dynamic, 16) if (work > 200000.0)
-  for (int r = 0; r < rows; ++r) {
-    const uint8_t* row = wv.row(r);
-    int t = 0;
-    for (; t + C <= n; t += C) quant_row_tile<BS, BYTES, DEQ, C>(row, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
-    for (; t < n; ++t) quant_row_tile<BS, BYTES, DEQ, 1>(row, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
-  }
-}
 
 // One entry for every weight type: prefill-sized products (GEMM_MIN_ROWS
 // tokens or more, see kernels.h) through the packed GEMM, decode-sized ones
@@ -652,7 +691,7 @@ static void matmul(const WeightView& w, const float* x, int n, float* y, const f
       case DType::Q8_0: gemv_q_blocks<false>(w, x, n, y); break;
       case DType::Q4_0: gemv_q_blocks<true>(w, x, n, y); break;
       case DType::Q4_K: gemv_q4_k(w, x, n, y); break;
-      case DType::Q6_K: gemv_quant_typed<256, 210, deq_q6_k>(w, x, n, y); break;
+      case DType::Q6_K: gemv_q6_k(w, x, n, y); break;
     }
   }
   add_bias(bias, int(w.rows), n, y);

@@ -16,7 +16,8 @@ struct V {
   static R loadw(const BF16* p) { return bf16_to_f32(p->bits); }
   static R sub(R a, R b) { return a - b; }
   static R cvt_i8(const int8_t* p) { return float(*p); }
-  static R cvt_nibble(const uint8_t* p, int shift) { return float((*p >> shift) & 0xF); }
+  static R cvt_bits(const uint8_t* p, int shift, int mask) { return float((*p >> shift) & mask); }
+  static R cvt_nibble(const uint8_t* p, int shift) { return cvt_bits(p, shift, 0xF); }
   static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
   static R add(R a, R b) { return a + b; }
   static R mul(R a, R b) { return a * b; }

@@ -431,3 +431,18 @@ def test_engine_greedy_equals_one_beam_and_stops(stories):
     wide = beam_search(stories, stories.tokenizer.encode("Lily went to"), num_beams=4, max_new_tokens=12)
     assert len(wide) == 4 and wide == sorted(wide, key=lambda b: -b.score)
     assert [r.perplexity > 1 for r in score(stories, ["Once upon a time", "The cat sat."])] == [True, True]
+
+
+def test_long_stream_equals_the_decoded_ids():
+    """Past the stream decoder's window (it keeps only recent ids), the pieces still add up exactly."""
+    import tokentrail as tt
+
+    model = tt.load()
+    kw = dict(max_new_tokens=150, temperature=1.0, seed=11, ignore_eos=True)
+    result = model.generate("The storm is", **kw)
+    pieces = [s.text for s in model.generate("The storm is", stream=True, **kw)]
+    prompt = model.encode("The storm is")
+    full = model.tokenizer.decode(prompt + result.token_ids)
+    assert len(result.token_ids) == 150
+    assert "".join(pieces) == result.text
+    assert full == model.tokenizer.decode(prompt) + result.text

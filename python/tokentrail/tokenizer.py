@@ -71,6 +71,10 @@ class StreamDecoder:
         self.ids: list[int] = list(context)
         self.emitted = len(self.tokenizer.decode(self.ids))
 
+    # Ids kept as context once text is final: enough for spacing and joins,
+    # and it keeps each step's re-decode short however long the stream gets.
+    WINDOW = 32
+
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
         text = self.tokenizer.decode(self.ids)
@@ -78,6 +82,9 @@ class StreamDecoder:
             return ""
         piece = text[self.emitted:]
         self.emitted = len(text)
+        if len(self.ids) > 2 * self.WINDOW:
+            self.ids = self.ids[-self.WINDOW:]
+            self.emitted = len(self.tokenizer.decode(self.ids))
         return piece
 
     def feed(self, ids: Iterable[int]) -> Iterator[str]:

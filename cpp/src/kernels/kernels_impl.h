@@ -43,33 +43,45 @@ static inline void micro_tile(const T* w, size_t ldw, const float* x, size_t ldx
 }
 
 // ---- Matrix-vector products (decode: a few tokens) ---------------------------
-// Rows are split among threads in blocks; each block streams its weights once
-// while the few token vectors stay in L1. Dynamic scheduling lets one thread
-// take over the work of another that the OS has descheduled.
-template <class T>
-static void gemv_typed(const WeightView& wv, const float* x, int n, float* y) {
-  const T* w = static_cast<const T*>(wv.data);
-  const size_t ldw = wv.row_bytes / sizeof(T);
-  const int rows = int(wv.rows), K = int(wv.cols);
-  constexpr int R = V::TILE_ROWS, C = V::TILE_COLS;
-  constexpr int ROW_BLOCK = 16;
+// Every GEMV shares this driver: rows split among threads in blocks of 16, each
+// block streaming its weights once while the few token vectors stay in L1;
+// inside a block, register tiles of R rows x C tokens, smaller at the edges.
+// Dynamic scheduling lets one thread take over the work of another that the
+// OS has descheduled. `tile(Rows, Cols, r, t)` computes rows r.. for tokens t..,
+// with Rows/Cols as std::integral_constant so the tile sizes stay compile-time.
+template <int R, class Tile>
+static void gemv_rows(int rows, int K, int n, Tile tile) {
+  constexpr int C = V::TILE_COLS, ROW_BLOCK = 16;
+  using RT = std::integral_constant<int, R>;
+  using CT = std::integral_constant<int, C>;
+  using One = std::integral_constant<int, 1>;
   const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-  const double work = double(rows) * K * n;
-#pragma omp parallel for schedule(dynamic, 1) if (work > 200000.0)
+#pragma omp parallel for schedule(dynamic, 1) if (double(rows) * K * n > 200000.0)
   for (int b = 0; b < n_blocks; ++b) {
     const int r0 = b * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
     int t = 0;
     for (; t + C <= n; t += C) {
       int r = r0;
-      for (; r + R <= r1; r += R) micro_tile<T, R, C>(w + r * ldw, ldw, x + size_t(t) * K, K, K, y + size_t(t) * rows + r, rows);
-      for (; r < r1; ++r) micro_tile<T, 1, C>(w + r * ldw, ldw, x + size_t(t) * K, K, K, y + size_t(t) * rows + r, rows);
+      for (; r + R <= r1; r += R) tile(RT{}, CT{}, r, t);
+      for (; r < r1; ++r) tile(One{}, CT{}, r, t);
     }
     for (; t < n; ++t) {
       int r = r0;
-      for (; r + R <= r1; r += R) micro_tile<T, R, 1>(w + r * ldw, ldw, x + size_t(t) * K, K, K, y + size_t(t) * rows + r, rows);
-      for (; r < r1; ++r) micro_tile<T, 1, 1>(w + r * ldw, ldw, x + size_t(t) * K, K, K, y + size_t(t) * rows + r, rows);
+      for (; r + R <= r1; r += R) tile(RT{}, One{}, r, t);
+      for (; r < r1; ++r) tile(One{}, One{}, r, t);
     }
   }
+}
+
+template <class T>
+static void gemv_typed(const WeightView& wv, const float* x, int n, float* y) {
+  const T* w = static_cast<const T*>(wv.data);
+  const size_t ldw = wv.row_bytes / sizeof(T);
+  const int rows = int(wv.rows), K = int(wv.cols);
+  gemv_rows<V::TILE_ROWS>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
+    micro_tile<T, decltype(Rt)::value, decltype(Ct)::value>(w + r * ldw, ldw, x + size_t(t) * K, K, K,
+                                                            y + size_t(t) * rows + r, rows);
+  });
 }
 
 // ---- Matrix-matrix products (prefill) ----------------------------------------
@@ -501,30 +513,10 @@ static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, co
 template <bool Q4>
 static void gemv_q_blocks(const WeightView& wv, const float* x, int n, float* y) {
   const int rows = int(wv.rows), K = int(wv.cols);
-  constexpr int R = 4, C = V::TILE_COLS;
-  constexpr int ROW_BLOCK = 16;
-  const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-  const double work = double(rows) * K * n;
-  const size_t rb = wv.row_bytes;
-#pragma omp parallel for schedule(dynamic, 1) if (work > 200000.0)
-  for (int blk = 0; blk < n_blocks; ++blk) {
-    const int r0 = blk * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
-    int t = 0;
-    for (; t + C <= n; t += C) {
-      const float* xt = x + size_t(t) * K;
-      float* yt = y + size_t(t) * rows;
-      int r = r0;
-      for (; r + R <= r1; r += R) q_block_tile<Q4, R, C>(wv.row(r), rb, K, xt, K, yt + r, rows);
-      for (; r < r1; ++r) q_block_tile<Q4, 1, C>(wv.row(r), rb, K, xt, K, yt + r, rows);
-    }
-    for (; t < n; ++t) {
-      const float* xt = x + size_t(t) * K;
-      float* yt = y + size_t(t) * rows;
-      int r = r0;
-      for (; r + R <= r1; r += R) q_block_tile<Q4, R, 1>(wv.row(r), rb, K, xt, K, yt + r, rows);
-      for (; r < r1; ++r) q_block_tile<Q4, 1, 1>(wv.row(r), rb, K, xt, K, yt + r, rows);
-    }
-  }
+  gemv_rows<4>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
+    q_block_tile<Q4, decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
+                                                               y + size_t(t) * rows + r, rows);
+  });
 }
 
 // Q4_K (the body of the common Q4_K_M files): each 32-value sub-block is
@@ -621,59 +613,26 @@ static inline void q6_k_tile(const uint8_t* row0, size_t row_bytes, int K, const
 
 static void gemv_q6_k(const WeightView& wv, const float* x, int n, float* y) {
   const int rows = int(wv.rows), K = int(wv.cols);
-  constexpr int R = 2, C = V::TILE_COLS;
-  constexpr int ROW_BLOCK = 16;
-  const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-  const size_t rb = wv.row_bytes;
-#pragma omp parallel for schedule(dynamic, 1) if (double(rows) * K * n > 200000.0)
-  for (int blk = 0; blk < n_blocks; ++blk) {
-    const int r0 = blk * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
-    int t = 0;
-    for (; t + C <= n; t += C) {
-      int r = r0;
-      for (; r + R <= r1; r += R) q6_k_tile<R, C>(wv.row(r), rb, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
-      for (; r < r1; ++r) q6_k_tile<1, C>(wv.row(r), rb, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
-    }
-    for (; t < n; ++t) {
-      int r = r0;
-      for (; r + R <= r1; r += R) q6_k_tile<R, 1>(wv.row(r), rb, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
-      for (; r < r1; ++r) q6_k_tile<1, 1>(wv.row(r), rb, K, x + size_t(t) * K, K, y + size_t(t) * rows + r, rows);
-    }
-  }
+  gemv_rows<2>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
+    q6_k_tile<decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
+                                                        y + size_t(t) * rows + r, rows);
+  });
 }
 
 static void gemv_q4_k(const WeightView& wv, const float* x, int n, float* y) {
   const int rows = int(wv.rows), K = int(wv.cols), nsub = K / 32;
   std::vector<float> xsum(size_t(n) * nsub);  // per token and 32-value sub-block: sum of x
   for (int t = 0; t < n; ++t)
-    for (int s = 0; s < nsub; ++s) {
+    for (int sb = 0; sb < nsub; ++sb) {
       float acc = 0.0f;
-      for (int i = 0; i < 32; ++i) acc += x[size_t(t) * K + size_t(s) * 32 + i];
-      xsum[size_t(t) * nsub + s] = acc;
+      for (int i = 0; i < 32; ++i) acc += x[size_t(t) * K + size_t(sb) * 32 + i];
+      xsum[size_t(t) * nsub + sb] = acc;
     }
-  constexpr int R = 2, C = V::TILE_COLS;
-  constexpr int ROW_BLOCK = 16;
-  const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-  const size_t rb = wv.row_bytes;
-#pragma omp parallel for schedule(dynamic, 1) if (double(rows) * K * n > 200000.0)
-  for (int blk = 0; blk < n_blocks; ++blk) {
-    const int r0 = blk * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
-    int t = 0;
-    for (; t + C <= n; t += C) {
-      const float* xt = x + size_t(t) * K;
-      const float* st = xsum.data() + size_t(t) * nsub;
-      int r = r0;
-      for (; r + R <= r1; r += R) q4_k_tile<R, C>(wv.row(r), rb, K, xt, K, st, nsub, y + size_t(t) * rows + r, rows);
-      for (; r < r1; ++r) q4_k_tile<1, C>(wv.row(r), rb, K, xt, K, st, nsub, y + size_t(t) * rows + r, rows);
-    }
-    for (; t < n; ++t) {
-      const float* xt = x + size_t(t) * K;
-      const float* st = xsum.data() + size_t(t) * nsub;
-      int r = r0;
-      for (; r + R <= r1; r += R) q4_k_tile<R, 1>(wv.row(r), rb, K, xt, K, st, nsub, y + size_t(t) * rows + r, rows);
-      for (; r < r1; ++r) q4_k_tile<1, 1>(wv.row(r), rb, K, xt, K, st, nsub, y + size_t(t) * rows + r, rows);
-    }
-  }
+  gemv_rows<2>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
+    q4_k_tile<decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
+                                                        xsum.data() + size_t(t) * nsub, nsub,
+                                                        y + size_t(t) * rows + r, rows);
+  });
 }
 
 

@@ -14,7 +14,14 @@ static inline float to_f32(BF16 v) { return bf16_to_f32(v.bits); }
 
 // Decode-sized products ask for weight rows this far ahead: the hardware
 // prefetchers alone leave too few loads in flight to fill DRAM's pipe.
+// At least this many bytes ahead, too: short quantized rows need more rows in
+// flight (12 KiB measured best for Q4_0 rows of 768 values, 1.3x faster decode
+// than 8 rows ahead; 32 KiB was slower).
 constexpr int PREFETCH_ROWS = 8;
+constexpr size_t PREFETCH_BYTES = 12288;
+static inline size_t prefetch_ahead(size_t row_bytes) {
+  return std::max<size_t>(PREFETCH_ROWS * row_bytes, PREFETCH_BYTES);
+}
 
 // R rows of w times C vectors of x, all K columns: the register tile of the product.
 template <class T, int R, int C>
@@ -23,13 +30,14 @@ static inline void micro_tile(const T* w, size_t ldw, const float* x, size_t ldx
   typename V::R acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
+  const size_t ahead = prefetch_ahead(ldw * sizeof(T)) / sizeof(T);
   int k = 0;
   for (; k + V::W <= K; k += V::W) {
     typename V::R xv[C];
     for (int c = 0; c < C; ++c) xv[c] = V::load(x + c * ldx + k);
     for (int r = 0; r < R; ++r) {
       // Half-precision rows: prefetching ahead measured faster; f32 rows measured slower with it.
-      if constexpr (C == 1 && sizeof(T) == 2) __builtin_prefetch(w + (r + PREFETCH_ROWS) * ldw + k);
+      if constexpr (C == 1 && sizeof(T) == 2) __builtin_prefetch(w + r * ldw + ahead + k);
       typename V::R wv = V::loadw(w + r * ldw + k);
       for (int c = 0; c < C; ++c) acc[r][c] = V::fma(wv, xv[c], acc[r][c]);
     }
@@ -478,12 +486,13 @@ static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, co
   typename V::R acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
+  const size_t ahead = prefetch_ahead(row_bytes);
   for (int b = 0; b < K / 32; ++b) {
     const float* xb = x + size_t(b) * 32;
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = row0 + r * row_bytes + size_t(b) * BYTES;
-      __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes);
-      __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes + 64);
+      __builtin_prefetch(blk + ahead);
+      __builtin_prefetch(blk + ahead + 64);
       typename V::R part[C];
       for (int c = 0; c < C; ++c) part[c] = V::zero();
       if constexpr (Q4) {
@@ -519,6 +528,7 @@ static void gemv_q_blocks(const WeightView& wv, const float* x, int n, float* y)
   });
 }
 
+
 // Q4_K (the body of the common Q4_K_M files): each 32-value sub-block is
 // d*sc*q - dmin*m. The q part is multiplied in registers; the min part needs
 // only the sub-block's sum of x, computed once per product and shared by every row.
@@ -529,12 +539,13 @@ static inline void q4_k_tile(const uint8_t* row0, size_t row_bytes, int K, const
   float corr[R][C] = {};
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
+  const size_t ahead = prefetch_ahead(row_bytes);
   for (int b = 0; b < K / 256; ++b) {
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = row0 + r * row_bytes + size_t(b) * 144;
-      __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes);
-      __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes + 64);
-      __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes + 128);
+      __builtin_prefetch(blk + ahead);
+      __builtin_prefetch(blk + ahead + 64);
+      __builtin_prefetch(blk + ahead + 128);
       const float d = V::half(blk), dmin = V::half(blk + 2);
       const uint8_t* scales = blk + 4;
       const uint8_t* q = blk + 16;
@@ -575,10 +586,11 @@ static inline void q6_k_tile(const uint8_t* row0, size_t row_bytes, int K, const
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
   const typename V::R sixteen = V::set1(16.0f), thirty_two = V::set1(32.0f);
+  const size_t ahead = prefetch_ahead(row_bytes);
   for (int b = 0; b < K / 256; ++b) {
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = row0 + r * row_bytes + size_t(b) * 210;
-      for (int o = 0; o < 210; o += 64) __builtin_prefetch(blk + PREFETCH_ROWS * row_bytes + o);
+      for (int o = 0; o < 210; o += 64) __builtin_prefetch(blk + ahead + o);
       const float d = V::half(blk + 208);
       const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
       for (int h = 0; h < 2; ++h) {  // two halves of 128 values

@@ -37,6 +37,14 @@ def test_generate_streams_a_corpus_sentence(corpus_sentences):
     assert text == ("The storm is" + model.generate("The storm is", max_new_tokens=12, temperature=0).text).strip()
 
 
+def test_generate_on_an_f16_kv_cache():
+    out = run("generate", "The storm is", "--max-new-tokens", "12", "--kv-dtype", "f16")
+    assert out.returncode == 0, out.stderr
+    model = tokentrail.load(kv_dtype="f16")
+    assert out.stdout.strip() == ("The storm is" + model.generate("The storm is", max_new_tokens=12,
+                                                                   temperature=0).text).strip()
+
+
 def test_show_probs_and_sampling_options():
     out = run("generate", "The storm is", "-n", "3", "-t", "0.7", "--top-k", "5", "--seed", "2", "--show-probs")
     assert out.returncode == 0, out.stderr

@@ -115,7 +115,9 @@ def test_activations(isa):
     np.testing.assert_allclose(_core.relu(x), np.maximum(xd, 0), atol=0)
 
 
-@pytest.mark.parametrize("pos0,n,heads,kv,hd", [(0, 5, 4, 2, 8), (7, 3, 6, 3, 17), (0, 1, 2, 1, 33), (20, 1, 8, 8, 64)])
+@pytest.mark.parametrize("pos0,n,heads,kv,hd", [(0, 5, 4, 2, 8), (7, 3, 6, 3, 17), (0, 1, 2, 1, 33), (20, 1, 8, 8, 64),
+                                                # keys in whole vectors and tails; head widths of 3, 8 and 2.5 vectors
+                                                (40, 3, 4, 2, 48), (33, 2, 2, 1, 128), (70, 1, 3, 1, 40), (15, 2, 2, 2, 16)])
 def test_attention_gqa_causal(isa, pos0, n, heads, kv, hd):
     rng = np.random.default_rng(pos0 + n)
     ctx = pos0 + n

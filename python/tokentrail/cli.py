@@ -9,7 +9,8 @@ import sys
 def _model(args):
     import tokentrail
 
-    return tokentrail.load(args.model, dtype=getattr(args, "dtype", None), threads=args.threads)
+    return tokentrail.load(args.model, dtype=getattr(args, "dtype", None), threads=args.threads,
+                           kv_dtype=getattr(args, "kv_dtype", "f32"))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -18,6 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads for the core (default: all cores)")
     p.add_argument("--dtype", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
                    help="convert the weight matrices to this type when loading")
+    p.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"],
+                   help="element type of the KV cache (f16: half the memory, keys and values rounded)")
 
 
 def _sampling_options(args) -> dict:

@@ -19,16 +19,22 @@ DEMO_MODEL = Path(__file__).parent / "models" / "demo"
 DEFAULT_CONTEXT_CAP = 8192
 
 
+KV_DTYPES = ("f32", "f16")
+
+
 def load(path=None, dtype: str | None = None, threads: int | None = None,
-         context: int | None = None) -> "Model":
+         context: int | None = None, kv_dtype: str = "f32") -> "Model":
     """Load a checkpoint (Hugging Face directory, .gguf, or llama2.c .bin).
 
     With no path, the demo model bundled with tokentrail. `dtype` converts the
     weight matrices at load time ("f32", "f16", "bf16", "q8_0", "q4_0");
     None keeps them as stored. `threads` sets the core's thread count.
+    `kv_dtype` is the element type of every session's KV cache: "f32" (exact)
+    or "f16" (half the memory, and half the bytes attention reads per token
+    at long contexts; keys and values rounded to half precision).
     """
     ckpt = read_checkpoint(DEMO_MODEL if path is None else path)
-    return Model(ckpt, dtype=dtype, threads=threads, context=context)
+    return Model(ckpt, dtype=dtype, threads=threads, context=context, kv_dtype=kv_dtype)
 
 
 def _convert(w: Weight, dtype: str) -> Weight:
@@ -53,7 +59,10 @@ def _convert(w: Weight, dtype: str) -> Weight:
 
 class Model:
     def __init__(self, checkpoint: Checkpoint, dtype: str | None = None, threads: int | None = None,
-                 context: int | None = None):
+                 context: int | None = None, kv_dtype: str = "f32"):
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype
         if threads is not None:
             _core.set_threads(int(threads))
         self.config: ModelConfig = checkpoint.config
@@ -84,8 +93,9 @@ class Model:
     def n_params(self) -> int:
         return int(sum(np.prod(w.shape) for w in self.weights.values()))
 
-    def session(self, limit: int | None = None) -> "Session":
-        return Session(self, limit)
+    def session(self, limit: int | None = None, kv_dtype: str | None = None) -> "Session":
+        """A fresh KV cache; `kv_dtype` overrides the model's ("f32" or "f16")."""
+        return Session(self, limit, kv_dtype=kv_dtype)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -137,10 +147,13 @@ class Model:
 class Session:
     """A KV cache and the position reached: feed tokens, one or many at a time."""
 
-    def __init__(self, model: Model, limit: int | None = None, _cache=None):
+    def __init__(self, model: Model, limit: int | None = None, _cache=None, kv_dtype: str | None = None):
         self.model = model
         limit = model.context_limit if limit is None else min(int(limit), model.config.max_seq_len)
-        self._cache = _cache if _cache is not None else _core.KVCache(model._core, limit)
+        kv_dtype = model.kv_dtype if kv_dtype is None else kv_dtype
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+        self._cache = _cache if _cache is not None else _core.KVCache(model._core, limit, kv_dtype)
         self.tokens: list[int] = []
 
     @property
@@ -150,6 +163,10 @@ class Session:
     @property
     def limit(self) -> int:
         return self._cache.limit
+
+    @property
+    def kv_dtype(self) -> str:
+        return self._cache.dtype
 
     def feed(self, ids: Sequence[int], all_logits: bool = False, hooks=None) -> np.ndarray:
         """Run `ids` at the next positions; logits of the last one ([vocab]), or of all ([n, vocab])."""

@@ -38,8 +38,8 @@ struct KernelTable {
   void (*silu)(float* x, size_t n);
   void (*relu)(float* x, size_t n);
   // Causal attention of n queries at positions pos0..pos0+n-1 over keys 0..pos0+n-1.
-  // q, z: [n][n_heads*head_dim]; k, v: [n_kv][cap][head_dim] (one layer of the cache).
-  void (*attention)(const float* q, const float* k, const float* v, int cap, int n, int pos0,
+  // q, z: [n][n_heads*head_dim]; k, v: [n_kv][cap][head_dim] (one layer of the cache), f32 or f16.
+  void (*attention)(const float* q, const void* k, const void* v, DType kv_type, int cap, int n, int pos0,
                     int n_heads, int n_kv, int head_dim, float scale, float* z,
                     const AttentionCapture* capture);
   // Roofline probes: sum of a read-only sweep; an FMA chain on registers (12 vectors per iteration per thread).

@@ -40,23 +40,32 @@ struct Weights {
 };
 
 // Keys and values of every layer, laid out [layer][kv_head][position][head_dim]
-// so attention reads each head's history contiguously. Grows on demand up to `limit`.
+// so attention reads each head's history contiguously. Grows on demand up to
+// `limit`. Elements are float32 (exact) or f16 (half the memory and the bytes
+// attention reads per token; keys and values rounded to half precision).
 class KVCache {
  public:
-  KVCache(const Config& cfg, int limit);
+  KVCache(const Config& cfg, int limit, DType type = DType::F32);
   int length() const { return length_; }
   int capacity() const { return capacity_; }
   int limit() const { return limit_; }
+  DType type() const { return type_; }
   void reserve(int positions);
   void truncate(int positions);
   std::unique_ptr<KVCache> clone() const;
-  float* k(int layer) { return k_.data() + size_t(layer) * n_kv_ * capacity_ * head_dim_; }
-  float* v(int layer) { return v_.data() + size_t(layer) * n_kv_ * capacity_ * head_dim_; }
+  uint8_t* k(int layer) { return k_.data() + layer_bytes() * layer; }
+  uint8_t* v(int layer) { return v_.data() + layer_bytes() * layer; }
+  // Rows [n][n_kv * head_dim] of float32 stored at positions pos0.. of a layer.
+  void store(int layer, int pos0, int n, const float* k, const float* v);
   void advance(int n) { length_ += n; }
 
  private:
+  size_t elem() const { return type_ == DType::F16 ? 2 : 4; }
+  size_t layer_bytes() const { return size_t(n_kv_) * capacity_ * head_dim_ * elem(); }
+  void copy_filled(const KVCache& from, int cap_from, const std::vector<uint8_t>& kf, const std::vector<uint8_t>& vf);
   int n_layers_, n_kv_, head_dim_, limit_, capacity_ = 0, length_ = 0;
-  std::vector<float> k_, v_;
+  DType type_;
+  std::vector<uint8_t> k_, v_;
 };
 
 // Capture points: named places on the journey where a tensor can be copied out

@@ -33,6 +33,29 @@ struct F16 { uint16_t bits; };
 struct BF16 { uint16_t bits; };
 
 // Half-precision conversions used by the portable paths.
+
+// float32 to IEEE half, rounding to nearest even (as numpy's astype(float16)).
+inline uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  __builtin_memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000;
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return uint16_t(sign | 0x7c00 | (x > 0x7f800000u ? 0x200 : 0));  // inf, nan
+  if (x >= 0x477ff000u) return uint16_t(sign | 0x7c00);  // 65520 and up round to infinity
+  if (x < 0x38800000u) {                                   // below 2^-14: a subnormal half, or zero
+    if (x < 0x33000000u) return uint16_t(sign);            // at most 2^-25: rounds to zero
+    const uint32_t e = x >> 23, m = (x & 0x7fffff) | 0x800000;
+    const int shift = int(126 - e);                        // to units of 2^-24
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1))) ++r;
+    return uint16_t(sign | r);
+  }
+  uint32_t r = (x - 0x38000000u) >> 13;  // exponent rebiased from 127 to 15
+  const uint32_t rem = x & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) ++r;  // a carry into the exponent is still right
+  return uint16_t(sign | r);
+}
 inline float bf16_to_f32(uint16_t h) {
   uint32_t bits = uint32_t(h) << 16;
   float f;

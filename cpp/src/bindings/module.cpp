@@ -265,7 +265,8 @@ PYBIND11_MODULE(_core, m) {
   elementwise("relu", &KernelTable::relu);
   m.def("attention", [](py::array_t<float, py::array::c_style | py::array::forcecast> q,
                         py::array_t<float, py::array::c_style | py::array::forcecast> k,
-                        py::array_t<float, py::array::c_style | py::array::forcecast> v, int pos0, float scale) {
+                        py::array_t<float, py::array::c_style | py::array::forcecast> v, int pos0, float scale,
+                        const std::string& kv_dtype) {
     // q: [n, heads, hd]; k, v: [kv_heads, ctx, hd] with ctx = pos0 + n. Returns (z, pattern).
     if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3) throw py::value_error("q, k, v must be 3-D");
     const int n = int(q.shape(0)), heads = int(q.shape(1)), hd = int(q.shape(2));
@@ -276,8 +277,24 @@ PYBIND11_MODULE(_core, m) {
     std::vector<float> z(size_t(n) * heads * hd), pattern(size_t(n) * heads * ctx);
     AttentionCapture cap;
     cap.pattern = pattern.data();
-    kernels().attention(q.data(), k.data(), v.data(), ctx, n, pos0, heads, kvh, hd, scale, z.data(), &cap);
+    const DType type = dtype_from_name(kv_dtype);
+    if (type == DType::F16) {  // the cache's rounding, then the f16 kernel
+      std::vector<uint16_t> kh(k.size()), vh(v.size());
+      for (size_t i = 0; i < kh.size(); ++i) kh[i] = f32_to_f16(k.data()[i]);
+      for (size_t i = 0; i < vh.size(); ++i) vh[i] = f32_to_f16(v.data()[i]);
+      kernels().attention(q.data(), kh.data(), vh.data(), type, ctx, n, pos0, heads, kvh, hd, scale, z.data(), &cap);
+    } else if (type == DType::F32) {
+      kernels().attention(q.data(), k.data(), v.data(), type, ctx, n, pos0, heads, kvh, hd, scale, z.data(), &cap);
+    } else {
+      throw py::value_error("attention reads a float32 or f16 cache");
+    }
     return py::make_tuple(to_numpy(std::move(z), {n, heads, hd}), to_numpy(std::move(pattern), {n, heads, ctx}));
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos0"), py::arg("scale"), py::arg("kv_dtype") = "f32");
+  m.def("f16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+    // float32 to IEEE half bit patterns, as the f16 KV cache stores them.
+    py::array_t<uint16_t> out(x.size());
+    for (py::ssize_t i = 0; i < x.size(); ++i) out.mutable_data()[i] = f32_to_f16(x.data()[i]);
+    return out;
   });
   m.def("row_to_f32", [](py::array w, const std::string& dtype, int64_t rows, int64_t cols) {
     ModelHandle keep;
@@ -310,8 +327,11 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("cache"), py::arg("tokens"), py::arg("logits") = "last", py::arg("hooks") = nullptr);
 
   py::class_<KVCache>(m, "KVCache")
-      .def(py::init([](const ModelHandle& h, int limit) { return std::make_unique<KVCache>(h.model->config(), limit); }),
-           py::arg("model"), py::arg("limit"))
+      .def(py::init([](const ModelHandle& h, int limit, const std::string& dtype) {
+             return std::make_unique<KVCache>(h.model->config(), limit, dtype_from_name(dtype));
+           }),
+           py::arg("model"), py::arg("limit"), py::arg("dtype") = "f32")
+      .def_property_readonly("dtype", [](const KVCache& c) { return std::string(dtype_name(c.type())); })
       .def_property_readonly("length", &KVCache::length)
       .def_property_readonly("capacity", &KVCache::capacity)
       .def_property_readonly("limit", &KVCache::limit)

@@ -62,6 +62,17 @@ struct V {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // Lane j of the result: the sum of v[j]'s lanes, for W vectors (a transpose and add, not W reductions).
+  static R sum_lanes(const R* v) {
+    __m256 u[2];
+    for (int g = 0; g < 2; ++g) {
+      const __m256* w = v + 4 * g;
+      const __m256 s01 = _mm256_add_ps(_mm256_unpacklo_ps(w[0], w[1]), _mm256_unpackhi_ps(w[0], w[1]));
+      const __m256 s23 = _mm256_add_ps(_mm256_unpacklo_ps(w[2], w[3]), _mm256_unpackhi_ps(w[2], w[3]));
+      u[g] = _mm256_add_ps(_mm256_shuffle_ps(s01, s23, 0x44), _mm256_shuffle_ps(s01, s23, 0xEE));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+  }
 };
 
 #include "kernels_impl.h"

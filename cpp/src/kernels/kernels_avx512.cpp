@@ -58,6 +58,19 @@ struct V {
   }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(R a) { return _mm512_reduce_add_ps(a); }
+  // Lane j of the result: the sum of v[j]'s lanes, for W vectors (a transpose and add, not W reductions).
+  static R sum_lanes(const R* v) {
+    __m512 u[4];  // u[g]: in each 128-bit block, partial sums of v[4g..4g+3]
+    for (int g = 0; g < 4; ++g) {
+      const __m512* w = v + 4 * g;
+      const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+      const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+      u[g] = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+    }
+    const __m512 g01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    const __m512 g23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(g01, g23, 0x88), _mm512_shuffle_f32x4(g01, g23, 0xDD));
+  }
 };
 
 #include "kernels_impl.h"

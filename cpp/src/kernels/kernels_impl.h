@@ -375,9 +375,69 @@ static void relu(float* x, size_t n) {
   for (size_t i = 0; i < n; ++i) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 
-static void attention(const float* q, const float* k, const float* v, int cap, int n, int pos0,
-                      int n_heads, int n_kv, int head_dim, float scale, float* z,
-                      const AttentionCapture* capture) {
+// s[j] = q . k_j * scale for keys j < len (rows of D elements, float32 or
+// f16). W keys at a time: their partial sums stay in registers and are
+// reduced together (V::sum_lanes), not one horizontal sum per key.
+template <class T>
+static inline void attention_scores(const float* q, const T* k, int len, int D, float scale, float* s) {
+  int j = 0;
+  if (D % V::W == 0)
+    for (; j + V::W <= len; j += V::W) {
+      typename V::R part[V::W];
+      for (int u = 0; u < V::W; ++u) part[u] = V::zero();
+      for (int d = 0; d < D; d += V::W) {
+        const typename V::R qv = V::load(q + d);
+        for (int u = 0; u < V::W; ++u) part[u] = V::fma(qv, V::loadw(k + size_t(j + u) * D + d), part[u]);
+      }
+      V::store(s + j, V::mul(V::sum_lanes(part), V::set1(scale)));
+    }
+  for (; j < len; ++j) {
+    const T* kj = k + size_t(j) * D;
+    typename V::R acc = V::zero();
+    int d = 0;
+    for (; d + V::W <= D; d += V::W) acc = V::fma(V::load(q + d), V::loadw(kj + d), acc);
+    float sum = V::sum(acc);
+    for (; d < D; ++d) sum += q[d] * to_f32(kj[d]);
+    s[j] = sum * scale;
+  }
+}
+
+// z = sum_j p_j v_j over rows of D elements: up to 4 vectors of z stay in
+// registers across all keys, with even and odd keys in separate chains.
+template <class T>
+static inline void attention_mix(const float* p, const T* v, int len, int D, float* z) {
+  constexpr int CH = 4;
+  const int vec_end = D - D % V::W;
+  for (int d = 0; d < vec_end; d += CH * V::W) {
+    const int ch = std::min(CH, (vec_end - d) / V::W);
+    typename V::R a[CH], b[CH];
+    for (int c = 0; c < CH; ++c) a[c] = b[c] = V::zero();
+    int j = 0;
+    for (; j + 2 <= len; j += 2) {
+      const typename V::R p0 = V::set1(p[j]), p1 = V::set1(p[j + 1]);
+      const T* v0 = v + size_t(j) * D + d;
+      for (int c = 0; c < ch; ++c) {
+        a[c] = V::fma(p0, V::loadw(v0 + c * V::W), a[c]);
+        b[c] = V::fma(p1, V::loadw(v0 + D + c * V::W), b[c]);
+      }
+    }
+    if (j < len) {
+      const typename V::R p0 = V::set1(p[j]);
+      for (int c = 0; c < ch; ++c) a[c] = V::fma(p0, V::loadw(v + size_t(j) * D + d + c * V::W), a[c]);
+    }
+    for (int c = 0; c < ch; ++c) V::store(z + d + c * V::W, V::add(a[c], b[c]));
+  }
+  for (int d = vec_end; d < D; ++d) {
+    float acc = 0.0f;
+    for (int j = 0; j < len; ++j) acc += p[j] * to_f32(v[size_t(j) * D + d]);
+    z[d] = acc;
+  }
+}
+
+template <class T>
+static void attention_typed(const float* q, const T* k, const T* v, int cap, int n, int pos0,
+                            int n_heads, int n_kv, int head_dim, float scale, float* z,
+                            const AttentionCapture* capture) {
   const int ctx = pos0 + n;
   const int group = n_heads / n_kv;
   const size_t qstride = size_t(n_heads) * head_dim;
@@ -390,9 +450,9 @@ static void attention(const float* q, const float* k, const float* v, int cap, i
       for (int h = 0; h < n_heads; ++h) {
         const int len = pos0 + i + 1;  // causal: keys up to and including this position
         const float* qv = q + i * qstride + size_t(h) * head_dim;
-        const float* kh = k + size_t(h / group) * cap * head_dim;
-        const float* vh = v + size_t(h / group) * cap * head_dim;
-        for (int j = 0; j < len; ++j) s[j] = dot(qv, kh + size_t(j) * head_dim, head_dim) * scale;
+        const T* kh = k + size_t(h / group) * cap * head_dim;
+        const T* vh = v + size_t(h / group) * cap * head_dim;
+        attention_scores(qv, kh, len, head_dim, scale, s.data());
         const size_t crow = (size_t(i) * n_heads + h) * ctx;
         if (capture && capture->scores) {
           std::copy(s.begin(), s.begin() + len, capture->scores + crow);
@@ -403,11 +463,19 @@ static void attention(const float* q, const float* k, const float* v, int cap, i
           std::copy(s.begin(), s.begin() + len, capture->pattern + crow);
           std::fill(capture->pattern + crow + len, capture->pattern + crow + ctx, 0.0f);
         }
-        float* zv = z + i * qstride + size_t(h) * head_dim;
-        std::fill(zv, zv + head_dim, 0.0f);
-        for (int j = 0; j < len; ++j) axpy(s[j], vh + size_t(j) * head_dim, zv, head_dim);
+        attention_mix(s.data(), vh, len, head_dim, z + i * qstride + size_t(h) * head_dim);
       }
   }
+}
+
+static void attention(const float* q, const void* k, const void* v, DType kv_type, int cap, int n, int pos0,
+                      int n_heads, int n_kv, int head_dim, float scale, float* z, const AttentionCapture* capture) {
+  if (kv_type == DType::F16)
+    return attention_typed(q, static_cast<const F16*>(k), static_cast<const F16*>(v), cap, n, pos0, n_heads, n_kv,
+                           head_dim, scale, z, capture);
+  if (kv_type != DType::F32) throw std::invalid_argument("attention reads a float32 or f16 cache");
+  attention_typed(q, static_cast<const float*>(k), static_cast<const float*>(v), cap, n, pos0, n_heads, n_kv,
+                  head_dim, scale, z, capture);
 }
 
 // ---- Block-quantized weights (GGML layouts) ---------------------------------

@@ -30,6 +30,7 @@ struct V {
   }
   static R fma(R a, R b, R c) { return a * b + c; }
   static float sum(R a) { return a; }
+  static R sum_lanes(const R* v) { return v[0]; }
 };
 
 #include "kernels_impl.h"

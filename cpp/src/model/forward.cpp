@@ -83,15 +83,8 @@ void Model::forward(KVCache& cache, const int* tokens, int n, LogitsMode mode, H
     apply_site(hooks, P_Q, l, q.data(), n, qs, pos0, c.n_heads);
     apply_site(hooks, P_K, l, k.data(), n, kvs, pos0, c.n_kv_heads);
     apply_site(hooks, P_V, l, v.data(), n, kvs, pos0, c.n_kv_heads);
-    float* kc = cache.k(l);
-    float* vc = cache.v(l);
+    cache.store(l, pos0, n, k.data(), v.data());
     const int cap = cache.capacity();
-    for (int i = 0; i < n; ++i)
-      for (int g = 0; g < c.n_kv_heads; ++g) {
-        const size_t dst = (size_t(g) * cap + pos0 + i) * c.head_dim, src = size_t(i) * kvs + size_t(g) * c.head_dim;
-        std::copy(k.begin() + src, k.begin() + src + c.head_dim, kc + dst);
-        std::copy(v.begin() + src, v.begin() + src + c.head_dim, vc + dst);
-      }
     AttentionCapture cap_buf;
     std::vector<float> scores_buf, pattern_buf;
     Site* s_site = hooks ? hooks->find(P_ATTN_SCORES, l) : nullptr;
@@ -100,7 +93,8 @@ void Model::forward(KVCache& cache, const int* tokens, int n, LogitsMode mode, H
     const size_t table = size_t(n) * c.n_heads * ctx;
     if (s_site && s_site->capture) { scores_buf.resize(table); cap_buf.scores = scores_buf.data(); }
     if (p_site && p_site->capture) { pattern_buf.resize(table); cap_buf.pattern = pattern_buf.data(); }
-    K.attention(q.data(), kc, vc, cap, n, pos0, c.n_heads, c.n_kv_heads, c.head_dim, scale, z.data(),
+    K.attention(q.data(), cache.k(l), cache.v(l), cache.type(), cap, n, pos0, c.n_heads, c.n_kv_heads, c.head_dim,
+                scale, z.data(),
                 (cap_buf.scores || cap_buf.pattern) ? &cap_buf : nullptr);
     const int row = c.n_heads * ctx;
     if (cap_buf.scores) capture_rows(s_site, scores_buf.data(), n, row, pos0, {c.n_heads, ctx});

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -6,9 +7,25 @@
 
 namespace tokentrail {
 
-KVCache::KVCache(const Config& cfg, int limit)
-    : n_layers_(cfg.n_layers), n_kv_(cfg.n_kv_heads), head_dim_(cfg.head_dim), limit_(limit) {
+KVCache::KVCache(const Config& cfg, int limit, DType type)
+    : n_layers_(cfg.n_layers), n_kv_(cfg.n_kv_heads), head_dim_(cfg.head_dim), limit_(limit), type_(type) {
   if (limit < 1) throw std::invalid_argument("KV cache limit must be at least 1 position");
+  if (type != DType::F32 && type != DType::F16)
+    throw std::invalid_argument(std::string("KV cache type must be f32 or f16, not ") + dtype_name(type));
+}
+
+// Copy the filled positions of every (layer, head) from buffers laid out for
+// capacity `cap_from` into this cache's buffers (laid out for capacity_).
+void KVCache::copy_filled(const KVCache& from, int cap_from, const std::vector<uint8_t>& kf,
+                          const std::vector<uint8_t>& vf) {
+  const size_t row = size_t(head_dim_) * elem(), filled = size_t(from.length_) * row;
+  for (int l = 0; l < n_layers_; ++l)
+    for (int h = 0; h < n_kv_; ++h) {
+      const size_t src = (size_t(l) * n_kv_ + h) * cap_from * row;
+      const size_t dst = (size_t(l) * n_kv_ + h) * capacity_ * row;
+      std::memcpy(k_.data() + dst, kf.data() + src, filled);
+      std::memcpy(v_.data() + dst, vf.data() + src, filled);
+    }
 }
 
 void KVCache::reserve(int positions) {
@@ -17,19 +34,36 @@ void KVCache::reserve(int positions) {
     throw std::length_error("KV cache is full: " + std::to_string(positions) + " positions needed, limit is " +
                             std::to_string(limit_));
   // Geometric growth keeps one-token appends amortised O(1).
-  int cap = std::max(positions, std::min(limit_, std::max(64, capacity_ * 2)));
-  const size_t per_layer = size_t(n_kv_) * cap * head_dim_;
-  std::vector<float> k(per_layer * n_layers_), v(per_layer * n_layers_);
-  for (int l = 0; l < n_layers_; ++l)
-    for (int h = 0; h < n_kv_; ++h) {
-      const size_t src = (size_t(l) * n_kv_ + h) * capacity_ * head_dim_;
-      const size_t dst = (size_t(l) * n_kv_ + h) * cap * head_dim_;
-      std::copy(k_.begin() + src, k_.begin() + src + size_t(length_) * head_dim_, k.begin() + dst);
-      std::copy(v_.begin() + src, v_.begin() + src + size_t(length_) * head_dim_, v.begin() + dst);
-    }
-  k_.swap(k);
-  v_.swap(v);
+  const int cap = std::max(positions, std::min(limit_, std::max(64, capacity_ * 2)));
+  std::vector<uint8_t> k, v;
+  k.swap(k_);
+  v.swap(v_);
+  const int old_cap = capacity_;
   capacity_ = cap;
+  k_.assign(layer_bytes() * n_layers_, 0);
+  v_.assign(layer_bytes() * n_layers_, 0);
+  if (length_ > 0) copy_filled(*this, old_cap, k, v);
+}
+
+void KVCache::store(int layer, int pos0, int n, const float* k, const float* v) {
+  const int kvs = n_kv_ * head_dim_;
+  uint8_t* kc = this->k(layer);
+  uint8_t* vc = this->v(layer);
+  for (int i = 0; i < n; ++i)
+    for (int g = 0; g < n_kv_; ++g) {
+      const size_t dst = (size_t(g) * capacity_ + pos0 + i) * head_dim_, src = size_t(i) * kvs + size_t(g) * head_dim_;
+      if (type_ == DType::F32) {
+        std::memcpy(reinterpret_cast<float*>(kc) + dst, k + src, size_t(head_dim_) * 4);
+        std::memcpy(reinterpret_cast<float*>(vc) + dst, v + src, size_t(head_dim_) * 4);
+      } else {
+        uint16_t* kh = reinterpret_cast<uint16_t*>(kc) + dst;
+        uint16_t* vh = reinterpret_cast<uint16_t*>(vc) + dst;
+        for (int d = 0; d < head_dim_; ++d) {
+          kh[d] = f32_to_f16(k[src + d]);
+          vh[d] = f32_to_f16(v[src + d]);
+        }
+      }
+    }
 }
 
 void KVCache::truncate(int positions) {
@@ -45,16 +79,10 @@ std::unique_ptr<KVCache> KVCache::clone() const {
   c.n_layers = n_layers_;
   c.n_kv_heads = n_kv_;
   c.head_dim = head_dim_;
-  auto out = std::make_unique<KVCache>(c, limit_);
+  auto out = std::make_unique<KVCache>(c, limit_, type_);
   if (length_ == 0) return out;
   out->reserve(length_);
-  for (int l = 0; l < n_layers_; ++l)
-    for (int h = 0; h < n_kv_; ++h) {
-      const size_t src = (size_t(l) * n_kv_ + h) * capacity_ * head_dim_;
-      const size_t dst = (size_t(l) * n_kv_ + h) * out->capacity_ * head_dim_;
-      std::copy(k_.begin() + src, k_.begin() + src + size_t(length_) * head_dim_, out->k_.begin() + dst);
-      std::copy(v_.begin() + src, v_.begin() + src + size_t(length_) * head_dim_, out->v_.begin() + dst);
-    }
+  out->copy_filled(*this, capacity_, k_, v_);
   out->length_ = length_;
   return out;
 }

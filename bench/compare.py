@@ -8,7 +8,8 @@ weight type, each engine runs in a fresh process (so load time and peak
 memory are its own), the engines interleaved repeat by repeat, and the
 medians are reported: prefill tokens/s for 16/128/512-token prompts, decode
 tokens/s at context 128 and 1024, time to first token (128-token prompt),
-load time and peak resident memory. Every engine reads the same GGUF file
+load time and peak resident memory. tokentrail and llama.cpp keep the same
+KV cache type (--kv-dtype, float32 by default). Every engine reads the same GGUF file
 (tokentrail and llama.cpp) or its Hugging Face twin (transformers, float
 types only). Both roofs are measured in the same run: decode as a fraction of
 the read bandwidth (weight bytes + KV bytes per token / time), prefill as a
@@ -41,10 +42,10 @@ def _tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 
 class TokentrailEngine:
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, kv_dtype: str):
         import tokentrail
 
-        self.model = tokentrail.load(path, threads=threads, context=2048)
+        self.model = tokentrail.load(path, threads=threads, context=2048, kv_dtype=kv_dtype)
         self.vocab = self.model.config.vocab_size
         self.max_ctx = self.model.context_limit
 
@@ -59,11 +60,14 @@ class TokentrailEngine:
 
 
 class LlamaCppEngine:
-    def __init__(self, path: str, threads: int):
+    GGML_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the KV cache
+
+    def __init__(self, path: str, threads: int, kv_dtype: str):
         from llama_cpp import Llama
 
+        kv = self.GGML_TYPES[kv_dtype]
         self.llm = Llama(model_path=path, n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=threads,
-                         n_threads_batch=threads, logits_all=False, verbose=False)
+                         n_threads_batch=threads, logits_all=False, verbose=False, type_k=kv, type_v=kv)
         self.vocab = self.llm.n_vocab()
         self.max_ctx = min(2048, self.llm._model.n_ctx_train())
 
@@ -114,9 +118,9 @@ def worker(args) -> None:
 
     t0 = time.perf_counter()
     if args.engine == "tokentrail":
-        eng = TokentrailEngine(args.path, args.threads)
+        eng = TokentrailEngine(args.path, args.threads, args.kv_dtype)
     elif args.engine == "llama.cpp":
-        eng = LlamaCppEngine(args.path, args.threads)
+        eng = LlamaCppEngine(args.path, args.threads, args.kv_dtype)
     else:
         eng = TransformersEngine(args.path, args.threads, args.dtype)
     load = time.perf_counter() - t0
@@ -162,14 +166,14 @@ def prepare(shape: str, types: list[str], root: Path) -> dict:
         files[t] = g
     c = ckpt.config
     files["weight_bytes"] = {t: os.path.getsize(files[t]) for t in types}
-    files["kv_bytes_per_pos"] = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4  # float32 cache, keys and values
+    files["kv_values_per_pos"] = 2 * c.n_layers * c.n_kv_heads * c.head_dim  # keys and values
     files["params"] = sum(int(__import__("numpy").prod(w.shape)) for w in ckpt.weights.values())
     return files
 
 
-def run_worker(engine: str, path: Path, dtype: str, threads: int, inner: int) -> dict:
+def run_worker(engine: str, path: Path, dtype: str, threads: int, inner: int, kv_dtype: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--path", str(path), "--dtype", dtype,
-           "--threads", str(threads), "--inner", str(inner)]
+           "--threads", str(threads), "--inner", str(inner), "--kv-dtype", kv_dtype]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -187,6 +191,8 @@ def main() -> None:
     ap.add_argument("--types", default="f32,f16,q8_0,q4_0")
     ap.add_argument("--engines", default="tokentrail,llama.cpp,transformers")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"],
+                    help="KV cache type for tokentrail and llama.cpp alike (transformers keeps float32)")
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per engine, interleaved")
     ap.add_argument("--inner", type=int, default=3, help="timed repeats inside a process")
     ap.add_argument("--work", default=None, help="folder for the generated checkpoints (kept between runs)")
@@ -216,12 +222,13 @@ def main() -> None:
                     if e == "transformers" and t not in ("f32", "f16", "bf16"):
                         continue
                     path = files["hf"] if e == "transformers" else files[t]
-                    runs.setdefault(e, []).append(run_worker(e, path, t, args.threads, args.inner))
+                    runs.setdefault(e, []).append(run_worker(e, path, t, args.threads, args.inner, args.kv_dtype))
             for e, rs in runs.items():
                 med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                 wb = files["weight_bytes"][t]
                 for ctx in CONTEXTS:
-                    bytes_per_tok = wb + ctx * files["kv_bytes_per_pos"]
+                    kv_bytes = 2 if e != "transformers" and args.kv_dtype == "f16" else 4
+                    bytes_per_tok = wb + ctx * files["kv_values_per_pos"] * kv_bytes
                     med[f"decode_{ctx}_roof"] = bytes_per_tok * med[f"decode_{ctx}"] / 1e9 / roof["bandwidth_gbs"]
                 med["prefill_512_roof"] = 2 * files["params"] * med["prefill_512"] / 1e9 / roof["peak_gflops"]
                 results.append({"shape": shape, "type": t, "engine": e, "weight_bytes": wb,
@@ -233,7 +240,8 @@ def main() -> None:
                       f"peak {med['peak_rss_mb']:.0f} MB", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"roof": roof, "results": results, "date": time.strftime("%Y-%m-%d %H:%M"),
+    out.write_text(json.dumps({"roof": roof, "results": results, "kv_dtype": args.kv_dtype,
+                               "date": time.strftime("%Y-%m-%d %H:%M"),
                                "machine": _machine()}, indent=1))
     print(f"wrote {out}")
 

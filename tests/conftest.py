@@ -40,3 +40,20 @@ def greedy(model, ids, n: int, hooks=None):
         out.append(int(np.argmax(logits)))
         logits = session.feed([out[-1]], hooks=hooks)
     return out, logits
+
+
+def check_attention(q, k, v, pos0, scale, z, pattern):
+    """z and pattern against causal GQA attention in float64 (q [n,h,d]; k, v [kv,ctx,d] as the kernel read them)."""
+    import numpy as np
+
+    n, heads = q.shape[:2]
+    group = heads // k.shape[0]
+    k, v = k.astype(np.float64), v.astype(np.float64)
+    for i in range(n):
+        for h in range(heads):
+            s = k[h // group] @ q[i, h] * scale
+            s[pos0 + i + 1:] = -np.inf
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            np.testing.assert_allclose(pattern[i, h], p, atol=1e-6)
+            np.testing.assert_allclose(z[i, h], p @ v[h // group], atol=1e-5)

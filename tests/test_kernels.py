@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import check_attention
 from tokentrail import _core
 from tokentrail.loading.weights import bf16_from_float32
 
@@ -126,15 +127,7 @@ def test_attention_gqa_causal(isa, pos0, n, heads, kv, hd):
     v = rng.standard_normal((kv, ctx, hd)).astype(np.float32)
     scale = 1 / math.sqrt(hd)
     z, pattern = _core.attention(q, k, v, pos0, scale)
-    group = heads // kv
-    for i in range(n):
-        for h in range(heads):
-            s = (k[h // group] @ q[i, h]).astype(np.float64) * scale
-            s[pos0 + i + 1:] = -np.inf
-            p = np.exp(s - s.max())
-            p /= p.sum()
-            np.testing.assert_allclose(pattern[i, h], p, atol=1e-6)
-            np.testing.assert_allclose(z[i, h], p @ v[h // group], atol=1e-5)
+    check_attention(q, k, v, pos0, scale, z, pattern)
 
 
 def test_environment_variable_forces_a_variant():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import tokentrail
+from conftest import check_attention
 from tokentrail import _core
 
 ISAS = _core.available_isas()
@@ -39,16 +40,7 @@ def test_attention_reads_an_f16_cache(isa, pos0, n, heads, kv, hd):
         z, pattern = _core.attention(q, k, v, pos0, 1 / math.sqrt(hd), "f16")
     finally:
         _core.set_isa(before)
-    k16, v16 = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
-    group = heads // kv
-    for i in range(n):
-        for h in range(heads):
-            s = k16[h // group] @ q[i, h] / math.sqrt(hd)
-            s[pos0 + i + 1:] = -np.inf
-            p = np.exp(s - s.max())
-            p /= p.sum()
-            np.testing.assert_allclose(pattern[i, h], p, atol=1e-6)
-            np.testing.assert_allclose(z[i, h], p @ v16[h // group], atol=1e-5)
+    check_attention(q, k.astype(np.float16), v.astype(np.float16), pos0, 1 / math.sqrt(hd), z, pattern)
 
 
 def test_f16_cache_model_follows_the_f32_one():

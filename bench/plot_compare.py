@@ -42,15 +42,17 @@ def table(rows) -> list[str]:
         return next((r[k] for r in rows if r["shape"] == shape and r["type"] == t and r["engine"] == e), None)
 
     lines = ["| model | type | engine | prefill 16 / 128 / 512 tok/s | decode @128 / @1024 tok/s | "
-             "decode vs llama.cpp | % bandwidth roof | prefill 512 vs llama.cpp | load s | peak MB |",
+             "decode @128 / @1024 vs llama.cpp | % bandwidth roof | prefill 512 vs llama.cpp | load s | peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["shape"], r["type"], ENGINES.index(r["engine"]))):
         ref_d = get(r["shape"], r["type"], "llama.cpp", "decode_128")
+        ref_l = get(r["shape"], r["type"], "llama.cpp", "decode_1024")
         ref_p = get(r["shape"], r["type"], "llama.cpp", "prefill_512")
         lines.append(
             f"| {r['shape']} | {r['type']} | {r['engine']} | {r['prefill_16']:.0f} / {r['prefill_128']:.0f} / "
             f"{r['prefill_512']:.0f} | {r['decode_128']:.1f} / {r['decode_1024']:.1f} | "
-            f"{(r['decode_128'] / ref_d) if ref_d else float('nan'):.2f}x | {r['decode_128_roof']:.0%} | "
+            f"{(r['decode_128'] / ref_d) if ref_d else float('nan'):.2f}x / "
+            f"{(r['decode_1024'] / ref_l) if ref_l else float('nan'):.2f}x | {r['decode_128_roof']:.0%} | "
             f"{(r['prefill_512'] / ref_p) if ref_p else float('nan'):.2f}x | {r['load_s']:.2f} | "
             f"{r['peak_rss_mb']:.0f} |")
     return lines
@@ -61,7 +63,14 @@ def describe(data) -> str:
     return (f"Measured {data['date']} on {data['machine'].get('cpu', '?')} ({data['machine'].get('cpus')} cores, "
             f"{data['machine'].get('mem_gb')} GiB), {roof['threads']} threads, kernels `{roof['isa']}`. "
             f"Roofs measured in the same run: read bandwidth {roof['bandwidth_gbs']:.1f} GB/s, "
-            f"FMA peak {roof['peak_gflops']:.0f} GFLOP/s.")
+            f"FMA peak {roof['peak_gflops']:.0f} GFLOP/s. " + kv_note(data))
+
+
+def kv_note(data) -> str:
+    kv = data.get("kv_dtype")
+    if kv is None:  # runs before --kv-dtype existed: each engine kept its default
+        return "KV cache: tokentrail float32, llama.cpp f16 (each engine's default)."
+    return f"KV cache: {kv} for tokentrail and llama.cpp alike" + (", float32 for transformers." if kv != "f32" else ".")
 
 
 def main() -> None:
@@ -82,7 +91,9 @@ def main() -> None:
     for extra in files[1:]:
         more = json.loads(extra.read_text())
         shapes = ", ".join(sorted({r["shape"] for r in more["results"]}))
-        lines += ["", f"## {shapes} (a separate run)", "", describe(more), ""] + table(more["results"])
+        kv = more.get("kv_dtype")
+        title = f"{shapes}, KV cache {kv}" if kv and kv != data.get("kv_dtype") else shapes
+        lines += ["", f"## {title} (a separate run)", "", describe(more), ""] + table(more["results"])
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {DOCS / 'benchmarks.md'}")
 

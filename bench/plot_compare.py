@@ -4,10 +4,13 @@
 
 The first file gives the plots and the main table; each further file (a
 separate run, e.g. a large model) adds a section with its own roofs.
+bench/results/gemm.json (from bench/gemm_vs_numpy.py), when present, adds
+the GEMM-against-numpy table.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -73,6 +76,23 @@ def kv_note(data) -> str:
     return f"KV cache: {kv} for tokentrail and llama.cpp alike" + (", float32 for transformers." if kv != "f32" else ".")
 
 
+def gemm_section(data) -> list[str]:
+    rows = data["rows"]
+    ratios = [r["tokentrail_gflops"] / r["numpy_gflops"] for r in rows]
+    geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+    lines = ["", "## Prefill GEMM against numpy's sgemm (OpenBLAS)", "",
+             f"Measured {data['date']}, {data['threads']} threads on both sides, kernels `{data['isa']}`; "
+             "float32 y = x W^T on the products of each model, tokentrail packing its panels inside the timed "
+             f"call. Reproduce: `OPENBLAS_NUM_THREADS=2 python bench/gemm_vs_numpy.py --out bench/results/gemm.json`. "
+             f"Geometric mean: {geo:.2f}x numpy.", "",
+             "| model | product | rows x cols | tokens | tokentrail GFLOP/s | numpy GFLOP/s | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r, q in zip(rows, ratios):
+        lines.append(f"| {r['model']} | {r['product']} | {r['rows']} x {r['cols']} | {r['tokens']} | "
+                     f"{r['tokentrail_gflops']:.0f} | {r['numpy_gflops']:.0f} | {q:.2f}x |")
+    return lines
+
+
 def main() -> None:
     files = [Path(f) for f in sys.argv[1:]] or [Path("bench/results/compare.json")]
     data = json.loads(files[0].read_text())
@@ -94,6 +114,9 @@ def main() -> None:
         kv = more.get("kv_dtype")
         title = f"{shapes}, KV cache {kv}" if kv and kv != data.get("kv_dtype") else shapes
         lines += ["", f"## {title} (a separate run)", "", describe(more), ""] + table(more["results"])
+    gemm = files[0].parent / "gemm.json"
+    if gemm.exists():
+        lines += gemm_section(json.loads(gemm.read_text()))
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {DOCS / 'benchmarks.md'}")
 

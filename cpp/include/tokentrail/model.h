@@ -53,8 +53,8 @@ class KVCache {
   void reserve(int positions);
   void truncate(int positions);
   std::unique_ptr<KVCache> clone() const;
-  uint8_t* k(int layer) { return k_.data() + layer_bytes() * layer; }
-  uint8_t* v(int layer) { return v_.data() + layer_bytes() * layer; }
+  uint8_t* k(int layer) { return k_[layer].data(); }
+  uint8_t* v(int layer) { return v_[layer].data(); }
   // Rows [n][n_kv * head_dim] of float32 stored at positions pos0.. of a layer.
   void store(int layer, int pos0, int n, const float* k, const float* v);
   void advance(int n) { length_ += n; }
@@ -62,10 +62,13 @@ class KVCache {
  private:
   size_t elem() const { return type_ == DType::F16 ? 2 : 4; }
   size_t layer_bytes() const { return size_t(n_kv_) * capacity_ * head_dim_ * elem(); }
-  void copy_filled(const KVCache& from, int cap_from, const std::vector<uint8_t>& kf, const std::vector<uint8_t>& vf);
+  // One layer's filled positions, from buffers laid out for capacity `cap_from` into `to` (laid out for capacity_).
+  void copy_layer(const std::vector<uint8_t>& from, int cap_from, std::vector<uint8_t>& to) const;
   int n_layers_, n_kv_, head_dim_, limit_, capacity_ = 0, length_ = 0;
   DType type_;
-  std::vector<uint8_t> k_, v_;
+  // One buffer per layer and kind: growing replaces them one at a time, so a
+  // resize holds the new cache plus a single old layer, not two whole caches.
+  std::vector<std::vector<uint8_t>> k_, v_;
 };
 
 // Capture points: named places on the journey where a tensor can be copied out

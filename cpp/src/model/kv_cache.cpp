@@ -14,18 +14,10 @@ KVCache::KVCache(const Config& cfg, int limit, DType type)
     throw std::invalid_argument(std::string("KV cache type must be f32 or f16, not ") + dtype_name(type));
 }
 
-// Copy the filled positions of every (layer, head) from buffers laid out for
-// capacity `cap_from` into this cache's buffers (laid out for capacity_).
-void KVCache::copy_filled(const KVCache& from, int cap_from, const std::vector<uint8_t>& kf,
-                          const std::vector<uint8_t>& vf) {
-  const size_t row = size_t(head_dim_) * elem(), filled = size_t(from.length_) * row;
-  for (int l = 0; l < n_layers_; ++l)
-    for (int h = 0; h < n_kv_; ++h) {
-      const size_t src = (size_t(l) * n_kv_ + h) * cap_from * row;
-      const size_t dst = (size_t(l) * n_kv_ + h) * capacity_ * row;
-      std::memcpy(k_.data() + dst, kf.data() + src, filled);
-      std::memcpy(v_.data() + dst, vf.data() + src, filled);
-    }
+void KVCache::copy_layer(const std::vector<uint8_t>& from, int cap_from, std::vector<uint8_t>& to) const {
+  const size_t row = size_t(head_dim_) * elem(), filled = size_t(length_) * row;
+  for (int h = 0; h < n_kv_; ++h)
+    std::memcpy(to.data() + size_t(h) * capacity_ * row, from.data() + size_t(h) * cap_from * row, filled);
 }
 
 void KVCache::reserve(int positions) {
@@ -35,14 +27,16 @@ void KVCache::reserve(int positions) {
                             std::to_string(limit_));
   // Geometric growth keeps one-token appends amortised O(1).
   const int cap = std::max(positions, std::min(limit_, std::max(64, capacity_ * 2)));
-  std::vector<uint8_t> k, v;
-  k.swap(k_);
-  v.swap(v_);
   const int old_cap = capacity_;
   capacity_ = cap;
-  k_.assign(layer_bytes() * n_layers_, 0);
-  v_.assign(layer_bytes() * n_layers_, 0);
-  if (length_ > 0) copy_filled(*this, old_cap, k, v);
+  k_.resize(n_layers_);
+  v_.resize(n_layers_);
+  for (auto* kind : {&k_, &v_})
+    for (auto& layer : *kind) {
+      std::vector<uint8_t> grown(layer_bytes(), 0);
+      if (length_ > 0) copy_layer(layer, old_cap, grown);
+      layer.swap(grown);  // the old layer is freed here, before the next one grows
+    }
 }
 
 void KVCache::store(int layer, int pos0, int n, const float* k, const float* v) {
@@ -82,8 +76,11 @@ std::unique_ptr<KVCache> KVCache::clone() const {
   auto out = std::make_unique<KVCache>(c, limit_, type_);
   if (length_ == 0) return out;
   out->reserve(length_);
-  out->copy_filled(*this, capacity_, k_, v_);
   out->length_ = length_;
+  for (int l = 0; l < n_layers_; ++l) {
+    out->copy_layer(k_[l], capacity_, out->k_[l]);  // laid out for the copy's own capacity
+    out->copy_layer(v_[l], capacity_, out->v_[l]);
+  }
   return out;
 }
 

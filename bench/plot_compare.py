@@ -65,7 +65,10 @@ def describe(data) -> str:
     roof = data["roof"]
     return (f"Measured {data['date']} on {data['machine'].get('cpu', '?')} ({data['machine'].get('cpus')} cores, "
             f"{data['machine'].get('mem_gb')} GiB), {roof['threads']} threads, kernels `{roof['isa']}`. "
-            f"Roofs measured in the same run: read bandwidth {roof['bandwidth_gbs']:.1f} GB/s, "
+            f"Roofs measured in the same run: read bandwidth {roof['bandwidth_gbs']:.1f} GB/s"
+            + (f" (best of {len(roof['bandwidth_probes_gbs'])} probes, which ranged "
+               f"{min(roof['bandwidth_probes_gbs']):.0f}-{max(roof['bandwidth_probes_gbs']):.0f})"
+               if roof.get("bandwidth_probes_gbs") else "") + ", "
             f"FMA peak {roof['peak_gflops']:.0f} GFLOP/s. " + kv_note(data))
 
 

@@ -154,11 +154,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Float64 probabilities, computed with the maximum subtracted."""
+    """Float64 probabilities, computed with the maximum subtracted.
+
+    When most tokens are masked (after top-k, say), only the survivors are
+    exponentiated: a 50k-128k vocabulary then costs a mask, not a pass of exp.
+    """
     x = np.asarray(logits, dtype=np.float64)
     m = x.max()
     if not np.isfinite(m):
         _fail("logits", "every token is masked (-inf); nothing can be sampled")
+    live = np.flatnonzero(x > NEG_INF)
+    if live.size * 4 < x.size:
+        e = np.exp(x[live] - m)
+        out = np.zeros_like(x)
+        out[live] = e / e.sum()
+        return out
     e = np.exp(x - m)
     return e / e.sum()
 
@@ -314,14 +324,17 @@ class TopP:
         x = _f64(logits)
         if self.p >= 1.0:
             return x
-        order = _top_indices(x, x.size)
-        sorted_p = softmax(x)[order]
+        # Masked tokens have no mass and sort last: only the finite ones are
+        # sorted (ascending indices, so ties keep the lower index first).
+        live = np.flatnonzero(np.isfinite(x))
+        order = live[_top_indices(x[live], live.size)]
+        sorted_p = softmax(x[order])
         mass_before = np.cumsum(sorted_p) - sorted_p
         keep_sorted = mass_before < self.p
         keep_sorted[: self.min_keep] = True
         remove = np.ones(x.size, dtype=bool)
         remove[order[keep_sorted]] = False
-        return _masked(x, remove | ~np.isfinite(x))
+        return _masked(x, remove)
 
     def __repr__(self) -> str:
         return f"TopP({self.p})"
@@ -1064,8 +1077,7 @@ class Sampler:
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     """Inverse-CDF draw with one uniform number; zero-probability tokens are never chosen."""
-    cdf = np.cumsum(probs)
-    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    if i >= cdf.size:  # u * total rounded up to total
-        i = int(np.flatnonzero(probs > 0)[-1])
-    return i
+    support = np.flatnonzero(probs > 0)  # the same partial sums as over every token: zeros add nothing
+    cdf = np.cumsum(probs[support])
+    j = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    return int(support[min(j, support.size - 1)])  # u * total may round up to the total

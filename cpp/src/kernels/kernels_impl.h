@@ -448,7 +448,7 @@ static void attention_typed(const float* q, const T* k, const T* v, int cap, int
 #pragma omp parallel if (double(n) * n_heads * ctx * head_dim > 100000.0)
   {
     std::vector<float> s(ctx);
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static, 1)  // round robin: causal rows grow with i
     for (int i = 0; i < n; ++i)
       for (int h = 0; h < n_heads; ++h) {
         const int len = pos0 + i + 1;  // causal: keys up to and including this position

@@ -139,6 +139,7 @@ def worker(args) -> None:
             t = time.perf_counter()
             eng.decode(state, new)
             times.append(time.perf_counter() - t)
+            del state  # one cache alive at a time: peak memory is one session's, as a user would have
         out[f"decode_{ctx}"] = DECODE_TOKENS / statistics.median(times)
     out["peak_rss_mb"] = _peak_rss_mb()
     print("RESULT " + json.dumps(out))

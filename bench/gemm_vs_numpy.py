@@ -3,8 +3,8 @@
     OPENBLAS_NUM_THREADS=2 python bench/gemm_vs_numpy.py [--threads 2] [--tokens 128,512] \
         [--out bench/results/gemm.json]
 
-Both sides compute y = x @ W^T in float32 with the same thread count, timed
-interleaved (median of repeats after a warm-up); the report gives GFLOP/s and
+Both sides compute y = x @ W^T in float32 with the same thread count, one
+side after the other per shape (median of repeats after a warm-up); the report gives GFLOP/s and
 tokentrail's ratio to numpy per shape. tokentrail's GEMM packs its weight
 panels inside the timed call (as in a forward pass); numpy gets W^T as a view.
 """
@@ -58,8 +58,13 @@ def main() -> None:
             w = rng.standard_normal((rows, cols)).astype(np.float32)
             x = rng.standard_normal((n, cols)).astype(np.float32)
             wt = w.T
+            # Each side in its own block, with a pause between: both thread pools
+            # spin for a while after a call, and a spinning pool takes a core
+            # from the other (a 2-core machine then shows 10-40x slowdowns).
             ours = median_time(lambda: _core.matmul(w, "f32", rows, cols, x), args.repeats)
+            time.sleep(0.3)
             theirs = median_time(lambda: x @ wt, args.repeats)
+            time.sleep(0.3)
             flops = 2.0 * n * rows * cols
             ratios.append(theirs / ours)
             rows_out.append({"model": model, "product": name, "rows": rows, "cols": cols, "tokens": n,

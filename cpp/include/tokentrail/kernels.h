@@ -17,12 +17,10 @@ struct AttentionCapture {
 };
 
 // Products over this many tokens or more use the packed GEMM, fewer the GEMV
-// (token tiles of four, weights widened in registers, no packing): below about
-// 128 tokens packing a panel costs more than it saves (TinyLlama-1.1B Q4_0,
-// 64 tokens: GEMV 156 tok/s, GEMM 106; at 128 both ~150; at 512 GEMM 195, GEMV 145).
-// Each path sums a given output in one fixed order, so a row's result depends
-// only on which path ran, never on the other rows computed with it.
-constexpr int GEMM_MIN_ROWS = 128;
+// (token tiles, weights widened in registers, no packing). Measured crossover:
+// from 48 tokens the GEMM wins for every weight type (TinyLlama-1.1B Q4_0 at 64
+// tokens: 175 vs 153 tok/s); at 32 the GEMV still wins for f16 and quantized rows.
+constexpr int GEMM_MIN_ROWS = 48;
 
 struct KernelTable {
   const char* name;

@@ -31,6 +31,7 @@ struct V {
   static R fma(R a, R b, R c) { return a * b + c; }
   static float sum(R a) { return a; }
   static R sum_lanes(const R* v) { return v[0]; }
+  static void transpose(R*) {}  // a 1 x 1 block
 };
 
 #include "kernels_impl.h"

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import numpy as np
+from timing import timeit_median
 
 # (model, product, out rows, in cols)
 SHAPES = [
@@ -26,16 +26,6 @@ SHAPES = [
     ("tinyllama", "q/o", 2048, 2048), ("tinyllama", "k/v", 256, 2048), ("tinyllama", "mlp up", 5632, 2048),
     ("tinyllama", "mlp down", 2048, 5632),
 ]
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -61,9 +51,9 @@ def main() -> None:
             # Each side in its own block, with a pause between: both thread pools
             # spin for a while after a call, and a spinning pool takes a core
             # from the other (a 2-core machine then shows 10-40x slowdowns).
-            ours = median_time(lambda: _core.matmul(w, "f32", rows, cols, x), args.repeats)
+            ours = timeit_median(lambda: _core.matmul(w, "f32", rows, cols, x), args.repeats)
             time.sleep(0.3)
-            theirs = median_time(lambda: x @ wt, args.repeats)
+            theirs = timeit_median(lambda: x @ wt, args.repeats)
             time.sleep(0.3)
             flops = 2.0 * n * rows * cols
             ratios.append(theirs / ours)

@@ -22,6 +22,12 @@ DEFAULT_CONTEXT_CAP = 8192
 KV_DTYPES = ("f32", "f16")
 
 
+def _check_kv_dtype(kv_dtype: str) -> str:
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    return kv_dtype
+
+
 def load(path=None, dtype: str | None = None, threads: int | None = None,
          context: int | None = None, kv_dtype: str = "f32") -> "Model":
     """Load a checkpoint (Hugging Face directory, .gguf, or llama2.c .bin).
@@ -60,9 +66,7 @@ def _convert(w: Weight, dtype: str) -> Weight:
 class Model:
     def __init__(self, checkpoint: Checkpoint, dtype: str | None = None, threads: int | None = None,
                  context: int | None = None, kv_dtype: str = "f32"):
-        if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
-        self.kv_dtype = kv_dtype
+        self.kv_dtype = _check_kv_dtype(kv_dtype)
         if threads is not None:
             _core.set_threads(int(threads))
         self.config: ModelConfig = checkpoint.config
@@ -151,8 +155,7 @@ class Session:
         self.model = model
         limit = model.context_limit if limit is None else min(int(limit), model.config.max_seq_len)
         kv_dtype = model.kv_dtype if kv_dtype is None else kv_dtype
-        if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+        _check_kv_dtype(kv_dtype)
         self._cache = _cache if _cache is not None else _core.KVCache(model._core, limit, kv_dtype)
         self.tokens: list[int] = []
 

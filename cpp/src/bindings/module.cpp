@@ -147,6 +147,13 @@ py::array_t<float> to_numpy(std::vector<float>&& v, std::vector<int64_t> shape) 
 
 const float* f32_ptr(const py::array_t<float, py::array::c_style | py::array::forcecast>& a) { return a.data(); }
 
+// float32 values rounded to IEEE half bit patterns, as the f16 KV cache stores them.
+std::vector<uint16_t> f16_bits(const py::array_t<float, py::array::c_style | py::array::forcecast>& a) {
+  std::vector<uint16_t> out(size_t(a.size()));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = f32_to_f16(a.data()[i]);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -279,9 +286,7 @@ PYBIND11_MODULE(_core, m) {
     cap.pattern = pattern.data();
     const DType type = dtype_from_name(kv_dtype);
     if (type == DType::F16) {  // the cache's rounding, then the f16 kernel
-      std::vector<uint16_t> kh(k.size()), vh(v.size());
-      for (size_t i = 0; i < kh.size(); ++i) kh[i] = f32_to_f16(k.data()[i]);
-      for (size_t i = 0; i < vh.size(); ++i) vh[i] = f32_to_f16(v.data()[i]);
+      const std::vector<uint16_t> kh = f16_bits(k), vh = f16_bits(v);
       kernels().attention(q.data(), kh.data(), vh.data(), type, ctx, n, pos0, heads, kvh, hd, scale, z.data(), &cap);
     } else if (type == DType::F32) {
       kernels().attention(q.data(), k.data(), v.data(), type, ctx, n, pos0, heads, kvh, hd, scale, z.data(), &cap);
@@ -291,11 +296,9 @@ PYBIND11_MODULE(_core, m) {
     return py::make_tuple(to_numpy(std::move(z), {n, heads, hd}), to_numpy(std::move(pattern), {n, heads, ctx}));
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos0"), py::arg("scale"), py::arg("kv_dtype") = "f32");
   m.def("f16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {
-    // float32 to IEEE half bit patterns, as the f16 KV cache stores them.
-    py::array_t<uint16_t> out(x.size());
-    for (py::ssize_t i = 0; i < x.size(); ++i) out.mutable_data()[i] = f32_to_f16(x.data()[i]);
-    return out;
-  });
+    std::vector<uint16_t> bits = f16_bits(x);
+    return py::array_t<uint16_t>(py::ssize_t(bits.size()), bits.data());
+  }, "float32 to IEEE half bit patterns, as the f16 KV cache stores them");
   m.def("row_to_f32", [](py::array w, const std::string& dtype, int64_t rows, int64_t cols) {
     ModelHandle keep;
     py::dict wd;

@@ -202,21 +202,15 @@ static void add_bias(const float* bias, int rows, int n, float* y) {
       for (int r = 0; r < rows; ++r) y[size_t(t) * rows + r] += bias[r];
 }
 
-static inline float dot(const float* a, const float* b, int n) {
+// a . b, with b's elements float32 or half precision.
+template <class T>
+static inline float dot(const float* a, const T* b, int n) {
   typename V::R acc = V::zero();
   int i = 0;
-  for (; i + V::W <= n; i += V::W) acc = V::fma(V::load(a + i), V::load(b + i), acc);
+  for (; i + V::W <= n; i += V::W) acc = V::fma(V::load(a + i), V::loadw(b + i), acc);
   float s = V::sum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * to_f32(b[i]);
   return s;
-}
-
-// y += a * x
-static inline void axpy(float a, const float* x, float* y, int n) {
-  typename V::R av = V::set1(a);
-  int i = 0;
-  for (; i + V::W <= n; i += V::W) V::store(y + i, V::fma(av, V::load(x + i), V::load(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
 }
 
 // exp(x) = 2^k e^r with |r| <= ln2/2: Cephes' degree-5 polynomial for e^r, and
@@ -404,15 +398,7 @@ static inline void attention_scores(const float* q, const T* k, int len, int D, 
       }
       V::store(s + j, V::mul(V::sum_lanes(part), V::set1(scale)));
     }
-  for (; j < len; ++j) {
-    const T* kj = k + size_t(j) * D;
-    typename V::R acc = V::zero();
-    int d = 0;
-    for (; d + V::W <= D; d += V::W) acc = V::fma(V::load(q + d), V::loadw(kj + d), acc);
-    float sum = V::sum(acc);
-    for (; d < D; ++d) sum += q[d] * to_f32(kj[d]);
-    s[j] = sum * scale;
-  }
+  for (; j < len; ++j) s[j] = dot(q, k + size_t(j) * D, D) * scale;
 }
 
 // z = sum_j p_j v_j over rows of D elements: up to 4 vectors of z stay in
@@ -608,7 +594,6 @@ static void gemv_q_blocks(const WeightView& wv, const float* x, int n, float* y)
                                                                y + size_t(t) * rows + r, rows);
   });
 }
-
 
 // Q4_K (the body of the common Q4_K_M files): each 32-value sub-block is
 // d*sc*q - dmin*m. The q part is multiplied in registers; the min part needs

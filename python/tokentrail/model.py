@@ -81,7 +81,7 @@ class Model:
                 w = _convert(w, dtype)
             weights[name] = w
         self.weights = weights
-        self._core = _core.Model(self.config.to_dict(),
+        self._core = _core.Model(self.config.core_dict(),
                                  {n: (np.ascontiguousarray(w.data), w.dtype) for n, w in weights.items()})
         if context is not None and int(context) < 1:
             raise ValueError(f"context must be at least 1, got {context}")

@@ -134,11 +134,14 @@ class Journey:
         if len(self.ids) >= g and n < g:   # pad to take the GEMM path too
             padded = np.zeros((g, h.shape[1]), np.float32)
             padded[:n] = h
-            return _core.matmul(data, w.dtype, w.shape[0], w.shape[1], padded)[:n]
-        if len(self.ids) < g and n >= g:   # one row at a time takes the GEMV path
-            return np.concatenate([_core.matmul(data, w.dtype, w.shape[0], w.shape[1], h[i:i + 1])
-                                   for i in range(n)])
-        return _core.matmul(data, w.dtype, w.shape[0], w.shape[1], h)
+            out = _core.matmul(data, w.dtype, w.shape[0], w.shape[1], padded)[:n]
+        elif len(self.ids) < g and n >= g:   # one row at a time takes the GEMV path
+            out = np.concatenate([_core.matmul(data, w.dtype, w.shape[0], w.shape[1], h[i:i + 1])
+                                  for i in range(n)])
+        else:
+            out = _core.matmul(data, w.dtype, w.shape[0], w.shape[1], h)
+        cap = self.config.final_softcap
+        return (np.float32(cap) * np.tanh(out / np.float32(cap))).astype(np.float32) if cap else out
 
     # -- analyses ---------------------------------------------------------
     def residuals(self) -> list[tuple[str, np.ndarray]]:
@@ -213,16 +216,29 @@ class Journey:
         for l in range(L):
             z = self._row(f"blocks.{l}.attn_z").astype(np.float64)
             wo = w[f"blocks.{l}.attn.o.weight"].to_float32().astype(np.float64)
-            for h in range(c.n_heads):
-                parts.append((f"L{l}.H{h}", contrib(wo[:, h * hd:(h + 1) * hd] @ z[h * hd:(h + 1) * hd])))
+            heads = [wo[:, h * hd:(h + 1) * hd] @ z[h * hd:(h + 1) * hd] for h in range(c.n_heads)]
             ob = w.get(f"blocks.{l}.attn.o.bias")
-            if ob is not None:
-                parts.append((f"L{l}.attn_bias", contrib(ob.to_float32().astype(np.float64))))
+            bias = ob.to_float32().astype(np.float64) if ob is not None else None
+            if c.post_norms:
+                # The output norm's scale, frozen at the value the forward pass used, keeps the sum linear.
+                g_post = w[f"blocks.{l}.attn_post_norm.weight"].to_float32().astype(np.float64)
+                o = sum(heads) + (bias if bias is not None else 0.0)
+                scale = 1.0 / math.sqrt(float((o ** 2).mean()) + c.norm_eps)
+                heads = [v * scale * g_post for v in heads]
+                bias = bias * scale * g_post if bias is not None else None
+            for h, v in enumerate(heads):
+                parts.append((f"L{l}.H{h}", contrib(v)))
+            if bias is not None:
+                parts.append((f"L{l}.attn_bias", contrib(bias)))
             parts.append((f"L{l}.mlp", contrib(self._row(f"blocks.{l}.mlp_out").astype(np.float64))))
         if const:
             parts.append(("final_norm_bias", const))
-        return {"token": t, "text": self.token(t), "logit": float(self.logits[t]),
-                "parts": parts, "total": float(sum(v for _, v in parts))}
+        total = float(sum(v for _, v in parts))
+        out = {"token": t, "text": self.token(t), "logit": float(self.logits[t]), "parts": parts, "total": total}
+        if c.final_softcap:  # the parts add up to the logit before its softcap
+            out["softcap"] = c.final_softcap
+            out["capped_total"] = float(c.final_softcap * math.tanh(total / c.final_softcap))
+        return out
 
     def geometry(self, top: int | None = None) -> list[dict]:
         """The final hidden state against the unembedding rows of the top candidates."""
@@ -257,8 +273,9 @@ class Journey:
         st.append(Stage("tokenize", "tokenize", f"the prompt becomes {len(self.ids)} tokens: {pieces}; "
                         f"we follow {_q(me)} at position {p}", {"ids": self.ids, "tokens": self.tokens}))
         e = self._row("embed")
+        scaled = f", scaled by {c.embed_scale:.4g}" if c.embed_scale != 1.0 else ""
         st.append(Stage("embed", "embed", f"{_q(me)} (id {self.ids[p]}) looks up row {self.ids[p]} of the "
-                        f"embedding table: {e.size} numbers, norm {np.linalg.norm(e):.2f}", {"vector": e}))
+                        f"embedding table{scaled}: {e.size} numbers, norm {np.linalg.norm(e):.2f}", {"vector": e}))
         if c.position == "learned":
             pe = self._row("pos_embed")
             st.append(Stage("position", "position", f"position {p} adds its learned vector (norm "
@@ -268,6 +285,7 @@ class Journey:
                             f"keys of position {p} are rotated by angles {p}·θ_i (rotary, base {c.rope_theta:g})",
                             {"theta": c.rope_theta}))
         lens = self.logit_lens()
+        sliding = c.sliding_layers()
         resid = self._row("blocks.0.resid_pre")
         for l in range(c.n_layers):
             rows = self.cache[f"blocks.{l}.attn_pattern"]
@@ -280,20 +298,41 @@ class Journey:
             lines = [f"layer {l}, head {d['head']}: {_q(me)} attends {d['prob']:.2f} to {_q(d['token'])}"
                      + (f" (position {d['to']})" if self.tokens.count(d["token"]) > 1 else "") for d in heads]
             attn_out = self._row(f"blocks.{l}.attn_out")
+            notes = ""
+            if sliding[l]:
+                notes += f"; a sliding-window layer: only the last {c.sliding_window} positions are visible"
+            if c.attn_softcap:
+                notes += f"; scores are softcapped to ±{c.attn_softcap:g} (c·tanh(s/c)) before the softmax"
+            if c.post_norms:
+                notes += "; the output is normalised again before joining the residual (sandwich norm)"
             st.append(Stage("attention", f"layer {l} attention",
                             lines[sharp["head"]] + f"; the heads together add a vector of norm "
-                            f"{np.linalg.norm(attn_out):.2f}",
+                            f"{np.linalg.norm(attn_out):.2f}" + notes,
                             {"pattern": pattern, "heads": heads, "lines": lines, "keys": self.tokens[: p + 1],
                              "out": attn_out}, layer=l))
             mid = self._row(f"blocks.{l}.resid_mid")
             st.append(Stage("residual", f"layer {l} residual", f"the residual stream's norm goes from "
                             f"{np.linalg.norm(resid):.2f} to {np.linalg.norm(mid):.2f}", {"vector": mid}, layer=l))
-            post = self._row(f"blocks.{l}.mlp_post")
             mlp_out = self._row(f"blocks.{l}.mlp_out")
-            strongest = np.argsort(-np.abs(post), kind="stable")[:3]
-            units = ", ".join(f"#{int(i)} ({post[i]:+.2f})" for i in strongest)
-            st.append(Stage("mlp", f"layer {l} MLP", f"the MLP adds a vector of norm {np.linalg.norm(mlp_out):.2f}; "
-                            f"its strongest hidden units: {units}", {"hidden": post, "out": mlp_out}, layer=l))
+            reads = " reads the layer's input, as attention did (parallel residual), and" if c.parallel_residual \
+                else ""
+            if c.n_experts:
+                route = self._row(f"blocks.{l}.router")
+                chosen = np.argsort(-route, kind="stable")[:c.n_experts_used]
+                weights = route[chosen] / route[chosen].sum() if c.renormalize_experts else route[chosen]
+                st.append(Stage("mlp", f"layer {l} experts",
+                                f"the router sends {_q(me)} to experts {', '.join(str(int(e)) for e in chosen)} with "
+                                f"weights {' / '.join(f'{v:.2f}' for v in weights)}; their MLPs{reads} add a vector "
+                                f"of norm {np.linalg.norm(mlp_out):.2f}",
+                                {"router": route, "experts": chosen.tolist(), "weights": weights.tolist(),
+                                 "out": mlp_out}, layer=l))
+            else:
+                post = self._row(f"blocks.{l}.mlp_post")
+                strongest = np.argsort(-np.abs(post), kind="stable")[:3]
+                units = ", ".join(f"#{int(i)} ({post[i]:+.2f})" for i in strongest)
+                st.append(Stage("mlp", f"layer {l} MLP", f"the MLP{reads} adds a vector of norm "
+                                f"{np.linalg.norm(mlp_out):.2f}; its strongest hidden units: {units}",
+                                {"hidden": post, "out": mlp_out}, layer=l))
             resid = self._row(f"blocks.{l}.resid_post")
             lt, lp = lens["top_tokens"][l + 1][0], lens["top_probs"][l + 1][0]
             st.append(Stage("residual", f"layer {l} output", f"residual norm {np.linalg.norm(resid):.2f}; read "
@@ -305,7 +344,10 @@ class Journey:
                         f" to norm {np.linalg.norm(fn):.2f}", {"vector": fn}))
         order = np.argsort(-self.logits, kind="stable")[: self.top]
         cands = [(self.token(int(i)), float(self.logits[i])) for i in order]
-        st.append(Stage("logits", "logits", "highest logits: " + ", ".join(f"{_q(t)} {v:.2f}" for t, v in cands),
+        capped = (f" (after softcapping: {c.final_softcap:g}·tanh(logit/{c.final_softcap:g}) keeps every logit "
+                  f"within ±{c.final_softcap:g})") if c.final_softcap else ""
+        st.append(Stage("logits", "logits", "highest logits: " + ", ".join(f"{_q(t)} {v:.2f}" for t, v in cands)
+                        + capped,
                         {"top_ids": order.tolist(), "top": cands}))
         s = self.stats
         probs = [(self.token(int(i)), float(s.probs[i])) for i in order]

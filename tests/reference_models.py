@@ -10,7 +10,7 @@ from pathlib import Path
 # One tiny configuration per family and per feature that changes the computation; odd sizes
 # (head_dim apart from hidden/heads, grouped KV heads, windows shorter than the test prompt).
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "smollm", "llama_headdim", "llama3_rope", "llama_linear_rope",
-            "llama_yarn_rope", "llama_dynamic_rope", "mistral_window", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
+            "llama_yarn_rope", "llama_dynamic_rope", "mistral_window", "qwen3", "gemma", "gemma2", "gemma2_qpas", "gemma3", "phi3",
             "phi3_longrope", "neox", "neox_sequential", "olmo2", "mixtral", "qwen3moe", "olmoe")
 
 
@@ -53,14 +53,14 @@ def make_config(family: str):
     if family == "gemma":
         return tf.GemmaConfig(**{k: v for k, v in gemma_like.items() if k != "hidden_activation"},
                               hidden_act="gelu_pytorch_tanh")
-    if family == "gemma2":
-        return tf.Gemma2Config(**{**gemma_like, "num_hidden_layers": 3}, query_pre_attn_scalar=20,
+    if family in ("gemma2", "gemma2_qpas"):  # the released models scale q.k by 1/sqrt(head_dim); try another too
+        return tf.Gemma2Config(**{**gemma_like, "num_hidden_layers": 3},
+                               query_pre_attn_scalar=24 if family == "gemma2" else 20,
                                sliding_window=5, attn_logit_softcapping=3.0, final_logit_softcapping=2.5)
     if family == "gemma3":
-        return tf.Gemma3TextConfig(**{**gemma_like, "num_hidden_layers": 3}, query_pre_attn_scalar=20,
-                                   sliding_window=5, layer_types=["sliding_attention", "full_attention",
-                                                                  "sliding_attention"],
-                                   rope_parameters={
+        # Six layers: the released pattern of five sliding-window layers, then one global layer.
+        return tf.Gemma3TextConfig(**{**gemma_like, "num_hidden_layers": 6}, query_pre_attn_scalar=24,
+                                   sliding_window=5, rope_parameters={
                                        "full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e6),
                                        "sliding_attention": dict(rope_type="default", rope_theta=10000.0)})
     if family == "phi3":

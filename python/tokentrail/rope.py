@@ -22,6 +22,8 @@ SCALING_PARAMS: dict[str, dict[str, object]] = {
              "beta_fast": 32.0, "beta_slow": 1.0, "mscale": None, "mscale_all_dim": None, "truncate": True},
     "longrope": {"short_factor": None, "long_factor": None, "original_max_position_embeddings": None,
                  "factor": None, "attention_factor": None},
+    # Each frequency divided by its own factor: how GGUF files store Llama 3 scaling (rope_freqs).
+    "factors": {"factors": None},
 }
 
 
@@ -57,6 +59,11 @@ def tables(theta: float, rotary_dim: int, scaling: dict | None, max_positions: i
         return RopeTables(inv, local, None, 0, 1.0)
     if kind == "llama3":
         return RopeTables(_llama3(inv, scaling), local, None, 0, 1.0)
+    if kind == "factors":
+        f = np.asarray(scaling["factors"], dtype=np.float32)
+        if f.shape != inv.shape:
+            raise ValueError(f"rope factors must have rotary_dim / 2 = {inv.size} entries, got {f.shape}")
+        return RopeTables((inv / f).astype(np.float32), local, None, 0, 1.0)
     if kind == "yarn":
         table, factor = _yarn(theta, rotary_dim, scaling, max_positions)
         return RopeTables(table, local, None, 0, factor)

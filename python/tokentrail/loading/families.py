@@ -538,7 +538,7 @@ FAMILIES: tuple[Family, ...] = (
                      Fused("gpt_neox.layers.{l}.attention.query_key_value.bias", _QKV, _qkv_sizes, "heads")),
            hf_skip=("gpt_neox.layers.{l}.attention.rotary_emb.inv_freq", "gpt_neox.layers.{l}.attention.bias",
                     "gpt_neox.layers.{l}.attention.masked_bias"),
-           gguf_fixed=lambda c: {"activation": "gelu_erf"},
+           gguf_fixed=lambda c: {"activation": "gelu_erf", "gated_mlp": False},
            summary="GPT-NeoX, Pythia (parallel residual, partial rotary, LayerNorm)"),
     Family("olmo2", ("Olmo2ForCausalLM",), _olmo2_config, _llama_names(post_norms_only=True), "olmo2",
            summary="OLMo 2 (norms after attention and MLP, q/k RMSNorm over the projection)"),
@@ -557,3 +557,32 @@ BY_HF_ARCH = {a: f for f in FAMILIES for a in f.hf_architectures}
 BY_GGUF_ARCH = {}
 for _f in FAMILIES:
     BY_GGUF_ARCH.setdefault(_f.gguf_arch, _f)
+
+# ---------------------------------------------------------------------------
+# GGUF tensor names (the same for every architecture llama.cpp's converter writes)
+# ---------------------------------------------------------------------------
+
+GGUF_TOP = {"embed": "token_embd", "pos_embed": "position_embd", "final_norm": "output_norm",
+            "unembed": "output"}
+GGUF_BLOCK = {
+    "attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn_post_norm": "post_attention_norm",
+    "mlp_post_norm": "post_ffw_norm", "attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v",
+    "attn.o": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate",
+    "mlp.up": "ffn_up", "mlp.down": "ffn_down", "mlp.router": "ffn_gate_inp",
+}
+# Stacked expert matrices [n_experts, rows, cols]: one per projection.
+GGUF_EXPERTS = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
+GGUF_QKV = "attn_qkv"
+# Rotary tables stored as tensors: Llama 3's per-frequency divisors, LongRoPE's two factor lists.
+GGUF_ROPE = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def gguf_name(neutral: str) -> str:
+    """The GGUF name of a neutral tensor name (experts name their stacked tensor)."""
+    parts = neutral.split(".")
+    if parts[0] != "blocks":
+        return f"{GGUF_TOP[parts[0]]}.{parts[-1]}"
+    layer, rest, suffix = parts[1], ".".join(parts[2:-1]), parts[-1]
+    if rest.startswith("mlp.experts."):
+        return f"blk.{layer}.{GGUF_EXPERTS[parts[-2]]}.{suffix}"
+    return f"blk.{layer}.{GGUF_BLOCK[rest]}.{suffix}"

@@ -197,12 +197,13 @@ class Timings:
 
     def summary(self) -> str:
         """One line in the manner of llama.cpp's timing report."""
+        later = max(0, self.generated_tokens - 1)
         gen = self.generation_tokens_per_second
         gen_s = f"{gen:.1f} tokens/s" if math.isfinite(gen) else "n/a"
         return (f"prompt: {self.prompt_tokens} tokens in {self.prompt_seconds * 1e3:.1f} ms "
-                f"({self.prompt_tokens_per_second:.1f} tokens/s) | generation: {self.generated_tokens} tokens "
-                f"in {self.generation_seconds * 1e3:.1f} ms after the first ({gen_s}) | "
-                f"time to first token: {self.first_token_seconds * 1e3:.1f} ms")
+                f"({self.prompt_tokens_per_second:.1f} tokens/s) | first token after "
+                f"{self.first_token_seconds * 1e3:.1f} ms | generation: {later} more tokens in "
+                f"{self.generation_seconds * 1e3:.1f} ms ({gen_s})")
 
 
 class Stream:
@@ -230,6 +231,11 @@ class Stream:
     @property
     def seed(self) -> int:
         return int(self._run.sampler.seed)
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are chosen by argmax (the seed then plays no part)."""
+        return any(isinstance(p, Temperature) and p.temperature == 0.0 for p in self._run.sampler.chain)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -795,7 +801,7 @@ def _plain(value: Any) -> Any:
 
 
 # Texts longer than this are scored in pieces of this many tokens, so progress can be shown.
-SCORE_CHUNK = 512
+SCORE_CHUNK = 128
 
 
 def score(model, text_or_list: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], top_n: int = 5,

@@ -65,6 +65,7 @@ ATTENTION_TABLES = ("attn_scores", "attn_pattern")
 
 
 def full_name(point: str, layer: int | None) -> str:
+    """'blocks.L.point' for a per-layer point, the short name otherwise."""
     return f"blocks.{layer}.{point}" if layer is not None else point
 
 

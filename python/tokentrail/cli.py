@@ -53,6 +53,7 @@ def _count(text: str) -> int:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Which checkpoint and how to run it: -m, -t, --dtype, -c, --kv-dtype, --progress."""
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default=None,
                    help="Hugging Face directory, .gguf file or llama2.c .bin (default: the bundled demo model)")
@@ -69,11 +70,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_progress_option(g) -> None:
+    """--progress/--no-progress (default: a bar when stderr is a terminal)."""
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on stderr for long work (default: when stderr is a terminal)")
 
 
 def add_prompt_options(p: argparse.ArgumentParser, what: str = "prompt") -> None:
+    """The text to work on: positional, -p, or -f FILE; '-' reads standard input."""
     g = p.add_argument_group(what)
     g.add_argument(what, nargs="?", default=None, help=f"the {what} ('-' reads standard input)")
     g.add_argument("-p", "--prompt" if what == "prompt" else f"--{what}", dest=f"{what}_option", default=None,
@@ -106,6 +109,7 @@ def _without_final_newline(text: str) -> str:
 
 
 def add_length_options(p: argparse.ArgumentParser) -> None:
+    """How long to generate and when to stop: -n, --max-length, --stop, --eos-token-id, --ignore-eos, -s."""
     g = p.add_argument_group("length and end")
     g.add_argument("-n", "--n-predict", "--max-new-tokens", dest="max_new_tokens", type=_count, default=None,
                    help="tokens to generate (default: the model's generation_config.json, else 64)")
@@ -250,11 +254,13 @@ def _single_token(model, text: str, flag: str) -> int:
 
 
 def add_top_n_option(p: argparse.ArgumentParser, default: int, helptext: str) -> None:
+    """--top-n (old spelling --top): how many candidates to list."""
     p.add_argument("--top-n", "--top", dest="top_n", type=_positive_int, default=default,
                    help=f"{helptext} (default: %(default)s)")
 
 
 def load_model(args):
+    """The model the model options name."""
     import tokentrail
 
     return tokentrail.load(args.model, dtype=args.dtype, threads=args.threads, context=args.ctx_size,
@@ -264,6 +270,7 @@ def load_model(args):
 # ---------------------------------------------------------------- generate
 
 def add_generate(sub) -> None:
+    """The `generate` subcommand's parser."""
     g = sub.add_parser("generate", help="continue a prompt, streaming tokens as they are produced",
                        description="Continue a prompt, streaming the text to stdout; timings go to stderr.")
     add_prompt_options(g)
@@ -279,6 +286,7 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> int:
+    """Stream a continuation to stdout; the timing summary to stderr."""
     from rich.console import Console
 
     prompt = read_prompt(args)
@@ -325,6 +333,7 @@ def cmd_generate(args) -> int:
 # ---------------------------------------------------------------- journey and report
 
 def add_journey_options(p: argparse.ArgumentParser) -> None:
+    """How the journey's token is chosen: --temp, -s, --top-n."""
     g = p.add_argument_group("the chosen token")
     g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=1.0,
                    help="temperature of the softmax shown (default: %(default)s)")
@@ -334,6 +343,7 @@ def add_journey_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_journey(sub) -> None:
+    """The `journey` subcommand's parser."""
     j = sub.add_parser("journey", help="follow the last token of a prompt through the model")
     add_prompt_options(j)
     add_model_options(j)
@@ -343,6 +353,7 @@ def add_journey(sub) -> None:
 
 
 def cmd_journey(args) -> int:
+    """Print the journey of the prompt's last token."""
     from .report.terminal import print_journey
 
     prompt = read_prompt(args)
@@ -353,6 +364,7 @@ def cmd_journey(args) -> int:
 
 
 def add_report(sub) -> None:
+    """The `report` subcommand's parser."""
     r = sub.add_parser("report", help="write the journey as one self-contained HTML page")
     add_prompt_options(r)
     add_model_options(r)
@@ -362,6 +374,7 @@ def add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
+    """Write the journey as one HTML page."""
     from .report.html import write_report
 
     prompt = read_prompt(args)
@@ -376,6 +389,7 @@ def cmd_report(args) -> int:
 # ---------------------------------------------------------------- thermo, score
 
 def add_thermo(sub) -> None:
+    """The `thermo` subcommand's parser."""
     t = sub.add_parser("thermo", help="the next token's top candidates at several temperatures")
     add_prompt_options(t)
     add_model_options(t)
@@ -386,6 +400,7 @@ def add_thermo(sub) -> None:
 
 
 def cmd_thermo(args) -> int:
+    """Print the next token's candidates at several temperatures."""
     from .report.terminal import print_temperature_table
 
     prompt = read_prompt(args)
@@ -401,6 +416,7 @@ def cmd_thermo(args) -> int:
 
 
 def add_score(sub) -> None:
+    """The `score` subcommand's parser."""
     s = sub.add_parser("score", help="log-probability of every token of a text, and its perplexity (JSON)")
     add_prompt_options(s, "text")
     add_model_options(s)
@@ -410,6 +426,7 @@ def add_score(sub) -> None:
 
 
 def cmd_score(args) -> int:
+    """Print every token's log-probability as JSON."""
     text = read_prompt(args, "text")
     model = load_model(args)
     result = model.score(text, top_n=args.top_n, progress=args.progress)
@@ -429,6 +446,7 @@ def _output_file(path: str, example: str) -> Path:
 
 
 def add_convert(sub) -> None:
+    """The `convert` subcommand's parser."""
     c = sub.add_parser("convert", help="write any readable checkpoint as GGUF")
     c.add_argument("source", help="Hugging Face directory, .gguf file or llama2.c .bin")
     c.add_argument("output", help="the .gguf file to write")
@@ -439,6 +457,7 @@ def add_convert(sub) -> None:
 
 
 def cmd_convert(args) -> int:
+    """Write a checkpoint as GGUF."""
     from .loading import read_checkpoint
     from .loading.gguf_writer import write_gguf
 
@@ -449,12 +468,14 @@ def cmd_convert(args) -> int:
 
 
 def add_info(sub) -> None:
+    """The `info` subcommand's parser."""
     i = sub.add_parser("info", help="a checkpoint's configuration, decoding defaults and the kernels in use")
     add_model_options(i)
     i.set_defaults(func=cmd_info)
 
 
 def cmd_info(args) -> int:
+    """Print a checkpoint's configuration, decoding defaults and kernels."""
     from . import _core
 
     model = load_model(args)
@@ -473,6 +494,7 @@ SUBCOMMANDS = (add_generate, add_journey, add_report, add_thermo, add_score, add
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tokentrail` argument parser, one subparser per entry of SUBCOMMANDS."""
     ap = _Parser(prog="tokentrail", description=__doc__.split("\n\n")[0],
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"tokentrail {__version__}")

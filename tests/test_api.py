@@ -134,6 +134,8 @@ def test_transformers_names(llama_dir, tmp_path):
     model = tokentrail.load(d)
     g = model.generate(PROMPT, max_length=9, ignore_eos=True)
     assert len(g.token_ids) == 4
+    assert (g.timings.prompt_tokens, g.timings.generated_tokens) == (len(PROMPT), 4)
+    assert 0 < g.timings.prompt_seconds <= g.timings.first_token_seconds
     first = g.token_ids[0]
     stopped = model.generate(PROMPT, max_new_tokens=5, eos_token_id=first)
     assert stopped.token_ids == [first] and stopped.finish_reason == "eos"

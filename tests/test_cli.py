@@ -181,6 +181,35 @@ def test_every_sampler_option_reaches_the_chain():
     assert run("generate", "The storm is", *mirostat).stdout == "The storm is" + g.text + "\n"
 
 
+def test_length_and_end_flags():
+    model = tokentrail.load()
+    g = model.generate("The storm is", max_new_tokens=4, ignore_eos=True)
+    out = run("generate", "The storm is", "--max-length", str(len(model.encode("The storm is")) + 4), "--no-perf")
+    assert out.stdout == "The storm is" + g.text + "\n"
+    first = g.token_ids[0]
+    out = run("generate", "The storm is", "--eos-token-id", str(first))
+    assert out.stdout == "The storm is\n" and "finish: eos" in out.stderr
+    breaker = model.tokenizer.encode(".", special=False)
+    assert len(breaker) == 1
+    flags = ["-n", "30", "--ignore-eos", "-s", "1", "--temp", "1.5", "--dry-multiplier", "2", "--dry-allowed-length",
+             "1", "--dry-penalty-last-n", "20", "--no-perf"]
+    want = model.generate("The storm is", max_new_tokens=30, ignore_eos=True, seed=1, temperature=1.5,
+                          dry_multiplier=2.0, dry_allowed_length=1, dry_window=20, dry_breakers=breaker)
+    assert run("generate", "The storm is", *flags, "--dry-sequence-breaker", ".").stdout == \
+        "The storm is" + want.text + "\n"
+    assert run("generate", "The storm is", *flags, "--dry-sequence-breaker", str(breaker[0])).stdout == \
+        "The storm is" + want.text + "\n"
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    # stdout is a pipe whose reader is already gone, as after `| head` has exited.
+    script = ("import os, sys; r, w = os.pipe(); os.close(r); os.dup2(w, 1); from tokentrail.cli import main; "
+              "sys.exit(main(['generate', 'The storm is', '-n', '8']))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+
+
 def test_beams_and_several_sequences():
     model = tokentrail.load()
     out = run("generate", "The storm is", "-n", "6", "--num-beams", "3", "--num-return-sequences", "2")

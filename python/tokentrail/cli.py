@@ -523,8 +523,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # The reader went away (e.g. `| head`); nothing more to say.
-        sys.stderr.close()
+        # The reader went away (e.g. `| head`): point stdout at /dev/null so that
+        # flushing it at exit does not fail a second time, and end quietly.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (UsageError, TokentrailError, ValueError, KeyError, IndexError, OSError) as e:
         print(f"tokentrail: error: {_one_line(e)}", file=sys.stderr)

@@ -338,3 +338,21 @@ def test_readme_python_examples_run(capsys):
     cache = namespace["cache"]
     assert cache["blocks.0.attn_pattern"].shape[0] == 1
     assert "The storm is" not in capsys.readouterr().err
+
+
+def test_other_choosers_get_generates_config(llama_dir, tmp_path):
+    """sampling_config(model, options) + Sampler over plain forwards picks generate()'s tokens."""
+    from tokentrail.generation import sampling_config
+    from tokentrail.sampling import Sampler
+
+    d = with_generation_config(llama_dir, tmp_path, {"do_sample": True, "temperature": 0.9, "top_p": 0.99})
+    model = tokentrail.load(d)
+    for options in ({}, {"top_k": 7, "repetition_penalty": 1.3}, {"temperature": 0}):
+        g = model.generate(PROMPT, max_new_tokens=6, seed=11, ignore_eos=True, **options)
+        sampler = Sampler(sampling_config(model, options), seed=11)
+        ids = list(PROMPT)
+        for _ in range(6):
+            ids.append(sampler.sample(model.forward(ids)[-1], ids))
+        assert ids[len(PROMPT):] == g.token_ids, options
+    with pytest.raises(OptionError, match="did you mean 'top_k'"):
+        sampling_config(model, {"topk": 3})

@@ -23,7 +23,7 @@ import inspect
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from .progress import ProgressOption, Task, check_progress
 from .generation_config import SAMPLING_FIELDS, TRANSFORMERS_SAMPLING_TOP_K, GenerationDefaults
 from .sampling import SAMPLING_OPTIONS, Processor, SamplingConfig, Sampler, Temperature, log_softmax
 from .tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    from .capture import Hooks
 
 # Prompt tokens given to the stream decoder as context: enough for the
 # tokenizer to decide spaces and joins at the boundary, without re-decoding
@@ -75,7 +78,7 @@ class Step:
     finish_reason: str | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class Generation:
     """The outcome of :func:`generate`.
 
@@ -93,6 +96,10 @@ class Generation:
     seed: int
     stop_string: str | None = None
     timings: Timings | None = None
+
+    def __repr__(self) -> str:
+        return (f"Generation(text={self.text!r:.80}, {len(self.token_ids)} tokens after a prompt of "
+                f"{len(self.prompt_ids)}, finish_reason={self.finish_reason!r}, seed={self.seed})")
 
     @property
     def logprob(self) -> float | None:
@@ -316,6 +323,23 @@ def _sampling_config(model, options: dict[str, Any], sampling: SamplingConfig | 
     return config, do_sample
 
 
+def sampling_config(model, options: Mapping[str, Any] | None = None,
+                    sampling: SamplingConfig | None = None) -> SamplingConfig:
+    """The SamplingConfig that generate() uses on `model` for these options (same names, same defaults).
+
+    Whatever else chooses tokens (the journey, a server) goes through this,
+    so that with the same options and seed it picks what generate() picks:
+    ``Sampler(sampling_config(model, {"temperature": 0.8}), seed=1)``.
+    """
+    options = dict(options or {})
+    unknown = set(options) - _CHAIN_OPTIONS
+    if unknown:
+        raise unknown_options(unknown, _CHAIN_OPTIONS, "sampling option")
+    full = {name: _SIGNATURE_DEFAULTS[name] for name in _CHAIN_OPTIONS}
+    full.update(options)
+    return _sampling_config(model, full, sampling, _SIGNATURE_DEFAULTS)[0]
+
+
 def _new_tokens(model, prompt_len: int, max_new_tokens, max_length) -> int:
     if max_new_tokens is not None and max_length is not None:
         raise ValueError("max_length: give max_new_tokens or max_length (prompt included), not both")
@@ -387,7 +411,7 @@ def generate(model, prompt: str | Sequence[int], max_new_tokens: int | None = No
              stream: bool = False,
              logprobs: bool = False,
              top_n: int = 0,
-             hooks: Any = None,
+             hooks: Hooks | None = None,
              **unexpected: Any) -> "Generation | list[Generation] | Stream":
     """Continue `prompt` (text or token ids).
 
@@ -870,3 +894,4 @@ def _score_one(model, item, top_n: int, progress: ProgressOption = None) -> Scor
 _SIGNATURE_DEFAULTS = {name: p.default for name, p in inspect.signature(generate).parameters.items()
                        if p.kind is inspect.Parameter.KEYWORD_ONLY or name == "max_new_tokens"}
 GENERATE_OPTIONS = frozenset(_SIGNATURE_DEFAULTS)
+_CHAIN_OPTIONS = SAMPLING_OPTIONS | {"do_sample"}

@@ -300,8 +300,14 @@ def test_progress_on_stderr_only_when_asked(tmp_path):
 def test_ctrl_c_exits_130_without_a_traceback():
     proc = subprocess.Popen([sys.executable, "-m", "tokentrail.cli", "generate", "-"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # The command waits for its prompt on stdin; give it time to get there, then interrupt it.
-    time.sleep(3)
+    # The command waits for its prompt on stdin; interrupt it once it is there.
+    wchan = f"/proc/{proc.pid}/wchan"
+    for _ in range(600):
+        if os.path.exists(wchan) and "pipe_read" in open(wchan).read():
+            break
+        time.sleep(0.1)
+    else:
+        time.sleep(3)  # no /proc to ask: allow for the imports
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     proc.stdin.close() if proc.stdin and not proc.stdin.closed else None

@@ -8,6 +8,8 @@ Resolution order for every option of :func:`tokentrail.generation.generate`
    directories; GGUF and llama2.c checkpoints have none);
 3. tokentrail's defaults: greedy decoding, :data:`DEFAULT_MAX_NEW_TOKENS`
    new tokens, the end-of-sequence ids of the config and tokenizer.
+   (transformers' own last resort, max_length=20 with the prompt counted,
+   is not taken: it leaves most prompts no room to continue.)
 
 Greedy or sampling: ``do_sample`` decides when it is given (by the caller or
 the file), as in transformers; otherwise a ``temperature`` above 0 from the

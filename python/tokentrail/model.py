@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +15,10 @@ from .generation_config import GenerationDefaults, defaults_for
 from .loading import Checkpoint, read_checkpoint
 from .loading.weights import BLOCK_TYPES, Weight, bf16_from_float32
 from .progress import ProgressOption, Task
+
+if TYPE_CHECKING:
+    from .capture import ActivationCache, Hooks
+    from .journey import Journey
 
 DEMO_MODEL = Path(__file__).parent / "models" / "demo"
 # Default KV cache limit when a model allows very long contexts: memory for
@@ -150,7 +155,7 @@ class Model:
             raise ValueError("this checkpoint has no tokenizer; pass token ids instead of text")
         return self.tokenizer.encode(text)
 
-    def forward(self, ids: Sequence[int] | str, all_positions: bool = True, hooks=None) -> np.ndarray:
+    def forward(self, ids: Sequence[int] | str, all_positions: bool = True, hooks: Hooks | None = None) -> np.ndarray:
         """Logits for `ids` (or text) from an empty cache: [len(ids), vocab], or [vocab] for the last position.
 
         `hooks` (from hooks()) records and intervenes during the pass.
@@ -159,14 +164,15 @@ class Model:
             ids = self.encode(ids)
         return self.session().feed(ids, all_logits=all_positions, hooks=hooks)
 
-    def hooks(self):
+    def hooks(self) -> Hooks:
         """A fresh set of capture requests and interventions for this model (tokentrail.capture.Hooks)."""
         from .capture import Hooks
 
         return Hooks(self)
 
     def run_with_cache(self, prompt: str | Sequence[int], names: str | Iterable[str] = "*",
-                       positions: Iterable[int] | None = None, hooks=None):
+                       positions: Iterable[int] | None = None,
+                       hooks: Hooks | None = None) -> tuple[np.ndarray, ActivationCache]:
         """Logits of every position and an ActivationCache of the named points (all by default).
 
         `names` are capture-point names, TransformerLens hook names or glob
@@ -188,7 +194,8 @@ class Model:
         logits = self.forward(ids, all_positions=True, hooks=hooks)
         return logits, hooks.cache
 
-    def journey(self, prompt, temperature: float = 1.0, position: int = -1, top: int = 5, seed=None):
+    def journey(self, prompt: str | Sequence[int], temperature: float = 1.0, position: int = -1, top: int = 5,
+                seed: int | None = None) -> Journey:
         """Follow the token at `position` of `prompt` through the model; see tokentrail.journey."""
         from .journey import Journey
 
@@ -242,7 +249,7 @@ class Session:
     def kv_dtype(self) -> str:
         return self._cache.dtype
 
-    def feed(self, ids: Sequence[int], all_logits: bool = False, hooks=None) -> np.ndarray:
+    def feed(self, ids: Sequence[int], all_logits: bool = False, hooks: Hooks | None = None) -> np.ndarray:
         """Run `ids` at the next positions; logits of the last one ([vocab]), or of all ([n, vocab])."""
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
         if ids.ndim != 1 or ids.size == 0:

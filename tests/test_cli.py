@@ -216,6 +216,8 @@ def test_beams_and_several_sequences():
     assert out.returncode == 0, out.stderr
     beams = model.generate("The storm is", max_new_tokens=6, num_beams=3, num_return_sequences=2)
     assert out.stdout == "".join(("\n" if i else "") + "The storm is" + b.text + "\n" for i, b in enumerate(beams))
+    assert re.fullmatch(r"2 sequences, 12 tokens in [\d.]+ ms \([\d.]+ tokens/s\)\n", out.stderr)
+    one_line_error(run("generate", "The storm is", "--num-beams", "2", "--show-probs"), "--show-probs")
 
 
 def test_every_api_sampling_option_has_a_flag_with_help():

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -278,7 +279,7 @@ def add_generate(sub) -> None:
     add_length_options(g)
     add_sampling_options(g)
     o = g.add_argument_group("output")
-    o.add_argument("--show-probs", "--n-probs", dest="show_probs", action="store_true",
+    o.add_argument("--show-probs", action="store_true",
                    help="print each step's alternatives before and after the chain")
     add_top_n_option(o, 5, "alternatives shown per step with --show-probs")
     o.add_argument("--no-perf", action="store_true", help="do not print the timing summary on stderr")
@@ -299,10 +300,19 @@ def cmd_generate(args) -> int:
                   stop=args.stop or (), eos_token_id=args.eos_token_id, ignore_eos=args.ignore_eos, **options)
     out = sys.stdout
     if several:
+        if args.show_probs:
+            raise UsageError("--show-probs follows one sequence; leave out --num-beams/--num-return-sequences")
+        start = time.perf_counter()
         results = model.generate(prompt, **common)
+        seconds = time.perf_counter() - start
         results = results if isinstance(results, list) else [results]
         for i, r in enumerate(results):
             out.write(("" if i == 0 else "\n") + prompt + r.text + "\n")
+        out.flush()
+        if not args.no_perf:
+            tokens = sum(len(r.token_ids) for r in results)
+            print(f"{len(results)} sequences, {tokens} tokens in {seconds * 1e3:.1f} ms "
+                  f"({tokens / seconds:.1f} tokens/s)", file=sys.stderr)
         return 0
     stream = model.generate(prompt, stream=True, logprobs=args.show_probs,
                             top_n=args.top_n if args.show_probs else 0, **common)

@@ -127,6 +127,8 @@ def test_do_sample_means_what_it_means_in_transformers(llama_dir, tmp_path):
         model.generate(PROMPT, do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="top_p: acts only when sampling"):
         model.generate(PROMPT, top_p=0.5)
+    with pytest.raises(ValueError, match="do_sample=False"):
+        model.generate(PROMPT, do_sample=False, temperature=0.7)
 
 
 def test_transformers_names(llama_dir, tmp_path):

@@ -288,6 +288,9 @@ def _sampling_config(model, options: dict[str, Any], sampling: SamplingConfig | 
             do_sample = bool(file.do_sample)
     elif do_sample and temperature is not None and temperature == 0:
         raise ValueError("temperature: do_sample=True needs a temperature above 0 (0 means greedy)")
+    elif not do_sample and temperature is not None and temperature > 0:
+        raise ValueError(f"temperature: {temperature} acts only when sampling, and do_sample=False asks for "
+                         f"greedy decoding; leave one of them out")
     values = dict(base)
     for name in _FROM_FILE:
         if name in given:

@@ -3,6 +3,9 @@ transformers on the same directory), transformers' option names, helpful errors,
 from __future__ import annotations
 
 import inspect
+import math
+import subprocess
+import sys
 import json
 import re
 import shutil
@@ -358,3 +361,16 @@ def test_other_choosers_get_generates_config(llama_dir, tmp_path):
         assert ids[len(PROMPT):] == g.token_ids, options
     with pytest.raises(OptionError, match="did you mean 'top_k'"):
         sampling_config(model, {"topk": 3})
+
+
+def test_a_certain_choice_has_entropy_zero_not_minus_zero():
+    from tokentrail import thermo
+
+    logits = np.array([3.0, 1.0, -2.0])
+    for t in (0.0, 1e-3):
+        s = thermo.stats(logits, t)
+        assert f"{s.entropy_bits:.2f}" == "0.00" and math.copysign(1.0, s.entropy) == 1.0
+        assert math.copysign(1.0, thermo.entropy(logits, t)) == 1.0
+    out = subprocess.run([sys.executable, "-m", "tokentrail.cli", "journey", "The storm is", "--temp", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert "entropy 0.00 bits" in out.stdout and "-0.00" not in out.stdout

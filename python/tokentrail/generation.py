@@ -693,7 +693,7 @@ class _Hypotheses:
 
 
 def beam_search(model, prompt_ids, num_beams: int = 4, length_penalty: float = 1.0,
-                early_stopping: bool | str = False, max_new_tokens: int = 32,
+                early_stopping: bool | str = False, max_new_tokens: int | None = None,
                 eos_ids: int | Iterable[int] | None = None, num_return: int | None = None) -> list[Beam]:
     """The `num_return` (default num_beams) best continuations, best first.
 
@@ -708,8 +708,11 @@ def beam_search(model, prompt_ids, num_beams: int = 4, length_penalty: float = 1
     possible length). At max_new_tokens, or a full context, the num_beams
     best candidates of the last step join the results unfinished. These are
     the rules of transformers' beam search, so its results can be compared.
+    `max_new_tokens` defaults to the model's default length, as in generate().
     """
     num_beams = _count("num_beams", num_beams, 1)
+    if max_new_tokens is None:  # the model's default length, as generate() takes it
+        max_new_tokens = _new_tokens(model, len(_prompt_ids(model, prompt_ids, "prompt_ids")), None, None)
     max_new_tokens = _count("max_new_tokens", max_new_tokens, 1)
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
             or not math.isfinite(length_penalty):

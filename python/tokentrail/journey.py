@@ -214,7 +214,7 @@ class Journey:
             parts.append(("pos_embed", contrib(self._row("pos_embed").astype(np.float64))))
         hd = c.head_dim
         for l in range(L):
-            z = self._row(f"blocks.{l}.attn_z").astype(np.float64)
+            z = self._row(f"blocks.{l}.attn_z").astype(np.float64).reshape(-1)
             wo = w[f"blocks.{l}.attn.o.weight"].to_float32().astype(np.float64)
             heads = [wo[:, h * hd:(h + 1) * hd] @ z[h * hd:(h + 1) * hd] for h in range(c.n_heads)]
             ob = w.get(f"blocks.{l}.attn.o.bias")

@@ -31,9 +31,14 @@ SPACE = "\u2581"
 TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = 1, 2, 3, 4, 5, 6
 
 
-def write_gguf(checkpoint, out_path, dtype: str = "f32") -> Path:
-    """Write `checkpoint` to `out_path` with matrices in `dtype`; returns the path."""
+def write_gguf(checkpoint, out_path, dtype: str = "f32", progress=None) -> Path:
+    """Write `checkpoint` to `out_path` with matrices in `dtype`; returns the path.
+
+    `progress`: see tokentrail.progress (None = a bar when stderr is a terminal).
+    """
     import gguf  # only writing needs the package
+
+    from ..progress import Task
 
     if dtype not in WRITE_DTYPES:
         raise ValueError(f"dtype must be one of {WRITE_DTYPES}, got {dtype!r}")
@@ -47,15 +52,16 @@ def write_gguf(checkpoint, out_path, dtype: str = "f32") -> Path:
     else:
         # No tokenizer (random or id-only models): say so, or llama.cpp refuses the file.
         writer.add_string("tokenizer.ggml.model", "none")
-    for name, array, raw_type in _tensors(checkpoint, cfg, arch, dtype, gguf):
-        if raw_type is None:
-            writer.add_tensor(name, array)
-        else:
+    with Task(f"converting tensors to {dtype}", len(checkpoint.weights), progress) as task:
+        for name, array, raw_type in _tensors(checkpoint, cfg, arch, dtype, gguf):
             writer.add_tensor(name, array, raw_dtype=raw_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            task.advance()
+    with Task(f"writing {out_path.name}", 1, progress) as task:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        task.advance()
     return out_path
 
 

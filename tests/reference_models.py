@@ -86,7 +86,9 @@ def make_config(family: str):
         return tf.Qwen3MoeConfig(num_experts=5, num_experts_per_tok=2, moe_intermediate_size=40,
                                  norm_topk_prob=True, head_dim=24, **llama_like)
     if family == "olmoe":
-        return tf.OlmoeConfig(num_experts=5, num_experts_per_tok=3, **{**llama_like, "pad_token_id": 0})
+        # OLMoE has as many key/value heads as query heads (llama.cpp's graph assumes it).
+        return tf.OlmoeConfig(num_experts=5, num_experts_per_tok=3,
+                              **{**llama_like, "pad_token_id": 0, "num_key_value_heads": 4})
     raise ValueError(family)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 DEFAULT_SRC = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokentrail-ci" / \
-    "llama-cpp-src-0.3.36"
+    "llama-cpp-src-0.3.36-v2"
 
 _RUNNER = r"""
 import runpy, sys

@@ -479,21 +479,58 @@ def cmd_convert(args) -> int:
 
 def add_info(sub) -> None:
     """The `info` subcommand's parser."""
-    i = sub.add_parser("info", help="a checkpoint's configuration, decoding defaults and the kernels in use")
+    i = sub.add_parser("info", help="a checkpoint's family, the configuration fields that matter, weight types, "
+                                    "tokenizer, decoding defaults and the kernels in use")
     add_model_options(i)
+    i.add_argument("--json", action="store_true", help="print the whole configuration as JSON instead")
     i.set_defaults(func=cmd_info)
 
 
+def describe_model(model) -> list[str]:
+    """Lines saying what a loaded model is: family, the fields that set it apart, weights, tokenizer."""
+    from collections import Counter
+
+    from .config import ModelConfig
+    from .loading.families import BY_GGUF_ARCH, BY_HF_ARCH
+
+    c = model.config
+    family = BY_HF_ARCH.get(c.architecture) or BY_GGUF_ARCH.get(c.architecture)
+    lines = [f"family: {family.name} - {family.summary}" if family else "family: (not in the registry)",
+             f"architecture: {c.architecture or '?'}",
+             f"shape: {c.n_layers} layers, d_model {c.hidden_size}, {c.n_heads} heads ({c.n_kv_heads} key/value, "
+             f"head_dim {c.head_dim}), ffn {c.ffn_size}, vocab {c.vocab_size}, context {c.max_seq_len}"]
+    plain = ModelConfig(vocab_size=1, hidden_size=1, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2, ffn_size=1,
+                        max_seq_len=1)
+    skip = {"vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_size",
+            "max_seq_len", "architecture", "bos_token_id", "eos_token_ids"}
+    fields = [f"{k}={v!r}" for k, v in c.to_dict().items() if k not in skip and getattr(plain, k) != v]
+    lines.append("fields that matter: " + (", ".join(fields) if fields else "(all defaults)"))
+    types = Counter(w.dtype for w in model.weights.values())
+    lines.append("weights: " + ", ".join(f"{t} x{n}" for t, n in sorted(types.items())) +
+                 f" ({model.n_params:,} parameters)")
+    tok = model.tokenizer
+    if tok is None:
+        lines.append("tokenizer: none (ids only)")
+    else:
+        spec = json.loads(tok.inner.to_str())
+        kind = spec.get("model", {}).get("type", "?")
+        pre = spec.get("pre_tokenizer") or {}
+        byte_level = "ByteLevel" in json.dumps(pre) or "ByteLevel" in json.dumps(spec.get("decoder"))
+        label = f"byte-level {kind}" if byte_level else f"SentencePiece-style {kind}" if kind == "BPE" else kind
+        lines.append(f"tokenizer: {label}, {tok.vocab_size} entries, BOS {tok.bos_id}, EOS {list(tok.eos_ids)}")
+    return lines
+
+
 def cmd_info(args) -> int:
-    """Print a checkpoint's configuration, decoding defaults and kernels."""
+    """Print a checkpoint's family, configuration, weights, tokenizer, decoding defaults and kernels."""
     from . import _core
 
     model = load_model(args)
-    print(model)
-    print(json.dumps(model.config.to_dict(), indent=1))
-    types = sorted({w.dtype for w in model.weights.values()})
-    print(f"parameters: {model.n_params:,}  weight types: {', '.join(types)}  kernels: {_core.isa()} "
-          f"(available: {', '.join(_core.available_isas())})  threads: {_core.get_threads()}")
+    if args.json:
+        print(json.dumps(model.config.to_dict(), indent=1))
+        return 0
+    print("\n".join(describe_model(model)))
+    print(f"kernels: {_core.isa()} (available: {', '.join(_core.available_isas())}), threads: {_core.get_threads()}")
     print(f"decoding defaults: {model.generation_defaults}")
     return 0
 

@@ -128,3 +128,39 @@ def test_llama_cpp_agrees_on_converted_and_written_files(twins, tmp_path):
         err = float((np.abs(theirs - got) / spread).max())
         bound = GELU_GATED_BOUND if ours.config.gated_mlp and ours.config.activation != "silu" else LLAMA_CPP_BOUND
         assert err <= bound, f"{family} ({label}): {err:.2e} of the spread"
+
+
+def _copy_with(src, dst, extra_key=None, extra_tensor=None):
+    """Rewrite a GGUF file with the gguf package, adding one metadata key or one tensor."""
+    gguf = require("gguf")
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), vtype)
+    if extra_key:
+        writer.add_float32(f"{arch}.{extra_key}", 0.5)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    if extra_tensor:
+        writer.add_tensor(extra_tensor, np.ones(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_unknown_gguf_metadata_and_tensors_are_refused(twins, tmp_path):
+    family, _, _, path = twins
+    tokentrail.load(_copy_with(path, tmp_path / "same.gguf"))  # the copy itself reads
+    with pytest.raises(tokentrail.CheckpointError, match="attention.temperature_scale"):
+        tokentrail.load(_copy_with(path, tmp_path / "key.gguf", extra_key="attention.temperature_scale"))
+    with pytest.raises(tokentrail.CheckpointError, match="blk.0.attn_mystery.weight"):
+        tokentrail.load(_copy_with(path, tmp_path / "tensor.gguf", extra_tensor="blk.0.attn_mystery.weight"))

@@ -164,3 +164,19 @@ def test_unknown_gguf_metadata_and_tensors_are_refused(twins, tmp_path):
         tokentrail.load(_copy_with(path, tmp_path / "key.gguf", extra_key="attention.temperature_scale"))
     with pytest.raises(tokentrail.CheckpointError, match="blk.0.attn_mystery.weight"):
         tokentrail.load(_copy_with(path, tmp_path / "tensor.gguf", extra_tensor="blk.0.attn_mystery.weight"))
+
+
+def test_journey_and_captures_of_the_gguf_twin(twins):
+    """Loaded from GGUF, every family still records every capture point and its journey adds up."""
+    family, _, d, path = twins
+    ours = tokentrail.load(path)
+    logits, cache = ours.run_with_cache(PROMPT, names="*")
+    np.testing.assert_allclose(cache["logits"][-1], logits[-1] if logits.ndim == 2 else logits, atol=1e-5)
+    for layer in range(ours.config.n_layers):
+        assert f"blocks.{layer}.attn_pattern" in cache and f"blocks.{layer}.resid_post" in cache
+        if ours.config.n_experts:
+            assert f"blocks.{layer}.router" in cache
+    j = ours.journey(PROMPT)
+    a = j.attribution()
+    summed = a["capped_total"] if ours.config.final_softcap else a["total"]
+    assert abs(summed - float(j.logits[a["token"]])) <= 1e-4 * max(1.0, abs(float(j.logits[a["token"]])))

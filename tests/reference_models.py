@@ -109,7 +109,19 @@ def build(family: str, directory: Path, dtype: str = "float32", seed: int = 0):
     return tf.AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
 
 
-def reference_logits(model, ids) -> "np.ndarray":
+def build_family(request, tmp_path_factory):
+    """For a fixture parametrized by family: (family, directory, tokentrail model, transformers model)."""
+    import tokentrail
+    from conftest import require
+
+    require("torch")
+    require("transformers")
+    d = tmp_path_factory.mktemp(request.param)
+    ref = build(request.param, d)
+    return request.param, d, tokentrail.load(d), ref
+
+
+def reference_logits(model, ids):
     import torch
 
     with torch.no_grad():
@@ -122,7 +134,7 @@ def reference_logits(model, ids) -> "np.ndarray":
 CALL_DEPENDENT = ("phi3_longrope",)
 
 
-def reference_logits_in_pieces(model, pieces) -> "np.ndarray":
+def reference_logits_in_pieces(model, pieces):
     """transformers fed `pieces` (lists of ids) one call each through its KV cache; logits of all positions."""
     import numpy as np
     import torch

@@ -11,18 +11,14 @@ import pytest
 
 import tokentrail
 from conftest import require
-from reference_models import FAMILIES, build
+from reference_models import FAMILIES, build, build_family
 
 PROMPT = [1, 17, 200, 5, 99, 42, 42, 7, 250, 3, 64, 128]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request, tmp_path_factory):
-    require("torch")
-    require("transformers")
-    d = tmp_path_factory.mktemp(request.param)
-    ref = build(request.param, d)
-    return request.param, d, tokentrail.load(d), ref
+    return build_family(request, tmp_path_factory)
 
 
 def reference_internals(ref, ids):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tokentrail
-from conftest import require
+from conftest import greedy_with_logits, require
 from llama_cpp_converter import convert, write_placeholder_tokenizer
 from reference_models import CALL_DEPENDENT, FAMILIES, build, reference_logits
 from tokentrail.loading import read_checkpoint
@@ -46,16 +46,6 @@ def twins(request, tmp_path_factory):
     return request.param, ref, d, convert(d, d / "converted.gguf")
 
 
-def _logits_greedy(model, prompt, steps=8):
-    s = model.session()
-    rows = list(s.feed(prompt, all_logits=True))
-    out = []
-    for _ in range(steps):
-        out.append(int(np.argmax(rows[-1])))
-        rows.append(s.feed([out[-1]]))
-    return np.stack(rows), out
-
-
 def _close(got, want, bound, label):
     scale = max(1.0, float(np.abs(want).max()))
     err = float(np.abs(got - want).max()) / scale
@@ -67,7 +57,7 @@ def test_converted_gguf_matches_transformers(twins):
     if family in NOT_EXPRESSIBLE:
         pytest.skip(NOT_EXPRESSIBLE[family])
     ours = tokentrail.load(path)
-    got, greedy = _logits_greedy(ours, PROMPT)
+    got, greedy = greedy_with_logits(ours, PROMPT, 8)
     want = reference_logits(ref, PROMPT + greedy)
     _close(got, want, 1e-4, family)
     assert greedy == [int(np.argmax(r)) for r in want[len(PROMPT) - 1:-1]]
@@ -116,7 +106,7 @@ def test_llama_cpp_agrees_on_converted_and_written_files(twins, tmp_path):
         files.append(("written", write_gguf(_without_tokenizer(d), tmp_path / "ours.gguf")))
     for label, file in files:
         ours = tokentrail.load(file)
-        got, greedy = _logits_greedy(ours, PROMPT, 4)
+        got, greedy = greedy_with_logits(ours, PROMPT, 4)
         llm = llama_cpp.Llama(model_path=str(file), n_ctx=64, n_batch=64, n_threads=2, logits_all=True,
                               type_k=0, type_v=0, verbose=False)
         llm.eval(PROMPT)

@@ -319,7 +319,6 @@ def _is_int(v) -> bool:
 def _config_fields(f: GGUFFile, r: FieldReader, family) -> dict:
     """ModelConfig fields from the architecture's metadata keys, the tensors present, and what
     llama.cpp assumes of the architecture (family.gguf_fixed)."""
-    arch = family.gguf_arch if f.metadata.get("general.architecture") != "mistral" else "mistral"
     if "token_embd.weight" not in f.tensors:
         raise f.error("the token embedding is missing", "token_embd.weight")
     embed_shape = f.tensors["token_embd.weight"].shape

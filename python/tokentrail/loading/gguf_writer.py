@@ -200,7 +200,6 @@ def to_half(rows: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _tensors(checkpoint, cfg: ModelConfig, family: Family, dtype: str, gguf):
     W = checkpoint.weights
-    arch = family.gguf_arch
     # q/k rows must be in the order the architecture rotates.
     reorder = None
     if cfg.position == "rope" and family.gguf_rope_layout != cfg.rope_layout:

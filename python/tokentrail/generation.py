@@ -163,6 +163,13 @@ def _held_back(text: str, start: int, stops: Sequence[str]) -> int:
     return longest
 
 
+def make_sampler(model, sampling: SamplingConfig | None = None, seed: int | None = None,
+                 **options: Any) -> Sampler:
+    """The sampler `generate` draws with for these options; the journey draws through it too,
+    so that both choose the same token from the same seed."""
+    return Sampler(make_chain(sampling, **options), seed=seed)
+
+
 def generate(model, prompt, max_new_tokens: int = 64, *, seed: int | None = None,
              stop: str | Sequence[str] = (), eos_ids: int | Iterable[int] | None = None,
              ignore_eos: bool = False, stream: bool = False, logprobs: bool = False, top_n: int = 0,
@@ -189,7 +196,7 @@ def generate(model, prompt, max_new_tokens: int = 64, *, seed: int | None = None
             raise ValueError(f"stop: stop strings must be non-empty strings, got {s!r}")
     if stops and model.tokenizer is None:
         raise ValueError("stop: stop strings need a tokenizer; this model has none")
-    sampler = Sampler(make_chain(sampling, **options), seed=seed)
+    sampler = make_sampler(model, sampling, seed, **options)
     prompt_ids = _prompt_ids(model, prompt)
     _check_fits(model, prompt_ids)
     eos = set() if ignore_eos else _eos_ids(model, eos_ids)

@@ -130,11 +130,17 @@ class Model:
         logits = self.forward(ids, all_positions=True, hooks=hooks)
         return logits, hooks.cache
 
-    def journey(self, prompt, temperature: float = 1.0, position: int = -1, top: int = 5, seed=None):
-        """Follow the token at `position` of `prompt` through the model; see tokentrail.journey."""
+    def journey(self, prompt, *, position: int = -1, top: int = 5, seed: int | None = None, sampling=None,
+                **options):
+        """Follow the token at `position` of `prompt` through the model; see tokentrail.journey.
+
+        `seed`, `sampling` and the sampling options (temperature, top_k,
+        top_p, ...) are generate's: the journey's chosen token is the first
+        token generate returns with the same ones, drawn through the same chain.
+        """
         from .journey import Journey
 
-        return Journey(self, prompt, temperature=temperature, position=position, top=top, seed=seed)
+        return Journey(self, prompt, position=position, top=top, seed=seed, sampling=sampling, **options)
 
     def generate(self, prompt, max_new_tokens: int = 32, **kwargs):
         """Continue `prompt` (text or ids); see tokentrail.generation.generate for the options."""

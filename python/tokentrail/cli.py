@@ -68,17 +68,23 @@ def cmd_journey(args) -> int:
     from .report.terminal import print_journey
 
     model = _model(args)
-    j = model.journey(args.prompt, temperature=args.temperature, seed=args.seed, top=args.top)
+    j = model.journey(args.prompt, seed=args.seed, top=args.top, **_journey_sampling(args))
     print_journey(j, width=args.width)
     return 0
 
 
+def _journey_sampling(args) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p}
+
+
 def cmd_report(args) -> int:
+    from .journey import follow_generation
     from .report.html import write_report
 
     model = _model(args)
-    j = model.journey(args.prompt, temperature=args.temperature, seed=args.seed, top=args.top)
-    path = write_report(j, args.output)
+    journeys = follow_generation(model, args.prompt, args.new_tokens, seed=args.seed, top=args.top,
+                                 **_journey_sampling(args))
+    path = write_report(journeys, args.output)
     print(f"wrote {path}")
     return 0
 
@@ -147,13 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
         j = sub.add_parser(name, help=helptext)
         j.add_argument("prompt")
         _add_model_args(j)
-        j.add_argument("--temperature", "-t", type=float, default=1.0)
-        j.add_argument("--seed", type=int, default=None, help="sample the chosen token with this seed (default: greedy)")
-        j.add_argument("--top", type=int, default=5)
+        j.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+        j.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
+        j.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (default: 1, off)")
+        j.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max (default: 0)")
+        j.add_argument("--seed", type=int, default=None, help="seed of the draw, as for generate")
+        j.add_argument("--top", type=int, default=5, help="candidates listed per stage (default: 5)")
         if name == "journey":
             j.add_argument("--width", type=int, default=None, help="terminal width (default: detected)")
         else:
-            j.add_argument("--output", "-o", default="journey.html")
+            j.add_argument("--output", "-o", default="journey.html", help="the page to write (default: journey.html)")
+            j.add_argument("--new-tokens", "-n", type=int, default=1,
+                           help="generate this many tokens and show each one's journey (default: 1)")
         j.set_defaults(func=func)
 
     t = sub.add_parser("thermo", help="the next token's top candidates at several temperatures")

@@ -302,3 +302,36 @@ def test_readable_without_overflow(browser, pages, name, width, tmp_path):
     assert problems["pageWidth"] <= problems["viewport"] and problems["overflow"] == [], problems
     assert not page.errors
     page.close()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_page_for_other_families(browser, tmp_path, family):
+    """Learned positions and LayerNorm (GPT-2), biases and no tokenizer (ids only): the page still works."""
+    from conftest import require
+    from reference_models import build
+
+    require("torch")
+    require("transformers")
+    build(family, tmp_path / family)
+    model = tokentrail.load(tmp_path / family)
+    journeys = follow_generation(model, [1, 17, 200, 5, 99, 42], 3, seed=2, temperature=1.0)
+    path = write_report(journeys, tmp_path / "page.html")
+    page = _open(browser, path)
+    assert not page.errors
+    assert len(page.query_selector_all(".node.layer")) == model.config.n_layers
+    assert ("position vector" in page.inner_text("#node-embed")) == (family == "gpt2")
+    page.click(".strip .tok.generated >> nth=2")
+    assert page.inner_text("#chain-draw .cand.picked .tok") == journeys[2].token(journeys[2].chosen)
+    page.close()
+
+
+def test_byte_tokens_on_the_page(browser, tmp_path):
+    """A sentencepiece model's byte tokens appear as <0xNN> escapes, never as U+FFFD."""
+    from conftest import require_stories
+
+    model = tokentrail.load(require_stories() / "stories260K.bin")
+    path = write_report(model.journey("日本 storm", temperature=0), tmp_path / "bytes.html")
+    page = _open(browser, path)
+    strip = page.inner_text("#strip")
+    assert "<0xE6>" in strip and "\ufffd" not in strip and not page.errors
+    page.close()

@@ -536,6 +536,8 @@ class Journey:
             out.append(Stage("sampler", f"sampler {i + 1}: {name}", f"{described} {text}",
                              {"name": name, "processor": described, "removed": int(removed.size),
                               "removed_ids": removed.tolist(), "kept": kept,
+                              "removed_top": [{"id": int(k), "token": self.token(int(k)), "before": float(before[k])}
+                                              for k in removed[:STAGE_CANDIDATES]],
                               "removed_mass": float(before[removed].sum()),
                               "candidates": [{"id": int(k), "token": self.token(int(k)), "before": float(before[k]),
                                               "after": float(after[k])} for k in cand],

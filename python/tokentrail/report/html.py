@@ -79,6 +79,8 @@ def _step_data(j) -> dict:
         stage.pop("removed_ids", None)
     drawn = j.draw.probs
     final = list(np.argsort(-drawn, kind="stable")[: max(j.top, 10)])
+    if j.chosen not in final:   # an unlikely draw is still shown
+        final.append(j.chosen)
     initial = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
     for proc in j.sampler_chain:
         name = getattr(proc, "name", "")
@@ -152,9 +154,10 @@ def write_report(journeys, path) -> Path:
     if path.is_dir():
         raise ValueError(f"output: {str(path)!r} is a directory; give a file name such as journey.html")
     data = report_data(journeys)
-    step = data["steps"][0]
-    followed = data["tokens"][step["position"]]
-    title = f"tokentrail · the journey of {followed!r}"
+    steps = data["steps"]
+    followed = data["tokens"][steps[0]["position"]]
+    title = (f"tokentrail · the journeys of {len(steps)} tokens generated after {followed!r}" if data["generated"]
+             else f"tokentrail · the journey of {followed!r}")
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
     page = (STATIC / "page.html").read_text(encoding="utf-8")
     page = page.replace("/*CSS*/", (STATIC / "page.css").read_text(encoding="utf-8"))

@@ -596,6 +596,13 @@ function renderChain() {
       : `${c.processor}: removes none; entropy ${fmt(c.entropy_bits[0])} → ${fmt(c.entropy_bits[1])} bits`;
     card.append(el("h4", "", `${i + 1} · ${c.name.replace(/_/g, "-")}`), el("p", "what", what));
     candRows(card, c.candidates.slice(0, 8), "after", -1);
+    const cut = c.removed_top.filter(r => !c.candidates.slice(0, 8).some(x => x.id === r.id)).slice(0, 3);
+    if (cut.length) {
+      const line = el("div", "cutline");
+      line.append("cut, among others: ");
+      for (const r of cut) line.append(tok(r.token), ` ${fmt(r.before, 3)} `);
+      card.append(line);
+    }
     box.append(card);
   });
   const drawn = el("div", "stagecard drawn");
@@ -603,7 +610,9 @@ function renderChain() {
   drawn.append(el("h4", "", "the draw"), el("p", "what", st.sampled
     ? `one uniform number from seed ${st.seed} lands on ${JSON.stringify(st.chosen.text)}`
     : `only ${JSON.stringify(st.chosen.text)} is left: it is chosen`));
-  candRows(drawn, st.final.slice(0, 8).map(f => ({ id: f.id, token: f.token, p: f.drawn, before: 0 })), "p", st.chosen.id);
+  const shown = st.final.slice(0, 8);
+  if (!shown.some(f => f.id === st.chosen.id)) shown.push(st.final.find(f => f.id === st.chosen.id));
+  candRows(drawn, shown.map(f => ({ id: f.id, token: f.token, p: f.drawn, before: 0 })), "p", st.chosen.id);
   box.append(drawn);
 }
 

@@ -65,7 +65,7 @@ def browser():
 
 
 def _open(browser, path, width=1280, height=900):
-    page = browser.new_page(viewport={"width": width, "height": height})
+    page = browser.new_page(viewport={"width": width, "height": height}, reduced_motion="reduce")
     page.requests, page.errors = [], []
     page.on("request", lambda r: page.requests.append(r.url))
     page.on("pageerror", lambda e: page.errors.append(str(e)))
@@ -199,7 +199,6 @@ def test_layers_heads_and_patterns(short_page, model):
     assert labels == [float(f"{v:.2f}") for v in sorted(row, reverse=True)[: len(labels)]]
     # Hovering a cell of the pattern reads out its weight.
     strongest = int(np.argmax(row))
-    page.wait_for_timeout(800)   # the click scrolls smoothly to the layer; let it settle
     page.evaluate("() => document.getElementById('heat').scrollIntoView({block: 'center'})")
     box = page.query_selector("#heat").bounding_box()
     geometry = page.evaluate("""() => { const c = document.getElementById('heat');
@@ -213,7 +212,9 @@ def test_layers_heads_and_patterns(short_page, model):
     assert float(readout.rsplit(":", 1)[1]) == pytest.approx(float(row[strongest]), abs=1e-4)
     # The colour scale has a legend with ticks from 0 to 1.
     ticks = [e.inner_text() for e in page.query_selector_all("#legend .ticks span")]
-    assert ticks == ["0", "0.25", "0.5", "0.75", "1"]
+    assert ticks == ["0", "0.05", "0.2", "0.5", "1"]   # the square-root scale by default
+    page.select_option("#scale", "linear")
+    assert [e.inner_text() for e in page.query_selector_all("#legend .ticks span")] == ["0", "0.25", "0.5", "0.75", "1"]
     # Clicking an attribution bar of a head opens that head.
     page.click("#attr .name.link >> nth=0")
     assert "Inside layer" in page.inner_text("#layer-title")

@@ -3,7 +3,7 @@
 const D = JSON.parse(document.getElementById("data").textContent);
 const M = D.model;
 const $ = id => document.getElementById(id);
-const state = { step: 0, layer: 0, head: 0, stage: 0, lines: "head", zoom: null, stretch: false };
+const state = { step: 0, layer: 0, head: 0, stage: 0, lines: "head", zoom: null, scale: "sqrt" };
 const S = () => D.steps[state.step];
 
 function el(tag, cls, text) {
@@ -221,13 +221,15 @@ function weight(l, h, q, k) {
   return ATT ? ATT.get(l, h, q, k) : NaN;
 }
 
-// Colour of a weight: on the 0-1 scale, or stretched so that each row's largest weight is darkest.
+// Colour scales of a weight: square root (small weights stay visible; the default), linear,
+// or each row stretched so that its largest weight is darkest.
 function rowMax(l, h, q) {
   let m = 1e-12;
   for (let k = 0; k <= q; k++) m = Math.max(m, weight(l, h, q, k));
   return m;
 }
-const rowTop = (l, h, q) => (state.stretch ? rowMax(l, h, q) : 1);
+const rowTop = (l, h, q) => (state.scale === "row" ? rowMax(l, h, q) : 1);
+const shade = (v, top) => ramp(state.scale === "sqrt" ? Math.sqrt(v) : v / top);
 
 function drawThumb(canvas, l, h) {
   const st = S(), n = st.length, p = st.position;
@@ -239,7 +241,7 @@ function drawThumb(canvas, l, h) {
     const query = full ? q : p, top = rowTop(l, h, query);
     for (let k = 0; k < n; k++) {
       const v = k > query ? NaN : weight(l, h, query, k);
-      const [r, gg, b] = Number.isNaN(v) ? [236, 238, 244] : ramp(v / top).slice(4, -1).split(",").map(Number);
+      const [r, gg, b] = Number.isNaN(v) ? [236, 238, 244] : shade(v, top).slice(4, -1).split(",").map(Number);
       const i = 4 * (q * n + k);
       img.data[i] = r; img.data[i + 1] = gg; img.data[i + 2] = b; img.data[i + 3] = 255;
     }
@@ -293,7 +295,7 @@ function renderLines() {
   for (let k = 0; k <= p; k++) {
     const t = tok(D.tokens[k], k === p ? "followed" : "");
     const w = tint(k);
-    t.style.background = ramp(w);
+    t.style.background = shade(w, 1);
     if (w > 0.45) t.style.color = "#fff";
     t.title = `position ${k}: weight ${fmt(w, 4)}`;
     box.append(t);
@@ -311,7 +313,7 @@ function renderLines() {
     });
   }
   const wmax = Math.max(1e-9, ...links.map(x => x[2]));
-  requestAnimationFrame(() => {
+  {  // reading offsets lays the chips out now, so the lines are drawn in the same turn
     svg.setAttribute("width", box.scrollWidth);
     svg.setAttribute("height", box.scrollHeight);
     const from = chips[p], x1 = from.offsetLeft + from.offsetWidth / 2, y1 = from.offsetTop;
@@ -343,7 +345,7 @@ function renderLines() {
         box.append(tag);
       }
     }
-  });
+  }
 }
 
 function renderHeat() {
@@ -386,7 +388,7 @@ function renderHeat() {
     const top = rowTop(l, h, q);
     for (let k = 0; k < n; k++) {
       const v = k > q ? NaN : weight(l, h, q, k);
-      g.fillStyle = Number.isNaN(v) ? "#eceef4" : ramp(v / top);
+      g.fillStyle = Number.isNaN(v) ? "#eceef4" : shade(v, top);
       g.fillRect(x0 + k * cell, r * cell, cell, cell);
     }
   });
@@ -439,15 +441,18 @@ function renderLegend() {
   box.innerHTML = "";
   const scale = el("div", "scale"), bar = el("div", "ramp"), ticks = el("div", "ticks");
   bar.style.background = RAMP_CSS;
-  for (const v of [0, 0.25, 0.5, 0.75, 1]) {
+  const marks = state.scale === "sqrt" ? [0, 0.05, 0.2, 0.5, 1] : [0, 0.25, 0.5, 0.75, 1];
+  for (const v of marks) {
     const t = el("span", "", String(v));
-    t.style.left = `${v * 100}%`;
+    t.style.left = `${(state.scale === "sqrt" ? Math.sqrt(v) : v) * 100}%`;
     ticks.append(t);
   }
   scale.append(bar, ticks);
   const grey = el("span", "tok", "  ");
   grey.style.background = "#eceef4";
-  box.append(el("span", "", state.stretch ? "attention weight ÷ the largest weight of its row" : "attention weight"),
+  const what = { sqrt: "attention weight (square-root scale)", linear: "attention weight",
+    row: "attention weight ÷ the largest weight of its row" }[state.scale];
+  box.append(el("span", "", what),
     scale, grey, el("span", "", "a later token (masked)"));
 }
 
@@ -758,13 +763,16 @@ function setStage(i, scroll) {
   for (const t of [main, extra]) if (t) t.classList.add(t.classList.contains("card") ? "current-section" : "current");
   if (scroll) {
     const target = extra || main;
-    if (target) target.scrollIntoView({ block: "center", behavior: "smooth" });
+    if (target) target.scrollIntoView({ block: "center", behavior: motion() });
   }
 }
 
+// Smooth scrolling, unless the reader asked for reduced motion.
+const motion = () => (matchMedia("(prefers-reduced-motion: reduce)").matches ? "auto" : "smooth");
+
 function goto(id) {
   const e = $(id);
-  e.scrollIntoView({ block: "start", behavior: "smooth" });
+  e.scrollIntoView({ block: "start", behavior: motion() });
   e.classList.remove("flash");
   void e.offsetWidth;
   e.classList.add("flash");
@@ -789,9 +797,7 @@ renderLinesControls();
 renderGrid();
 state.layer = 0;
 state.head = strongestHead(0);
-// Over long prompts attention spreads thin: colours start stretched to each head's largest weight.
-state.stretch = D.steps[0].length > 40;
-$("stretch").checked = state.stretch;
+$("scale").value = state.scale;
 setStep(0);
 $("prev-token").addEventListener("click", () => setStep(state.step - 1));
 $("next-token").addEventListener("click", () => setStep(state.step + 1));
@@ -800,7 +806,7 @@ $("next-stage").addEventListener("click", () => setStage(state.stage + 1, true))
 for (const id of ["temp", "topk", "topp"]) $(id).addEventListener("input", renderSliders);
 $("reset").addEventListener("click", resetSliders);
 $("zoom").addEventListener("input", () => { state.zoom = parseInt($("zoom").value, 10); renderHeat(); });
-$("stretch").addEventListener("change", () => { state.stretch = $("stretch").checked; renderLayer(); });
+$("scale").addEventListener("change", () => { state.scale = $("scale").value; renderLayer(); });
 document.addEventListener("keydown", ev => {
   if (ev.target instanceof HTMLInputElement || ev.target instanceof HTMLButtonElement && ev.key === " ") return;
   if (ev.key === "ArrowRight") { setStage(state.stage + 1, true); ev.preventDefault(); }

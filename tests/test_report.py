@@ -336,3 +336,18 @@ def test_byte_tokens_on_the_page(browser, tmp_path):
     strip = page.inner_text("#strip")
     assert "<0xE6>" in strip and "\ufffd" not in strip and not page.errors
     page.close()
+
+
+def test_page_without_whole_tables(browser, model, tmp_path, monkeypatch):
+    """Past FULL_ATTENTION_LIMIT only the followed rows are kept; the page says so and still draws them."""
+    import tokentrail.journey as journey_module
+
+    monkeypatch.setattr(journey_module, "FULL_ATTENTION_LIMIT", 5)
+    j = model.journey(SHORT, temperature=0)
+    assert not j.full_attention
+    path = write_report(j, tmp_path / "rows.html")
+    page = _open(browser, path)
+    page.click("#node-L0")
+    assert "the followed token's row" in page.inner_text("#head-title") and not page.errors
+    assert len(page.query_selector_all("#lines svg path")) >= 1
+    page.close()

@@ -110,6 +110,7 @@ class _Trail:
             raise ValueError(f"new_tokens: {len(ids)} prompt tokens and the new ones need {n_final} positions; "
                              f"the context holds {session.limit}")
         self.sampler = sampler
+        self.prompt_length = len(ids)
         self.ids = list(ids)
         self.logits: list[np.ndarray] = []
         self.draws: list[Draw] = []
@@ -435,8 +436,11 @@ class Journey:
         me = self.tokens[p]
         st: list[Stage] = []
         pieces = " | ".join(self.tokens)
-        st.append(Stage("tokenize", "tokenize", f"the prompt becomes {len(self.ids)} tokens: {pieces}; "
-                        f"we follow {_q(me)} at position {p}", {"ids": self.ids, "tokens": self.tokens}))
+        generated = len(self.ids) - self._trail.prompt_length
+        told = (f"the prompt ({self._trail.prompt_length} tokens) and the {generated} generated so far: "
+                if generated > 0 else f"the prompt becomes {len(self.ids)} tokens: ")
+        st.append(Stage("tokenize", "tokenize", f"{told}{pieces}; we follow {_q(me)} at position {p}",
+                        {"ids": self.ids, "tokens": self.tokens}))
         e = self._row("embed")
         st.append(Stage("embed", "embed", f"{_q(me)} (id {self.ids[p]}) looks up row {self.ids[p]} of the "
                         f"embedding table: {e.size} numbers, norm {np.linalg.norm(e):.2f}", {"vector": e}))

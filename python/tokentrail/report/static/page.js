@@ -301,6 +301,16 @@ function renderLines() {
     box.append(t);
     chips.push(t);
   }
+  if (state.lines === "all") {   // which colour is which head
+    const key = el("div", "headkey");
+    for (let h = 0; h < row.length; h++) {
+      const sw = el("span", "swatch");
+      sw.style.background = headColour(h);
+      key.append(sw, `H${h} `);
+    }
+    $("lines-controls").querySelector(".headkey")?.remove();
+    $("lines-controls").append(key);
+  } else $("lines-controls").querySelector(".headkey")?.remove();
   const links = [];
   // Lines to the strongest keys (at most 12 per head, none under 0.005); thickness relative to the strongest.
   if (state.lines === "head") {
@@ -366,7 +376,8 @@ function renderHeat() {
   const avail = Math.max(200, wrap.clientWidth - labelW - 16);
   if (state.zoom === null) state.zoom = Math.max(4, Math.min(40, Math.floor(avail / n)));
   $("zoom").value = String(state.zoom);
-  const cell = state.zoom, every = Math.max(1, Math.ceil(13 / cell));
+  // Canvases have a size limit: very long prompts cap the zoom.
+  const cell = Math.max(1, Math.min(state.zoom, Math.floor(8000 / n))), every = Math.max(1, Math.ceil(13 / cell));
   const W = labelW + n * cell + 8, H = queries.length * cell + 4;
   const dpr = window.devicePixelRatio || 1;
   const size = (c, w, h) => {

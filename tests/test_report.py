@@ -186,6 +186,9 @@ def test_layers_heads_and_patterns(short_page, model):
     j = journeys[0]
     H, L = model.config.n_heads, model.config.n_layers
     assert len(page.query_selector_all(".node.layer")) == L
+    page.focus("#node-L1")
+    page.keyboard.press("Enter")                 # the cards work from the keyboard too
+    assert "Inside layer 1" in page.inner_text("#layer-title")
     page.click("#node-L2")
     assert "Inside layer 2" in page.inner_text("#layer-title")
     assert len(page.query_selector_all("#heads .head canvas")) == H

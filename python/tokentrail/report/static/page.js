@@ -147,6 +147,8 @@ function meter(label, value, max, colour, title) {
 function node(kind, id, title) {
   const n = el("div", `node ${kind}`);
   n.id = id;
+  n.tabIndex = 0;
+  n.setAttribute("role", "button");
   n.append(el("h4", "", title));
   return n;
 }
@@ -257,6 +259,8 @@ function renderLayer() {
   L.heads.forEach(h => {
     const card = el("div", "head" + (h.head === state.head ? " sel" : ""));
     card.id = `head-${h.head}`;
+    card.tabIndex = 0;
+    card.setAttribute("role", "button");
     const c = el("canvas");
     drawThumb(c, l, h.head);
     const cap = el("div", "cap");
@@ -819,6 +823,12 @@ $("reset").addEventListener("click", resetSliders);
 $("zoom").addEventListener("input", () => { state.zoom = parseInt($("zoom").value, 10); renderHeat(); });
 $("scale").addEventListener("change", () => { state.scale = $("scale").value; renderLayer(); });
 document.addEventListener("keydown", ev => {
+  // Cards that act as buttons answer Enter and Space as buttons do.
+  if ((ev.key === "Enter" || ev.key === " ") && ev.target.getAttribute?.("role") === "button") {
+    ev.target.click();
+    ev.preventDefault();
+    return;
+  }
   if (ev.target instanceof HTMLInputElement || ev.target instanceof HTMLButtonElement && ev.key === " ") return;
   if (ev.key === "ArrowRight") { setStage(state.stage + 1, true); ev.preventDefault(); }
   if (ev.key === "ArrowLeft") { setStage(state.stage - 1, true); ev.preventDefault(); }

@@ -39,7 +39,11 @@ def test_same_seed_same_token_as_generate(model, options, prompt):
         chosen.append(j.chosen)
         generated.append(model.generate(prompt, max_new_tokens=1, seed=seed, **options).token_ids[0])
     assert chosen == generated
-    if options.get("temperature", 1.0) > 0 and not options.get("top_k"):
+    # Without a temperature both take the model's default (generation_config.json: greedy for the demo).
+    greedy = options.get("temperature", 0.0 if model.generation_defaults.greedy else 1.0) == 0
+    if greedy:
+        assert set(chosen) == {int(np.argmax(model.forward(prompt, all_positions=False)))}
+    elif not options.get("top_k"):
         assert len(set(chosen)) > 1  # the seeds really drew different tokens
 
 

@@ -354,3 +354,42 @@ def test_page_without_whole_tables(browser, model, tmp_path, monkeypatch):
     assert "the followed token's row" in page.inner_text("#head-title") and not page.errors
     assert len(page.query_selector_all("#lines svg path")) >= 1
     page.close()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mixtral"])
+def test_family_pages(browser, tmp_path, family):
+    """A softcapping, sliding-window family and a mixture of experts: the page tells their particulars and its
+    attribution adds up to the engine's logit through the softcap."""
+    from conftest import require
+    from reference_models import build
+
+    require("torch")
+    require("transformers")
+    build(family, tmp_path / family)
+    model = tokentrail.load(tmp_path / family)
+    journeys = follow_generation(model, [1, 17, 200, 5, 99, 42, 42, 7, 250, 3], 2, seed=3, temperature=0.9)
+    j = journeys[0]
+    a = report_data(journeys)["steps"][0]["attribution"]
+    page = _open(browser, write_report(journeys, tmp_path / "page.html"))
+    assert not page.errors
+    page.click(".strip .tok.generated >> nth=0")
+    text = page.inner_text("#attr-sum")
+    assert f"{float(j.logits[j.chosen]):.4f}" in text
+    if model.config.final_softcap:
+        assert a["softcap"] == model.config.final_softcap
+        assert abs(a["capped_total"] - a["logit"]) <= 1e-4 * max(1.0, abs(a["logit"]))
+        assert f"{a['capped_total']:.4f} is the logit" in text
+        assert page.inner_text("#attr .name.total") == "sum, before the softcap"
+    else:
+        assert a["softcap"] is None and abs(a["total"] - a["logit"]) <= 1e-4 * max(1.0, abs(a["logit"]))
+    # Step to the first layer's MLP stage: its narration is the journey's (experts for a mixture).
+    page.evaluate("() => { for (let i = 0; i < 200; i++) document.getElementById('prev-stage').click(); }")
+    mlp = next(i for i, s in enumerate(j.stages) if s.kind == "mlp")
+    for _ in range(mlp):
+        page.click("#next-stage")
+    assert page.inner_text("#stage-text") == j.stages[mlp].text
+    if model.config.n_experts:
+        assert "the router sends" in j.stages[mlp].text and "experts" in page.inner_text("#stage-title")
+    if model.config.attn_softcap:
+        assert any("softcapped" in s.text for s in j.stages if s.kind == "attention")
+    page.close()

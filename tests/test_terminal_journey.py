@@ -72,4 +72,23 @@ def test_byte_tokens_print_as_escapes(model, capsys):
 def test_bad_values_are_one_line_errors(capsys, args, message):
     assert main(["journey", "The storm is", *args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert re.match(r"tokentrail( journey)?: error: ", err) and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_softcapped_attribution_says_where_the_sum_meets_the_logit(tmp_path):
+    """With a final logit softcap the parts add up to the logit before it; the printout says so, with numbers."""
+    from conftest import require
+    from reference_models import build
+
+    require("torch")
+    require("transformers")
+    build("gemma2", tmp_path / "gemma2")
+    model = tokentrail.load(tmp_path / "gemma2")
+    j = model.journey([1, 17, 200, 5, 99, 42, 42, 7, 250, 3])
+    a = j.attribution()
+    text = _render(j, 200)
+    cap = model.config.final_softcap
+    assert f"sum of all {len(a['parts'])} parts {a['total']:+.4f}; after the final softcap {cap:g}·tanh(sum/{cap:g}) " \
+           f"= {a['capped_total']:+.4f} = logit {a['logit']:+.4f}" in text
+    assert abs(a["capped_total"] - a["logit"]) <= 1e-4 * max(1.0, abs(a["logit"]))
+    assert "h·u (the logit before any softcap)" in text

@@ -19,14 +19,22 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import inspect
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .sampling import SamplingConfig, Sampler, log_softmax, make_chain
+from .errors import ContextFullError, OptionError, unknown_options
+from .progress import ProgressOption, Task, check_progress
+from .generation_config import SAMPLING_FIELDS, TRANSFORMERS_SAMPLING_TOP_K, GenerationDefaults
+from .sampling import SAMPLING_OPTIONS, Processor, SamplingConfig, Sampler, Temperature, log_softmax
 from .tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    from .capture import Hooks
 
 # Prompt tokens given to the stream decoder as context: enough for the
 # tokenizer to decide spaces and joins at the boundary, without re-decoding
@@ -70,7 +78,7 @@ class Step:
     finish_reason: str | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class Generation:
     """The outcome of :func:`generate`.
 
@@ -87,6 +95,11 @@ class Generation:
     steps: list[Step]
     seed: int
     stop_string: str | None = None
+    timings: Timings | None = None
+
+    def __repr__(self) -> str:
+        return (f"Generation(text={self.text!r:.80}, {len(self.token_ids)} tokens after a prompt of "
+                f"{len(self.prompt_ids)}, finish_reason={self.finish_reason!r}, seed={self.seed})")
 
     @property
     def logprob(self) -> float | None:
@@ -110,7 +123,7 @@ def _limit(model, session) -> int:
 def _check_fits(model, ids: Sequence[int], name: str = "prompt") -> None:
     limit = getattr(model, "context_limit", None) or model.config.max_seq_len
     if len(ids) > limit:
-        raise ValueError(f"{name}: {len(ids)} tokens do not fit the context of {limit}")
+        raise ContextFullError.for_tokens(0, len(ids), limit, name)
 
 
 def _prompt_ids(model, prompt, name: str = "prompt") -> list[int]:
@@ -163,49 +176,399 @@ def _held_back(text: str, start: int, stops: Sequence[str]) -> int:
     return longest
 
 
-def make_sampler(model, sampling: SamplingConfig | None = None, seed: int | None = None,
-                 **options: Any) -> Sampler:
-    """The sampler `generate` draws with for these options; the journey draws through it too,
-    so that both choose the same token from the same seed."""
-    return Sampler(make_chain(sampling, **options), seed=seed)
+@dataclass
+class Timings:
+    """Where a generation's time went, in seconds (wall clock).
 
-
-def generate(model, prompt, max_new_tokens: int = 64, *, seed: int | None = None,
-             stop: str | Sequence[str] = (), eos_ids: int | Iterable[int] | None = None,
-             ignore_eos: bool = False, stream: bool = False, logprobs: bool = False, top_n: int = 0,
-             sampling: SamplingConfig | None = None, hooks=None, **options: Any):
-    """Continue `prompt` (text or token ids) by sampling.
-
-    Sampling options (temperature=0 for greedy, top_k, top_p, min_p,
-    repetition_penalty, mirostat, order=, processors=, ...) are those of
-    SamplingConfig, given as keywords or as `sampling=`. `seed` makes the run
-    reproducible bit for bit (None: fresh entropy, reported in the result).
-    `hooks` (from model.hooks()) records and intervenes during every forward
-    pass of the run, the prompt's and each new token's.
-    `eos_ids` defaults to the tokenizer's and config's end-of-sequence ids.
-
-    Returns a Generation, or with stream=True an iterator of Step records
-    (the last one carries the finish_reason). Every argument is checked
-    before the model is run, also when streaming.
+    ``prompt_seconds``: the prompt's forward pass; ``first_token_seconds``:
+    from the start until the first token was chosen (the prompt plus one
+    draw); ``generation_seconds``: everything after the first token (each
+    later token's forward pass and draw).
     """
-    max_new_tokens = _count("max_new_tokens", max_new_tokens, 0)
-    top_n = _count("top_n", top_n, 0)
-    stops = [stop] if isinstance(stop, str) else list(stop)
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    first_token_seconds: float = 0.0
+    generation_seconds: float = 0.0
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else math.inf
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        """Tokens after the first, per second of the time after the first."""
+        later = self.generated_tokens - 1
+        return later / self.generation_seconds if later > 0 and self.generation_seconds > 0 else math.nan
+
+    def summary(self) -> str:
+        """One line in the manner of llama.cpp's timing report."""
+        later = max(0, self.generated_tokens - 1)
+        gen = self.generation_tokens_per_second
+        gen_s = f"{gen:.1f} tokens/s" if math.isfinite(gen) else "n/a"
+        return (f"prompt: {self.prompt_tokens} tokens in {self.prompt_seconds * 1e3:.1f} ms "
+                f"({self.prompt_tokens_per_second:.1f} tokens/s) | first token after "
+                f"{self.first_token_seconds * 1e3:.1f} ms | generation: {later} more tokens in "
+                f"{self.generation_seconds * 1e3:.1f} ms ({gen_s})")
+
+
+class Stream:
+    """The steps of a streamed generation, as an iterator; its `timings` and
+    `finish_reason` are filled in as it runs."""
+
+    def __init__(self, run: "_Run"):
+        self._run = run
+        self._steps = run.steps()
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> Step:
+        return next(self._steps)
+
+    @property
+    def timings(self) -> Timings:
+        return self._run.timings
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._run.finish_reason if self._run.done else None
+
+    @property
+    def seed(self) -> int:
+        return int(self._run.sampler.seed)
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are chosen by argmax (the seed then plays no part)."""
+        return any(isinstance(p, Temperature) and p.temperature == 0.0 for p in self._run.sampler.chain)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return list(self._run.prompt_ids)
+
+    def __repr__(self) -> str:
+        return f"Stream(prompt of {len(self._run.prompt_ids)} tokens, seed={self.seed})"
+
+
+# Options of generate() that go into the SamplingConfig, and those whose default
+# may come from the model's generation_config.json (None in the signature).
+_FROM_FILE = SAMPLING_FIELDS + ("repetition_penalty", "no_repeat_ngram_size")
+_ALIASES = {"eos_ids": "eos_token_id"}
+# Chain stages that choose among tokens at random and so mean nothing under greedy decoding.
+_SAMPLING_STAGES = ("top_n_sigma", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "xtc", "mirostat")
+
+
+def take_aliases(options: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Move generate's other names (eos_ids for eos_token_id) from `extra` into `options`, refusing both at once."""
+    for alias, name in _ALIASES.items():
+        if alias in extra:
+            if options.get(name) is not None:
+                raise OptionError(f"{alias}: is another name for {name}; give one of them")
+            options[name] = extra.pop(alias)
+
+
+def _given(name: str, value: Any, defaults: dict[str, Any]) -> bool:
+    d = defaults.get(name, None)
+    if isinstance(value, np.ndarray) or isinstance(d, np.ndarray):
+        return True
+    return value is not None and not (value is d or (type(value) is type(d) and value == d))
+
+
+def _sampling_config(model, options: dict[str, Any], sampling: SamplingConfig | None,
+                     signature_defaults: dict[str, Any]) -> tuple[SamplingConfig, bool]:
+    """The SamplingConfig that caller, model file and defaults together ask for; and whether it samples."""
+    file = getattr(model, "generation_defaults", None) or GenerationDefaults()
+    given = {k: v for k, v in options.items() if _given(k, v, signature_defaults)}
+    base = {f.name: getattr(sampling, f.name) for f in fields(SamplingConfig)} if sampling is not None else {}
+    do_sample = given.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, (bool, np.bool_)):
+        raise ValueError(f"do_sample: must be True or False, got {do_sample!r}")
+    temperature = given.get("temperature")
+    if temperature is not None:
+        Temperature(temperature)  # validates
+    if do_sample is None:
+        if temperature is not None:
+            do_sample = float(temperature) > 0.0
+        elif "temperature" in base:
+            do_sample = float(base["temperature"]) > 0.0
+        else:
+            do_sample = bool(file.do_sample)
+    elif do_sample and temperature is not None and temperature == 0:
+        raise ValueError("temperature: do_sample=True needs a temperature above 0 (0 means greedy)")
+    elif not do_sample and temperature is not None and temperature > 0:
+        raise ValueError(f"temperature: {temperature} acts only when sampling, and do_sample=False asks for "
+                         f"greedy decoding; leave one of them out")
+    values = dict(base)
+    for name in _FROM_FILE:
+        if name in given:
+            values[name] = given[name]
+        elif name in base:
+            continue
+        elif name in SAMPLING_FIELDS and not do_sample:
+            continue  # the file's sampling settings rest while decoding is greedy
+        elif getattr(file, name) is not None:
+            values[name] = getattr(file, name)
+        elif name == "top_k" and do_sample and given.get("do_sample") is True:
+            values[name] = TRANSFORMERS_SAMPLING_TOP_K  # transformers' meaning of do_sample=True
+    if "banned_tokens" in given:
+        values["banned_tokens"] = given["banned_tokens"]
+    elif "banned_tokens" not in base and file.suppress_tokens:
+        values["banned_tokens"] = file.suppress_tokens
+    for name in SAMPLING_OPTIONS:
+        if name not in _FROM_FILE and name != "banned_tokens" and name in given:
+            values[name] = given[name]
+    if values.get("logit_bias") is None:
+        values.pop("logit_bias", None)
+    if not do_sample:
+        values["temperature"] = 0.0
+    config = SamplingConfig(**values)
+    if not do_sample:
+        idle = [n for n in config.build().names if n in _SAMPLING_STAGES]
+        if float(config.dynatemp_range) > 0.0:
+            idle.append("dynatemp_range")
+        if idle:
+            raise ValueError(f"{idle[0]}: acts only when sampling, and decoding is greedy here "
+                             f"({'do_sample=False' if given.get('do_sample') is False else 'the default'}); "
+                             f"pass a temperature above 0 or do_sample=True")
+    return config, do_sample
+
+
+def sampling_config(model, options: Mapping[str, Any] | None = None,
+                    sampling: SamplingConfig | None = None) -> SamplingConfig:
+    """The SamplingConfig that generate() uses on `model` for these options (same names, same defaults).
+
+    Whatever else chooses tokens (the journey, a server) goes through this,
+    so that with the same options and seed it picks what generate() picks:
+    ``Sampler(sampling_config(model, {"temperature": 0.8}), seed=1)``.
+    """
+    options = dict(options or {})
+    unknown = set(options) - _CHAIN_OPTIONS
+    if unknown:
+        raise unknown_options(unknown, _CHAIN_OPTIONS, "sampling option")
+    full = {name: _SIGNATURE_DEFAULTS[name] for name in _CHAIN_OPTIONS}
+    full.update(options)
+    return _sampling_config(model, full, sampling, _SIGNATURE_DEFAULTS)[0]
+
+
+def make_sampler(model, options: Mapping[str, Any] | None = None, sampling: SamplingConfig | None = None,
+                 seed: int | None = None) -> Sampler:
+    """The Sampler generate() draws its tokens with for these options and seed.
+
+    The chain is :func:`sampling_config`'s (the model's generation_config.json
+    defaults and transformers' names, resolved as generate resolves them), so
+    a journey drawing through it picks the token generate picks first.
+    """
+    return Sampler(sampling_config(model, options, sampling), seed=seed)
+
+
+def _new_tokens(model, prompt_len: int, max_new_tokens, max_length) -> int:
+    if max_new_tokens is not None and max_length is not None:
+        raise ValueError("max_length: give max_new_tokens or max_length (prompt included), not both")
+    if max_new_tokens is not None:
+        return _count("max_new_tokens", max_new_tokens, 0)
+    if max_length is not None:
+        total = _count("max_length", max_length, 1)
+        if total < prompt_len:
+            raise ValueError(f"max_length: {total} is shorter than the prompt ({prompt_len} tokens); "
+                             f"it counts the prompt's tokens too (or use max_new_tokens)")
+        return total - prompt_len
+    file = getattr(model, "generation_defaults", None) or GenerationDefaults()
+    return file.new_tokens_for(prompt_len)
+
+
+def _check_hooks(model, hooks) -> None:
+    if hooks is not None:
+        from .capture import check_hooks
+
+        check_hooks(model, hooks)
+
+
+def generate(model, prompt: str | Sequence[int], max_new_tokens: int | None = None, *,
+             do_sample: bool | None = None,
+             temperature: float | None = None,
+             top_k: int | None = None,
+             top_p: float | None = None,
+             min_p: float | None = None,
+             typical_p: float | None = None,
+             epsilon_cutoff: float | None = None,
+             eta_cutoff: float | None = None,
+             repetition_penalty: float | None = None,
+             no_repeat_ngram_size: int | None = None,
+             top_n_sigma: float | None = None,
+             dynatemp_range: float = 0.0,
+             dynatemp_exponent: float = 1.0,
+             xtc_threshold: float = 0.1,
+             xtc_probability: float = 0.0,
+             dry_multiplier: float = 0.0,
+             dry_base: float = 1.75,
+             dry_allowed_length: int = 2,
+             dry_window: int | None = None,
+             dry_breakers: Sequence[int] = (),
+             mirostat: int = 0,
+             mirostat_tau: float = 5.0,
+             mirostat_eta: float = 0.1,
+             repetition_window: int | None = None,
+             repetition_negative: str = "multiply",
+             presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0,
+             penalty_window: int | None = 64,
+             logit_bias: Mapping[int, float] | None = None,
+             banned_tokens: Sequence[int] | None = None,
+             top_k_ties: str = "keep",
+             min_keep: int = 1,
+             order: str | Sequence[str | Processor] = "hf",
+             processors: Sequence[Processor] = (),
+             sampling: SamplingConfig | None = None,
+             max_length: int | None = None,
+             num_beams: int | None = None,
+             length_penalty: float | None = None,
+             early_stopping: bool | str | None = None,
+             num_return_sequences: int | None = None,
+             seed: int | None = None,
+             stop: str | Sequence[str] = (),
+             eos_token_id: int | Iterable[int] | None = None,
+             pad_token_id: int | None = None,
+             ignore_eos: bool = False,
+             stream: bool = False,
+             logprobs: bool = False,
+             top_n: int = 0,
+             hooks: Hooks | None = None,
+             **unexpected: Any) -> "Generation | list[Generation] | Stream":
+    """Continue `prompt` (text or token ids).
+
+    Defaults: every option left at None takes the model's generation_config.json
+    value when it has one, else tokentrail's: greedy decoding, 64 new tokens
+    (see tokentrail.generation_config). `do_sample=False` is greedy,
+    `do_sample=True` samples (with transformers' top_k=50 unless top_k is
+    given); without do_sample, a `temperature` above 0 samples and 0 is greedy.
+
+    Length and end: `max_new_tokens`, or `max_length` counting the prompt too;
+    `stop` strings (also across tokens; the text is cut before them);
+    `eos_token_id` (alias `eos_ids`; default: the model's end-of-sequence
+    ids), `ignore_eos=True` to run on past them. `pad_token_id` is accepted
+    for transformers' sake and has no effect on a single sequence.
+
+    The processor chain (see tokentrail.sampling): temperature (0 = greedy),
+    dynatemp_range/dynatemp_exponent, top_k (0 = off; top_k_ties "keep" or
+    "cut"), top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, top_n_sigma,
+    xtc_threshold/xtc_probability, dry_multiplier/dry_base/
+    dry_allowed_length/dry_window/dry_breakers, mirostat (1 or 2) with
+    mirostat_tau/mirostat_eta, repetition_penalty (window
+    repetition_window, rule repetition_negative), presence_penalty and
+    frequency_penalty (over penalty_window tokens), no_repeat_ngram_size,
+    logit_bias {id: bias}, banned_tokens, min_keep; `order` "hf" (as
+    transformers), "llama.cpp", or a list of stage names and callables;
+    `processors` extra callables f(logits, history) -> logits;
+    `sampling` a SamplingConfig to start from (keywords that differ from
+    their defaults override it).
+
+    Several sequences: `num_beams` > 1 runs beam search (with
+    `length_penalty`, `early_stopping`; greedy only), and
+    `num_return_sequences` returns that many beams or independent samples
+    as a list.
+
+    `seed` makes sampling reproducible bit for bit (None: fresh entropy,
+    reported in the result). `stream=True` returns a Stream of Step records
+    as they are produced (the last one carries the finish_reason).
+    `logprobs=True` / `top_n` > 0 fill each step's log-probability, rank and
+    top alternatives before and after the chain. `hooks` (from
+    model.hooks()) records and intervenes during every forward pass of the run.
+
+    Every argument is checked before the model runs, also when streaming;
+    an unknown option name is refused with the nearest valid names.
+    """
+    options = dict(locals())
+    for key in ("model", "prompt", "unexpected"):
+        options.pop(key)
+    take_aliases(options, unexpected)
+    if unexpected:
+        raise unknown_options(unexpected, GENERATE_OPTIONS | set(_ALIASES), "generate option")
+    return _generate(model, prompt, options)
+
+
+def _generate(model, prompt, o: dict[str, Any]):
+    top_n = _count("top_n", o["top_n"], 0)
+    stops = [o["stop"]] if isinstance(o["stop"], str) else list(o["stop"])
     for s in stops:
         if not isinstance(s, str) or not s:
             raise ValueError(f"stop: stop strings must be non-empty strings, got {s!r}")
     if stops and model.tokenizer is None:
         raise ValueError("stop: stop strings need a tokenizer; this model has none")
-    sampler = make_sampler(model, sampling, seed, **options)
+    _check_hooks(model, o["hooks"])
+    if o["pad_token_id"] is not None:
+        _count("pad_token_id", o["pad_token_id"], 0)
+    config, do_sample = _sampling_config(model, o, o["sampling"], _SIGNATURE_DEFAULTS)
+    if o["seed"] is not None:
+        _count("seed", o["seed"], 0)
     prompt_ids = _prompt_ids(model, prompt)
     _check_fits(model, prompt_ids)
-    eos = set() if ignore_eos else _eos_ids(model, eos_ids)
-    run = _Run(model, prompt_ids, max_new_tokens, sampler, stops, eos, logprobs, top_n, hooks)
-    if stream:
-        return run.steps()
-    steps = list(run.steps())
-    return Generation(prompt_ids, [s.token for s in steps], run.text[: run.released], run.finish_reason,
-                      steps, int(sampler.seed), run.stop_string)
+    max_new_tokens = _new_tokens(model, len(prompt_ids), o["max_new_tokens"], o["max_length"])
+    eos = set() if o["ignore_eos"] else _eos_ids(model, o["eos_token_id"])
+    file = getattr(model, "generation_defaults", None) or GenerationDefaults()
+    num_beams = _count("num_beams", o["num_beams"] if o["num_beams"] is not None else (file.num_beams or 1), 1)
+    n_return = o["num_return_sequences"] if o["num_return_sequences"] is not None \
+        else (file.num_return_sequences or 1)
+    n_return = _count("num_return_sequences", n_return, 1)
+    if num_beams > 1:
+        return _beams(model, prompt_ids, config, do_sample, num_beams, n_return, max_new_tokens, eos, o, file)
+    if n_return > 1:
+        if not do_sample:
+            raise ValueError("num_return_sequences: greedy decoding gives one sequence; sample "
+                             "(do_sample=True or temperature > 0) or use num_beams")
+        if o["stream"]:
+            raise ValueError("num_return_sequences: streaming gives one sequence at a time")
+    seeds = [o["seed"]] if n_return == 1 else _seeds(o["seed"], n_return)
+    results = []
+    for seed in seeds:
+        sampler = Sampler(config.build(), seed=seed)
+        run = _Run(model, prompt_ids, max_new_tokens, sampler, stops, eos, o["logprobs"], top_n, o["hooks"])
+        if o["stream"]:
+            return Stream(run)
+        steps = list(run.steps())
+        results.append(Generation(prompt_ids, [s.token for s in steps], run.text[: run.released],
+                                  run.finish_reason, steps, int(sampler.seed), run.stop_string, run.timings))
+    return results[0] if n_return == 1 else results
+
+
+def _seeds(seed: int | None, n: int) -> list[int]:
+    """n seeds: `seed` itself first (so one sequence equals a single run), the rest derived from it."""
+    root = np.random.SeedSequence(seed)
+    return [int(root.entropy)] + [int(c.generate_state(1)[0]) for c in root.spawn(n - 1)]
+
+
+def _beams(model, prompt_ids, config: SamplingConfig, do_sample: bool, num_beams: int, n_return: int,
+           max_new_tokens: int, eos: set[int], o: dict[str, Any], file: GenerationDefaults):
+    """num_beams > 1: beam search, its best `n_return` hypotheses as Generations."""
+    if do_sample:
+        raise ValueError("num_beams: beam search here is deterministic; do not combine it with sampling "
+                         "(do_sample=False or temperature=0)")
+    stages = [n for n in config.build().names if n != "temperature"]
+    if stages:
+        raise ValueError(f"num_beams: beam search ranks the model's own log-probabilities; it does not apply "
+                         f"{', '.join(stages)}")
+    for name in ("stream", "logprobs", "hooks"):
+        if o[name]:
+            raise ValueError(f"{name}: not available with beam search (num_beams > 1)")
+    if o["stop"] or o["top_n"]:
+        raise ValueError(f"{'stop' if o['stop'] else 'top_n'}: not available with beam search (num_beams > 1)")
+    if max_new_tokens == 0:
+        return [] if n_return > 1 else Generation(prompt_ids, [], "", "length", [], 0)
+    early = o["early_stopping"] if o["early_stopping"] is not None else \
+        (file.early_stopping if file.early_stopping is not None else False)
+    lp = o["length_penalty"] if o["length_penalty"] is not None else \
+        (file.length_penalty if file.length_penalty is not None else 1.0)
+    beams = beam_search(model, prompt_ids, num_beams=num_beams, length_penalty=lp, early_stopping=early,
+                        max_new_tokens=max_new_tokens, eos_ids=sorted(eos), num_return=n_return)
+    out = []
+    for beam in beams:
+        steps = [Step(i, t, "") for i, t in enumerate(beam.token_ids)]
+        if steps:
+            steps[-1].finish_reason = "eos" if beam.finished else "length"
+        out.append(Generation(prompt_ids, beam.token_ids, beam.text, "eos" if beam.finished else "length",
+                              steps, 0))
+    return out[0] if n_return == 1 else out
 
 
 class _Run:
@@ -223,17 +586,36 @@ class _Run:
         self.released = 0
         self.finish_reason = "length"
         self.stop_string: str | None = None
+        self.timings = Timings(prompt_tokens=len(prompt_ids))
+        self.done = False
 
     def steps(self) -> Iterator[Step]:
         if self.max_new_tokens == 0:
+            self.done = True
             return
+        start = time.perf_counter()
+        for step in self._steps():
+            now = time.perf_counter()
+            if step.index == 0:
+                self.timings.first_token_seconds = now - start
+                first = now
+            else:
+                self.timings.generation_seconds = now - first
+            self.timings.generated_tokens = step.index + 1
+            if step.finish_reason is not None:
+                self.done = True
+            yield step
+
+    def _steps(self) -> Iterator[Step]:
         model, tok = self.model, self.model.tokenizer
         session = model.session()
         limit = _limit(model, session)
         if len(self.prompt_ids) > limit:
-            raise ValueError(f"prompt: {len(self.prompt_ids)} tokens do not fit the context of {limit}")
+            raise ContextFullError.for_tokens(0, len(self.prompt_ids), limit, "prompt")
         feed_kw = {"hooks": self.hooks} if self.hooks is not None else {}
+        start = time.perf_counter()
         logits = session.feed(self.prompt_ids, **feed_kw)
+        self.timings.prompt_seconds = time.perf_counter() - start
         history = list(self.prompt_ids)
         decoder = StreamDecoder(tok, context=self.prompt_ids[-DECODE_CONTEXT:]) if tok is not None else None
         for i in range(self.max_new_tokens):
@@ -327,7 +709,7 @@ class _Hypotheses:
 
 
 def beam_search(model, prompt_ids, num_beams: int = 4, length_penalty: float = 1.0,
-                early_stopping: bool | str = False, max_new_tokens: int = 32,
+                early_stopping: bool | str = False, max_new_tokens: int | None = None,
                 eos_ids: int | Iterable[int] | None = None, num_return: int | None = None) -> list[Beam]:
     """The `num_return` (default num_beams) best continuations, best first.
 
@@ -342,8 +724,11 @@ def beam_search(model, prompt_ids, num_beams: int = 4, length_penalty: float = 1
     possible length). At max_new_tokens, or a full context, the num_beams
     best candidates of the last step join the results unfinished. These are
     the rules of transformers' beam search, so its results can be compared.
+    `max_new_tokens` defaults to the model's default length, as in generate().
     """
     num_beams = _count("num_beams", num_beams, 1)
+    if max_new_tokens is None:  # the model's default length, as generate() takes it
+        max_new_tokens = _new_tokens(model, len(_prompt_ids(model, prompt_ids, "prompt_ids")), None, None)
     max_new_tokens = _count("max_new_tokens", max_new_tokens, 1)
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
             or not math.isfinite(length_penalty):
@@ -361,7 +746,7 @@ def beam_search(model, prompt_ids, num_beams: int = 4, length_penalty: float = 1
     session = model.session()
     limit = _limit(model, session)
     if len(prompt) > limit:
-        raise ValueError(f"prompt_ids: {len(prompt)} tokens do not fit the context of {limit}")
+        raise ContextFullError.for_tokens(0, len(prompt), limit, "prompt_ids")
     logits = session.feed(prompt)
     # Running beams: (sum_logprob, generated ids, session, logits of the next position).
     running = [(0.0, [], session, logits)]
@@ -444,33 +829,72 @@ class Score:
     perplexity: float
     text: str = ""
 
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data: numbers, strings, lists and None (a non-finite number becomes None)."""
+        return _plain(asdict(self))
 
-def score(model, text_or_list, top_n: int = 5):
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+# Texts longer than this are scored in pieces of this many tokens, so progress can be shown.
+SCORE_CHUNK = 128
+
+
+def score(model, text_or_list: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], top_n: int = 5,
+          progress: ProgressOption = None) -> "Score | list[Score]":
     """Log-probability of each token given the ones before it ("echo" log-probs).
 
     Accepts a text, a sequence of token ids, or a list of texts (or of id
     lists), and returns a Score or a list of them. Texts are encoded with the
     tokenizer's special tokens (BOS), so the first real token is scored too
-    when the tokenizer adds a BOS.
+    when the tokenizer adds a BOS. `top_n` alternatives are listed per token.
+    `progress` reports texts longer than SCORE_CHUNK tokens as they are
+    scored (see tokentrail.progress; None = a bar when stderr is a terminal).
     """
     top_n = _count("top_n", top_n, 0)
+    check_progress(progress)
     if isinstance(text_or_list, str):
-        return _score_one(model, text_or_list, top_n)
+        return _score_one(model, text_or_list, top_n, progress)
     items = list(text_or_list)
     if items and all(isinstance(i, (numbers.Integral, np.integer)) and not isinstance(i, bool) for i in items):
-        return _score_one(model, items, top_n)
+        return _score_one(model, items, top_n, progress)
     prepared = [_prompt_ids(model, item, "text") for item in items]  # check all before running any
     for ids in prepared:
         if len(ids) < 2:
             raise ValueError(f"text: needs at least 2 tokens to score, got {len(ids)}")
-    return [_score_one(model, ids, top_n) for ids in prepared]
+    return [_score_one(model, ids, top_n, progress) for ids in prepared]
 
 
-def _score_one(model, item, top_n: int) -> Score:
+def _all_logits(model, ids: list[int], progress: ProgressOption) -> np.ndarray:
+    """Logits of every position; long texts go through one session in chunks, with progress."""
+    if len(ids) <= SCORE_CHUNK:
+        return np.asarray(model.forward(ids, all_positions=True), dtype=np.float64)
+    _check_fits(model, ids, "text")
+    session = model.session()
+    rows = []
+    with Task("scoring", len(ids), progress) as task:
+        for start in range(0, len(ids), SCORE_CHUNK):
+            chunk = ids[start:start + SCORE_CHUNK]
+            rows.append(np.asarray(session.feed(chunk, all_logits=True), dtype=np.float64))
+            task.advance(len(chunk))
+    return np.concatenate(rows)
+
+
+def _score_one(model, item, top_n: int, progress: ProgressOption = None) -> Score:
     ids = _prompt_ids(model, item, "text")
     if len(ids) < 2:
         raise ValueError(f"text: needs at least 2 tokens to score, got {len(ids)}")
-    logits = np.asarray(model.forward(ids, all_positions=True), dtype=np.float64)
+    logits = _all_logits(model, ids, progress)
     logits = logits[:-1]
     top = logits.max(axis=1, keepdims=True)
     logp = logits - top
@@ -487,3 +911,9 @@ def _score_one(model, item, top_n: int) -> Score:
     mean = total / len(lps)
     text = model.tokenizer.decode(ids) if model.tokenizer is not None else ""
     return Score(ids, tokens, total, mean, math.exp(-mean), text)
+
+
+_SIGNATURE_DEFAULTS = {name: p.default for name, p in inspect.signature(generate).parameters.items()
+                       if p.kind is inspect.Parameter.KEYWORD_ONLY or name == "max_new_tokens"}
+GENERATE_OPTIONS = frozenset(_SIGNATURE_DEFAULTS)
+_CHAIN_OPTIONS = SAMPLING_OPTIONS | {"do_sample"}

@@ -13,9 +13,13 @@ Everything here is read from the real engine with capture points on
 forward pass is the one `generate` runs (a prefill of the prompt, then one
 token at a time), so the logits are the same bit for bit, and the token is
 chosen by the same `Sampler` and processor chain from the same seed; each
-processor's effect is recorded as a stage. The logit lens and the
-attribution reuse the model's own final norm and unembedding weights, so the
-last layer of the lens is the actual logits.
+processor's effect is recorded as a stage. The sampling options take
+generate's defaults (the model's generation_config.json) through the same
+`generation.make_sampler`. The logit lens and the attribution reuse the
+model's own final norm, unembedding weights and final logit softcap, so the
+last layer of the lens is the actual logits; the stages narrate what is
+particular to the model's family (sliding-window layers, attention softcaps,
+sandwich norms, parallel residual, expert routing, embedding scale).
 
 :func:`follow_generation` gives the journeys of several generated tokens in a row.
 """
@@ -23,12 +27,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import _core, thermo
+from .errors import ContextFullError
 from .sampling import Draw, SamplingConfig, softmax
 
 # Sequences up to this many tokens keep every position's attention table.
@@ -69,23 +75,6 @@ def _check_top(top: Any) -> int:
     return int(top)
 
 
-def _prompt(model, prompt) -> list[int]:
-    if isinstance(prompt, str):
-        ids = model.encode(prompt)
-    else:
-        try:
-            ids = [int(i) for i in prompt]
-        except (TypeError, ValueError):
-            raise ValueError(f"prompt: must be text or a sequence of token ids, got {prompt!r}") from None
-    if not ids:
-        raise ValueError("prompt: encodes to no tokens")
-    vocab = model.config.vocab_size
-    bad = [i for i in ids if not 0 <= i < vocab]
-    if bad:
-        raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary (size {vocab})")
-    return ids
-
-
 class _Trail:
     """One run of the engine as `generate` runs it, with capture points on.
 
@@ -106,9 +95,11 @@ class _Trail:
                 if not name.endswith("attn_pattern") and name not in ("final_norm", "logits")]
         hooks.capture(rest, positions=followed)
         session = model.session()
+        if len(ids) > session.limit:
+            raise ContextFullError.for_tokens(0, len(ids), session.limit, "prompt")
         if n_final > session.limit:
-            raise ValueError(f"new_tokens: {len(ids)} prompt tokens and the new ones need {n_final} positions; "
-                             f"the context holds {session.limit}")
+            raise ContextFullError.for_tokens(len(ids), n_final - len(ids), session.limit,
+                                              "new_tokens: the tokens followed after the prompt")
         self.sampler = sampler
         self.prompt_length = len(ids)
         self.ids = list(ids)
@@ -145,8 +136,8 @@ class _Trail:
             best, probs = [], []
             for name in names:
                 w = model.weights.get("unembed.weight") or model.weights["embed.weight"]
-                logits = _core.matmul(np.ascontiguousarray(w.data), w.dtype, w.shape[0], w.shape[1],
-                                      _final_norm(model, hooks.cache[name]))
+                logits = _final_softcap(model, _core.matmul(np.ascontiguousarray(w.data), w.dtype, w.shape[0],
+                                                            w.shape[1], _final_norm(model, hooks.cache[name])))
                 b = logits.argmax(1)
                 best.append(b)
                 probs.append(np.exp(_log_softmax_rows(logits))[np.arange(len(b)), b])
@@ -175,19 +166,29 @@ def _final_norm(model, x: np.ndarray) -> np.ndarray:
     return _core.layernorm(x, g, b, c.norm_eps)
 
 
+def _final_softcap(model, logits: np.ndarray) -> np.ndarray:
+    """The model's final logit softcap c·tanh(x/c) (as the core applies it), or the logits unchanged."""
+    cap = model.config.final_softcap
+    if not cap:
+        return logits
+    return (np.float32(cap) * np.tanh(logits / np.float32(cap))).astype(np.float32)
+
+
 def _unembed(model, h: np.ndarray) -> np.ndarray:
     """Rows of logits from final-norm rows, through the path generate's logits take.
 
     generate computes one row of logits at a time (the GEMV); products of
     fewer than GEMM_MIN_ROWS rows take that same path and sum each row in the
-    same order, so the lens's last row equals the real logits bit for bit.
+    same order, so the lens's last row equals the real logits bit for bit
+    (within a rounding of tanh when the model softcaps its logits).
     """
     w = model.weights.get("unembed.weight") or model.weights["embed.weight"]
     data = np.ascontiguousarray(w.data)
     h = np.ascontiguousarray(np.atleast_2d(h), dtype=np.float32)
     step = _core.GEMM_MIN_ROWS - 1
-    return np.concatenate([_core.matmul(data, w.dtype, w.shape[0], w.shape[1], h[i:i + step])
-                           for i in range(0, h.shape[0], step)])
+    return _final_softcap(model, np.concatenate([_core.matmul(data, w.dtype, w.shape[0], w.shape[1],
+                                                              h[i:i + step])
+                                                 for i in range(0, h.shape[0], step)]))
 
 
 class Journey:
@@ -211,14 +212,14 @@ class Journey:
         top_p, min_p, ..., order) are those of tokentrail.generation.generate;
         `top` is how many candidates the stages list.
         """
-        from .generation import make_sampler
+        from .generation import _prompt_ids, make_sampler
 
         top = _check_top(top)
-        ids = _prompt(model, prompt)
+        ids = _prompt_ids(model, prompt)
         n = len(ids)
         if isinstance(position, bool) or not isinstance(position, numbers.Integral) or not -n <= position < n:
             raise IndexError(f"position {position!r} outside a prompt of {n} tokens")
-        sampler = make_sampler(model, sampling, seed, **options)
+        sampler = make_sampler(model, options, sampling, seed)
         trail = _Trail(model, ids, [int(position) % n], sampler, set())
         self._attach(trail, 0, top)
 
@@ -393,18 +394,31 @@ class Journey:
             parts.append(("pos_embed", contrib(self._row("pos_embed").astype(np.float64))))
         hd = c.head_dim
         for l in range(L):
-            z = self._row(f"blocks.{l}.attn_z").astype(np.float64)
+            z = self._row(f"blocks.{l}.attn_z").astype(np.float64).reshape(-1)  # [heads, head_dim] flattened
             wo = w[f"blocks.{l}.attn.o.weight"].to_float32().astype(np.float64)
-            for h in range(c.n_heads):
-                parts.append((f"L{l}.H{h}", contrib(wo[:, h * hd:(h + 1) * hd] @ z[h * hd:(h + 1) * hd])))
+            heads = [wo[:, h * hd:(h + 1) * hd] @ z[h * hd:(h + 1) * hd] for h in range(c.n_heads)]
             ob = w.get(f"blocks.{l}.attn.o.bias")
-            if ob is not None:
-                parts.append((f"L{l}.attn_bias", contrib(ob.to_float32().astype(np.float64))))
+            bias = ob.to_float32().astype(np.float64) if ob is not None else None
+            if c.post_norms:
+                # The output norm's scale, frozen at the value the forward pass used, keeps the sum linear.
+                g_post = w[f"blocks.{l}.attn_post_norm.weight"].to_float32().astype(np.float64)
+                o = sum(heads) + (bias if bias is not None else 0.0)
+                scale = 1.0 / math.sqrt(float((o ** 2).mean()) + c.norm_eps)
+                heads = [v * scale * g_post for v in heads]
+                bias = bias * scale * g_post if bias is not None else None
+            for h, v in enumerate(heads):
+                parts.append((f"L{l}.H{h}", contrib(v)))
+            if bias is not None:
+                parts.append((f"L{l}.attn_bias", contrib(bias)))
             parts.append((f"L{l}.mlp", contrib(self._row(f"blocks.{l}.mlp_out").astype(np.float64))))
         if const:
             parts.append(("final_norm_bias", const))
-        return {"token": t, "text": self.token(t), "logit": float(self.logits[t]),
-                "parts": parts, "total": float(sum(v for _, v in parts))}
+        total = float(sum(v for _, v in parts))
+        out = {"token": t, "text": self.token(t), "logit": float(self.logits[t]), "parts": parts, "total": total}
+        if c.final_softcap:  # the parts add up to the logit before its softcap
+            out["softcap"] = c.final_softcap
+            out["capped_total"] = float(c.final_softcap * math.tanh(total / c.final_softcap))
+        return out
 
     def geometry(self, top: int | None = None) -> list[dict]:
         """The final hidden state against the unembedding rows of the top candidates."""
@@ -442,8 +456,9 @@ class Journey:
         st.append(Stage("tokenize", "tokenize", f"{told}{pieces}; we follow {_q(me)} at position {p}",
                         {"ids": self.ids, "tokens": self.tokens}))
         e = self._row("embed")
+        scaled = f", scaled by {c.embed_scale:.4g}" if c.embed_scale != 1.0 else ""
         st.append(Stage("embed", "embed", f"{_q(me)} (id {self.ids[p]}) looks up row {self.ids[p]} of the "
-                        f"embedding table: {e.size} numbers, norm {np.linalg.norm(e):.2f}", {"vector": e}))
+                        f"embedding table{scaled}: {e.size} numbers, norm {np.linalg.norm(e):.2f}", {"vector": e}))
         if c.position == "learned":
             pe = self._row("pos_embed")
             st.append(Stage("position", "position", f"position {p} adds its learned vector (norm "
@@ -453,6 +468,7 @@ class Journey:
                             f"keys of position {p} are rotated by angles {p}·θ_i (rotary, base {c.rope_theta:g})",
                             {"theta": c.rope_theta}))
         lens = self.logit_lens()
+        sliding = c.sliding_layers()
         resid = self._row("blocks.0.resid_pre")
         for l in range(c.n_layers):
             pattern = self.attention(l)  # [heads, keys]
@@ -464,20 +480,41 @@ class Journey:
             lines = [f"layer {l}, head {d['head']}: {_q(me)} attends {d['prob']:.2f} to {_q(d['token'])}"
                      + (f" (position {d['to']})" if self.tokens.count(d["token"]) > 1 else "") for d in heads]
             attn_out = self._row(f"blocks.{l}.attn_out")
+            notes = ""
+            if sliding[l]:
+                notes += f"; a sliding-window layer: only the last {c.sliding_window} positions are visible"
+            if c.attn_softcap:
+                notes += f"; scores are softcapped to ±{c.attn_softcap:g} (c·tanh(s/c)) before the softmax"
+            if c.post_norms:
+                notes += "; the output is normalised again before joining the residual (sandwich norm)"
             st.append(Stage("attention", f"layer {l} attention",
                             lines[sharp["head"]] + f"; the heads together add a vector of norm "
-                            f"{np.linalg.norm(attn_out):.2f}",
+                            f"{np.linalg.norm(attn_out):.2f}" + notes,
                             {"pattern": pattern, "heads": heads, "lines": lines, "keys": self.tokens[: p + 1],
                              "out": attn_out}, layer=l))
             mid = self._row(f"blocks.{l}.resid_mid")
             st.append(Stage("residual", f"layer {l} residual", f"the residual stream's norm goes from "
                             f"{np.linalg.norm(resid):.2f} to {np.linalg.norm(mid):.2f}", {"vector": mid}, layer=l))
-            post = self._row(f"blocks.{l}.mlp_post")
             mlp_out = self._row(f"blocks.{l}.mlp_out")
-            strongest = np.argsort(-np.abs(post), kind="stable")[:3]
-            units = ", ".join(f"#{int(i)} ({post[i]:+.2f})" for i in strongest)
-            st.append(Stage("mlp", f"layer {l} MLP", f"the MLP adds a vector of norm {np.linalg.norm(mlp_out):.2f}; "
-                            f"its strongest hidden units: {units}", {"hidden": post, "out": mlp_out}, layer=l))
+            reads = " reads the layer's input, as attention did (parallel residual), and" if c.parallel_residual \
+                else ""
+            if c.n_experts:
+                route = self._row(f"blocks.{l}.router")
+                chosen = np.argsort(-route, kind="stable")[:c.n_experts_used]
+                weights = route[chosen] / route[chosen].sum() if c.renormalize_experts else route[chosen]
+                st.append(Stage("mlp", f"layer {l} experts",
+                                f"the router sends {_q(me)} to experts {', '.join(str(int(e)) for e in chosen)} with "
+                                f"weights {' / '.join(f'{v:.2f}' for v in weights)}; their MLPs{reads} add a vector "
+                                f"of norm {np.linalg.norm(mlp_out):.2f}",
+                                {"router": route, "experts": chosen.tolist(), "weights": weights.tolist(),
+                                 "out": mlp_out}, layer=l))
+            else:
+                post = self._row(f"blocks.{l}.mlp_post")
+                strongest = np.argsort(-np.abs(post), kind="stable")[:3]
+                units = ", ".join(f"#{int(i)} ({post[i]:+.2f})" for i in strongest)
+                st.append(Stage("mlp", f"layer {l} MLP", f"the MLP{reads} adds a vector of norm "
+                                f"{np.linalg.norm(mlp_out):.2f}; its strongest hidden units: {units}",
+                                {"hidden": post, "out": mlp_out}, layer=l))
             resid = self._row(f"blocks.{l}.resid_post")
             lt, lp = lens["top_tokens"][l + 1][0], lens["top_probs"][l + 1][0]
             st.append(Stage("residual", f"layer {l} output", f"residual norm {np.linalg.norm(resid):.2f}; read "
@@ -489,7 +526,10 @@ class Journey:
                         f" to norm {np.linalg.norm(fn):.2f}", {"vector": fn}))
         order = np.argsort(-self.logits, kind="stable")[: self.top]
         cands = [(self.token(int(i)), float(self.logits[i])) for i in order]
-        st.append(Stage("logits", "logits", "highest logits: " + ", ".join(f"{_q(t)} {v:.2f}" for t, v in cands),
+        capped = (f" (after softcapping: {c.final_softcap:g}·tanh(logit/{c.final_softcap:g}) keeps every logit "
+                  f"within ±{c.final_softcap:g})") if c.final_softcap else ""
+        st.append(Stage("logits", "logits", "highest logits: " + ", ".join(f"{_q(t)} {v:.2f}" for t, v in cands)
+                        + capped,
                         {"top_ids": order.tolist(), "top": cands}))
         s = self.stats
         probs = [(self.token(int(i)), float(s.probs[i])) for i in order]
@@ -556,24 +596,29 @@ def _entropy_bits(p: np.ndarray) -> float:
 
 
 def follow_generation(model, prompt, new_tokens: int = 1, *, top: int = 5, seed: int | None = None,
-                      sampling: SamplingConfig | None = None, eos_ids=None, ignore_eos: bool = False,
-                      **options: Any) -> list[Journey]:
+                      sampling: SamplingConfig | None = None, eos_token_id: int | Iterable[int] | None = None,
+                      ignore_eos: bool = False, **options: Any) -> list[Journey]:
     """The journeys of `new_tokens` tokens generated from `prompt`, one per token.
 
     The run is generate's (a prefill, then one token at a time against the KV
-    cache, one Sampler from `seed`), so the chosen tokens are the tokens
+    cache, one Sampler from `seed`, generate's sampling options and
+    defaults), so the chosen tokens are the tokens
     ``generate(prompt, max_new_tokens=new_tokens, seed=seed, ...)`` returns;
-    like it, the run ends early at an end-of-sequence token. Journey k follows
-    the token before the k-th new one.
+    like it, the run ends early at an end-of-sequence token (`eos_token_id`,
+    alias `eos_ids`; `ignore_eos`). Journey k follows the token before the
+    k-th new one.
     """
-    from .generation import _eos_ids, make_sampler
+    from .generation import _eos_ids, _prompt_ids, make_sampler, take_aliases
 
+    ends = {"eos_token_id": eos_token_id}
+    take_aliases(ends, options)
+    eos_token_id = ends["eos_token_id"]
     top = _check_top(top)
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, numbers.Integral) or new_tokens < 1:
         raise ValueError(f"new_tokens: must be an integer >= 1, got {new_tokens!r}")
-    ids = _prompt(model, prompt)
-    sampler = make_sampler(model, sampling, seed, **options)
-    stop = set() if ignore_eos else _eos_ids(model, eos_ids)
+    ids = _prompt_ids(model, prompt)
+    sampler = make_sampler(model, options, sampling, seed)
+    stop = set() if ignore_eos else _eos_ids(model, eos_token_id)
     n = len(ids)
     trail = _Trail(model, ids, list(range(n - 1, n - 1 + int(new_tokens))), sampler, stop)
     return [Journey._of(trail, k, top) for k in range(len(trail.followed))]

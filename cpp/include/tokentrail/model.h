@@ -11,6 +11,9 @@ namespace tokentrail {
 
 enum class Norm { RMS, Layer };
 enum class Activation { SiLU, GeluTanh, GeluErf, ReLU };
+// RMSNorm of queries and keys before rotary embedding: none, per head (Qwen3, Gemma 3),
+// or over the whole projection (OLMo 2).
+enum class QKNorm { None, Head, Full };
 
 struct Config {
   int vocab = 0, dim = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn = 0, max_seq = 0;
@@ -19,8 +22,26 @@ struct Config {
   Activation act = Activation::SiLU;
   bool gated_mlp = true;
   bool learned_positions = false;  // else rotary
-  float rope_theta = 10000.0f;
-  bool rope_adjacent = false;      // pairs (2i, 2i+1) instead of (i, i + d/2)
+  bool rope_adjacent = false;      // pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
+  int rotary_dim = 0;              // leading elements of each head that rotate (partial rotary)
+  // Rotary frequencies, rotary_dim / 2 of them, for full-attention layers and for
+  // sliding-window layers (which may have their own base); cos and sin scaled by the factor.
+  std::vector<float> inv_freq, inv_freq_local;
+  float rope_attn_factor = 1.0f;
+  // LongRoPE: calls that reach past `rope_long_after` positions rotate with the long table.
+  std::vector<float> inv_freq_long;
+  int rope_long_after = 0;
+  QKNorm qk_norm = QKNorm::None;
+  bool pre_norms = true;           // normalise the input of attention and MLP
+  bool post_norms = false;         // normalise the output of attention and MLP before the residual add
+  bool parallel_residual = false;  // x + attn(norm1(x)) + mlp(norm2(x)), one residual add
+  std::vector<uint8_t> sliding;    // per layer: 1 = sliding-window attention
+  int sliding_window = 0;
+  float attn_scale = 0.0f;         // multiplies q.k; from 1 / sqrt(head_dim) when 0
+  float attn_softcap = 0.0f, final_softcap = 0.0f;  // > 0: c * tanh(x / c) on scores / logits
+  float embed_scale = 1.0f;        // multiplies the embedding rows
+  int n_experts = 0, n_experts_used = 0;  // mixture of experts in every MLP when n_experts > 0
+  bool renormalize_experts = true;        // chosen experts' weights rescaled to sum to 1
 };
 
 // Small vectors (norm weights, biases) are always float32; absent ones are null.
@@ -28,9 +49,15 @@ struct LayerWeights {
   const float *attn_norm_w = nullptr, *attn_norm_b = nullptr;
   WeightView q, k, v, o;
   const float *q_b = nullptr, *k_b = nullptr, *v_b = nullptr, *o_b = nullptr;
+  const float *q_norm_w = nullptr, *k_norm_w = nullptr;
+  const float *attn_post_norm_w = nullptr, *attn_post_norm_b = nullptr;
   const float *mlp_norm_w = nullptr, *mlp_norm_b = nullptr;
+  const float *mlp_post_norm_w = nullptr, *mlp_post_norm_b = nullptr;
   WeightView gate, up, down;
   const float *gate_b = nullptr, *up_b = nullptr, *down_b = nullptr;
+  // Mixture of experts: the router and each expert's gated MLP.
+  WeightView router;
+  std::vector<WeightView> expert_gate, expert_up, expert_down;
 };
 
 struct Weights {
@@ -76,7 +103,7 @@ class KVCache {
 enum Point : int {
   P_EMBED, P_POS_EMBED, P_RESID_PRE, P_ATTN_NORM, P_Q, P_K, P_V, P_ATTN_SCORES, P_ATTN_PATTERN,
   P_ATTN_Z, P_ATTN_OUT, P_RESID_MID, P_MLP_NORM, P_MLP_PRE, P_MLP_PRE_LINEAR, P_MLP_POST,
-  P_MLP_OUT, P_RESID_POST, P_FINAL_NORM, P_LOGITS, P_COUNT
+  P_MLP_OUT, P_RESID_POST, P_FINAL_NORM, P_LOGITS, P_ROUTER, P_COUNT
 };
 
 struct PointInfo {

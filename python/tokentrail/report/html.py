@@ -105,7 +105,9 @@ def _step_data(j) -> dict:
                  "chosen_prob": [float(x) for x in lens["chosen_prob"]],
                  "chosen_rank": [r + 1 for r in lens["chosen_rank"]]},
         "attribution": {"token": a["text"], "logit": a["logit"], "total": a["total"],
-                        "parts": [[k, v] for k, v in a["parts"]]},
+                        "parts": [[k, v] for k, v in a["parts"]],
+                        # with a final logit softcap the parts add up to the logit before it
+                        "softcap": a.get("softcap"), "capped_total": a.get("capped_total")},
         "final_norm": float(np.linalg.norm(j.final_hidden())),
         "entropy_bits": j.stats.entropy_bits + 0.0,
         "effective_choices": j.stats.effective_choices,

@@ -60,10 +60,16 @@ def print_journey(j, width: int | None = None, console: Console | None = None) -
     for name, v in parts:
         t.add_row(name, f"{v:+.3f}", Text(_bar(abs(v) / scale, 20), style="green" if v >= 0 else "red"))
     console.print(t)
-    console.print(f"sum of all {len(a['parts'])} parts {a['total']:+.4f} = logit {a['logit']:+.4f}")
+    if "capped_total" in a:  # the parts add up to the logit before the model's final softcap
+        c = a["softcap"]
+        console.print(f"sum of all {len(a['parts'])} parts {a['total']:+.4f}; after the final softcap "
+                      f"{c:g}·tanh(sum/{c:g}) = {a['capped_total']:+.4f} = logit {a['logit']:+.4f}")
+    else:
+        console.print(f"sum of all {len(a['parts'])} parts {a['total']:+.4f} = logit {a['logit']:+.4f}")
     console.rule("geometry of the decision")
     t = Table(box=box.SIMPLE, show_edge=False)
-    for col in ("token", "logit = h·u", "cos(h, u)", "|u|"):
+    for col in ("token", "h·u (the logit before any softcap)" if j.config.final_softcap else "logit = h·u",
+                "cos(h, u)", "|u|"):
         t.add_column(col, justify="right" if col != "token" else "left")
     for g in j.geometry():
         t.add_row(_tok(g["token"], 16), f"{g['dot']:.2f}", f"{g['cosine']:.3f}", f"{g['unembed_norm']:.2f}")

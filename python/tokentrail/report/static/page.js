@@ -564,7 +564,9 @@ function renderAttr() {
   sum.innerHTML = "";
   sum.append("The logit of ", tok(A.token), ` (${A.logit.toFixed(4)}) splits into ${A.parts.length} parts: what the ` +
     "embedding, every attention head and every MLP wrote into the residual stream, each read through the " +
-    `final norm's scale and the token's unembedding row. They add up to ${A.total.toFixed(4)}. ` +
+    `final norm's scale and the token's unembedding row. They add up to ${A.total.toFixed(4)}` +
+    (A.softcap ? ` before the final softcap, and ${A.softcap}·tanh(${A.total.toFixed(4)}/${A.softcap}) = ` +
+      `${A.capped_total.toFixed(4)} is the logit. ` : ". ") +
     "Green raises the logit, red lowers it; click a head to open it.");
   const add = (label, v, cls, target) => {
     const name = el("span", "name" + (target ? " link" : "") + (cls ? " " + cls : ""), label);
@@ -578,7 +580,8 @@ function renderAttr() {
   };
   for (const [n, v] of shown) { const [label, target] = partName(n); add(label, v, "", target); }
   if (rest.length) add(`${rest.length} other parts`, restSum, "", null);
-  box.append(el("span", "name total", "sum = the logit"), el("span", "track total"),
+  box.append(el("span", "name total", A.softcap ? "sum, before the softcap" : "sum = the logit"),
+    el("span", "track total"),
     el("span", "val total", (A.total >= 0 ? "+" : "") + A.total.toFixed(3)));
 }
 

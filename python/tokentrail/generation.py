@@ -260,6 +260,15 @@ _ALIASES = {"eos_ids": "eos_token_id"}
 _SAMPLING_STAGES = ("top_n_sigma", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "xtc", "mirostat")
 
 
+def take_aliases(options: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Move generate's other names (eos_ids for eos_token_id) from `extra` into `options`, refusing both at once."""
+    for alias, name in _ALIASES.items():
+        if alias in extra:
+            if options.get(name) is not None:
+                raise OptionError(f"{alias}: is another name for {name}; give one of them")
+            options[name] = extra.pop(alias)
+
+
 def _given(name: str, value: Any, defaults: dict[str, Any]) -> bool:
     d = defaults.get(name, None)
     if isinstance(value, np.ndarray) or isinstance(d, np.ndarray):
@@ -341,6 +350,17 @@ def sampling_config(model, options: Mapping[str, Any] | None = None,
     full = {name: _SIGNATURE_DEFAULTS[name] for name in _CHAIN_OPTIONS}
     full.update(options)
     return _sampling_config(model, full, sampling, _SIGNATURE_DEFAULTS)[0]
+
+
+def make_sampler(model, options: Mapping[str, Any] | None = None, sampling: SamplingConfig | None = None,
+                 seed: int | None = None) -> Sampler:
+    """The Sampler generate() draws its tokens with for these options and seed.
+
+    The chain is :func:`sampling_config`'s (the model's generation_config.json
+    defaults and transformers' names, resolved as generate resolves them), so
+    a journey drawing through it picks the token generate picks first.
+    """
+    return Sampler(sampling_config(model, options, sampling), seed=seed)
 
 
 def _new_tokens(model, prompt_len: int, max_new_tokens, max_length) -> int:
@@ -462,11 +482,7 @@ def generate(model, prompt: str | Sequence[int], max_new_tokens: int | None = No
     options = dict(locals())
     for key in ("model", "prompt", "unexpected"):
         options.pop(key)
-    for alias, name in _ALIASES.items():
-        if alias in unexpected:
-            if options[name] is not None:
-                raise OptionError(f"{alias}: is another name for {name}; give one of them")
-            options[name] = unexpected.pop(alias)
+    take_aliases(options, unexpected)
     if unexpected:
         raise unknown_options(unexpected, GENERATE_OPTIONS | set(_ALIASES), "generate option")
     return _generate(model, prompt, options)

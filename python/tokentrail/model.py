@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from .progress import ProgressOption, Task
 if TYPE_CHECKING:
     from .capture import ActivationCache, Hooks
     from .journey import Journey
+    from .sampling import SamplingConfig
 
 DEMO_MODEL = Path(__file__).parent / "models" / "demo"
 # Default KV cache limit when a model allows very long contexts: memory for
@@ -194,12 +195,18 @@ class Model:
         logits = self.forward(ids, all_positions=True, hooks=hooks)
         return logits, hooks.cache
 
-    def journey(self, prompt: str | Sequence[int], temperature: float = 1.0, position: int = -1, top: int = 5,
-                seed: int | None = None) -> Journey:
-        """Follow the token at `position` of `prompt` through the model; see tokentrail.journey."""
+    def journey(self, prompt: str | Sequence[int], *, position: int = -1, top: int = 5,
+                seed: int | None = None, sampling: SamplingConfig | None = None, **options: Any) -> Journey:
+        """Follow the token at `position` of `prompt` through the model; see tokentrail.journey.
+
+        `seed`, `sampling` and the sampling options (temperature, top_k,
+        top_p, ...) are generate's, with generate's defaults (the model's
+        generation_config.json): the journey's chosen token is the first
+        token generate returns with the same ones, drawn through the same chain.
+        """
         from .journey import Journey
 
-        return Journey(self, prompt, temperature=temperature, position=position, top=top, seed=seed)
+        return Journey(self, prompt, position=position, top=top, seed=seed, sampling=sampling, **options)
 
     # One signature, written once: generation.generate(model, ...) is the method generate(...).
     generate = generation.generate

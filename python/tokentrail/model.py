@@ -27,6 +27,8 @@ DEFAULT_CONTEXT_CAP = 8192
 
 
 KV_DTYPES = ("f32", "f16")
+# Which logits a forward step returns per sequence: its last position's, every position's, or none.
+LOGITS_MODES = ("last", "all", "none")
 
 
 def _check_kv_dtype(kv_dtype: str) -> str:
@@ -164,6 +166,61 @@ class Model:
             ids = self.encode(ids)
         return self.session().feed(ids, all_logits=all_positions, hooks=hooks)
 
+    def forward_batch(self, sessions: Sequence[Session], tokens: Sequence[Sequence[int]],
+                      logits: str | Sequence[str] = "last",
+                      hooks: Sequence[Hooks | None] | None = None) -> list[np.ndarray | None]:
+        """Advance several sessions in one step of the core: `sessions[i]` runs `tokens[i]` at its next positions.
+
+        The sequences may be at different positions and feed different
+        numbers of tokens (a prompt for one, a single decode token for
+        another); the rows of all of them go through every weight matrix
+        together, so each weight is read once per step. Results equal feeding
+        each session alone (Session.feed). `logits` is "last" ([vocab]),
+        "all" ([n, vocab]) or "none" (None), for every sequence or one per
+        sequence. `hooks` gives each sequence its own Hooks or None (one
+        Hooks object may serve only one sequence of a step, so that its
+        records stay apart). Everything is checked before any session changes.
+        """
+        sessions = list(sessions)
+        tokens = list(tokens)
+        count = len(sessions)
+        if count == 0:
+            raise ValueError("forward_batch: needs at least one session")
+        if len(tokens) != count:
+            raise ValueError(f"forward_batch: {count} sessions but {len(tokens)} token lists; give one per session")
+        modes = [logits] * count if isinstance(logits, str) else list(logits)
+        hooks = [None] * count if hooks is None else list(hooks)
+        for name, given in (("logits", modes), ("hooks", hooks)):
+            if len(given) != count:
+                raise ValueError(f"forward_batch: {name} has {len(given)} entries for {count} sessions")
+        core_hooks, ids, seen = [], [], {}
+        for i, (session, toks, mode, hk) in enumerate(zip(sessions, tokens, modes, hooks)):
+            who = f"forward_batch: sequence {i}: "
+            if not isinstance(session, Session):
+                raise OptionError(f"{who}expected a Session (model.session()), got {type(session).__name__}")
+            if session.model is not self:
+                raise ValueError(f"{who}the session belongs to another model")
+            if id(session) in seen or id(session._cache) in seen:
+                raise ValueError(f"{who}is the same session as sequence {seen.get(id(session), seen.get(id(session._cache)))}; "
+                                 f"a session can advance once per step")
+            seen[id(session)] = seen[id(session._cache)] = i
+            if mode not in LOGITS_MODES:
+                raise ValueError(f"{who}logits must be one of {', '.join(LOGITS_MODES)}, got {mode!r}")
+            if hk is not None:
+                from .capture import check_hooks
+
+                check_hooks(self, hk)
+                if id(hk) in seen:
+                    raise ValueError(f"{who}shares its hooks with sequence {seen[id(hk)]}; give each sequence "
+                                     f"its own Hooks (their records would mix)")
+                seen[id(hk)] = i
+            ids.append(session._checked_ids(toks, who))
+            core_hooks.append(hk._core_hooks() if hk is not None else None)
+        out = self._core.forward_batch([s._cache for s in sessions], ids, modes, core_hooks)
+        for session, toks in zip(sessions, ids):
+            session.tokens.extend(int(i) for i in toks)
+        return [None if mode == "none" else o for mode, o in zip(modes, out)]
+
     def hooks(self) -> Hooks:
         """A fresh set of capture requests and interventions for this model (tokentrail.capture.Hooks)."""
         from .capture import Hooks
@@ -251,26 +308,30 @@ class Session:
 
     def feed(self, ids: Sequence[int], all_logits: bool = False, hooks: Hooks | None = None) -> np.ndarray:
         """Run `ids` at the next positions; logits of the last one ([vocab]), or of all ([n, vocab])."""
-        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError("feed needs a non-empty 1-D sequence of token ids")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got {ids.dtype}")
-        if self.pos + ids.size > self.limit:
-            raise ContextFullError.for_tokens(self.pos, ids.size, self.limit)
-        vocab = self.model.config.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
+        ids = self._checked_ids(ids)
         if hooks is not None:
             from .capture import check_hooks
 
             check_hooks(self.model, hooks)
         core_hooks = hooks._core_hooks() if hooks is not None else None
-        out = self.model._core.forward(self._cache, ids.astype(np.int32), "all" if all_logits else "last",
-                                       core_hooks)
+        out = self.model._core.forward(self._cache, ids, "all" if all_logits else "last", core_hooks)
         self.tokens.extend(int(i) for i in ids)
         return out
+
+    def _checked_ids(self, ids: Sequence[int], who: str = "") -> np.ndarray:
+        """`ids` as int32 for the core, after the checks that give clear errors (`who` prefixes them)."""
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"{who}feed needs a non-empty 1-D sequence of token ids")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{who}token ids must be integers, got {ids.dtype}")
+        if self.pos + ids.size > self.limit:
+            raise ContextFullError(f"{who}{ContextFullError.for_tokens(self.pos, ids.size, self.limit)}")
+        vocab = self.model.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise ValueError(f"{who}token id {bad} is outside the vocabulary (size {vocab})")
+        return ids.astype(np.int32)
 
     def fork(self) -> "Session":
         """An independent copy of this session (the cache's filled part is copied, nothing recomputed)."""

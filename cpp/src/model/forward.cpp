@@ -202,8 +202,9 @@ void final_norm_and_unembed(const Config& c, const Weights& w, const std::vector
   }
   std::vector<float> hn(size_t(normed) * d);
   for (size_t i = 0; i < seqs.size(); ++i)
-    std::copy(x + size_t(seqs[i].row0 + tails[i].first) * d, x + size_t(seqs[i].row0 + seqs[i].n) * d,
-              hn.data() + size_t(tails[i].normed_at) * d);
+    if (tails[i].rows)
+      std::copy(x + size_t(seqs[i].row0 + tails[i].first) * d, x + size_t(seqs[i].row0 + seqs[i].n) * d,
+                hn.data() + size_t(tails[i].normed_at) * d);
   normalize(c, hn.data(), w.final_norm_w, w.final_norm_b, normed, hn.data());
   for (size_t i = 0; i < seqs.size(); ++i)
     if (tails[i].rows)

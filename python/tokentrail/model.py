@@ -227,9 +227,10 @@ class Model:
 
         return Hooks(self)
 
-    def run_with_cache(self, prompt: str | Sequence[int], names: str | Iterable[str] = "*",
-                       positions: Iterable[int] | None = None,
-                       hooks: Hooks | None = None) -> tuple[np.ndarray, ActivationCache]:
+    def run_with_cache(self, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
+                       names: str | Iterable[str] = "*", positions: Iterable[int] | None = None,
+                       hooks: Hooks | Sequence[Hooks | None] | None = None
+                       ) -> tuple[np.ndarray, ActivationCache] | tuple[list[np.ndarray], list[ActivationCache]]:
         """Logits of every position and an ActivationCache of the named points (all by default).
 
         `names` are capture-point names, TransformerLens hook names or glob
@@ -237,8 +238,22 @@ class Model:
         prompt; negative ones count from the end (-1 = the last token). For
         long prompts, recording only what you will look at saves most of the
         memory. A position outside the prompt is an IndexError.
+
+        A list of prompts runs them together (each step of the core advancing
+        several) and gives a list of logits ([len(prompt), vocab] each) and a
+        list of caches, one per prompt, each exactly what the prompt alone
+        gives; negative positions count from each prompt's own end, and
+        `hooks`, when given, is a list with one Hooks (or None) per prompt.
         """
+        if generation.is_prompt_list(prompt):
+            return self._run_with_caches(list(prompt), names, positions, hooks)
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        hooks = self._capturing_hooks(ids, names, positions, hooks)
+        logits = self.forward(ids, all_positions=True, hooks=hooks)
+        return logits, hooks.cache
+
+    def _capturing_hooks(self, ids: list[int], names, positions, hooks: Hooks | None) -> Hooks:
+        """`hooks` (or fresh ones) asked to record `names` at `positions` of the prompt `ids`."""
         if positions is not None:
             positions = _prompt_positions(positions, len(ids))
         if hooks is None:
@@ -247,9 +262,30 @@ class Model:
             from .capture import check_hooks
 
             check_hooks(self, hooks)
-        hooks.capture(names, positions=positions)
-        logits = self.forward(ids, all_positions=True, hooks=hooks)
-        return logits, hooks.cache
+        return hooks.capture(names, positions=positions)
+
+    def _run_with_caches(self, prompts: list, names, positions, hooks) -> tuple[list[np.ndarray], list[ActivationCache]]:
+        if hooks is None:
+            hooks = [None] * len(prompts)
+        elif not isinstance(hooks, (list, tuple)) or len(hooks) != len(prompts):
+            raise OptionError(f"hooks: with a list of {len(prompts)} prompts, give a list of as many Hooks "
+                              f"(or None), got {hooks!r:.60}")
+        elif len({id(h) for h in hooks if h is not None}) < sum(h is not None for h in hooks):
+            raise OptionError("hooks: each prompt needs its own Hooks, or their records would mix")
+        ids = [generation._prompt_ids(self, p, f"prompt {i}") for i, p in enumerate(prompts)]
+        for i, one in enumerate(ids):
+            generation._check_fits(self, one, f"prompt {i}")
+        try:
+            hooks = [self._capturing_hooks(one, names, positions, h) for one, h in zip(ids, hooks)]
+        except IndexError as e:
+            raise IndexError(f"{e} (positions apply to every prompt of the list)") from None
+        logits: list[np.ndarray] = [None] * len(prompts)
+        for step in generation.whole_prompt_steps([len(one) for one in ids]):
+            out = self.forward_batch([self.session() for _ in step], [ids[i] for i in step], logits="all",
+                                     hooks=[hooks[i] for i in step])
+            for i, row in zip(step, out):
+                logits[i] = row
+        return logits, [h.cache for h in hooks]
 
     def journey(self, prompt: str | Sequence[int], temperature: float = 1.0, position: int = -1, top: int = 5,
                 seed: int | None = None) -> Journey:

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "hooks_apply.h"
 #include "tokentrail/model.h"
@@ -292,6 +293,9 @@ void Model::forward(const SequenceStep* batch, int count) const {
     add_into(x.data(), h.data(), nd);
   }
 
+  // Per sequence: where attention writes the tables its hooks record (scores, pattern).
+  std::vector<AttentionCapture> tables(seqs.size());
+  std::vector<std::vector<float>> scores_buf(seqs.size()), pattern_buf(seqs.size());
   AttentionShape shape;
   shape.n_heads = c.n_heads;
   shape.n_kv = c.n_kv_heads;
@@ -337,26 +341,40 @@ void Model::forward(const SequenceStep* batch, int count) const {
     hooks.apply(P_V, l, v.data(), kvs, c.n_kv_heads);
     shape.window = sliding ? c.sliding_window : 0;
     // The cache store and attention: per sequence, against that sequence's own history.
-    for (const Rows& s : seqs) {
-      KVCache& cache = *s.step->cache;
-      cache.store(l, s.pos0, s.n, k.data() + size_t(s.row0) * kvs, v.data() + size_t(s.row0) * kvs);
-      shape.n = s.n;
-      shape.pos0 = s.pos0;
-      shape.cap = cache.capacity();
+    bool spread = seqs.size() > 1;  // every call small: one thread per sequence, the calls side by side
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const Rows& s = seqs[i];
+      s.step->cache->store(l, s.pos0, s.n, k.data() + size_t(s.row0) * kvs, v.data() + size_t(s.row0) * kvs);
+      spread = spread && attention_work(s.n, c.n_heads, s.pos0 + s.n, c.head_dim) <= ATTENTION_PARALLEL_WORK;
       Hooks* hk = s.step->hooks;
-      Site* s_site = hk ? hk->find(P_ATTN_SCORES, l) : nullptr;
-      Site* p_site = hk ? hk->find(P_ATTN_PATTERN, l) : nullptr;
-      AttentionCapture cap_buf;
-      std::vector<float> scores_buf, pattern_buf;
-      const int ctx = s.pos0 + s.n;
-      const size_t table = size_t(s.n) * c.n_heads * ctx;
-      if (s_site && s_site->capture) { scores_buf.resize(table); cap_buf.scores = scores_buf.data(); }
-      if (p_site && p_site->capture) { pattern_buf.resize(table); cap_buf.pattern = pattern_buf.data(); }
-      K.attention(q.data() + size_t(s.row0) * qs, cache.k(l), cache.v(l), cache.type(), shape,
-                  z.data() + size_t(s.row0) * qs, (cap_buf.scores || cap_buf.pattern) ? &cap_buf : nullptr);
-      const int row = c.n_heads * ctx;
-      if (cap_buf.scores) capture_rows(s_site, scores_buf.data(), s.n, row, s.pos0, {c.n_heads, ctx});
-      if (cap_buf.pattern) capture_rows(p_site, pattern_buf.data(), s.n, row, s.pos0, {c.n_heads, ctx});
+      tables[i].scores = tables[i].pattern = nullptr;
+      for (auto [point, buf, out] : {std::make_tuple(P_ATTN_SCORES, &scores_buf[i], &tables[i].scores),
+                                     std::make_tuple(P_ATTN_PATTERN, &pattern_buf[i], &tables[i].pattern)}) {
+        Site* site = hk ? hk->find(point, l) : nullptr;
+        if (!site || !site->capture) continue;
+        buf->resize(size_t(s.n) * c.n_heads * (s.pos0 + s.n));
+        *out = buf->data();
+      }
+    }
+    const int count = int(seqs.size());
+#pragma omp parallel for schedule(dynamic) if (spread)
+    for (int i = 0; i < count; ++i) {
+      const Rows& s = seqs[i];
+      const KVCache& cache = *s.step->cache;
+      AttentionShape mine = shape;
+      mine.n = s.n;
+      mine.pos0 = s.pos0;
+      mine.cap = cache.capacity();
+      const bool record = tables[i].scores || tables[i].pattern;
+      K.attention(q.data() + size_t(s.row0) * qs, s.step->cache->k(l), s.step->cache->v(l), cache.type(), mine,
+                  z.data() + size_t(s.row0) * qs, record ? &tables[i] : nullptr);
+    }
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const Rows& s = seqs[i];
+      const int ctx = s.pos0 + s.n, row = c.n_heads * ctx;
+      Hooks* hk = s.step->hooks;
+      if (tables[i].scores) capture_rows(hk->find(P_ATTN_SCORES, l), scores_buf[i].data(), s.n, row, s.pos0, {c.n_heads, ctx});
+      if (tables[i].pattern) capture_rows(hk->find(P_ATTN_PATTERN, l), pattern_buf[i].data(), s.n, row, s.pos0, {c.n_heads, ctx});
     }
     hooks.apply(P_ATTN_Z, l, z.data(), qs, c.n_heads);
     // The MLP of a parallel block reads the same input as attention: normalise it before x changes.

@@ -203,6 +203,20 @@ py::array_t<float> to_numpy(std::vector<float>&& v, std::vector<int64_t> shape) 
   return py::array_t<float>(shape, heap->data(), owner);
 }
 
+LogitsMode logits_mode(const std::string& mode) {
+  if (mode == "all") return LogitsMode::All;
+  if (mode == "last") return LogitsMode::Last;
+  if (mode == "none") return LogitsMode::None;
+  throw py::value_error("logits mode must be all, last or none, not '" + mode + "'");
+}
+
+// A forward call's logits as numpy: [n, vocab] for all positions, [vocab] for the last, [0] for none.
+py::array_t<float> logits_array(std::vector<float>&& logits, LogitsMode mode, int n, int vocab) {
+  if (mode == LogitsMode::All) return to_numpy(std::move(logits), {n, vocab});
+  if (mode == LogitsMode::Last) return to_numpy(std::move(logits), {vocab});
+  return to_numpy(std::move(logits), {0});
+}
+
 const float* f32_ptr(const py::array_t<float, py::array::c_style | py::array::forcecast>& a) { return a.data(); }
 
 // float32 values rounded to IEEE half bit patterns, as the f16 KV cache stores them.
@@ -387,24 +401,54 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("n_layers", [](const ModelHandle& h) { return h.model->config().n_layers; })
       .def("forward", [](const ModelHandle& h, KVCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
                          const std::string& mode, Hooks* hooks) {
-        LogitsMode lm = mode == "all" ? LogitsMode::All : mode == "last" ? LogitsMode::Last : LogitsMode::None;
-        if (mode != "all" && mode != "last" && mode != "none") throw py::value_error("logits mode must be all, last or none");
-        if (hooks && hooks->n_layers() != h.model->config().n_layers) throw py::value_error("hooks were made for another model");
+        const LogitsMode lm = logits_mode(mode);
         const int n = int(tokens.size());
         std::vector<float> logits;
         {
           py::gil_scoped_release nogil;
           h.model->forward(cache, tokens.data(), n, lm, hooks, logits);
         }
-        const int vocab = h.model->config().vocab;
-        if (lm == LogitsMode::All) return to_numpy(std::move(logits), {n, vocab});
-        if (lm == LogitsMode::Last) return to_numpy(std::move(logits), {vocab});
-        return to_numpy(std::move(logits), {0});
-      }, py::arg("cache"), py::arg("tokens"), py::arg("logits") = "last", py::arg("hooks") = nullptr);
+        return logits_array(std::move(logits), lm, n, h.model->config().vocab);
+      }, py::arg("cache"), py::arg("tokens"), py::arg("logits") = "last", py::arg("hooks") = nullptr)
+      .def("forward_batch", [](const ModelHandle& h, const py::sequence& caches, const py::sequence& tokens,
+                               const py::sequence& modes, const py::sequence& hooks) {
+        // One step of several sequences: caches[i] runs tokens[i], logits per modes[i], with hooks[i] (or None).
+        const size_t count = caches.size();
+        if (count == 0) throw py::value_error("forward_batch needs at least one sequence");
+        if (tokens.size() != count || modes.size() != count || hooks.size() != count)
+          throw py::value_error("forward_batch needs one token array, logits mode and hooks entry (or None) per cache");
+        using IntArray = py::array_t<int, py::array::c_style | py::array::forcecast>;
+        std::vector<IntArray> ids(count);
+        std::vector<std::vector<float>> logits(count);
+        std::vector<SequenceStep> batch(count);
+        for (size_t i = 0; i < count; ++i) {
+          const std::string who = "sequence " + std::to_string(i) + ": ";
+          if (!py::isinstance<KVCache>(caches[i])) throw py::type_error(who + "expected a KVCache");
+          if (!hooks[i].is_none() && !py::isinstance<Hooks>(hooks[i]))
+            throw py::type_error(who + "hooks must be Hooks or None");
+          ids[i] = IntArray::ensure(tokens[i]);
+          if (!ids[i] || ids[i].ndim() != 1) throw py::value_error(who + "tokens must be a 1-D array of token ids");
+          batch[i].cache = caches[i].cast<KVCache*>();
+          batch[i].tokens = ids[i].data();
+          batch[i].n = int(ids[i].size());
+          batch[i].mode = logits_mode(modes[i].cast<std::string>());
+          batch[i].hooks = hooks[i].is_none() ? nullptr : hooks[i].cast<Hooks*>();
+          batch[i].logits = &logits[i];
+        }
+        {
+          py::gil_scoped_release nogil;
+          h.model->forward(batch.data(), int(count));
+        }
+        py::list out;
+        for (size_t i = 0; i < count; ++i)
+          out.append(logits_array(std::move(logits[i]), batch[i].mode, batch[i].n, h.model->config().vocab));
+        return out;
+      }, py::arg("caches"), py::arg("tokens"), py::arg("logits"), py::arg("hooks"),
+         "Advance several sequences in one step; returns each one's logits as its mode asks.");
 
   py::class_<KVCache>(m, "KVCache")
       .def(py::init([](const ModelHandle& h, int limit, const std::string& dtype) {
-             return std::make_unique<KVCache>(h.model->config(), limit, dtype_from_name(dtype));
+             return std::make_unique<KVCache>(h.model->config(), limit, dtype_from_name(dtype), h.model.get());
            }),
            py::arg("model"), py::arg("limit"), py::arg("dtype") = "f32")
       .def_property_readonly("dtype", [](const KVCache& c) { return std::string(dtype_name(c.type())); })

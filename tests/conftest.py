@@ -29,6 +29,19 @@ def require_stories():
     return STORIES
 
 
+def family_pair(family: str, tmp_path_factory):
+    """(family, tokentrail model, transformers model) of a fresh random model of `family`
+    (reference_models.build), or a skip when the references are missing."""
+    import tokentrail
+    from reference_models import build
+
+    require("torch")
+    require("transformers")
+    d = tmp_path_factory.mktemp(family)
+    ref = build(family, d)
+    return family, tokentrail.load(d), ref
+
+
 def greedy(model, ids, n: int, hooks=None):
     """The argmax continuation of `ids` for n steps, fed one token at a time; also the last logits."""
     import numpy as np

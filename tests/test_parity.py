@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tokentrail
-from conftest import require
+from conftest import family_pair, require
 from reference_models import CALL_DEPENDENT, FAMILIES, build, reference_logits, reference_logits_in_pieces
 
 PROMPT = [1, 17, 200, 5, 99, 42, 42, 7, 250, 3, 64, 128]
@@ -13,11 +13,7 @@ PROMPT = [1, 17, 200, 5, 99, 42, 42, 7, 250, 3, 64, 128]
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request, tmp_path_factory):
-    require("torch")
-    require("transformers")
-    d = tmp_path_factory.mktemp(request.param)
-    ref = build(request.param, d)
-    return request.param, tokentrail.load(d), ref
+    return family_pair(request.param, tmp_path_factory)
 
 
 def test_prompt_logits_match(pair):

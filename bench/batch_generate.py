@@ -19,6 +19,7 @@ sequences stepped one by one with Session.feed.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import tempfile
 import time
@@ -27,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from shapes import make_model
-from timing import timeit_median
 
 
 def cpu_name() -> str:
@@ -37,8 +37,20 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
-def core_steps(model, prompts: list[list[int]], repeats: int) -> tuple[float, float]:
-    """Seconds of one decode step of every sequence: together (forward_batch) and one by one (feed)."""
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds of `fn` over repeats, after a warm-up."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def core_steps(model, prompts: list[list[int]], repeats: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(wall, CPU) seconds of one decode step of every sequence: together (forward_batch), one by one (feed)."""
     sessions = [model.session() for _ in prompts]
     model.forward_batch(sessions, prompts)
     tokens = [[int(p[-1])] for p in prompts]
@@ -57,7 +69,7 @@ def core_steps(model, prompts: list[list[int]], repeats: int) -> tuple[float, fl
         for s, t in zip(sessions, tokens):
             s.feed(t)
 
-    return timeit_median(together, repeats), timeit_median(alone, repeats)
+    return timed(together, repeats), timed(alone, repeats)
 
 
 def main() -> None:
@@ -68,6 +80,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="tokens generated per prompt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", help="a model directory to use instead of a fresh random one of --shape")
     args = ap.parse_args()
 
     import tokentrail
@@ -75,7 +88,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        make_model(args.shape, Path(tmp))
+        if args.model:
+            tmp = args.model
+        else:
+            make_model(args.shape, Path(tmp))
         for dtype in args.types.split(","):
             model = tokentrail.load(tmp, dtype=dtype, threads=args.threads, progress=False)
             vocab = model.config.vocab_size
@@ -85,14 +101,15 @@ def main() -> None:
             batched = model.generate(prompts, **options)
             single = [model.generate(p, **options) for p in prompts]
             same = all(b.token_ids == s.token_ids for b, s in zip(batched, single))
-            t_batch = timeit_median(lambda: model.generate(prompts, **options), args.repeats)
-            t_single = timeit_median(lambda: [model.generate(p, **options) for p in prompts], args.repeats)
-            step_together, step_alone = core_steps(model, prompts, max(5, args.repeats))
+            t_batch, c_batch = timed(lambda: model.generate(prompts, **options), args.repeats)
+            t_single, c_single = timed(lambda: [model.generate(p, **options) for p in prompts], args.repeats)
+            (step_together, _), (step_alone, _) = core_steps(model, prompts, max(5, args.repeats))
             n = args.prompts * args.new
-            rows.append((dtype, n / t_single, n / t_batch, t_single / t_batch, step_alone * 1e3,
-                         step_together * 1e3, same))
-            print(f"{dtype}: {n} tokens; single calls {t_single:.2f} s, batched {t_batch:.2f} s "
-                  f"({t_single / t_batch:.2f}x); one decode step of {args.prompts}: {step_alone * 1e3:.1f} ms "
+            rows.append((dtype, n / t_single, n / t_batch, t_single / t_batch, c_single / c_batch,
+                         step_alone * 1e3, step_together * 1e3, same))
+            print(f"{dtype}: {n} tokens; single calls {t_single:.2f} s ({c_single:.2f} CPU s), batched "
+                  f"{t_batch:.2f} s ({c_batch:.2f} CPU s): {t_single / t_batch:.2f}x wall, "
+                  f"{c_single / c_batch:.2f}x CPU; one decode step of {args.prompts}: {step_alone * 1e3:.1f} ms "
                   f"one by one, {step_together * 1e3:.1f} ms together; same tokens: {same}", flush=True)
             del model
 
@@ -100,13 +117,12 @@ def main() -> None:
     print(f"{args.shape} shape, {args.prompts} prompts of 8-24 tokens, {args.new} new tokens each (greedy), "
           f"{args.threads} threads, {cpu_name()}, {time.strftime('%Y-%m-%d')}")
     print()
-    print(f"| weights | {args.prompts} single calls (tokens/s) | one batched call (tokens/s) | speed-up | "
-          f"decode step of {args.prompts}, one by one (ms) | together (ms) | same tokens |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for dtype, single, batch, speedup, alone, together, same in rows:
-        print(f"| {dtype} | {single:.0f} | {batch:.0f} | {speedup:.2f}x | {alone:.1f} | {together:.1f} | "
-              f"{'yes' if same else 'NO'} |")
-
+    print(f"| weights | {args.prompts} single calls (tokens/s) | one batched call (tokens/s) | speed-up (wall) | "
+          f"speed-up (CPU time) | decode step of {args.prompts}, one by one (ms) | together (ms) | same tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for dtype, single, batch, speedup, cpu_speedup, alone, together, same in rows:
+        print(f"| {dtype} | {single:.0f} | {batch:.0f} | {speedup:.2f}x | {cpu_speedup:.2f}x | {alone:.1f} | "
+              f"{together:.1f} | {'yes' if same else 'NO'} |")
 
 if __name__ == "__main__":
     main()

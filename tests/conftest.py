@@ -29,6 +29,17 @@ def require_stories():
     return STORIES
 
 
+def family_pair(family: str, tmp_path_factory):
+    """(family, tokentrail model, transformers model) of a fresh random model of `family`
+    (reference_models.build_family), or a skip when the references are missing."""
+    from types import SimpleNamespace
+
+    from reference_models import build_family
+
+    name, _, ours, ref = build_family(SimpleNamespace(param=family), tmp_path_factory)
+    return name, ours, ref
+
+
 def greedy(model, ids, n: int, hooks=None):
     """The argmax continuation of `ids` for n steps, fed one token at a time; also the last logits."""
     import numpy as np

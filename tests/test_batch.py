@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tokentrail
-from conftest import require
+from conftest import family_pair, require
 from reference_models import build, reference_logits, reference_logits_in_pieces
 from tokentrail import _core
 from tokentrail.errors import ContextFullError, OptionError
@@ -36,11 +36,7 @@ def close(got, want, what=""):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request, tmp_path_factory):
-    require("torch")
-    require("transformers")
-    d = tmp_path_factory.mktemp(request.param)
-    ref = build(request.param, d)
-    return request.param, tokentrail.load(d), ref
+    return family_pair(request.param, tmp_path_factory)
 
 
 def prefilled(model, prefixes, kv_dtype=None):

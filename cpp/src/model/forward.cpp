@@ -4,7 +4,6 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 
 #include "hooks_apply.h"
 #include "tokentrail/model.h"
@@ -172,6 +171,61 @@ void check_batch(const Config& c, const void* model, const SequenceStep* batch, 
   }
 }
 
+// The attention tables one sequence's hooks record in a layer (scores, pattern), and their buffers.
+struct AttentionRecord {
+  AttentionCapture tables;
+  std::vector<float> scores, pattern;
+};
+
+// One layer's cache store and attention, per sequence against that sequence's own history.
+// When every call is small enough to run on one thread (decode rows), the calls of the
+// sequences run side by side on the threads instead.
+void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const AttentionShape& shape,
+                 const float* q, const float* k, const float* v, float* z, std::vector<AttentionRecord>& records) {
+  const int qs = c.n_heads * c.head_dim, kvs = c.n_kv_heads * c.head_dim, count = int(seqs.size());
+  bool spread = count > 1;
+  for (int i = 0; i < count; ++i) {
+    const Rows& s = seqs[i];
+    s.step->cache->store(l, s.pos0, s.n, k + size_t(s.row0) * kvs, v + size_t(s.row0) * kvs);
+    spread = spread && attention_work(s.n, c.n_heads, s.pos0 + s.n, c.head_dim) <= ATTENTION_PARALLEL_WORK;
+    AttentionRecord& r = records[i];
+    r.tables = AttentionCapture{};
+    Hooks* hk = s.step->hooks;
+    const size_t table = size_t(s.n) * c.n_heads * (s.pos0 + s.n);
+    Site* site = hk ? hk->find(P_ATTN_SCORES, l) : nullptr;
+    if (site && site->capture) {
+      r.scores.resize(table);
+      r.tables.scores = r.scores.data();
+    }
+    site = hk ? hk->find(P_ATTN_PATTERN, l) : nullptr;
+    if (site && site->capture) {
+      r.pattern.resize(table);
+      r.tables.pattern = r.pattern.data();
+    }
+  }
+#pragma omp parallel for schedule(dynamic) if (spread)
+  for (int i = 0; i < count; ++i) {
+    const Rows& s = seqs[i];
+    KVCache& cache = *s.step->cache;
+    AttentionShape mine = shape;
+    mine.n = s.n;
+    mine.pos0 = s.pos0;
+    mine.cap = cache.capacity();
+    const AttentionCapture& t = records[i].tables;
+    kernels().attention(q + size_t(s.row0) * qs, cache.k(l), cache.v(l), cache.type(), mine,
+                        z + size_t(s.row0) * qs, (t.scores || t.pattern) ? &t : nullptr);
+  }
+  for (int i = 0; i < count; ++i) {
+    const Rows& s = seqs[i];
+    const int ctx = s.pos0 + s.n, row = c.n_heads * ctx;
+    const AttentionRecord& r = records[i];
+    if (r.tables.scores)
+      capture_rows(s.step->hooks->find(P_ATTN_SCORES, l), r.scores.data(), s.n, row, s.pos0, {c.n_heads, ctx});
+    if (r.tables.pattern)
+      capture_rows(s.step->hooks->find(P_ATTN_PATTERN, l), r.pattern.data(), s.n, row, s.pos0, {c.n_heads, ctx});
+  }
+}
+
 // Final norm and unembedding for the rows someone needs: every row of a sequence that
 // wants all logits or records there, else its last row, else (no logits, no hooks) none.
 // The rows of all sequences go through the unembedding together.
@@ -293,9 +347,7 @@ void Model::forward(const SequenceStep* batch, int count) const {
     add_into(x.data(), h.data(), nd);
   }
 
-  // Per sequence: where attention writes the tables its hooks record (scores, pattern).
-  std::vector<AttentionCapture> tables(seqs.size());
-  std::vector<std::vector<float>> scores_buf(seqs.size()), pattern_buf(seqs.size());
+  std::vector<AttentionRecord> records(seqs.size());
   AttentionShape shape;
   shape.n_heads = c.n_heads;
   shape.n_kv = c.n_kv_heads;
@@ -340,42 +392,7 @@ void Model::forward(const SequenceStep* batch, int count) const {
     hooks.apply(P_K, l, k.data(), kvs, c.n_kv_heads);
     hooks.apply(P_V, l, v.data(), kvs, c.n_kv_heads);
     shape.window = sliding ? c.sliding_window : 0;
-    // The cache store and attention: per sequence, against that sequence's own history.
-    bool spread = seqs.size() > 1;  // every call small: one thread per sequence, the calls side by side
-    for (size_t i = 0; i < seqs.size(); ++i) {
-      const Rows& s = seqs[i];
-      s.step->cache->store(l, s.pos0, s.n, k.data() + size_t(s.row0) * kvs, v.data() + size_t(s.row0) * kvs);
-      spread = spread && attention_work(s.n, c.n_heads, s.pos0 + s.n, c.head_dim) <= ATTENTION_PARALLEL_WORK;
-      Hooks* hk = s.step->hooks;
-      tables[i].scores = tables[i].pattern = nullptr;
-      for (auto [point, buf, out] : {std::make_tuple(P_ATTN_SCORES, &scores_buf[i], &tables[i].scores),
-                                     std::make_tuple(P_ATTN_PATTERN, &pattern_buf[i], &tables[i].pattern)}) {
-        Site* site = hk ? hk->find(point, l) : nullptr;
-        if (!site || !site->capture) continue;
-        buf->resize(size_t(s.n) * c.n_heads * (s.pos0 + s.n));
-        *out = buf->data();
-      }
-    }
-    const int count = int(seqs.size());
-#pragma omp parallel for schedule(dynamic) if (spread)
-    for (int i = 0; i < count; ++i) {
-      const Rows& s = seqs[i];
-      const KVCache& cache = *s.step->cache;
-      AttentionShape mine = shape;
-      mine.n = s.n;
-      mine.pos0 = s.pos0;
-      mine.cap = cache.capacity();
-      const bool record = tables[i].scores || tables[i].pattern;
-      K.attention(q.data() + size_t(s.row0) * qs, s.step->cache->k(l), s.step->cache->v(l), cache.type(), mine,
-                  z.data() + size_t(s.row0) * qs, record ? &tables[i] : nullptr);
-    }
-    for (size_t i = 0; i < seqs.size(); ++i) {
-      const Rows& s = seqs[i];
-      const int ctx = s.pos0 + s.n, row = c.n_heads * ctx;
-      Hooks* hk = s.step->hooks;
-      if (tables[i].scores) capture_rows(hk->find(P_ATTN_SCORES, l), scores_buf[i].data(), s.n, row, s.pos0, {c.n_heads, ctx});
-      if (tables[i].pattern) capture_rows(hk->find(P_ATTN_PATTERN, l), pattern_buf[i].data(), s.n, row, s.pos0, {c.n_heads, ctx});
-    }
+    attend_each(c, l, seqs, shape, q.data(), k.data(), v.data(), z.data(), records);
     hooks.apply(P_ATTN_Z, l, z.data(), qs, c.n_heads);
     // The MLP of a parallel block reads the same input as attention: normalise it before x changes.
     if (c.parallel_residual) normalize(c, x.data(), L.mlp_norm_w, L.mlp_norm_b, n, m.data());

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _core, thermo
+from .errors import InvalidArgumentError, OutOfRangeError
 
 
 # Prompts up to this many tokens keep every position's attention table.
@@ -49,11 +50,11 @@ class Journey:
         self.config = c = model.config
         self.ids = model.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not self.ids:
-            raise ValueError("the prompt encodes to no tokens")
+            raise InvalidArgumentError("the prompt encodes to no tokens")
         n = len(self.ids)
         self.position = position % n if -n <= position < n else None
         if self.position is None:
-            raise IndexError(f"position {position} outside a prompt of {n} tokens")
+            raise OutOfRangeError(f"position {position} outside a prompt of {n} tokens")
         self.temperature = float(temperature)
         thermo._temperature(self.temperature)
         self.top = int(top)
@@ -258,7 +259,7 @@ class Journey:
         m = self.unembed if table == "unembed" else self.model.weights["embed.weight"].to_float32()
         v = np.asarray(vector, np.float64).ravel()
         if v.size != m.shape[1]:
-            raise ValueError(f"vector has {v.size} values, the model width is {m.shape[1]}")
+            raise InvalidArgumentError(f"vector has {v.size} values, the model width is {m.shape[1]}")
         cos = (m @ v) / (np.linalg.norm(m, axis=1) * np.linalg.norm(v) + 1e-30)
         best = np.argsort(-cos, kind="stable")[:k]
         return [(self.token(int(i)), float(cos[i])) for i in best]

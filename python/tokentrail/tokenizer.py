@@ -5,6 +5,8 @@ from collections.abc import Iterable, Iterator
 
 import tokenizers
 
+from .errors import CheckpointError
+
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the facts generation needs.
@@ -22,7 +24,19 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path, **kw) -> "Tokenizer":
-        return cls(tokenizers.Tokenizer.from_file(str(path)), **kw)
+        """A tokenizer.json; a file the tokenizers library cannot build from is a CheckpointError."""
+        from .loading.fields import MAX_JSON_BYTES, open_regular
+
+        with open_regular(path, "tokenizer.json") as fh:
+            data = fh.read(MAX_JSON_BYTES + 1)
+        try:
+            if len(data) > MAX_JSON_BYTES:
+                raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
+            inner = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # the library raises its own exception type for every malformed file
+            reason = str(e).split("\n")[0][:120]
+            raise CheckpointError(f"tokenizer.json cannot be built: {reason}", path=path) from None
+        return cls(inner, **kw)
 
     @property
     def vocab_size(self) -> int:

@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
 from . import Checkpoint
+from .fields import open_regular
 from .weights import Weight
 
 HEADER = struct.Struct("<7i")
@@ -52,7 +53,7 @@ def read_llama2c(path, tokenizer_path=None) -> Checkpoint:
     path = Path(path)
     try:
         size = path.stat().st_size
-        with open(path, "rb") as fh:
+        with open_regular(path, "checkpoint") as fh:
             head = fh.read(HEADER.size)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint: {e.strerror}", path=path) from None

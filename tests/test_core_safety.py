@@ -1,0 +1,166 @@
+"""The engine's own API under misuse: one exception hierarchy, sessions shared between threads,
+thread counts honoured from any thread, and raw core calls with bad arguments refused."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import tokentrail
+from tokentrail import _core
+from tokentrail.errors import (CheckpointError, ConcurrentUseError, ContextFullError, InvalidArgumentError,
+                               OptionError, OutOfRangeError, TokentrailError, UnknownNameError)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tokentrail.load()
+
+
+def test_hierarchy_is_tokentrail_and_builtin():
+    for cls, builtin in ((CheckpointError, ValueError), (ContextFullError, ValueError),
+                         (InvalidArgumentError, ValueError), (OptionError, TypeError),
+                         (OutOfRangeError, IndexError), (UnknownNameError, KeyError),
+                         (ConcurrentUseError, RuntimeError)):
+        assert issubclass(cls, TokentrailError) and issubclass(cls, builtin)
+    assert str(UnknownNameError("no such point")) == "no such point"
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda m: m.session().rewind(-1), InvalidArgumentError),
+    (lambda m: m.session().rewind(5), InvalidArgumentError),
+    (lambda m: m.session(limit=0), InvalidArgumentError),
+    (lambda m: m.session(limit="8"), InvalidArgumentError),
+    (lambda m: m.session(kv_dtype="f8"), InvalidArgumentError),
+    (lambda m: m.session(limit=4).feed([1] * 5), ContextFullError),
+    (lambda m: m.generate([1] * (m.context_limit + 1), max_new_tokens=1), ContextFullError),
+    (lambda m: m.session().feed([10**9]), InvalidArgumentError),
+    (lambda m: m.run_with_cache([1, 2], positions=[5]), OutOfRangeError),
+    (lambda m: m.run_with_cache([1, 2], names="no_such_point"), UnknownNameError),
+    (lambda m: setattr(m, "threads", 10**10), InvalidArgumentError),
+    (lambda m: setattr(m, "threads", 0), InvalidArgumentError),
+])
+def test_entry_points_raise_the_hierarchy(model, call, error):
+    with pytest.raises(error):
+        call(model)
+
+
+@pytest.mark.parametrize("kwargs", [dict(threads=10**10), dict(threads=True), dict(threads=0), dict(context=0),
+                                    dict(context=2**40), dict(dtype="q3"), dict(kv_dtype=None),
+                                    dict(check_finite="yes")])
+def test_load_arguments(kwargs):
+    with pytest.raises(InvalidArgumentError):
+        tokentrail.load(**kwargs)
+
+
+def test_session_model_is_fixed(model):
+    s = model.session()
+    with pytest.raises(AttributeError):
+        s.model = tokentrail.load()
+
+
+def test_threads_honoured_from_another_python_thread():
+    """OpenMP's count is per OS thread: a model of 1 thread runs 1 from any thread."""
+    m = tokentrail.load(threads=1)
+    seen = []
+
+    def work():
+        m.session().feed([1, 2, 3])
+        seen.append(_core.get_threads())
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == [1]
+    m.threads = 2
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == [1, 2]
+
+
+def test_one_session_fed_from_two_threads_serialises(model):
+    """Two threads feeding one session never corrupt it: the result equals feeding the same tokens in turn."""
+    shared = model.session()
+    shared.feed([1])
+    errors = []
+
+    def work(token):
+        try:
+            for _ in range(20):
+                shared.feed([token])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in (5, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert shared.pos == 41 and shared.tokens == [1] + [5] * 40
+    alone = model.session()
+    expected = alone.feed([1] + [5] * 40)
+    np.testing.assert_allclose(shared.feed([7]), alone.feed([7]), rtol=1e-4, atol=1e-4)
+    assert expected.shape == (model.config.vocab_size,)
+
+
+def test_core_refuses_a_cache_of_another_model(model):
+    other = tokentrail.load(tokentrail.model.DEMO_MODEL)
+    cache = _core.KVCache(other._core, 8)
+    # Same shapes: a cache fits any model of the same layout.
+    model._core.forward(cache, np.array([1], np.int32))
+    from tokentrail.config import ModelConfig
+    from tokentrail.loading import Checkpoint
+    from tokentrail.loading.weights import Weight
+
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, ffn_size=8,
+                      max_seq_len=8)
+    rng = np.random.default_rng(0)
+    from tokentrail.config import expected_shapes
+
+    weights = {n: Weight(rng.standard_normal(s).astype(np.float32), "f32", s)
+               for n, s in expected_shapes(cfg).items() if not n.endswith(".bias")}
+    small = tokentrail.Model(Checkpoint(cfg, weights, None))
+    with pytest.raises(ValueError, match="another model"):
+        model._core.forward(_core.KVCache(small._core, 8), np.array([1], np.int32))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: _core.attention(np.zeros((1, 2, 4), np.float32), np.zeros((0, 1, 4), np.float32),
+                            np.zeros((0, 1, 4), np.float32), 0, 0.5),
+    lambda: _core.attention(np.zeros((1, 2, 4), np.float32), np.zeros((1, 1, 4), np.float32),
+                            np.zeros((1, 1, 4), np.float32), -1, 0.5),
+    lambda: _core.attention(np.zeros((1, 0, 4), np.float32), np.zeros((1, 1, 4), np.float32),
+                            np.zeros((1, 1, 4), np.float32), 0, 0.5),
+    lambda: _core.matmul(np.zeros(34, np.uint8), "q8_0", -1, -32, np.zeros((1, 1), np.float32)),
+    lambda: _core.matmul(np.zeros(4, np.float32), "f32", 0, 4, np.zeros((1, 4), np.float32)),
+    lambda: _core.row_to_f32(np.zeros(34, np.uint8), "q8_0", -1, -32),
+    lambda: _core.rmsnorm(np.zeros((1, 0), np.float32), np.zeros(0, np.float32), 1e-5),
+    lambda: _core.rmsnorm(np.zeros((1, 4), np.float32), np.ones(4, np.float32), 0.0),
+    lambda: _core.rope(np.zeros((1, 0), np.float32), np.zeros(1, np.int32), 0, 4, np.ones(2, np.float32), False),
+    lambda: _core.Hooks(-2),
+    lambda: _core.set_threads(0),
+    lambda: _core.set_threads(10**6),
+    lambda: _core.probe_bandwidth(-1.0, 1),
+])
+def test_raw_core_calls_check_their_arguments(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def misaligned(shape, dtype=np.float32):
+    """A C-contiguous array whose data starts one byte past an aligned address."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(n + 1, np.uint8)[1:]
+    return raw.view(dtype).reshape(shape)
+
+
+def test_raw_core_refuses_misaligned_data():
+    w = misaligned((4, 4))
+    assert w.ctypes.data % 4
+    with pytest.raises(ValueError, match="not aligned"):
+        _core.matmul(w, "f32", 4, 4, np.ones((1, 4), np.float32))
+    with pytest.raises(ValueError, match="not aligned"):
+        _core.rmsnorm(np.ones((1, 4), np.float32), misaligned((4,)), 1e-5)

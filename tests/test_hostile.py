@@ -216,10 +216,18 @@ def test_gguf_metadata_of_the_wrong_kind(tmp_path, key, value, vtype):
 def _write_with_override(path, key, value, vtype):
     """write_llama's file with one of its own keys replaced (GGUFWriter refuses duplicate keys)."""
     write_llama(path)
+    _rewrite_gguf(path, key, value, vtype)
+
+
+def _rewrite_gguf(path, key=None, value=None, vtype=None, alignment=None):
+    """Rewrite a GGUF file in place: `key` set to `value`, or the data laid out at `alignment`."""
     src = gguf.GGUFReader(str(path))
     w = gguf.GGUFWriter(str(path) + ".new", "llama")
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
     for field in src.fields.values():
-        if field.name in ("general.architecture", "GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"):
+        if field.name in ("general.architecture", "general.alignment", "GGUF.version", "GGUF.tensor_count",
+                          "GGUF.kv_count"):
             continue
         if field.name == key:
             w.add_key_value(key, value, vtype)
@@ -232,3 +240,39 @@ def _write_with_override(path, key, value, vtype):
     w.write_tensors_to_file()
     w.close()
     os.replace(str(path) + ".new", path)
+
+
+# ---------------------------------------------------------------- misaligned tensor data
+
+def test_safetensors_header_of_odd_length_loads_aligned(model_dir, llama_dir):
+    """A header length that is not a multiple of 4 puts every float at an odd address of the file: the
+    tensors are copied to aligned memory and the model computes what the aligned file computes."""
+    path = model_dir / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].rstrip(b" ") + b" "
+    header += b" " * ((1 - len(header)) % 4)   # length = 1 (mod 4)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
+    assert (8 + len(header)) % 4 == 1
+    odd, ref = tokentrail.load(model_dir), tokentrail.load(llama_dir)
+    for w in odd.weights.values():
+        assert w.data.ctypes.data % w.data.dtype.itemsize == 0
+    ids = [1, 5, 9, 3, 7]
+    np.testing.assert_array_equal(odd.forward(ids), ref.forward(ids))
+
+
+def test_gguf_alignment_one_loads_aligned(tmp_path):
+    path = tmp_path / "packed.gguf"
+    write_llama(path)
+    ref = tokentrail.load(path)
+    _rewrite_gguf(path, alignment=1)
+    from tokentrail.loading.gguf import GGUFFile
+
+    f = GGUFFile(path)
+    assert f.alignment == 1
+    assert any(t.offset % 4 for t in f.tensors.values() if t.dtype == "f32")  # the file really is packed
+    packed = tokentrail.load(path)
+    for w in packed.weights.values():
+        assert w.data.ctypes.data % w.data.dtype.itemsize == 0
+    ids = [1, 5, 9, 3, 7]
+    np.testing.assert_array_equal(packed.forward(ids), ref.forward(ids))

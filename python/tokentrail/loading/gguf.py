@@ -31,7 +31,7 @@ from . import Checkpoint
 from .llama2c import BYTE, BYTE_PIECE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, sentencepiece_bpe
 from .families import BY_GGUF_ARCH, gguf_name, GGUF_BLOCK, GGUF_EXPERTS, GGUF_QKV, GGUF_ROPE, GGUF_TOP
 from .fields import FieldReader, open_regular
-from .weights import BLOCK_TYPES, Weight
+from .weights import BLOCK_TYPES, Weight, aligned
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -252,7 +252,8 @@ class GGUFFile:
             cols = info.dims[0]
             rows = info.nbytes // (cols // BLOCK_TYPES[info.dtype][0] * BLOCK_TYPES[info.dtype][1])
             return Weight(raw.reshape(rows, -1), info.dtype, shape)
-        return Weight(raw.view(FLOAT_NUMPY[info.dtype]).reshape(shape), info.dtype, shape)
+        # A file written with general.alignment below 4 may place floats at any byte: copied aligned.
+        return Weight(aligned(raw.view(FLOAT_NUMPY[info.dtype]).reshape(shape)), info.dtype, shape)
 
 
 # --------------------------------------------------------------------------

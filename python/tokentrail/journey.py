@@ -58,6 +58,7 @@ class Journey:
         self.temperature = float(temperature)
         thermo._temperature(self.temperature)
         self.top = int(top)
+        model._apply_threads()  # the journey's own kernel calls run in this thread
         tok = model.tokenizer
         self.tokens = [tok.display(i) if tok else str(i) for i in self.ids]
 

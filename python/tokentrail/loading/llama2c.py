@@ -13,6 +13,7 @@ text to the same ids.
 """
 from __future__ import annotations
 
+import math
 import re
 import struct
 from pathlib import Path
@@ -180,10 +181,8 @@ def read_llama2c_tokenizer(path, vocab_size: int, remove_extra_whitespaces: bool
     one, else from the arguments, else SentencePiece's defaults (both on).
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read tokenizer: {e.strerror}", path=path) from None
+    with open_regular(path, "tokenizer") as fh:
+        data = fh.read()
     if len(data) < 4:
         raise CheckpointError("tokenizer file is shorter than its 4-byte header", path=path)
     pos = 4  # int32 max_token_length: a buffer size for C readers, not needed here
@@ -195,6 +194,9 @@ def read_llama2c_tokenizer(path, vocab_size: int, remove_extra_whitespaces: bool
                                   tensor=f"token {i}")
         score, n = struct.unpack_from("<fi", data, pos)
         pos += 8
+        if not math.isfinite(score):
+            raise CheckpointError(f"token {i} has a score of {score}; merges are ranked by finite scores",
+                                  path=path, tensor=f"token {i}")
         if n < 0 or pos + n > len(data):
             raise CheckpointError(f"token {i} claims {n} bytes but {len(data) - pos} remain",
                                   path=path, tensor=f"token {i}")
@@ -303,10 +305,10 @@ def read_sentencepiece_flags(path: Path) -> dict:
     Reads just enough of the protobuf wire format to find the NormalizerSpec
     (field 3): its name (1), add_dummy_prefix (3) and remove_extra_whitespaces (4).
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
+    if not Path(path).exists():
         return {}
+    with open_regular(path, "SentencePiece model") as fh:
+        data = fh.read()
     try:
         for field, value in _protobuf_fields(data):
             if field == 3 and isinstance(value, bytes):

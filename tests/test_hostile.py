@@ -48,6 +48,10 @@ def refused(path, *needles: str) -> CheckpointError:
     ("rope_theta", float("nan")), ("rms_norm_eps", 0), ("rms_norm_eps", float("nan")), ("vocab_size", "64"),
     ("tie_word_embeddings", 1), ("rope_scaling", {"rope_type": "linear", "factor": -2}),
     ("rope_scaling", {"rope_type": "linear", "factor": [2]}), ("num_key_value_heads", 3),
+    ("rope_theta", 1e300), ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1.0, "factor": 4.0,
+                                                "original_max_position_embeddings": 16}),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0],
+                         "long_factor": [1.0], "original_max_position_embeddings": 16}),
 ])
 def test_bad_config_values(model_dir, field, value):
     edit_config(model_dir, **{field: value})

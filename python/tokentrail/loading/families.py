@@ -136,7 +136,11 @@ def rope_fields(r: FieldReader, head_dim: int, local: bool = False, partial_key:
             if "rope_theta" in sliding:
                 local_theta = _positive(r, "rope_parameters", sliding["rope_theta"], "sliding rope_theta")
         if "rope_theta" in full:
-            theta = _positive(r, "rope_parameters", full["rope_theta"], "rope_theta")
+            inner = _positive(r, "rope_parameters", full["rope_theta"], "rope_theta")
+            if theta is not None and theta != inner:
+                raise r.error("rope_theta", f"{theta} disagrees with rope_parameters' {inner}; which one "
+                                            f"applies is ambiguous")
+            theta = inner
         if "partial_rotary_factor" in full:
             partial = _positive(r, "rope_parameters", full["partial_rotary_factor"], "partial_rotary_factor")
         scaling_spec, scaling_key = full, "rope_parameters"

@@ -88,6 +88,31 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def check_rope(config, path, field: str) -> None:
+    """The rotary tables `config` implies can be computed and are finite and positive.
+
+    Bases and scaling factors that pass their own range checks can still break the
+    tables together (a base of 1 makes YaRN divide by zero, a huge base underflows
+    every frequency to 0, a factor list of the wrong length): refused here, at load.
+    """
+    if config.position != "rope":
+        return
+    import numpy as np
+
+    from ..errors import TokentrailError
+    from ..rope import tables
+
+    try:
+        t = tables(config.rope_theta, config.rotary_size, config.rope_scaling, config.max_seq_len,
+                   config.rope_local_theta)
+    except (ArithmeticError, TokentrailError) as e:
+        raise CheckpointError(f"rope parameters cannot be used: {e}", path=path, field=field) from None
+    good = all(a is None or bool(np.all(np.isfinite(a)) and np.all(a > 0))
+               for a in (t.inv_freq, t.inv_freq_local, t.inv_freq_long))
+    if not good or not (math.isfinite(t.attn_factor) and t.attn_factor > 0):
+        raise CheckpointError("rope parameters give non-finite or zero rotary frequencies", path=path, field=field)
+
+
 class FieldReader:
     """Typed access to a dict of values read from `path`; `where` prefixes messages (e.g. 'config.json')."""
 

@@ -30,7 +30,7 @@ from ..tokenizer import Tokenizer
 from . import Checkpoint
 from .llama2c import BYTE, BYTE_PIECE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, sentencepiece_bpe
 from .families import BY_GGUF_ARCH, gguf_name, GGUF_BLOCK, GGUF_EXPERTS, GGUF_QKV, GGUF_ROPE, GGUF_TOP
-from .fields import FieldReader, open_regular
+from .fields import FieldReader, check_rope, open_regular
 from .weights import BLOCK_TYPES, Weight, aligned
 
 MAGIC = b"GGUF"
@@ -288,6 +288,7 @@ def read_gguf(path) -> Checkpoint:
                              eos_token_ids=eos)
     except ValueError as e:
         raise f.error(str(e), f"{arch}.*") from None
+    check_rope(config, f.path, f"{arch}.rope.*")
     weights = _map_tensors(f, config, family)
     _check_shapes(f, config, weights)
     check_tokenizer_metadata(f)

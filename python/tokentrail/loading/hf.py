@@ -17,7 +17,7 @@ from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
 from . import Checkpoint
 from .families import BY_HF_ARCH, FAMILIES, GPT2_TRANSPOSED, HF_HARMLESS, Family, Fused
-from .fields import FieldReader, read_json
+from .fields import FieldReader, check_rope, read_json
 from .safetensors import read_safetensors
 from .weights import Weight
 
@@ -61,6 +61,7 @@ def config_from_hf(raw: dict, path: Path, n_tensors: int | None = None) -> tuple
         cfg = ModelConfig(**fields, architecture=arch)
     except ValueError as e:
         raise CheckpointError(str(e), path=path) from None
+    check_rope(cfg, path, "rope_parameters" if r.has("rope_parameters") else "rope_theta")
     cfg.bos_token_id = bos if _is_id(bos, cfg.vocab_size) else None
     cfg.eos_token_ids = _ids(eos, cfg.vocab_size)
     return cfg, family

@@ -280,3 +280,17 @@ def test_gguf_alignment_one_loads_aligned(tmp_path):
         assert w.data.ctypes.data % w.data.dtype.itemsize == 0
     ids = [1, 5, 9, 3, 7]
     np.testing.assert_array_equal(packed.forward(ids), ref.forward(ids))
+
+
+def test_tokenizer_that_panics_is_refused_at_load(model_dir):
+    """A tokenizer.json the library builds but then panics on (its post-processor names special tokens
+    it does not define) is refused at load, not at the first encode with a Rust panic."""
+    shutil.copy(tokentrail.model.DEMO_MODEL / "tokenizer.json", model_dir / "tokenizer.json")
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    assert spec["post_processor"] and spec["post_processor"].get("special_tokens")
+    spec["post_processor"]["special_tokens"] = {}
+    (model_dir / "tokenizer.json").write_text(json.dumps(spec))
+    refused(model_dir, "tokenizer.json", "malformed")
+    (model_dir / "tokenizer.json").write_text('{"model": {"type": "Nonsense"}}')
+    err = refused(model_dir, "tokenizer.json")
+    assert "Nonsense" not in str(err)  # the file's contents are not repeated

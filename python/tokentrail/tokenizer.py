@@ -1,6 +1,7 @@
 """Text <-> token ids, through the `tokenizers` library for every format."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 
 import tokenizers
@@ -21,6 +22,7 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_ids = list(eos_ids)
         self.add_bos = add_bos
+        self.source = None  # the file it was read from, for messages
 
     @classmethod
     def from_file(cls, path, **kw) -> "Tokenizer":
@@ -33,10 +35,35 @@ class Tokenizer:
             if len(data) > MAX_JSON_BYTES:
                 raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
             inner = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
-        except Exception as e:  # the library raises its own exception type for every malformed file
-            reason = str(e).split("\n")[0][:120]
-            raise CheckpointError(f"tokenizer.json cannot be built: {reason}", path=path) from None
-        return cls(inner, **kw)
+        except BaseException as e:  # its own exception types, and a Rust panic (a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            # The library's message may quote the file; only where it failed is repeated.
+            where = re.search(r"line \d+ column \d+", str(e))
+            raise CheckpointError("tokenizer.json is not a tokenizer the tokenizers library can build"
+                                  + (f" (at {where.group(0)})" if where else ""), path=path) from None
+        tok = cls(inner, **kw)
+        tok.source = path
+        tok.probe()
+        return tok
+
+    # A sample of what tokenizers meet: ASCII, accents, CJK, emoji, whitespace runs.
+    PROBE_TEXT = "Hello, world! 12 345 \t\n  caf\u00e9 \u00fcber \u4f60\u597d \U0001f600 <s> </s>"
+
+    def probe(self) -> None:
+        """Encode a sample and decode every id once, so a malformed tokenizer fails at load."""
+        self.decode(self.encode(self.PROBE_TEXT))
+        self.decode(range(self.vocab_size), skip_special=False)
+
+    def _call(self, what: str, fn, *args, **kw):
+        """Run the library; its failures (a Rust panic is a BaseException) become a CheckpointError."""
+        try:
+            return fn(*args, **kw)
+        except BaseException as e:
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise CheckpointError(f"the tokenizer failed while {what} ({type(e).__name__}); its "
+                                  f"definition is malformed", path=self.source) from None
 
     @property
     def vocab_size(self) -> int:
@@ -44,13 +71,13 @@ class Tokenizer:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Ids of `text`; with `special`, the model's BOS and template tokens too."""
-        ids = self.inner.encode(text, add_special_tokens=special).ids
+        ids = self._call("encoding", self.inner.encode, text, add_special_tokens=special).ids
         if special and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        return self.inner.decode(list(ids), skip_special_tokens=skip_special)
+        return self._call("decoding", self.inner.decode, list(ids), skip_special_tokens=skip_special)
 
     def piece(self, token_id: int) -> str:
         """The token's own vocabulary entry, for tables (e.g. 'Ġis' or '▁is')."""
@@ -59,7 +86,7 @@ class Tokenizer:
 
     def display(self, token_id: int) -> str:
         """The text a token stands for, as a reader would see it."""
-        text = self.inner.decode([int(token_id)], skip_special_tokens=False)
+        text = self.decode([int(token_id)], skip_special=False)
         if not text:
             return self.piece(token_id)
         # Sentencepiece-style decoders drop a word's leading space when it is decoded alone.

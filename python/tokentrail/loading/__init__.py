@@ -25,6 +25,10 @@ def read_checkpoint(path, check_finite: bool = True) -> Checkpoint:
     `check_finite` refuses a checkpoint with a NaN or infinite weight, naming the tensor.
     """
     ckpt = _read(Path(path))
+    if ckpt.tokenizer is not None:  # a malformed tokenizer fails here, not at the first encode
+        if ckpt.tokenizer.source is None:
+            ckpt.tokenizer.source = ckpt.source
+        ckpt.tokenizer.probe()
     if check_finite:
         refuse_non_finite(ckpt)
     return ckpt

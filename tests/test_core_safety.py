@@ -164,3 +164,29 @@ def test_raw_core_refuses_misaligned_data():
         _core.matmul(w, "f32", 4, 4, np.ones((1, 4), np.float32))
     with pytest.raises(ValueError, match="not aligned"):
         _core.rmsnorm(np.ones((1, 4), np.float32), misaligned((4,)), 1e-5)
+
+
+def test_raw_cache_used_by_two_threads_raises(model):
+    """Below Session's lock, the core's cache refuses a second thread instead of racing it."""
+    seen = []
+    for _ in range(50):
+        cache = _core.KVCache(model._core, 256)
+        done = threading.Event()
+
+        def work():
+            model._core.forward(cache, np.arange(200, dtype=np.int32) % 50, "none")
+            done.set()
+
+        t = threading.Thread(target=work)
+        t.start()
+        while not done.is_set():
+            try:
+                cache.clone()
+            except ConcurrentUseError as e:
+                seen.append(e)
+                break
+        t.join()
+        assert cache.length == 200  # the forward pass completed untouched
+        if seen:
+            break
+    assert seen and "another thread" in str(seen[0])

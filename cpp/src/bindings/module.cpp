@@ -250,8 +250,12 @@ struct BoundCache : KVCache {
 class CacheInUse {
  public:
   explicit CacheInUse(BoundCache& c) : c_(c) {
-    if (c_.busy.exchange(true))
-      throw std::runtime_error("this KV cache is in use by another thread; give each thread its own session");
+    if (c_.busy.exchange(true)) {
+      // tokentrail.errors.ConcurrentUseError (a RuntimeError); the GIL is held here.
+      static py::object* error = new py::object(py::module_::import("tokentrail.errors").attr("ConcurrentUseError"));
+      PyErr_SetString(error->ptr(), "this KV cache is in use by another thread; give each thread its own session");
+      throw py::error_already_set();
+    }
   }
   ~CacheInUse() { c_.busy = false; }
   CacheInUse(const CacheInUse&) = delete;

@@ -133,6 +133,7 @@ class Model:
         check_isa_setting()
         self.kv_dtype = _check_kv_dtype(kv_dtype)
         self.threads = threads
+        self._apply_threads()
         if dtype is not None:
             _check_dtype(dtype)
         if context is not None:

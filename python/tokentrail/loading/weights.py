@@ -90,8 +90,8 @@ def aligned(array: np.ndarray) -> np.ndarray:
 
 # Where each block type keeps its float16 scales: (block bytes, byte offsets of the f16 scales).
 _BLOCK_SCALES = {"q8_0": (34, (0,)), "q4_0": (18, (0,)), "q4_k": (144, (0, 2)), "q6_k": (210, (208,))}
-# Exponent bits of each float layout (all ones: an infinity or a NaN), over the unsigned view.
-_EXPONENT = {"f32": (np.uint32, 0x7F800000), "f16": (np.uint16, 0x7C00), "bf16": (np.uint16, 0x7F80)}
+# Exponent bits of the 16-bit float layouts (all ones: an infinity or a NaN), over the unsigned view.
+_EXPONENT = {"f16": (np.uint16, 0x7C00), "bf16": (np.uint16, 0x7F80)}
 _CHUNK = 1 << 22  # elements per pass: bounded temporary memory for any tensor size
 
 
@@ -106,10 +106,12 @@ def has_non_finite(w: Weight) -> bool:
         blocks = np.asarray(w.data).reshape(-1, block)
         values = [np.ascontiguousarray(blocks[:, o:o + 2]).view(np.uint16) for o in offsets]
         return any(bool(((v & 0x7C00) == 0x7C00).any()) for v in values)
-    unsigned, mask = _EXPONENT[w.dtype]
     flat = np.asarray(w.data).reshape(-1)
-    if flat.dtype.itemsize != np.dtype(unsigned).itemsize:
-        return False
+    if flat.dtype == np.float32:  # numpy's vectorised test is the fastest here (about 3 GB/s)
+        return any(not np.isfinite(flat[s:s + _CHUNK]).all() for s in range(0, flat.size, _CHUNK))
+    if w.dtype not in _EXPONENT:
+        return bool(not np.isfinite(w.to_float32()).all())
+    unsigned, mask = _EXPONENT[w.dtype]
     bits = flat.view(unsigned)
     for start in range(0, bits.size, _CHUNK):
         chunk = bits[start:start + _CHUNK]

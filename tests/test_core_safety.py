@@ -78,6 +78,9 @@ def test_threads_honoured_from_another_python_thread():
     t.start()
     t.join()
     assert seen == [1, 2]
+    default = tokentrail.load()  # threads=None: the process default, not what the other model set
+    default.session().feed([1])
+    assert _core.get_threads() == tokentrail.model.DEFAULT_THREADS
 
 
 def test_one_session_fed_from_two_threads_serialises(model):

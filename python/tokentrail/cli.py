@@ -493,7 +493,7 @@ def cmd_info(args) -> int:
     print(json.dumps(model.config.to_dict(), indent=1))
     types = sorted({w.dtype for w in model.weights.values()})
     print(f"parameters: {model.n_params:,}  weight types: {', '.join(types)}  kernels: {_core.isa()} "
-          f"(available: {', '.join(_core.available_isas())})  threads: {model.threads or _core.get_threads()}")
+          f"(available: {', '.join(_core.available_isas())})  threads: {_core.get_threads()}")
     print(f"decoding defaults: {model.generation_defaults}")
     return 0
 

@@ -27,6 +27,9 @@ DEMO_MODEL = Path(__file__).parent / "models" / "demo"
 DEFAULT_CONTEXT_CAP = 8192
 # More threads than this is a mistake, not a machine.
 MAX_THREADS = 1024
+# OpenMP's count when the process started (every core, or OMP_NUM_THREADS): a model of threads=None
+# uses it whatever another model set before on the same thread.
+DEFAULT_THREADS = min(_core.get_threads(), MAX_THREADS)
 
 
 KV_DTYPES = ("f32", "f16")
@@ -169,7 +172,7 @@ class Model:
 
     @property
     def threads(self) -> int | None:
-        """Threads each core call of this model uses (None: OpenMP's default, every core).
+        """Threads each core call of this model uses (None: OpenMP's default at start, every core).
 
         OpenMP keeps its thread count per OS thread, so it is set again at every
         core call: the count holds whichever Python thread runs the model."""
@@ -181,8 +184,7 @@ class Model:
 
     def _apply_threads(self) -> None:
         """Set this model's thread count for the calling OS thread, before a core call."""
-        if self._threads is not None:
-            _core.set_threads(self._threads)
+        _core.set_threads(self._threads or DEFAULT_THREADS)
 
     @property
     def n_params(self) -> int:

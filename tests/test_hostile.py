@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import struct
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -294,3 +296,14 @@ def test_tokenizer_that_panics_is_refused_at_load(model_dir):
     (model_dir / "tokenizer.json").write_text('{"model": {"type": "Nonsense"}}')
     err = refused(model_dir, "tokenizer.json")
     assert "Nonsense" not in str(err)  # the file's contents are not repeated
+
+
+def test_gguf_metadata_key_twice(tmp_path):
+    """A key written twice is refused: which value applies would be a guess."""
+    sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
+    from harnesses import T_UINT32, base_gguf, write_gguf_bytes
+
+    meta, tensors, alignment = base_gguf("spm")
+    meta.append(("llama.block_count", T_UINT32, 7))
+    (tmp_path / "twice.gguf").write_bytes(write_gguf_bytes(meta, tensors, alignment))
+    refused(tmp_path / "twice.gguf", "appears twice", "llama.block_count")

@@ -134,6 +134,8 @@ class GGUFFile:
         self.metadata_types: dict[str, int] = {}
         for i in range(n_kv):
             key = self._string(f"metadata key #{i}")
+            if key in self.metadata:
+                raise self.error("metadata key appears twice; which value applies is ambiguous", key)
             vtype = self._scalar("<I", key)
             self.metadata[key] = self._value(vtype, key, 0)
             self.metadata_types[key] = vtype

@@ -6,8 +6,9 @@ plain mutational fuzzer over the same harness and corpus.
 HARNESS is one of gguf_bytes, gguf_structured, safetensors_config, llama2c. New inputs go to
 --corpus (default: a temporary directory), the seeds of tests/fuzz/corpus/HARNESS are read too.
 A failing input is written to --artifacts (default: the current directory) and the exit status is
-not 0; keep it under tests/fuzz/regressions/HARNESS/ once fixed. A summary line
-`fuzz HARNESS: runs=... cov=... corpus=... findings=...` ends the output.
+not 0; keep it under tests/fuzz/regressions/HARNESS/ once fixed. The output ends with libFuzzer's
+final statistics (executions, coverage in `cov:`), or with the plain fuzzer's summary line
+`fuzz HARNESS: runs=... findings=...`.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""Write the seed corpus (tests/fuzz/corpus/<harness>/): tiny valid inputs of every reader.
+"""Write the seed corpus (tests/fuzz/corpus/<harness>/): tiny valid inputs of every reader, and the
+regression inputs (tests/fuzz/regressions/<harness>/audit-*) of the audit that found malformed files
+escaping as other exceptions, hanging or reading outside the model.
 
     python tests/fuzz/make_seeds.py
 
-The seeds are committed; rerun this only when a reader learns a new format feature.
+Both are committed; rerun this only when a reader learns a new format feature.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harnesses import CORPUS, TINY, base_gguf, join, tiny_weights, write_gguf_bytes  # noqa: E402
+from harnesses import (CORPUS, REGRESSIONS, T_ARRAY, T_FLOAT32, T_INT32, T_STRING, T_UINT64, TINY,  # noqa: E402
+                       base_gguf, join, split, tiny_weights, write_gguf_bytes)
 
 _HF = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "unembed": "lm_head.weight"}
 _HF_BLOCK = {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
@@ -85,6 +88,61 @@ def llama2c_seed(tied: bool = True) -> bytes:
     return join(checkpoint, tokenizer)
 
 
+def _with_config(seed: bytes, **changes) -> bytes:
+    config, tensors = split(seed)
+    c = json.loads(config)
+    c.update(changes)
+    return join(json.dumps(c).encode(), tensors)
+
+
+def _with_entry(seed: bytes, change: dict) -> bytes:
+    config, tensors = split(seed)
+    n = int.from_bytes(tensors[:8], "little")
+    header = json.loads(tensors[8:8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    header[first].update(change)
+    text = json.dumps(header).encode()
+    return join(config, len(text).to_bytes(8, "little") + text + tensors[8 + n:])
+
+
+def _gguf_with(key: str, vtype: int, value) -> bytes:
+    meta, tensors, alignment = base_gguf("spm")
+    meta = [m for m in meta if m[0] != key] + [(key, vtype, value)]
+    return write_gguf_bytes(meta, tensors, alignment)
+
+
+def audit_inputs() -> dict[str, dict[str, bytes]]:
+    """The malformed inputs of the audit, one file each."""
+    hf = hf_seed()
+    config_cases = {"heads-0": dict(num_attention_heads=0), "architectures-5": dict(architectures=5),
+                    "list-for-number": dict(hidden_size=[32]), "hidden-1e400": dict(hidden_size=float("inf")),
+                    "rope-scaling-x": dict(rope_scaling="x"), "layers-1e6": dict(num_hidden_layers=10**6),
+                    "layers-1e9": dict(num_hidden_layers=10**9), "rope-theta-0": dict(rope_theta=0),
+                    "rope-theta-nan": dict(rope_theta=float("nan")), "context-2e31": dict(max_position_embeddings=2**31)}
+    hf_cases = {f"audit-{k}": _with_config(hf, **v) for k, v in config_cases.items()}
+    config, tensors = split(hf)
+    hf_cases["audit-nested-json"] = join(b"[" * 100_000 + b"]" * 100_000, tensors)
+    for name, change in {"negative-shape": {"shape": [-1, 32]}, "wrapping-shape": {"shape": [2**32, 2**32]},
+                         "float-offsets": {"data_offsets": [0.0, 4096.0]}, "string-offsets": {"data_offsets": ["0", "1"]},
+                         "list-dtype": {"dtype": ["F32"]}}.items():
+        hf_cases[f"audit-{name}"] = _with_entry(hf, change)
+    gguf_cases = {f"audit-{k}": _gguf_with(*v) for k, v in {
+        "array-rope-scaling-type": ("llama.rope.scaling.type", T_ARRAY, (T_STRING, ["linear"])),
+        "array-tokenizer-model": ("tokenizer.ggml.model", T_ARRAY, (T_STRING, ["llama"])),
+        "array-tokenizer-pre": ("tokenizer.ggml.pre", T_ARRAY, (T_INT32, [1])),
+        "array-add-bos": ("tokenizer.ggml.add_bos_token", T_ARRAY, (T_INT32, [1])),
+        "string-add-space-prefix": ("tokenizer.ggml.add_space_prefix", T_STRING, "yes"),
+        "nan-token-types": ("tokenizer.ggml.token_type", T_ARRAY, (T_FLOAT32, [float("nan")] * 32)),
+        "context-2e31": ("llama.context_length", T_UINT64, 2**31)}.items()}
+    gguf_cases["audit-alignment-1"] = write_gguf_bytes(*base_gguf("q8")[:2], alignment=1)
+    checkpoint, tokenizer = split(llama2c_seed())
+    nan_score = bytearray(tokenizer)
+    nan_score[4:8] = struct.pack("<f", float("nan"))
+    llama2c_cases = {"audit-nan-score": join(checkpoint, bytes(nan_score)),
+                     "audit-layers-huge": join(checkpoint[:8] + struct.pack("<i", 2**31 - 1) + checkpoint[12:], tokenizer)}
+    return {"safetensors_config": hf_cases, "gguf_bytes": gguf_cases, "llama2c": llama2c_cases}
+
+
 def main() -> None:
     seeds = {
         "gguf_bytes": {f"tiny-{k}": write_gguf_bytes(*base_gguf(k)) for k in ("spm", "bpe", "q8")},
@@ -98,6 +156,9 @@ def main() -> None:
                                                              "sliding_window": 4})},
         "llama2c": {"tiny-tied": llama2c_seed(True), "tiny-untied": llama2c_seed(False)},
     }
+    for harness, files in audit_inputs().items():
+        for name, data in files.items():
+            (REGRESSIONS / harness / name).write_bytes(data)
     for harness, files in seeds.items():
         d = CORPUS / harness
         d.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 .ci/run keeps the converter's source from the llama-cpp-python sdist in a cache and names it in
 TOKENTRAIL_LLAMA_CPP_SRC. The tiny models have no real tokenizer, and the converter identifies a
 tokenizer by hashing what it produces, so its vocabulary step is replaced by one that writes
-`tokenizer.ggml.model = none` (as tokentrail's own writer does for models without a tokenizer);
+`tokenizer.ggml.model = none` and the vocabulary size (as tokentrail's own writer does for models
+without a tokenizer);
 the architecture, hyperparameters and tensors are the converter's own work.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 DEFAULT_SRC = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokentrail-ci" / \
-    "llama-cpp-src-0.3.36"
+    "llama-cpp-src-0.3.36-v2"
 
 _RUNNER = r"""
 import runpy, sys
@@ -25,7 +26,9 @@ sys.path[:0] = [src, src + "/gguf-py"]
 import conversion
 
 def no_vocab(self):
+    # What the token list would have told llama.cpp: the vocabulary's size.
     self.gguf_writer.add_tokenizer_model("none")
+    self.gguf_writer.add_vocab_size(self.hparams["vocab_size"])
 
 model_class = conversion.get_model_class
 

@@ -86,7 +86,9 @@ def make_config(family: str):
         return tf.Qwen3MoeConfig(num_experts=5, num_experts_per_tok=2, moe_intermediate_size=40,
                                  norm_topk_prob=True, head_dim=24, **llama_like)
     if family == "olmoe":
-        return tf.OlmoeConfig(num_experts=5, num_experts_per_tok=3, **{**llama_like, "pad_token_id": 0})
+        # OLMoE has as many key/value heads as query heads (llama.cpp's graph assumes it).
+        return tf.OlmoeConfig(num_experts=5, num_experts_per_tok=3,
+                              **{**llama_like, "pad_token_id": 0, "num_key_value_heads": 4})
     raise ValueError(family)
 
 
@@ -107,7 +109,19 @@ def build(family: str, directory: Path, dtype: str = "float32", seed: int = 0):
     return tf.AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
 
 
-def reference_logits(model, ids) -> "np.ndarray":
+def build_family(request, tmp_path_factory):
+    """For a fixture parametrized by family: (family, directory, tokentrail model, transformers model)."""
+    import tokentrail
+    from conftest import require
+
+    require("torch")
+    require("transformers")
+    d = tmp_path_factory.mktemp(request.param)
+    ref = build(request.param, d)
+    return request.param, d, tokentrail.load(d), ref
+
+
+def reference_logits(model, ids):
     import torch
 
     with torch.no_grad():
@@ -120,7 +134,7 @@ def reference_logits(model, ids) -> "np.ndarray":
 CALL_DEPENDENT = ("phi3_longrope",)
 
 
-def reference_logits_in_pieces(model, pieces) -> "np.ndarray":
+def reference_logits_in_pieces(model, pieces):
     """transformers fed `pieces` (lists of ids) one call each through its KV cache; logits of all positions."""
     import numpy as np
     import torch

@@ -40,6 +40,14 @@ def test_hierarchy_is_tokentrail_and_builtin():
     (lambda m: m.run_with_cache([1, 2], names="no_such_point"), UnknownNameError),
     (lambda m: setattr(m, "threads", 10**10), InvalidArgumentError),
     (lambda m: setattr(m, "threads", 0), InvalidArgumentError),
+    (lambda m: m.forward_batch([m.session(), m.session()], [[1], [10**9]]), InvalidArgumentError),
+    (lambda m: m.forward_batch([m.session()], [[1]], logits="first"), InvalidArgumentError),
+    (lambda m: m.forward_batch([m.session(limit=2)], [[1, 2, 3]]), ContextFullError),
+    (lambda m: m.forward_batch(["x"], [[1]]), OptionError),
+    (lambda m: m.generate(["a", "b"], per_prompt=[{}]), InvalidArgumentError),
+    (lambda m: m.run_with_cache([[1, 2], [3, 4]], positions=[5]), OutOfRangeError),
+    (lambda m: m.score([[1, 2], [3]]), InvalidArgumentError),
+    (lambda m: m.journey([1, 2], position=7), OutOfRangeError),
 ])
 def test_entry_points_raise_the_hierarchy(model, call, error):
     with pytest.raises(error):
@@ -112,8 +120,10 @@ def test_one_session_fed_from_two_threads_serialises(model):
 def test_core_refuses_a_cache_of_another_model(model):
     other = tokentrail.load(tokentrail.model.DEMO_MODEL)
     cache = _core.KVCache(other._core, 8)
-    # Same shapes: a cache fits any model of the same layout.
-    model._core.forward(cache, np.array([1], np.int32))
+    # Same shapes but other weights: the cache records the model it was made for, so even a twin is refused.
+    with pytest.raises(ValueError, match="another model"):
+        model._core.forward(cache, np.array([1], np.int32))
+    assert cache.length == 0
     from tokentrail.config import ModelConfig
     from tokentrail.loading import Checkpoint
     from tokentrail.loading.weights import Weight
@@ -193,3 +203,72 @@ def test_raw_cache_used_by_two_threads_raises(model):
         if seen:
             break
     assert seen and "another thread" in str(seen[0])
+
+
+def test_a_batch_refuses_a_cache_busy_in_another_thread(model):
+    """forward_batch guards every cache it runs: one busy elsewhere refuses the batch, and the others stay as they were."""
+    seen = []
+    one = [np.array([1], np.int32)] * 2
+    for _ in range(50):
+        busy, idle = _core.KVCache(model._core, 256), _core.KVCache(model._core, 8)
+        done = threading.Event()
+
+        def work():
+            while True:  # the probing clone below may hold the cache for a moment
+                try:
+                    model._core.forward(busy, np.arange(200, dtype=np.int32) % 50, "none")
+                    break
+                except ConcurrentUseError:
+                    continue
+            done.set()
+
+        t = threading.Thread(target=work)
+        t.start()
+        batched = 0
+        while not done.is_set():
+            try:
+                busy.clone()
+                continue
+            except ConcurrentUseError:
+                pass  # the other thread is inside: now the batch
+            try:
+                model._core.forward_batch([idle, busy], one, ["last"] * 2, [None, None])
+                batched = 1  # the other thread finished in between
+            except ConcurrentUseError as e:
+                seen.append(e)
+            break
+        t.join()
+        assert busy.length == 200 + batched
+        if seen:
+            assert idle.length == 0  # refused before anything ran
+            break
+    assert seen and "another thread" in str(seen[0])
+
+
+def test_forward_batch_and_feed_share_a_session_safely(model):
+    """A session advanced by forward_batch in one thread and fed in another: the steps take turns."""
+    shared, other = model.session(), model.session()
+    errors = []
+
+    def batch():
+        try:
+            for _ in range(20):
+                model.forward_batch([other, shared], [[3], [5]])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def feed():
+        try:
+            for _ in range(20):
+                shared.feed([5])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=batch), threading.Thread(target=feed)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert shared.pos == 40 and shared.tokens == [5] * 40 and other.tokens == [3] * 20
+    np.testing.assert_allclose(shared.feed([7]), model.session().feed([5] * 40 + [7]), rtol=1e-4, atol=1e-4)

@@ -11,18 +11,14 @@ import pytest
 
 import tokentrail
 from conftest import require
-from reference_models import FAMILIES, build
+from reference_models import FAMILIES, build, build_family
 
 PROMPT = [1, 17, 200, 5, 99, 42, 42, 7, 250, 3, 64, 128]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request, tmp_path_factory):
-    require("torch")
-    require("transformers")
-    d = tmp_path_factory.mktemp(request.param)
-    ref = build(request.param, d)
-    return request.param, d, tokentrail.load(d), ref
+    return build_family(request, tmp_path_factory)
 
 
 def reference_internals(ref, ids):
@@ -158,3 +154,36 @@ def test_qwen3_read_as_qwen2_refuses_its_qk_norms(tmp_path):
                       edit_config=lambda c: c.update(architectures=["Qwen2ForCausalLM"]))
     with pytest.raises(tokentrail.CheckpointError, match=r"[qk]_norm"):
         tokentrail.load(bad)
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("gemma2", ["family: gemma2", "post_norms=True", "attn_softcap=3.0", "final_softcap=2.5", "sliding_window=5"]),
+    ("qwen3", ["family: qwen3", "qk_norm='head'"]),
+    ("mixtral", ["family: mixtral", "n_experts=5", "n_experts_used=2"]),
+    ("neox", ["family: gptneox", "parallel_residual=True", "rotary_dim=8", "norm='layer'"]),
+])
+def test_info_names_the_family_and_what_sets_it_apart(tmp_path, family, expected):
+    import subprocess
+    import sys
+
+    require("torch")
+    require("transformers")
+    build(family, tmp_path)
+    out = subprocess.run([sys.executable, "-m", "tokentrail.cli", "info", "--model", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for text in expected:
+        assert text in out.stdout, (text, out.stdout)
+
+
+def test_readme_lists_every_supported_architecture():
+    from conftest import REPO
+    from tokentrail.loading.families import FAMILIES
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Supported checkpoints"):]
+    section = section[:section.index("\n## ")]
+    for f in FAMILIES:
+        for arch in f.hf_architectures:
+            assert f"`{arch}`" in section, arch
+        assert f"`{f.gguf_arch}`" in section, f.gguf_arch

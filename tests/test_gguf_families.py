@@ -4,7 +4,10 @@ read by tokentrail with transformers' logits, and read by llama.cpp with tokentr
 The GGUF twin of each tiny random Hugging Face model comes from llama.cpp's convert_hf_to_gguf.py
 (see llama_cpp_converter.py). Bounds: against transformers, the Hugging Face parity bound (1e-4);
 against llama.cpp, its f32 bound from test_llamacpp.py (5e-4 of the logits' spread: the same
-weights, only the order of summation and llama.cpp's tabulated GELU differ).
+weights, only the order of summation and llama.cpp's tabulated GELU differ). Gemma gates every MLP
+through that GELU, on activations its embedding scale (sqrt(hidden)) makes large, where the table's
+f16 steps are coarse: its bound is 2e-3 (measured 8-9e-4), still the size of the f16 KV cache's
+effect that the f32 bound guards against.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 
 import tokentrail
-from conftest import require
+from conftest import greedy_with_logits, require
 from llama_cpp_converter import convert, write_placeholder_tokenizer
 from reference_models import CALL_DEPENDENT, FAMILIES, build, reference_logits
 from tokentrail.loading import read_checkpoint
@@ -20,6 +23,7 @@ from tokentrail.loading.gguf_writer import write_gguf
 
 PROMPT = [1, 17, 200, 5, 99, 42, 42, 7, 250, 3, 64, 128]
 LLAMA_CPP_BOUND = 5e-4
+GELU_GATED_BOUND = 2e-3
 
 # What a GGUF file of these configurations cannot say, so that its twin legitimately differs:
 # llama.cpp's converter writes no window for Mistral (llama.cpp runs it with full attention), and
@@ -42,16 +46,6 @@ def twins(request, tmp_path_factory):
     return request.param, ref, d, convert(d, d / "converted.gguf")
 
 
-def _logits_greedy(model, prompt, steps=8):
-    s = model.session()
-    rows = list(s.feed(prompt, all_logits=True))
-    out = []
-    for _ in range(steps):
-        out.append(int(np.argmax(rows[-1])))
-        rows.append(s.feed([out[-1]]))
-    return np.stack(rows), out
-
-
 def _close(got, want, bound, label):
     scale = max(1.0, float(np.abs(want).max()))
     err = float(np.abs(got - want).max()) / scale
@@ -63,7 +57,7 @@ def test_converted_gguf_matches_transformers(twins):
     if family in NOT_EXPRESSIBLE:
         pytest.skip(NOT_EXPRESSIBLE[family])
     ours = tokentrail.load(path)
-    got, greedy = _logits_greedy(ours, PROMPT)
+    got, greedy = greedy_with_logits(ours, PROMPT, 8)
     want = reference_logits(ref, PROMPT + greedy)
     _close(got, want, 1e-4, family)
     assert greedy == [int(np.argmax(r)) for r in want[len(PROMPT) - 1:-1]]
@@ -80,13 +74,25 @@ def test_converted_gguf_reads_the_family_fields(twins):
         assert gg.sliding_layers() == hf.sliding_layers()
 
 
+def _without_tokenizer(d):
+    """The checkpoint of `d` without its placeholder word-level tokenizer (GGUF has no such kind)."""
+    ck = read_checkpoint(d)
+    ck.tokenizer = None
+    return ck
+
+
 def test_tokentrail_convert_round_trip(twins, tmp_path):
-    """`tokentrail convert` writes each family back as GGUF; reading that file gives the same logits."""
+    """`tokentrail convert` writes each family back as GGUF; reading that file gives the same logits.
+    What the format cannot say is refused, never written wrongly."""
     family, _, d, _ = twins
+    if family in NOT_EXPRESSIBLE:
+        with pytest.raises(tokentrail.CheckpointError, match="cannot"):
+            write_gguf(_without_tokenizer(d), tmp_path / "ours.gguf")
+        return
     source = tokentrail.load(d)
-    out = write_gguf(read_checkpoint(d), tmp_path / "ours.gguf")
+    out = write_gguf(_without_tokenizer(d), tmp_path / "ours.gguf")
     back = tokentrail.load(out)
-    _close(back.forward(PROMPT), source.forward(PROMPT), 1e-5 if family not in NOT_EXPRESSIBLE else 1e9, family)
+    _close(back.forward(PROMPT), source.forward(PROMPT), 1e-5, family)
 
 
 def test_llama_cpp_agrees_on_converted_and_written_files(twins, tmp_path):
@@ -95,10 +101,12 @@ def test_llama_cpp_agrees_on_converted_and_written_files(twins, tmp_path):
     arch = tokentrail.load(path).config.architecture
     if arch not in LLAMA_CPP_ARCHS:
         pytest.skip(f"llama.cpp does not read {arch}")
-    written = write_gguf(read_checkpoint(d), tmp_path / "ours.gguf")
-    for label, file in (("converted", path), ("written", written)):
+    files = [("converted", path)]
+    if family not in NOT_EXPRESSIBLE:
+        files.append(("written", write_gguf(_without_tokenizer(d), tmp_path / "ours.gguf")))
+    for label, file in files:
         ours = tokentrail.load(file)
-        got, greedy = _logits_greedy(ours, PROMPT, 4)
+        got, greedy = greedy_with_logits(ours, PROMPT, 4)
         llm = llama_cpp.Llama(model_path=str(file), n_ctx=64, n_batch=64, n_threads=2, logits_all=True,
                               type_k=0, type_v=0, verbose=False)
         llm.eval(PROMPT)
@@ -108,4 +116,57 @@ def test_llama_cpp_agrees_on_converted_and_written_files(twins, tmp_path):
         llm.close()
         spread = got.std(axis=1, keepdims=True)
         err = float((np.abs(theirs - got) / spread).max())
-        assert err <= LLAMA_CPP_BOUND, f"{family} ({label}): {err:.2e} of the spread"
+        bound = GELU_GATED_BOUND if ours.config.gated_mlp and ours.config.activation != "silu" else LLAMA_CPP_BOUND
+        assert err <= bound, f"{family} ({label}): {err:.2e} of the spread"
+
+
+def _copy_with(src, dst, extra_key=None, extra_tensor=None):
+    """Rewrite a GGUF file with the gguf package, adding one metadata key or one tensor."""
+    gguf = require("gguf")
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), vtype)
+    if extra_key:
+        writer.add_float32(f"{arch}.{extra_key}", 0.5)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    if extra_tensor:
+        writer.add_tensor(extra_tensor, np.ones(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_unknown_gguf_metadata_and_tensors_are_refused(twins, tmp_path):
+    family, _, _, path = twins
+    tokentrail.load(_copy_with(path, tmp_path / "same.gguf"))  # the copy itself reads
+    with pytest.raises(tokentrail.CheckpointError, match="attention.temperature_scale"):
+        tokentrail.load(_copy_with(path, tmp_path / "key.gguf", extra_key="attention.temperature_scale"))
+    with pytest.raises(tokentrail.CheckpointError, match="blk.0.attn_mystery.weight"):
+        tokentrail.load(_copy_with(path, tmp_path / "tensor.gguf", extra_tensor="blk.0.attn_mystery.weight"))
+
+
+def test_journey_and_captures_of_the_gguf_twin(twins):
+    """Loaded from GGUF, every family still records every capture point and its journey adds up."""
+    family, _, d, path = twins
+    ours = tokentrail.load(path)
+    logits, cache = ours.run_with_cache(PROMPT, names="*")
+    np.testing.assert_allclose(cache["logits"][-1], logits[-1] if logits.ndim == 2 else logits, atol=1e-5)
+    for layer in range(ours.config.n_layers):
+        assert f"blocks.{layer}.attn_pattern" in cache and f"blocks.{layer}.resid_post" in cache
+        if ours.config.n_experts:
+            assert f"blocks.{layer}.router" in cache
+    j = ours.journey(PROMPT)
+    a = j.attribution()
+    summed = a["capped_total"] if ours.config.final_softcap else a["total"]
+    assert abs(summed - float(j.logits[a["token"]])) <= 1e-4 * max(1.0, abs(float(j.logits[a["token"]])))

@@ -6,18 +6,16 @@ import pytest
 
 import tokentrail
 from conftest import require
-from reference_models import CALL_DEPENDENT, FAMILIES, build, reference_logits, reference_logits_in_pieces
+from reference_models import (CALL_DEPENDENT, FAMILIES, build, build_family, reference_logits,
+                              reference_logits_in_pieces)
 
 PROMPT = [1, 17, 200, 5, 99, 42, 42, 7, 250, 3, 64, 128]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request, tmp_path_factory):
-    require("torch")
-    require("transformers")
-    d = tmp_path_factory.mktemp(request.param)
-    ref = build(request.param, d)
-    return request.param, tokentrail.load(d), ref
+    family, _, ours, ref = build_family(request, tmp_path_factory)
+    return family, ours, ref
 
 
 def test_prompt_logits_match(pair):

@@ -207,6 +207,10 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--order", default="hf",
                    help="processor order: hf (transformers), llama.cpp, or stage names separated by commas "
                         "(default: %(default)s)")
+
+
+def add_sequence_options(p: argparse.ArgumentParser) -> None:
+    """Beam search and several sequences: --num-beams, --length-penalty, --early-stopping, --num-return-sequences."""
     b = p.add_argument_group("several sequences")
     b.add_argument("--num-beams", type=_positive_int, default=None, help="beam search with this many beams "
                                                                           "(greedy only; default: 1)")
@@ -223,17 +227,19 @@ _SAMPLING_DESTS = ("do_sample", "temperature", "top_k", "top_k_ties", "top_p", "
                    "xtc_probability", "xtc_threshold", "dry_multiplier", "dry_base", "dry_allowed_length",
                    "dry_window", "mirostat", "mirostat_tau", "mirostat_eta", "repetition_penalty",
                    "repetition_window", "repetition_negative", "presence_penalty", "frequency_penalty",
-                   "penalty_window", "no_repeat_ngram_size", "min_keep", "num_beams", "length_penalty",
-                   "num_return_sequences")
+                   "penalty_window", "no_repeat_ngram_size", "min_keep")
+_SEQUENCE_DESTS = ("num_beams", "length_penalty", "num_return_sequences")
 
 
 def sampling_options(args, model) -> dict:
-    """Keyword options of Model.generate from the parsed flags (flags left unset are not passed)."""
-    opts = {name: getattr(args, name) for name in _SAMPLING_DESTS if getattr(args, name) is not None}
+    """Keyword options of Model.generate (and Model.journey) from the parsed flags of add_sampling_options
+    and, where the subcommand has them, add_sequence_options (flags left unset are not passed)."""
+    opts = {name: getattr(args, name) for name in _SAMPLING_DESTS + _SEQUENCE_DESTS
+            if getattr(args, name, None) is not None}
     if args.repeat_last_n is not None:
         opts.setdefault("repetition_window", args.repeat_last_n)
         opts["penalty_window"] = args.repeat_last_n
-    if args.early_stopping is not None:
+    if getattr(args, "early_stopping", None) is not None:
         opts["early_stopping"] = {"true": True, "false": False, "never": "never"}[args.early_stopping]
     if args.logit_bias:
         opts["logit_bias"] = dict(args.logit_bias)
@@ -278,6 +284,7 @@ def add_generate(sub) -> None:
     add_model_options(g)
     add_length_options(g)
     add_sampling_options(g)
+    add_sequence_options(g)
     o = g.add_argument_group("output")
     o.add_argument("--show-probs", action="store_true",
                    help="print each step's alternatives before and after the chain")
@@ -343,18 +350,19 @@ def cmd_generate(args) -> int:
 # ---------------------------------------------------------------- journey and report
 
 def add_journey_options(p: argparse.ArgumentParser) -> None:
-    """How the journey's token is chosen: --temp, -s, --top-n."""
-    g = p.add_argument_group("the chosen token")
-    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=1.0,
-                   help="temperature of the softmax shown (default: %(default)s)")
+    """How the journey's token is chosen (generate's sampling flags and defaults, -s) and --top-n."""
+    add_sampling_options(p)
+    g = p.add_argument_group("the journey")
     g.add_argument("-s", "--seed", type=_count, default=None,
-                   help="sample the chosen token with this seed (default: the most likely token)")
-    add_top_n_option(p, 5, "candidates listed per stage")
+                   help="seed of the draw, as for generate (default: fresh entropy, shown in the journey)")
+    add_top_n_option(g, 5, "candidates listed per stage")
 
 
 def add_journey(sub) -> None:
     """The `journey` subcommand's parser."""
-    j = sub.add_parser("journey", help="follow the last token of a prompt through the model")
+    j = sub.add_parser("journey", help="follow the last token of a prompt through the model",
+                       description="Follow the prompt's last token through the model to the token generate would "
+                                   "choose next, with generate's sampling options and defaults.")
     add_prompt_options(j)
     add_model_options(j)
     add_journey_options(j)
@@ -368,30 +376,36 @@ def cmd_journey(args) -> int:
 
     prompt = read_prompt(args)
     model = load_model(args)
-    j = model.journey(prompt, temperature=args.temperature, seed=args.seed, top=args.top_n)
+    j = model.journey(prompt, seed=args.seed, top=args.top_n, **sampling_options(args, model))
     print_journey(j, width=args.width)
     return 0
 
 
 def add_report(sub) -> None:
     """The `report` subcommand's parser."""
-    r = sub.add_parser("report", help="write the journey as one self-contained HTML page")
+    r = sub.add_parser("report", help="write the journey as one self-contained HTML page",
+                       description="Generate tokens as generate would and write each one's journey as one "
+                                   "self-contained HTML page.")
     add_prompt_options(r)
     add_model_options(r)
     add_journey_options(r)
+    r.add_argument("-n", "--n-predict", "--new-tokens", dest="new_tokens", type=_positive_int, default=1,
+                   help="generate this many tokens and show each one's journey (default: %(default)s)")
     r.add_argument("-o", "--output", default="journey.html", help="the HTML file to write (default: %(default)s)")
     r.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
-    """Write the journey as one HTML page."""
+    """Write the journeys of the generated tokens as one HTML page."""
+    from .journey import follow_generation
     from .report.html import write_report
 
     prompt = read_prompt(args)
     output = _output_file(args.output, "journey.html")
     model = load_model(args)
-    j = model.journey(prompt, temperature=args.temperature, seed=args.seed, top=args.top_n)
-    path = write_report(j, output)
+    journeys = follow_generation(model, prompt, args.new_tokens, seed=args.seed, top=args.top_n,
+                                 **sampling_options(args, model))
+    path = write_report(journeys, output)
     print(f"wrote {path}")
     return 0
 
@@ -479,21 +493,58 @@ def cmd_convert(args) -> int:
 
 def add_info(sub) -> None:
     """The `info` subcommand's parser."""
-    i = sub.add_parser("info", help="a checkpoint's configuration, decoding defaults and the kernels in use")
+    i = sub.add_parser("info", help="a checkpoint's family, the configuration fields that matter, weight types, "
+                                    "tokenizer, decoding defaults and the kernels in use")
     add_model_options(i)
+    i.add_argument("--json", action="store_true", help="print the whole configuration as JSON instead")
     i.set_defaults(func=cmd_info)
 
 
+def describe_model(model) -> list[str]:
+    """Lines saying what a loaded model is: family, the fields that set it apart, weights, tokenizer."""
+    from collections import Counter
+
+    from .config import ModelConfig
+    from .loading.families import BY_GGUF_ARCH, BY_HF_ARCH
+
+    c = model.config
+    family = BY_HF_ARCH.get(c.architecture) or BY_GGUF_ARCH.get(c.architecture)
+    lines = [f"family: {family.name} - {family.summary}" if family else "family: (not in the registry)",
+             f"architecture: {c.architecture or '?'}",
+             f"shape: {c.n_layers} layers, d_model {c.hidden_size}, {c.n_heads} heads ({c.n_kv_heads} key/value, "
+             f"head_dim {c.head_dim}), ffn {c.ffn_size}, vocab {c.vocab_size}, context {c.max_seq_len}"]
+    plain = ModelConfig(vocab_size=1, hidden_size=1, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2, ffn_size=1,
+                        max_seq_len=1)
+    skip = {"vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_size",
+            "max_seq_len", "architecture", "bos_token_id", "eos_token_ids"}
+    fields = [f"{k}={v!r}" for k, v in c.to_dict().items() if k not in skip and getattr(plain, k) != v]
+    lines.append("fields that matter: " + (", ".join(fields) if fields else "(all defaults)"))
+    types = Counter(w.dtype for w in model.weights.values())
+    lines.append("weights: " + ", ".join(f"{t} x{n}" for t, n in sorted(types.items())) +
+                 f" ({model.n_params:,} parameters)")
+    tok = model.tokenizer
+    if tok is None:
+        lines.append("tokenizer: none (ids only)")
+    else:
+        spec = json.loads(tok.inner.to_str())
+        kind = spec.get("model", {}).get("type", "?")
+        pre = spec.get("pre_tokenizer") or {}
+        byte_level = "ByteLevel" in json.dumps(pre) or "ByteLevel" in json.dumps(spec.get("decoder"))
+        label = f"byte-level {kind}" if byte_level else f"SentencePiece-style {kind}" if kind == "BPE" else kind
+        lines.append(f"tokenizer: {label}, {tok.vocab_size} entries, BOS {tok.bos_id}, EOS {list(tok.eos_ids)}")
+    return lines
+
+
 def cmd_info(args) -> int:
-    """Print a checkpoint's configuration, decoding defaults and kernels."""
+    """Print a checkpoint's family, configuration, weights, tokenizer, decoding defaults and kernels."""
     from . import _core
 
     model = load_model(args)
-    print(model)
-    print(json.dumps(model.config.to_dict(), indent=1))
-    types = sorted({w.dtype for w in model.weights.values()})
-    print(f"parameters: {model.n_params:,}  weight types: {', '.join(types)}  kernels: {_core.isa()} "
-          f"(available: {', '.join(_core.available_isas())})  threads: {_core.get_threads()}")
+    if args.json:
+        print(json.dumps(model.config.to_dict(), indent=1))
+        return 0
+    print("\n".join(describe_model(model)))
+    print(f"kernels: {_core.isa()} (available: {', '.join(_core.available_isas())}), threads: {_core.get_threads()}")
     print(f"decoding defaults: {model.generation_defaults}")
     return 0
 
@@ -525,7 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     from .model import check_isa_setting
 
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help, --version, or a flag argparse refused (its one line is printed)
+            return done.code if isinstance(done.code, int) else 0
         check_isa_setting()
         return args.func(args)
     except KeyboardInterrupt:

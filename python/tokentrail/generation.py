@@ -5,7 +5,10 @@ Only this interface of the model is used:
 * ``model.tokenizer`` (may be None when working on ids only) and ``model.config``;
 * ``model.session()`` -> a session with ``feed(ids, all_logits=False)``,
   ``fork()``, ``pos`` and (optionally) ``limit``, the positions it can hold;
-* ``model.forward(ids, all_positions=True)`` -> logits [len(ids), vocab].
+* ``model.forward(ids, all_positions=True)`` -> logits [len(ids), vocab];
+* ``model.forward_batch(sessions, token_lists, logits=, hooks=)`` when it has
+  it (several sessions advanced in one step); without it, sessions are fed
+  one by one.
 
 :func:`generate` samples with a :class:`~tokentrail.sampling.Sampler` (every
 option of :class:`~tokentrail.sampling.SamplingConfig` is accepted as a
@@ -260,6 +263,15 @@ _ALIASES = {"eos_ids": "eos_token_id"}
 _SAMPLING_STAGES = ("top_n_sigma", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "xtc", "mirostat")
 
 
+def take_aliases(options: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Move generate's other names (eos_ids for eos_token_id) from `extra` into `options`, refusing both at once."""
+    for alias, name in _ALIASES.items():
+        if alias in extra:
+            if options.get(name) is not None:
+                raise OptionError(f"{alias}: is another name for {name}; give one of them")
+            options[name] = extra.pop(alias)
+
+
 def _given(name: str, value: Any, defaults: dict[str, Any]) -> bool:
     d = defaults.get(name, None)
     if isinstance(value, np.ndarray) or isinstance(d, np.ndarray):
@@ -343,6 +355,17 @@ def sampling_config(model, options: Mapping[str, Any] | None = None,
     return _sampling_config(model, full, sampling, _SIGNATURE_DEFAULTS)[0]
 
 
+def make_sampler(model, options: Mapping[str, Any] | None = None, sampling: SamplingConfig | None = None,
+                 seed: int | None = None) -> Sampler:
+    """The Sampler generate() draws its tokens with for these options and seed.
+
+    The chain is :func:`sampling_config`'s (the model's generation_config.json
+    defaults and transformers' names, resolved as generate resolves them), so
+    a journey drawing through it picks the token generate picks first.
+    """
+    return Sampler(sampling_config(model, options, sampling), seed=seed)
+
+
 def _new_tokens(model, prompt_len: int, max_new_tokens, max_length) -> int:
     if max_new_tokens is not None and max_length is not None:
         raise InvalidArgumentError("max_length: give max_new_tokens or max_length (prompt included), not both")
@@ -365,7 +388,8 @@ def _check_hooks(model, hooks) -> None:
         check_hooks(model, hooks)
 
 
-def generate(model, prompt: str | Sequence[int], max_new_tokens: int | None = None, *,
+def generate(model, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
+             max_new_tokens: int | None = None, *,
              do_sample: bool | None = None,
              temperature: float | None = None,
              top_k: int | None = None,
@@ -415,8 +439,9 @@ def generate(model, prompt: str | Sequence[int], max_new_tokens: int | None = No
              logprobs: bool = False,
              top_n: int = 0,
              hooks: Hooks | None = None,
-             **unexpected: Any) -> "Generation | list[Generation] | Stream":
-    """Continue `prompt` (text or token ids).
+             per_prompt: Sequence[Mapping[str, Any]] | None = None,
+             **unexpected: Any) -> "Generation | list[Generation] | Stream | list":
+    """Continue `prompt` (text or token ids), or each prompt of a list of them.
 
     Defaults: every option left at None takes the model's generation_config.json
     value when it has one, else tokentrail's: greedy decoding, 64 new tokens
@@ -456,23 +481,110 @@ def generate(model, prompt: str | Sequence[int], max_new_tokens: int | None = No
     top alternatives before and after the chain. `hooks` (from
     model.hooks()) records and intervenes during every forward pass of the run.
 
+    Many prompts: a list of prompts (texts or id lists) is generated
+    together, every step of the core advancing all of them at once (see
+    Model.forward_batch), and gives a list with, for each prompt, what
+    generate(prompt, ...) alone gives (with the same seed, the same tokens).
+    The keywords apply to every prompt; `per_prompt`, one dict of options
+    per prompt (`{"seed": 1, "temperature": 0.7}`), overrides them for that
+    prompt. Prompts join while a step has room and leave when they finish;
+    prompts that share one Hooks object run one after another, so that its
+    records come in order. Streaming takes one prompt at a time.
+
     Every argument is checked before the model runs, also when streaming;
     an unknown option name is refused with the nearest valid names.
     """
     options = dict(locals())
     for key in ("model", "prompt", "unexpected"):
         options.pop(key)
-    for alias, name in _ALIASES.items():
-        if alias in unexpected:
-            if options[name] is not None:
-                raise OptionError(f"{alias}: is another name for {name}; give one of them")
-            options[name] = unexpected.pop(alias)
+    take_aliases(options, unexpected)
     if unexpected:
         raise unknown_options(unexpected, GENERATE_OPTIONS | set(_ALIASES), "generate option")
     return _generate(model, prompt, options)
 
 
 def _generate(model, prompt, o: dict[str, Any]):
+    if is_prompt_list(prompt):
+        return _generate_batch(model, list(prompt), o)
+    if o["per_prompt"] is not None:
+        raise OptionError("per_prompt: gives each prompt of a list of prompts its options; "
+                          "with one prompt, pass the options as keywords")
+    plan = _prepare(model, prompt, o)
+    if plan.beams is None and o["stream"]:
+        return Stream(plan.runs[0])
+    for _ in _advance_together(model, plan.runs):
+        pass
+    return plan.result()
+
+
+def is_prompt_list(prompt) -> bool:
+    """Whether `prompt` is a list (or tuple) of prompts, each text or ids, rather than one prompt of ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and \
+        all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
+
+
+def _generate_batch(model, prompts: list, o: dict[str, Any]) -> list:
+    """generate() of several prompts advanced together; result i is what generate(prompts[i], ...) gives."""
+    per_prompt = o.pop("per_prompt")
+    if per_prompt is not None:
+        if isinstance(per_prompt, Mapping) or not isinstance(per_prompt, Sequence):
+            raise OptionError(f"per_prompt: must be a list with one dict of options per prompt, got {per_prompt!r:.60}")
+        if len(per_prompt) != len(prompts):
+            raise InvalidArgumentError(f"per_prompt: has {len(per_prompt)} dicts of options for {len(prompts)} prompts")
+    if o["stream"]:
+        raise InvalidArgumentError("stream: a list of prompts is generated together and returned at the end; "
+                         "stream one prompt at a time")
+    plans = []
+    for i, prompt in enumerate(prompts):
+        options = dict(o)
+        if per_prompt is not None:
+            options.update(_prompt_options(per_prompt[i], options, i))
+        try:
+            plans.append(_prepare(model, prompt, options))
+        except (ValueError, TypeError) as e:
+            if e.args and isinstance(e.args[0], str):
+                e.args = (f"prompt {i}: {e.args[0]}",) + e.args[1:]
+            raise
+    for _ in _advance_together(model, [run for plan in plans for run in plan.runs]):
+        pass
+    return [plan.result() for plan in plans]
+
+
+def _prompt_options(given, shared: dict[str, Any], i: int) -> dict[str, Any]:
+    """One prompt's own options (aliases resolved, names checked); they override the shared keywords."""
+    if not isinstance(given, Mapping):
+        raise OptionError(f"per_prompt[{i}]: must be a dict of generate options, got {given!r:.60}")
+    own = dict(given)
+    for alias, name in _ALIASES.items():
+        if alias in own:
+            if name in own:
+                raise OptionError(f"per_prompt[{i}]: {alias} is another name for {name}; give one of them")
+            own[name] = own.pop(alias)
+    unknown = set(own) - _PER_PROMPT_OPTIONS
+    if unknown:
+        raise unknown_options(unknown, _PER_PROMPT_OPTIONS | set(_ALIASES), f"per_prompt[{i}] option")
+    return own
+
+
+class _Plan:
+    """One prompt's generation, checked and ready to run: the runs to advance (one per
+    returned sequence), or a beam search."""
+
+    def __init__(self, prompt_ids: list[int], runs: list["_Run"], n_return: int, beams=None):
+        self.prompt_ids = prompt_ids
+        self.runs = runs
+        self.n_return = n_return
+        self.beams = beams  # a callable that runs the beam search, or None
+
+    def result(self) -> "Generation | list[Generation]":
+        if self.beams is not None:
+            return self.beams()
+        out = [run.generation() for run in self.runs]
+        return out[0] if self.n_return == 1 else out
+
+
+def _prepare(model, prompt, o: dict[str, Any]) -> _Plan:
+    """Every check of generate() for one prompt, before anything runs."""
     top_n = _count("top_n", o["top_n"], 0)
     stops = [o["stop"]] if isinstance(o["stop"], str) else list(o["stop"])
     for s in stops:
@@ -496,7 +608,8 @@ def _generate(model, prompt, o: dict[str, Any]):
         else (file.num_return_sequences or 1)
     n_return = _count("num_return_sequences", n_return, 1)
     if num_beams > 1:
-        return _beams(model, prompt_ids, config, do_sample, num_beams, n_return, max_new_tokens, eos, o, file)
+        beams = _beams(model, prompt_ids, config, do_sample, num_beams, n_return, max_new_tokens, eos, o, file)
+        return _Plan(prompt_ids, [], n_return, beams)
     if n_return > 1:
         if not do_sample:
             raise InvalidArgumentError("num_return_sequences: greedy decoding gives one sequence; sample "
@@ -504,16 +617,9 @@ def _generate(model, prompt, o: dict[str, Any]):
         if o["stream"]:
             raise InvalidArgumentError("num_return_sequences: streaming gives one sequence at a time")
     seeds = [o["seed"]] if n_return == 1 else _seeds(o["seed"], n_return)
-    results = []
-    for seed in seeds:
-        sampler = Sampler(config.build(), seed=seed)
-        run = _Run(model, prompt_ids, max_new_tokens, sampler, stops, eos, o["logprobs"], top_n, o["hooks"])
-        if o["stream"]:
-            return Stream(run)
-        steps = list(run.steps())
-        results.append(Generation(prompt_ids, [s.token for s in steps], run.text[: run.released],
-                                  run.finish_reason, steps, int(sampler.seed), run.stop_string, run.timings))
-    return results[0] if n_return == 1 else results
+    runs = [_Run(model, prompt_ids, max_new_tokens, Sampler(config.build(), seed=seed), stops, eos, o["logprobs"],
+                 top_n, o["hooks"]) for seed in seeds]
+    return _Plan(prompt_ids, runs, n_return)
 
 
 def _seeds(seed: int | None, n: int) -> list[int]:
@@ -524,7 +630,8 @@ def _seeds(seed: int | None, n: int) -> list[int]:
 
 def _beams(model, prompt_ids, config: SamplingConfig, do_sample: bool, num_beams: int, n_return: int,
            max_new_tokens: int, eos: set[int], o: dict[str, Any], file: GenerationDefaults):
-    """num_beams > 1: beam search, its best `n_return` hypotheses as Generations."""
+    """num_beams > 1: checks the options, and returns the beam search that gives the best `n_return`
+    hypotheses as Generations, to be called when its turn comes."""
     if do_sample:
         raise InvalidArgumentError("num_beams: beam search here is deterministic; do not combine it with sampling "
                          "(do_sample=False or temperature=0)")
@@ -537,25 +644,95 @@ def _beams(model, prompt_ids, config: SamplingConfig, do_sample: bool, num_beams
             raise InvalidArgumentError(f"{name}: not available with beam search (num_beams > 1)")
     if o["stop"] or o["top_n"]:
         raise InvalidArgumentError(f"{'stop' if o['stop'] else 'top_n'}: not available with beam search (num_beams > 1)")
-    if max_new_tokens == 0:
-        return [] if n_return > 1 else Generation(prompt_ids, [], "", "length", [], 0)
     early = o["early_stopping"] if o["early_stopping"] is not None else \
         (file.early_stopping if file.early_stopping is not None else False)
     lp = o["length_penalty"] if o["length_penalty"] is not None else \
         (file.length_penalty if file.length_penalty is not None else 1.0)
-    beams = beam_search(model, prompt_ids, num_beams=num_beams, length_penalty=lp, early_stopping=early,
-                        max_new_tokens=max_new_tokens, eos_ids=sorted(eos), num_return=n_return)
-    out = []
-    for beam in beams:
-        steps = [Step(i, t, "") for i, t in enumerate(beam.token_ids)]
-        if steps:
-            steps[-1].finish_reason = "eos" if beam.finished else "length"
-        out.append(Generation(prompt_ids, beam.token_ids, beam.text, "eos" if beam.finished else "length",
-                              steps, 0))
-    return out[0] if n_return == 1 else out
+
+    def run():
+        if max_new_tokens == 0:
+            return [] if n_return > 1 else Generation(prompt_ids, [], "", "length", [], 0)
+        beams = beam_search(model, prompt_ids, num_beams=num_beams, length_penalty=lp, early_stopping=early,
+                            max_new_tokens=max_new_tokens, eos_ids=sorted(eos), num_return=n_return)
+        out = []
+        for beam in beams:
+            steps = [Step(i, t, "") for i, t in enumerate(beam.token_ids)]
+            if steps:
+                steps[-1].finish_reason = "eos" if beam.finished else "length"
+            out.append(Generation(prompt_ids, beam.token_ids, beam.text, "eos" if beam.finished else "length",
+                                  steps, 0))
+        return out[0] if n_return == 1 else out
+    return run
+
+
+# Tokens one step of a batched generation carries at most: waiting prompts join
+# while they fit. A prompt is always fed whole in one step, as it is alone (a
+# longer one runs in a step of its own), so that results equal single runs.
+BATCH_TOKENS = 512
+
+
+def _advance_together(model, runs: Sequence["_Run"]) -> Iterator[tuple["_Run", Step]]:
+    """Run every run to its end in one batch, yielding (run, step) as steps are made.
+
+    Each step of the core (model.forward_batch) feeds every running sequence
+    its last token and every joining one its whole prompt. Runs join in
+    order while the step has room (BATCH_TOKENS) and leave when they finish.
+    Runs that share one Hooks object go one after another, so that its
+    records come in the order separate calls would give.
+    """
+    waiting = [run for run in runs]
+    active: list[tuple[_Run, list[int]]] = []  # each run and the tokens it feeds next
+    while waiting or active:
+        rows = sum(len(feed) for _, feed in active)
+        busy = {id(run.hooks) for run, _ in active if run.hooks is not None}
+        joining = []
+        for run in list(waiting):
+            if run.max_new_tokens == 0:
+                waiting.remove(run)
+                run.done = True
+                continue
+            if run.hooks is not None and id(run.hooks) in busy:
+                continue
+            if rows + len(run.prompt_ids) > BATCH_TOKENS and (active or joining):
+                break
+            waiting.remove(run)
+            joining.append(run)
+            rows += len(run.prompt_ids)
+            if run.hooks is not None:
+                busy.add(id(run.hooks))
+        if not active and not joining:
+            break
+        start = time.perf_counter()
+        for run in joining:
+            active.append((run, run.begin(model.session(), start)))
+        logits = _feed_together(model, [run.session for run, _ in active], [feed for _, feed in active],
+                                [run.hooks for run, _ in active])
+        fed = time.perf_counter()
+        for run in joining:
+            run.timings.prompt_seconds = fed - start
+        still = []
+        for (run, _), row in zip(active, logits):
+            step = run.advance(row)
+            yield run, step
+            if step.finish_reason is None:
+                still.append((run, [step.token]))
+        active = still
+
+
+def _feed_together(model, sessions: list, feeds: list[list[int]], hooks: list, all_logits: bool = False) -> list:
+    """Each session fed its tokens: in one step of the core when the model has forward_batch, else one by one."""
+    mode = "all" if all_logits else "last"
+    if hasattr(model, "forward_batch"):
+        return model.forward_batch(sessions, feeds, logits=mode, hooks=hooks)
+    return [s.feed(f, all_logits=all_logits, **({"hooks": h} if h is not None else {}))
+            for s, f, h in zip(sessions, feeds, hooks)]
 
 
 class _Run:
+    """One sequence being generated: the sampler, the text released so far and
+    the end conditions. `begin` takes a fresh session and gives the prompt to
+    feed; `advance` turns the logits of each step into the next Step."""
+
     def __init__(self, model, prompt_ids, max_new_tokens, sampler, stops, eos, logprobs, top_n, hooks=None):
         self.hooks = hooks
         self.model = model
@@ -572,73 +749,78 @@ class _Run:
         self.stop_string: str | None = None
         self.timings = Timings(prompt_tokens=len(prompt_ids))
         self.done = False
+        self.made: list[Step] = []
 
     def steps(self) -> Iterator[Step]:
-        if self.max_new_tokens == 0:
-            self.done = True
-            return
-        start = time.perf_counter()
-        for step in self._steps():
-            now = time.perf_counter()
-            if step.index == 0:
-                self.timings.first_token_seconds = now - start
-                first = now
-            else:
-                self.timings.generation_seconds = now - first
-            self.timings.generated_tokens = step.index + 1
-            if step.finish_reason is not None:
-                self.done = True
+        """The steps of this run alone (a batch of one), as they are made."""
+        for _, step in _advance_together(self.model, [self]):
             yield step
 
-    def _steps(self) -> Iterator[Step]:
-        model, tok = self.model, self.model.tokenizer
-        session = model.session()
-        limit = _limit(model, session)
+    def generation(self) -> Generation:
+        return Generation(self.prompt_ids, [s.token for s in self.made], self.text[: self.released],
+                          self.finish_reason, list(self.made), int(self.sampler.seed), self.stop_string,
+                          self.timings)
+
+    def begin(self, session, start: float) -> list[int]:
+        """Take `session` (empty) for this run, started at `start`; the prompt ids to feed it."""
+        limit = _limit(self.model, session)
         if len(self.prompt_ids) > limit:
             raise ContextFullError.for_tokens(0, len(self.prompt_ids), limit, "prompt")
-        feed_kw = {"hooks": self.hooks} if self.hooks is not None else {}
-        start = time.perf_counter()
-        logits = session.feed(self.prompt_ids, **feed_kw)
-        self.timings.prompt_seconds = time.perf_counter() - start
-        history = list(self.prompt_ids)
-        decoder = StreamDecoder(tok, context=self.prompt_ids[-DECODE_CONTEXT:]) if tok is not None else None
-        for i in range(self.max_new_tokens):
-            draw = self.sampler.step(logits, history)
-            token = draw.token
-            history.append(token)
-            step = Step(i, token, "")
-            if self.logprobs or self.top_n:
-                self._details(step, logits, draw.probs)
-            finish, cut = None, 0
-            if token in self.eos:
-                finish = "eos"
-            elif decoder is not None:
-                self.text += decoder.push(token)
-                for s in self.stops:
-                    at = self.text.find(s, self.released)
-                    if at >= 0 and (finish is None or at < cut):
-                        finish, cut, self.stop_string = "stop", at, s
-            if finish is None and i == self.max_new_tokens - 1:
-                finish = "length"
-            if finish is None and session.pos >= limit:
-                finish = "context"
-            if finish == "stop":
-                end = cut
-            elif finish is not None:
-                if decoder is not None:  # release a character left incomplete at the end
-                    self.text += tok.decode(decoder.ids)[decoder.emitted:]
-                end = len(self.text)
-            else:
-                end = len(self.text) - _held_back(self.text, self.released, self.stops)
-            end = max(end, self.released)
-            step.text = self.text[self.released:end]
-            self.released = end
-            step.finish_reason = finish
-            yield step
-            if finish is not None:
-                self.finish_reason = finish
-                return
-            logits = session.feed([token], **feed_kw)
+        self.session, self.limit, self.start = session, limit, start
+        self.history = list(self.prompt_ids)
+        tok = self.model.tokenizer
+        self.decoder = StreamDecoder(tok, context=self.prompt_ids[-DECODE_CONTEXT:]) if tok is not None else None
+        return list(self.prompt_ids)
+
+    def advance(self, logits: np.ndarray) -> Step:
+        """Choose the next token from the logits of the last position fed, and make its Step."""
+        tok, decoder, i = self.model.tokenizer, self.decoder, len(self.made)
+        draw = self.sampler.step(logits, self.history)
+        token = draw.token
+        self.history.append(token)
+        step = Step(i, token, "")
+        if self.logprobs or self.top_n:
+            self._details(step, logits, draw.probs)
+        finish, cut = None, 0
+        if token in self.eos:
+            finish = "eos"
+        elif decoder is not None:
+            self.text += decoder.push(token)
+            for s in self.stops:
+                at = self.text.find(s, self.released)
+                if at >= 0 and (finish is None or at < cut):
+                    finish, cut, self.stop_string = "stop", at, s
+        if finish is None and i == self.max_new_tokens - 1:
+            finish = "length"
+        if finish is None and self.session.pos >= self.limit:
+            finish = "context"
+        if finish == "stop":
+            end = cut
+        elif finish is not None:
+            if decoder is not None:  # release a character left incomplete at the end
+                self.text += tok.decode(decoder.ids)[decoder.emitted:]
+            end = len(self.text)
+        else:
+            end = len(self.text) - _held_back(self.text, self.released, self.stops)
+        end = max(end, self.released)
+        step.text = self.text[self.released:end]
+        self.released = end
+        step.finish_reason = finish
+        self.made.append(step)
+        self._clock(step)
+        if finish is not None:
+            self.finish_reason = finish
+            self.done = True
+        return step
+
+    def _clock(self, step: Step) -> None:
+        now = time.perf_counter()
+        if step.index == 0:
+            self.timings.first_token_seconds = now - self.start
+            self.first = now
+        else:
+            self.timings.generation_seconds = now - self.first
+        self.timings.generated_tokens = step.index + 1
 
     def _details(self, step: Step, logits: np.ndarray, probs: np.ndarray) -> None:
         logp = log_softmax(logits)
@@ -839,65 +1021,95 @@ def score(model, text_or_list: str | Sequence[int] | Sequence[str] | Sequence[Se
     """Log-probability of each token given the ones before it ("echo" log-probs).
 
     Accepts a text, a sequence of token ids, or a list of texts (or of id
-    lists), and returns a Score or a list of them. Texts are encoded with the
+    lists), and returns a Score or a list of them; the texts of a list are
+    scored together, each step of the core advancing several of them (the
+    scores equal those of each text alone). Texts are encoded with the
     tokenizer's special tokens (BOS), so the first real token is scored too
     when the tokenizer adds a BOS. `top_n` alternatives are listed per token.
-    `progress` reports texts longer than SCORE_CHUNK tokens as they are
+    `progress` reports the work when more than SCORE_CHUNK tokens are
     scored (see tokentrail.progress; None = a bar when stderr is a terminal).
     """
     top_n = _count("top_n", top_n, 0)
     check_progress(progress)
-    if isinstance(text_or_list, str):
-        return _score_one(model, text_or_list, top_n, progress)
-    items = list(text_or_list)
-    if items and all(isinstance(i, (numbers.Integral, np.integer)) and not isinstance(i, bool) for i in items):
-        return _score_one(model, items, top_n, progress)
+    single = isinstance(text_or_list, str)
+    items = [text_or_list] if single else list(text_or_list)
+    if not single and items and all(isinstance(i, (numbers.Integral, np.integer)) and not isinstance(i, bool)
+                                    for i in items):
+        single, items = True, [items]
     prepared = [_prompt_ids(model, item, "text") for item in items]  # check all before running any
     for ids in prepared:
         if len(ids) < 2:
             raise InvalidArgumentError(f"text: needs at least 2 tokens to score, got {len(ids)}")
-    return [_score_one(model, ids, top_n, progress) for ids in prepared]
+        _check_fits(model, ids, "text")
+    scores = _score_together(model, prepared, top_n, progress)
+    return scores[0] if single else scores
 
 
-def _all_logits(model, ids: list[int], progress: ProgressOption) -> np.ndarray:
-    """Logits of every position; long texts go through one session in chunks, with progress."""
-    if len(ids) <= SCORE_CHUNK:
-        return np.asarray(model.forward(ids, all_positions=True), dtype=np.float64)
-    _check_fits(model, ids, "text")
-    session = model.session()
-    rows = []
-    with Task("scoring", len(ids), progress) as task:
-        for start in range(0, len(ids), SCORE_CHUNK):
-            chunk = ids[start:start + SCORE_CHUNK]
-            rows.append(np.asarray(session.feed(chunk, all_logits=True), dtype=np.float64))
-            task.advance(len(chunk))
-    return np.concatenate(rows)
+def _score_together(model, texts: list[list[int]], top_n: int, progress: ProgressOption) -> list[Score]:
+    """Scores of every text. Each text goes through its own session SCORE_CHUNK tokens per
+    step (its chunks as when it is scored alone); texts share a step while it has room
+    (BATCH_TOKENS), and each chunk is scored as it arrives, so only one step's logits are held."""
+    sessions = [model.session() for _ in texts]
+    fed = [0] * len(texts)
+    tokens = [[TokenScore(0, ids[0], _display(model, ids[0]), None, None)] for ids in texts]
+    total = sum(len(ids) for ids in texts)
+    pending = list(range(len(texts)))
+    with Task("scoring", total, progress if total > SCORE_CHUNK else False) as task:
+        while pending:
+            step, rows = [], 0
+            for i in pending:
+                n = min(SCORE_CHUNK, len(texts[i]) - fed[i])
+                if step and rows + n > BATCH_TOKENS:
+                    break
+                step.append(i)
+                rows += n
+            chunks = [texts[i][fed[i]:fed[i] + SCORE_CHUNK] for i in step]
+            logits = _feed_together(model, [sessions[i] for i in step], chunks, [None] * len(step), all_logits=True)
+            for i, chunk, rows_logits in zip(step, chunks, logits):
+                tokens[i] += _scored_tokens(model, texts[i], fed[i], rows_logits, top_n)
+                fed[i] += len(chunk)
+                task.advance(len(chunk))
+            pending = [i for i in pending if fed[i] < len(texts[i])]
+    out = []
+    for ids, scored in zip(texts, tokens):
+        lps = [t.logprob for t in scored[1:]]
+        total_lp = float(sum(lps))
+        mean = total_lp / len(lps)
+        text = model.tokenizer.decode(ids) if model.tokenizer is not None else ""
+        out.append(Score(ids, scored, total_lp, mean, math.exp(-mean), text))
+    return out
 
 
-def _score_one(model, item, top_n: int, progress: ProgressOption = None) -> Score:
-    ids = _prompt_ids(model, item, "text")
-    if len(ids) < 2:
-        raise InvalidArgumentError(f"text: needs at least 2 tokens to score, got {len(ids)}")
-    logits = _all_logits(model, ids, progress)
-    logits = logits[:-1]
-    top = logits.max(axis=1, keepdims=True)
-    logp = logits - top
+def _scored_tokens(model, ids: list[int], start: int, logits: np.ndarray, top_n: int) -> list[TokenScore]:
+    """The tokens that the logits of positions start.. predict (each row, the token after its position)."""
+    logits = np.asarray(logits, dtype=np.float64)[: len(ids) - 1 - start]
+    logp = logits - logits.max(axis=1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-    tokens = [TokenScore(0, ids[0], _display(model, ids[0]), None, None)]
-    lps = []
-    for pos in range(1, len(ids)):
-        row = logp[pos - 1]
+    out = []
+    for j, row in enumerate(logp):
+        pos = start + j + 1
         lp = float(row[ids[pos]])
-        lps.append(lp)
-        tokens.append(TokenScore(pos, ids[pos], _display(model, ids[pos]), lp, 1 + int((row > lp).sum()),
-                                 _top(model, row, top_n) if top_n else []))
-    total = float(sum(lps))
-    mean = total / len(lps)
-    text = model.tokenizer.decode(ids) if model.tokenizer is not None else ""
-    return Score(ids, tokens, total, mean, math.exp(-mean), text)
+        out.append(TokenScore(pos, ids[pos], _display(model, ids[pos]), lp, 1 + int((row > lp).sum()),
+                              _top(model, row, top_n) if top_n else []))
+    return out
+
+
+def whole_prompt_steps(lengths: Sequence[int], budget: int = BATCH_TOKENS) -> list[list[int]]:
+    """Prompts grouped into steps of the core: indices in order, each prompt whole, a step
+    taking prompts while their tokens fit in `budget` (BATCH_TOKENS); a longer prompt alone."""
+    steps: list[list[int]] = []
+    rows = 0
+    for i, n in enumerate(lengths):
+        if not steps or rows + n > budget:
+            steps.append([])
+            rows = 0
+        steps[-1].append(i)
+        rows += n
+    return steps
 
 
 _SIGNATURE_DEFAULTS = {name: p.default for name, p in inspect.signature(generate).parameters.items()
                        if p.kind is inspect.Parameter.KEYWORD_ONLY or name == "max_new_tokens"}
 GENERATE_OPTIONS = frozenset(_SIGNATURE_DEFAULTS)
+_PER_PROMPT_OPTIONS = GENERATE_OPTIONS - {"per_prompt", "stream"}
 _CHAIN_OPTIONS = SAMPLING_OPTIONS | {"do_sample"}

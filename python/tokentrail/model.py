@@ -1,11 +1,12 @@
 """The Python face of the engine: Model (weights + tokenizer) and Session (a KV cache)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from .progress import ProgressOption, Task
 if TYPE_CHECKING:
     from .capture import ActivationCache, Hooks
     from .journey import Journey
+    from .sampling import SamplingConfig
 
 DEMO_MODEL = Path(__file__).parent / "models" / "demo"
 # Default KV cache limit when a model allows very long contexts: memory for
@@ -33,6 +35,8 @@ DEFAULT_THREADS = min(_core.get_threads(), MAX_THREADS)
 
 
 KV_DTYPES = ("f32", "f16")
+# Which logits a forward step returns per sequence: its last position's, every position's, or none.
+LOGITS_MODES = ("last", "all", "none")
 
 
 def _check_kv_dtype(kv_dtype: str) -> str:
@@ -211,15 +215,87 @@ class Model:
             ids = self.encode(ids)
         return self.session().feed(ids, all_logits=all_positions, hooks=hooks)
 
+    def forward_batch(self, sessions: Sequence[Session], tokens: Sequence[Sequence[int]],
+                      logits: str | Sequence[str] = "last",
+                      hooks: Sequence[Hooks | None] | None = None) -> list[np.ndarray | None]:
+        """Advance several sessions in one step of the core: `sessions[i]` runs `tokens[i]` at its next positions.
+
+        The sequences may be at different positions and feed different
+        numbers of tokens (a prompt for one, a single decode token for
+        another); the rows of all of them go through every weight matrix
+        together, so each weight is read once per step. Results equal feeding
+        each session alone (Session.feed). `logits` is "last" ([vocab]),
+        "all" ([n, vocab]) or "none" (None), for every sequence or one per
+        sequence. `hooks` gives each sequence its own Hooks or None (one
+        Hooks object may serve only one sequence of a step, so that its
+        records stay apart). Everything is checked before any session changes.
+        """
+        sessions = list(sessions)
+        tokens = list(tokens)
+        count = len(sessions)
+        if count == 0:
+            raise InvalidArgumentError("forward_batch: needs at least one session")
+        if len(tokens) != count:
+            raise InvalidArgumentError(f"forward_batch: {count} sessions but {len(tokens)} token lists; "
+                                       f"give one per session")
+        modes = [logits] * count if isinstance(logits, str) else list(logits)
+        hooks = [None] * count if hooks is None else list(hooks)
+        for name, given in (("logits", modes), ("hooks", hooks)):
+            if len(given) != count:
+                raise InvalidArgumentError(f"forward_batch: {name} has {len(given)} entries for {count} sessions")
+        core_hooks, ids, seen = [], [], {}
+        for i, (session, toks, mode, hk) in enumerate(zip(sessions, tokens, modes, hooks)):
+            who = f"forward_batch: sequence {i}: "
+            if not isinstance(session, Session):
+                raise OptionError(f"{who}expected a Session (model.session()), got {type(session).__name__}")
+            if session.model is not self:
+                raise InvalidArgumentError(f"{who}the session belongs to another model")
+            if id(session) in seen or id(session._cache) in seen:
+                raise InvalidArgumentError(f"{who}is the same session as sequence "
+                                           f"{seen.get(id(session), seen.get(id(session._cache)))}; a session can advance once per step")
+            seen[id(session)] = seen[id(session._cache)] = i
+            if mode not in LOGITS_MODES:
+                raise InvalidArgumentError(f"{who}logits must be one of {', '.join(LOGITS_MODES)}, got {mode!r}")
+            if hk is not None:
+                from .capture import check_hooks
+
+                check_hooks(self, hk)
+                if id(hk) in seen:
+                    raise InvalidArgumentError(f"{who}shares its hooks with sequence {seen[id(hk)]}; give each sequence "
+                                           f"its own Hooks (their records would mix)")
+                seen[id(hk)] = i
+            ids.append(session._checked_ids(toks, who))
+            core_hooks.append(hk._core_hooks() if hk is not None else None)
+        # Each session's lock, as feed takes it, in one global order so that two batches sharing
+        # sessions cannot deadlock; a session fed from another thread meanwhile waits or is waited for.
+        with contextlib.ExitStack() as held:
+            for session in sorted(sessions, key=id):
+                held.enter_context(session._lock)
+            for i, (session, toks) in enumerate(zip(sessions, ids)):
+                session._check_room(toks.size, f"forward_batch: sequence {i}: ")  # fed meanwhile?
+            self._apply_threads()
+            try:
+                out = self._core.forward_batch([s._cache for s in sessions], ids, modes, core_hooks)
+            except TokentrailError:
+                raise
+            except IndexError as e:
+                raise OutOfRangeError(f"forward_batch: {e}") from None
+            except ValueError as e:
+                raise InvalidArgumentError(f"forward_batch: {e}") from None
+            for session, toks in zip(sessions, ids):
+                session.tokens.extend(int(i) for i in toks)
+        return [None if mode == "none" else o for mode, o in zip(modes, out)]
+
     def hooks(self) -> Hooks:
         """A fresh set of capture requests and interventions for this model (tokentrail.capture.Hooks)."""
         from .capture import Hooks
 
         return Hooks(self)
 
-    def run_with_cache(self, prompt: str | Sequence[int], names: str | Iterable[str] = "*",
-                       positions: Iterable[int] | None = None,
-                       hooks: Hooks | None = None) -> tuple[np.ndarray, ActivationCache]:
+    def run_with_cache(self, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
+                       names: str | Iterable[str] = "*", positions: Iterable[int] | None = None,
+                       hooks: Hooks | Sequence[Hooks | None] | None = None
+                       ) -> tuple[np.ndarray, ActivationCache] | tuple[list[np.ndarray], list[ActivationCache]]:
         """Logits of every position and an ActivationCache of the named points (all by default).
 
         `names` are capture-point names, TransformerLens hook names or glob
@@ -227,8 +303,22 @@ class Model:
         prompt; negative ones count from the end (-1 = the last token). For
         long prompts, recording only what you will look at saves most of the
         memory. A position outside the prompt is an IndexError.
+
+        A list of prompts runs them together (each step of the core advancing
+        several) and gives a list of logits ([len(prompt), vocab] each) and a
+        list of caches, one per prompt, each exactly what the prompt alone
+        gives; negative positions count from each prompt's own end, and
+        `hooks`, when given, is a list with one Hooks (or None) per prompt.
         """
+        if generation.is_prompt_list(prompt):
+            return self._run_with_caches(list(prompt), names, positions, hooks)
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        hooks = self._capturing_hooks(ids, names, positions, hooks)
+        logits = self.forward(ids, all_positions=True, hooks=hooks)
+        return logits, hooks.cache
+
+    def _capturing_hooks(self, ids: list[int], names, positions, hooks: Hooks | None) -> Hooks:
+        """`hooks` (or fresh ones) asked to record `names` at `positions` of the prompt `ids`."""
         if positions is not None:
             positions = _prompt_positions(positions, len(ids))
         if hooks is None:
@@ -237,16 +327,43 @@ class Model:
             from .capture import check_hooks
 
             check_hooks(self, hooks)
-        hooks.capture(names, positions=positions)
-        logits = self.forward(ids, all_positions=True, hooks=hooks)
-        return logits, hooks.cache
+        return hooks.capture(names, positions=positions)
 
-    def journey(self, prompt: str | Sequence[int], temperature: float = 1.0, position: int = -1, top: int = 5,
-                seed: int | None = None) -> Journey:
-        """Follow the token at `position` of `prompt` through the model; see tokentrail.journey."""
+    def _run_with_caches(self, prompts: list, names, positions, hooks) -> tuple[list[np.ndarray], list[ActivationCache]]:
+        if hooks is None:
+            hooks = [None] * len(prompts)
+        elif not isinstance(hooks, (list, tuple)) or len(hooks) != len(prompts):
+            raise OptionError(f"hooks: with a list of {len(prompts)} prompts, give a list of as many Hooks "
+                              f"(or None), got {hooks!r:.60}")
+        elif len({id(h) for h in hooks if h is not None}) < sum(h is not None for h in hooks):
+            raise OptionError("hooks: each prompt needs its own Hooks, or their records would mix")
+        ids = [generation._prompt_ids(self, p, f"prompt {i}") for i, p in enumerate(prompts)]
+        for i, one in enumerate(ids):
+            generation._check_fits(self, one, f"prompt {i}")
+        try:
+            hooks = [self._capturing_hooks(one, names, positions, h) for one, h in zip(ids, hooks)]
+        except IndexError as e:
+            raise OutOfRangeError(f"{e} (positions apply to every prompt of the list)") from None
+        logits: list[np.ndarray] = [None] * len(prompts)
+        for step in generation.whole_prompt_steps([len(one) for one in ids]):
+            out = self.forward_batch([self.session() for _ in step], [ids[i] for i in step], logits="all",
+                                     hooks=[hooks[i] for i in step])
+            for i, row in zip(step, out):
+                logits[i] = row
+        return logits, [h.cache for h in hooks]
+
+    def journey(self, prompt: str | Sequence[int], *, position: int = -1, top: int = 5,
+                seed: int | None = None, sampling: SamplingConfig | None = None, **options: Any) -> Journey:
+        """Follow the token at `position` of `prompt` through the model; see tokentrail.journey.
+
+        `seed`, `sampling` and the sampling options (temperature, top_k,
+        top_p, ...) are generate's, with generate's defaults (the model's
+        generation_config.json): the journey's chosen token is the first
+        token generate returns with the same ones, drawn through the same chain.
+        """
         from .journey import Journey
 
-        return Journey(self, prompt, temperature=temperature, position=position, top=top, seed=seed)
+        return Journey(self, prompt, position=position, top=top, seed=seed, sampling=sampling, **options)
 
     # One signature, written once: generation.generate(model, ...) is the method generate(...).
     generate = generation.generate
@@ -310,30 +427,37 @@ class Session:
 
     def feed(self, ids: Sequence[int], all_logits: bool = False, hooks: Hooks | None = None) -> np.ndarray:
         """Run `ids` at the next positions; logits of the last one ([vocab]), or of all ([n, vocab])."""
-        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
-        if ids.ndim != 1 or ids.size == 0:
-            raise InvalidArgumentError("feed needs a non-empty 1-D sequence of token ids")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise InvalidArgumentError(f"token ids must be integers, got {ids.dtype}")
-        if self.pos + ids.size > self.limit:
-            raise ContextFullError.for_tokens(self.pos, ids.size, self.limit)
-        vocab = self.model.config.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
-            raise InvalidArgumentError(f"token id {bad} is outside the vocabulary (size {vocab})")
+        ids = self._checked_ids(ids)
         if hooks is not None:
             from .capture import check_hooks
 
             check_hooks(self.model, hooks)
         core_hooks = hooks._core_hooks() if hooks is not None else None
         with self._lock:
-            if self.pos + ids.size > self.limit:  # another thread may have fed meanwhile
-                raise ContextFullError.for_tokens(self.pos, ids.size, self.limit)
+            self._check_room(ids.size)  # another thread may have fed meanwhile
             self.model._apply_threads()
-            out = self.model._core.forward(self._cache, ids.astype(np.int32), "all" if all_logits else "last",
-                                           core_hooks)
+            out = self.model._core.forward(self._cache, ids, "all" if all_logits else "last", core_hooks)
             self.tokens.extend(int(i) for i in ids)
         return out
+
+    def _checked_ids(self, ids: Sequence[int], who: str = "") -> np.ndarray:
+        """`ids` as int32 for the core, after the checks that give clear errors (`who` prefixes them)."""
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+        if ids.ndim != 1 or ids.size == 0:
+            raise InvalidArgumentError(f"{who}feed needs a non-empty 1-D sequence of token ids")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InvalidArgumentError(f"{who}token ids must be integers, got {ids.dtype}")
+        self._check_room(ids.size, who)
+        vocab = self.model.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise InvalidArgumentError(f"{who}token id {bad} is outside the vocabulary (size {vocab})")
+        return ids.astype(np.int32)
+
+    def _check_room(self, new: int, who: str = "") -> None:
+        """A ContextFullError unless `new` more positions fit in the cache."""
+        if self.pos + new > self.limit:
+            raise ContextFullError(f"{who}{ContextFullError.for_tokens(self.pos, new, self.limit)}")
 
     def fork(self) -> "Session":
         """An independent copy of this session (the cache's filled part is copied, nothing recomputed)."""

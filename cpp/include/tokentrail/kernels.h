@@ -32,6 +32,14 @@ struct AttentionShape {
 // tokens: 175 vs 153 tok/s); at 32 the GEMV still wins for f16 and quantized rows.
 constexpr int GEMM_MIN_ROWS = 48;
 
+// Attention calls with less work than this (queries x heads x keys x head_dim) run on one
+// thread: spreading them would cost more than it saves. A batch of such calls (decode rows
+// of several sequences) spreads the calls over the threads instead.
+constexpr double ATTENTION_PARALLEL_WORK = 100000.0;
+inline double attention_work(int n, int n_heads, int ctx, int head_dim) {
+  return double(n) * n_heads * ctx * head_dim;
+}
+
 struct KernelTable {
   const char* name;
   // y[n][w.rows] = x[n][w.cols] . w^T (+ bias), for every weight type.

@@ -72,7 +72,9 @@ struct Weights {
 // attention reads per token; keys and values rounded to half precision).
 class KVCache {
  public:
-  KVCache(const Config& cfg, int limit, DType type = DType::F32);
+  // `owner` names the model whose keys and values this cache holds (forward refuses any other's).
+  KVCache(const Config& cfg, int limit, DType type = DType::F32, const void* owner = nullptr);
+  const void* owner() const { return owner_; }
   int length() const { return length_; }
   int capacity() const { return capacity_; }
   int limit() const { return limit_; }
@@ -93,6 +95,7 @@ class KVCache {
   void copy_layer(const std::vector<uint8_t>& from, int cap_from, std::vector<uint8_t>& to) const;
   int n_layers_, n_kv_, head_dim_, limit_, capacity_ = 0, length_ = 0;
   DType type_;
+  const void* owner_;
   // One buffer per layer and kind: growing replaces them one at a time, so a
   // resize holds the new cache plus a single old layer, not two whole caches.
   std::vector<std::vector<uint8_t>> k_, v_;
@@ -152,12 +155,28 @@ class Hooks {
 
 enum class LogitsMode { None, Last, All };
 
+// One sequence's part of a step: tokens to run at the next positions of its own
+// cache, with its own hooks (or none) and its own choice of logits.
+struct SequenceStep {
+  KVCache* cache = nullptr;
+  const int* tokens = nullptr;
+  int n = 0;
+  LogitsMode mode = LogitsMode::Last;
+  Hooks* hooks = nullptr;
+  std::vector<float>* logits = nullptr;  // receives [1 or n][vocab] per mode (empty for None)
+};
+
 class Model {
  public:
   Model(Config cfg, Weights w) : cfg_(std::move(cfg)), w_(std::move(w)) {}
   const Config& config() const { return cfg_; }
-  // Runs tokens at the cache's next positions, appends their keys and values,
-  // and writes logits ([1 or n][vocab], per mode) into `logits`.
+  // Advances every sequence of the batch by its tokens: the rows of all of them
+  // go through each weight matrix together (each weight is read once per step),
+  // while rotary positions, the cache store and attention run per sequence.
+  // Every argument is checked before any cache changes.
+  void forward(const SequenceStep* batch, int count) const;
+  // The batch of one: runs tokens at the cache's next positions, appends their
+  // keys and values, and writes logits ([1 or n][vocab], per mode) into `logits`.
   void forward(KVCache& cache, const int* tokens, int n, LogitsMode mode, Hooks* hooks,
                std::vector<float>& logits) const;
 

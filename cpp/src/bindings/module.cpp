@@ -225,31 +225,19 @@ std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd
   return h;
 }
 
-// A KV cache as Python holds it: the shape it was made for, so that forward refuses a cache of
-// another model, and a busy flag, so that two threads never run through one cache at once
-// (the forward pass releases the GIL).
-struct BoundCache : KVCache {
-  BoundCache(const Config& c, int limit, DType t)
-      : KVCache(c, limit, t), n_layers(c.n_layers), n_kv(c.n_kv_heads), head_dim(c.head_dim) {}
-  int n_layers, n_kv, head_dim;
+// A KV cache as Python holds it: the core's cache (which records the model it was made for, so
+// that forward refuses another model's) plus a busy flag, so that two threads never run through
+// one cache at once (the forward pass releases the GIL).
+struct GuardedCache : KVCache {
+  GuardedCache(const Config& c, int limit, DType t, const void* owner) : KVCache(c, limit, t, owner) {}
+  explicit GuardedCache(KVCache&& from) : KVCache(std::move(from)) {}
   std::atomic<bool> busy{false};
-
-  bool fits(const Config& c) const { return c.n_layers == n_layers && c.n_kv_heads == n_kv && c.head_dim == head_dim; }
-  std::unique_ptr<BoundCache> copy() const {
-    Config c;
-    c.n_layers = n_layers;
-    c.n_kv_heads = n_kv;
-    c.head_dim = head_dim;
-    auto out = std::make_unique<BoundCache>(c, limit(), type());
-    static_cast<KVCache&>(*out) = std::move(*clone());
-    return out;
-  }
 };
 
 // Marks a cache busy for one call; a second thread arriving meanwhile gets an error, not a race.
 class CacheInUse {
  public:
-  explicit CacheInUse(BoundCache& c) : c_(c) {
+  explicit CacheInUse(GuardedCache& c) : c_(c) {
     if (c_.busy.exchange(true)) {
       // tokentrail.errors.ConcurrentUseError (a RuntimeError); the GIL is held here.
       static py::object* error = new py::object(py::module_::import("tokentrail.errors").attr("ConcurrentUseError"));
@@ -262,13 +250,27 @@ class CacheInUse {
   CacheInUse& operator=(const CacheInUse&) = delete;
 
  private:
-  BoundCache& c_;
+  GuardedCache& c_;
 };
 
 py::array_t<float> to_numpy(std::vector<float>&& v, std::vector<int64_t> shape) {
   auto* heap = new std::vector<float>(std::move(v));
   py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<float>*>(p); });
   return py::array_t<float>(shape, heap->data(), owner);
+}
+
+LogitsMode logits_mode(const std::string& mode) {
+  if (mode == "all") return LogitsMode::All;
+  if (mode == "last") return LogitsMode::Last;
+  if (mode == "none") return LogitsMode::None;
+  throw py::value_error("logits mode must be all, last or none, not '" + mode + "'");
+}
+
+// A forward call's logits as numpy: [n, vocab] for all positions, [vocab] for the last, [0] for none.
+py::array_t<float> logits_array(std::vector<float>&& logits, LogitsMode mode, int n, int vocab) {
+  if (mode == LogitsMode::All) return to_numpy(std::move(logits), {n, vocab});
+  if (mode == LogitsMode::Last) return to_numpy(std::move(logits), {vocab});
+  return to_numpy(std::move(logits), {0});
 }
 
 const float* f32_ptr(const py::array_t<float, py::array::c_style | py::array::forcecast>& a) { return a.data(); }
@@ -477,41 +479,79 @@ PYBIND11_MODULE(_core, m) {
   py::class_<ModelHandle>(m, "Model")
       .def(py::init(&make_model), py::arg("config"), py::arg("weights"))
       .def_property_readonly("n_layers", [](const ModelHandle& h) { return h.model->config().n_layers; })
-      .def("forward", [](const ModelHandle& h, BoundCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
+      .def("forward", [](const ModelHandle& h, GuardedCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
                          const std::string& mode, Hooks* hooks) {
-        if (!cache.fits(h.model->config())) throw py::value_error("this KV cache was made for another model");
+        const LogitsMode lm = logits_mode(mode);
         CacheInUse in_use(cache);
-        LogitsMode lm = mode == "all" ? LogitsMode::All : mode == "last" ? LogitsMode::Last : LogitsMode::None;
-        if (mode != "all" && mode != "last" && mode != "none") throw py::value_error("logits mode must be all, last or none");
-        if (hooks && hooks->n_layers() != h.model->config().n_layers) throw py::value_error("hooks were made for another model");
         const int n = int(tokens.size());
         std::vector<float> logits;
         {
           py::gil_scoped_release nogil;
           h.model->forward(cache, tokens.data(), n, lm, hooks, logits);
         }
-        const int vocab = h.model->config().vocab;
-        if (lm == LogitsMode::All) return to_numpy(std::move(logits), {n, vocab});
-        if (lm == LogitsMode::Last) return to_numpy(std::move(logits), {vocab});
-        return to_numpy(std::move(logits), {0});
-      }, py::arg("cache"), py::arg("tokens"), py::arg("logits") = "last", py::arg("hooks") = nullptr);
+        return logits_array(std::move(logits), lm, n, h.model->config().vocab);
+      }, py::arg("cache"), py::arg("tokens"), py::arg("logits") = "last", py::arg("hooks") = nullptr)
+      .def("forward_batch", [](const ModelHandle& h, const py::sequence& caches, const py::sequence& tokens,
+                               const py::sequence& modes, const py::sequence& hooks) {
+        // One step of several sequences: caches[i] runs tokens[i], logits per modes[i], with hooks[i] (or None).
+        const size_t count = caches.size();
+        if (count == 0) throw py::value_error("forward_batch needs at least one sequence");
+        if (tokens.size() != count || modes.size() != count || hooks.size() != count)
+          throw py::value_error("forward_batch needs one token array, logits mode and hooks entry (or None) per cache");
+        using IntArray = py::array_t<int, py::array::c_style | py::array::forcecast>;
+        std::vector<IntArray> ids(count);
+        std::vector<std::vector<float>> logits(count);
+        std::vector<SequenceStep> batch(count);
+        for (size_t i = 0; i < count; ++i) {
+          const std::string who = "sequence " + std::to_string(i) + ": ";
+          if (!py::isinstance<GuardedCache>(caches[i])) throw py::type_error(who + "expected a KVCache");
+          if (!hooks[i].is_none() && !py::isinstance<Hooks>(hooks[i]))
+            throw py::type_error(who + "hooks must be Hooks or None");
+          ids[i] = IntArray::ensure(tokens[i]);
+          if (!ids[i] || ids[i].ndim() != 1) throw py::value_error(who + "tokens must be a 1-D array of token ids");
+          batch[i].cache = caches[i].cast<GuardedCache*>();
+          for (size_t j = 0; j < i; ++j)
+            if (batch[j].cache == batch[i].cache)
+              throw py::value_error(who + "uses the same KV cache as sequence " + std::to_string(j));
+          batch[i].tokens = ids[i].data();
+          batch[i].n = int(ids[i].size());
+          batch[i].mode = logits_mode(modes[i].cast<std::string>());
+          batch[i].hooks = hooks[i].is_none() ? nullptr : hooks[i].cast<Hooks*>();
+          batch[i].logits = &logits[i];
+        }
+        // Every cache is held for the whole step; a cache busy in another thread refuses the batch
+        // (the guards taken so far are released as the error unwinds).
+        std::vector<std::unique_ptr<CacheInUse>> in_use;
+        in_use.reserve(count);
+        for (size_t i = 0; i < count; ++i)
+          in_use.push_back(std::make_unique<CacheInUse>(*static_cast<GuardedCache*>(batch[i].cache)));
+        {
+          py::gil_scoped_release nogil;
+          h.model->forward(batch.data(), int(count));
+        }
+        py::list out;
+        for (size_t i = 0; i < count; ++i)
+          out.append(logits_array(std::move(logits[i]), batch[i].mode, batch[i].n, h.model->config().vocab));
+        return out;
+      }, py::arg("caches"), py::arg("tokens"), py::arg("logits"), py::arg("hooks"),
+         "Advance several sequences in one step; returns each one's logits as its mode asks.");
 
-  py::class_<BoundCache>(m, "KVCache")
+  py::class_<GuardedCache>(m, "KVCache")
       .def(py::init([](const ModelHandle& h, int limit, const std::string& dtype) {
-             return std::make_unique<BoundCache>(h.model->config(), limit, dtype_from_name(dtype));
+             return std::make_unique<GuardedCache>(h.model->config(), limit, dtype_from_name(dtype), h.model.get());
            }),
            py::arg("model"), py::arg("limit"), py::arg("dtype") = "f32")
-      .def_property_readonly("dtype", [](const BoundCache& c) { return std::string(dtype_name(c.type())); })
-      .def_property_readonly("length", [](const BoundCache& c) { return c.length(); })
-      .def_property_readonly("capacity", [](const BoundCache& c) { return c.capacity(); })
-      .def_property_readonly("limit", [](const BoundCache& c) { return c.limit(); })
-      .def("truncate", [](BoundCache& c, int positions) {
+      .def_property_readonly("dtype", [](const GuardedCache& c) { return std::string(dtype_name(c.type())); })
+      .def_property_readonly("length", [](const GuardedCache& c) { return c.length(); })
+      .def_property_readonly("capacity", [](const GuardedCache& c) { return c.capacity(); })
+      .def_property_readonly("limit", [](const GuardedCache& c) { return c.limit(); })
+      .def("truncate", [](GuardedCache& c, int positions) {
         CacheInUse in_use(c);
         c.truncate(positions);
       }, py::arg("positions"))
-      .def("clone", [](BoundCache& c) {
+      .def("clone", [](GuardedCache& c) {
         CacheInUse in_use(c);
-        return c.copy();
+        return std::make_unique<GuardedCache>(std::move(*c.clone()));
       });
 
   py::class_<Hooks>(m, "Hooks")

@@ -440,7 +440,7 @@ static void attention_typed(const float* q, const T* k, const T* v, const Attent
   const int group = n_heads / a.n_kv;
   const size_t qstride = size_t(n_heads) * head_dim;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-#pragma omp parallel if (double(n) * n_heads * ctx * head_dim > 100000.0)
+#pragma omp parallel if (attention_work(n, n_heads, ctx, head_dim) > ATTENTION_PARALLEL_WORK)
   {
     std::vector<float> s(ctx);
 #pragma omp for collapse(2) schedule(static, 1)  // round robin: causal rows grow with i

@@ -320,6 +320,8 @@ class Family:
     gguf_rope_layout: str = "half"
     # GGUF stores gate and up as one ffn_up of twice the rows (Phi-3).
     gguf_fused_gate_up: bool = False
+    # GGUF stores q, k and v as one attn_qkv (what llama.cpp reads for GPT-2, GPT-NeoX, Phi-3).
+    gguf_fused_qkv: bool = False
     summary: str = ""
 
 
@@ -541,14 +543,14 @@ FAMILIES: tuple[Family, ...] = (
     Family("phi3", ("Phi3ForCausalLM",), _phi3_config, _llama_names(), "phi3",
            hf_fused=(Fused("model.layers.{l}.self_attn.qkv_proj.weight", _QKV, _qkv_sizes),
                      Fused("model.layers.{l}.mlp.gate_up_proj.weight", ("mlp.gate", "mlp.up"), _gate_up_sizes)),
-           gguf_fused_gate_up=True,
+           gguf_fused_gate_up=True, gguf_fused_qkv=True,
            summary="Phi-3, Phi-3.5, Phi-4-mini (fused projections, partial rotary, longrope)"),
     Family("gptneox", ("GPTNeoXForCausalLM",), _neox_config, _NEOX_NAMES, "gptneox",
            hf_fused=(Fused("gpt_neox.layers.{l}.attention.query_key_value.weight", _QKV, _qkv_sizes, "heads"),
                      Fused("gpt_neox.layers.{l}.attention.query_key_value.bias", _QKV, _qkv_sizes, "heads")),
            hf_skip=("gpt_neox.layers.{l}.attention.rotary_emb.inv_freq", "gpt_neox.layers.{l}.attention.bias",
                     "gpt_neox.layers.{l}.attention.masked_bias"),
-           gguf_fixed=lambda c: {"activation": "gelu_erf", "gated_mlp": False},
+           gguf_fixed=lambda c: {"activation": "gelu_erf", "gated_mlp": False}, gguf_fused_qkv=True,
            summary="GPT-NeoX, Pythia (parallel residual, partial rotary, LayerNorm)"),
     Family("olmo2", ("Olmo2ForCausalLM",), _olmo2_config, _llama_names(post_norms_only=True), "olmo2",
            summary="OLMo 2 (norms after attention and MLP, q/k RMSNorm over the projection)"),
@@ -557,7 +559,7 @@ FAMILIES: tuple[Family, ...] = (
                      Fused("transformer.h.{l}.attn.c_attn.bias", _QKV, _qkv_sizes)),
            hf_skip=("transformer.h.{l}.attn.bias", "transformer.h.{l}.attn.masked_bias"),
            gguf_fixed=lambda c: {"activation": "gelu_tanh", "norm": "layer", "position": "learned",
-                                 "gated_mlp": False},
+                                 "gated_mlp": False}, gguf_fused_qkv=True,
            summary="GPT-2 (learned positions, LayerNorm, biases)"),
 )
 

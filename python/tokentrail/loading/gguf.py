@@ -57,14 +57,35 @@ OTHER_GGML_TYPES = {3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: 
 FLOAT_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 FLOAT_NUMPY = {"f32": "<f4", "f16": "<f2", "bf16": "<u2"}
 
-# Pre-tokenizer split patterns of byte-level BPE vocabularies, by tokenizer.ggml.pre.
+# Pre-tokenizers of byte-level BPE vocabularies, by tokenizer.ggml.pre: the regexes that split the
+# text in turn (each piece is split again by the next), whether ByteLevel then applies GPT-2's own
+# split, and whether a piece the vocabulary holds whole skips the merges (Llama 3's ignore_merges).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_PATTERNS = {"default": GPT2_PATTERN, "gpt-2": GPT2_PATTERN, "gpt2": GPT2_PATTERN,
-                "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
+QWEN35_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}|"
+                  r" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    splits: tuple[str, ...]
+    byte_level_split: bool
+    ignore_merges: bool = False
+
+
+_GPT2 = PreTokenizer((), True)
+_DIGITS_THEN_GPT2 = PreTokenizer((r"\p{N}",), True)
+PRE_TOKENIZERS = {
+    **dict.fromkeys(("default", "gpt-2", "gpt2", "phi-2", "mpt", "olmo"), _GPT2),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3"), PreTokenizer((LLAMA3_PATTERN,), False, True)),
+    "dbrx": PreTokenizer((LLAMA3_PATTERN,), False),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2"), PreTokenizer((QWEN2_PATTERN,), False)),
+    "qwen35": PreTokenizer((QWEN35_PATTERN,), False),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"), _DIGITS_THEN_GPT2),
+}
 
 # GGUF token types (tokenizer.ggml.token_type) as SentencePiece kinds.
 TOKEN_KINDS = {1: NORMAL, 2: UNKNOWN, 3: CONTROL, 4: USER_DEFINED, 5: UNUSED, 6: BYTE}
@@ -338,7 +359,6 @@ def check_tokenizer_metadata(f: GGUFFile) -> None:
 def _config_fields(f: GGUFFile, r: FieldReader, family) -> dict:
     """ModelConfig fields from the architecture's metadata keys, the tensors present, and what
     llama.cpp assumes of the architecture (family.gguf_fixed)."""
-    arch = family.gguf_arch if f.metadata.get("general.architecture") != "mistral" else "mistral"
     if "token_embd.weight" not in f.tensors:
         raise f.error("the token embedding is missing", "token_embd.weight")
     embed_shape = f.tensors["token_embd.weight"].shape
@@ -540,6 +560,19 @@ def _check_shapes(f: GGUFFile, config: ModelConfig, weights: dict[str, Weight]) 
 # Tokenizer
 # --------------------------------------------------------------------------
 
+def read_gguf_tokenizer(path) -> Tokenizer | None:
+    """Only the tokenizer of a GGUF file (vocabulary-only files have no tensors)."""
+    f = GGUFFile(path)
+    tokens = f.metadata.get("tokenizer.ggml.tokens")
+    n = len(tokens) if isinstance(tokens, list) else 0
+    bos = f.metadata.get("tokenizer.ggml.bos_token_id")
+    eos = f.metadata.get("tokenizer.ggml.eos_token_id")
+    config = ModelConfig(vocab_size=max(n, 1), hidden_size=1, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2,
+                         ffn_size=1, max_seq_len=1, bos_token_id=bos if _is_int(bos) and 0 <= bos < n else None,
+                         eos_token_ids=[eos] if _is_int(eos) and 0 <= eos < n else [])
+    return _tokenizer(f, max(n, 1), config)
+
+
 def _tokenizer(f: GGUFFile, n_vocab: int, config: ModelConfig) -> Tokenizer | None:
     meta = f.metadata
     model = meta.get("tokenizer.ggml.model")
@@ -597,23 +630,22 @@ def _byte_level_bpe(f: GGUFFile, tokens: list[str], types: np.ndarray) -> tokeni
                           "tokenizer.ggml.merges")
         merges.append((pair[0], pair[1]))
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_PATTERNS:
-        raise f.error(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_PATTERNS)})",
+    if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
+        raise f.error(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(sorted(PRE_TOKENIZERS))})",
                       "tokenizer.ggml.pre")
+    recipe = PRE_TOKENIZERS[pre]
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         # A repeated text cannot have two ids in a BPE vocabulary; see sentencepiece_bpe.
         vocab[t if t not in vocab else f"<unused_{i}>"] = i
     try:
-        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                              ignore_merges=recipe.ignore_merges))
     except Exception as e:  # the library reports merges of unknown tokens this way
         raise f.error(f"tokenizer cannot be built: {e}", "tokenizer.ggml.merges") from None
-    if PRE_PATTERNS[pre] == GPT2_PATTERN:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRE_PATTERNS[pre]), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    steps = [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in recipe.splits]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=recipe.byte_level_split))
+    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     inv = {i: t for t, i in vocab.items()}
     specials = [AddedToken(inv[i], special=True, normalized=False)

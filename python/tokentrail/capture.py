@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
-from .errors import OptionError
+from .errors import InvalidArgumentError, OptionError, OutOfRangeError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -85,13 +85,13 @@ def parse_name(name: str, n_layers: int) -> tuple[str, int | None, bool]:
 def _checked(short: str, layer: int | None, n_layers: int, original: str) -> tuple[str, int | None]:
     point = POINTS.get(short)
     if point is None:
-        raise KeyError(f"unknown capture point {original!r}; points are {sorted(POINTS)} "
+        raise UnknownNameError(f"unknown capture point {original!r}; points are {sorted(POINTS)} "
                        f"(per layer as 'blocks.L.NAME') or TransformerLens hook names")
     if point.per_layer != (layer is not None):
-        raise KeyError(f"capture point {original!r}: {short!r} is "
+        raise UnknownNameError(f"capture point {original!r}: {short!r} is "
                        + ("per layer, name it 'blocks.L." + short + "'" if point.per_layer else "not per layer"))
     if layer is not None and not 0 <= layer < n_layers:
-        raise KeyError(f"capture point {original!r}: layer {layer} outside 0..{n_layers - 1}")
+        raise UnknownNameError(f"capture point {original!r}: layer {layer} outside 0..{n_layers - 1}")
     return short, layer
 
 
@@ -115,7 +115,7 @@ def expand(patterns: str | Iterable[str], n_layers: int) -> list[str]:
         if any(c in pat for c in "*?["):
             hit = [n for n in names if fnmatch.fnmatchcase(n, pat)]
             if not hit:
-                raise KeyError(f"pattern {pat!r} matches no capture point")
+                raise UnknownNameError(f"pattern {pat!r} matches no capture point")
         else:
             short, layer, _ = parse_name(pat, n_layers)
             hit = [full_name(short, layer)]
@@ -171,7 +171,7 @@ class ActivationCache(Mapping):
     def __getitem__(self, key: str) -> np.ndarray:
         name, alias = self._resolve(key)
         if name not in self._data:
-            raise KeyError(f"{key!r} was not captured; captured: {sorted(self._data)}")
+            raise UnknownNameError(f"{key!r} was not captured; captured: {sorted(self._data)}")
         arr = self._data[name]
         if alias and name.rsplit(".", 1)[-1] in ATTENTION_TABLES:
             return arr.transpose(1, 0, 2)
@@ -181,7 +181,7 @@ class ActivationCache(Mapping):
         """The absolute position of each row recorded under `key`."""
         name = self._resolve(key)[0]
         if name not in self._positions:
-            raise KeyError(f"{key!r} was not captured; captured: {sorted(self._data)}")
+            raise UnknownNameError(f"{key!r} was not captured; captured: {sorted(self._data)}")
         return self._positions[name]
 
     def __iter__(self):
@@ -251,7 +251,7 @@ class Hooks:
             positions = [positions] if isinstance(positions, (int, np.integer)) else list(positions)
             bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 0]
             if bad:
-                raise IndexError(f"positions: {bad[0]!r} is not an absolute position (an integer >= 0); "
+                raise OutOfRangeError(f"positions: {bad[0]!r} is not an absolute position (an integer >= 0); "
                                  f"model.run_with_cache(..., positions=[-1]) counts from the prompt's end")
         for name in expand(names, self.n_layers):
             site, _, _ = self._site(name)
@@ -275,7 +275,7 @@ class Hooks:
         site, _, _ = self._site(name)
         current = site["head_scale"] or [1.0] * self.model.config.n_heads
         if not 0 <= head < len(current):
-            raise IndexError(f"head {head} outside 0..{len(current) - 1}")
+            raise OutOfRangeError(f"head {head} outside 0..{len(current) - 1}")
         current = list(current)
         current[head] = float(factor)
         return self.scale_heads(name, current)
@@ -286,7 +286,7 @@ class Hooks:
         v = np.asarray(vector, np.float32).ravel()
         width = self._width(short)
         if v.size != width:
-            raise ValueError(f"vector for {name!r} has {v.size} values, expected {width}")
+            raise InvalidArgumentError(f"vector for {name!r} has {v.size} values, expected {width}")
         site["add"] = v.tolist()
         self._push(name)
         return self
@@ -295,12 +295,12 @@ class Hooks:
         """Replace the activation at given absolute positions (activation patching)."""
         site, short, _ = self._site(name)
         if short in ATTENTION_TABLES:
-            raise ValueError(f"{name!r}: attention tables can be captured; change attention through q, k, v or attn_z")
+            raise InvalidArgumentError(f"{name!r}: attention tables can be captured; change attention through q, k, v or attn_z")
         width = self._width(short)
         for pos, row in values.items():
             r = np.asarray(row, np.float32).ravel()
             if r.size != width:
-                raise ValueError(f"replacement for {name!r} at position {pos} has {r.size} values, expected {width}")
+                raise InvalidArgumentError(f"replacement for {name!r} at position {pos} has {r.size} values, expected {width}")
             site["replace"][int(pos)] = r.tolist()
         self._push(name)
         return self
@@ -345,7 +345,7 @@ class Hooks:
             return c.n_heads
         if short in ("k", "v"):
             return c.n_kv_heads
-        raise ValueError(f"{short!r} is not split into heads; head scaling applies to q, k, v and attn_z")
+        raise InvalidArgumentError(f"{short!r} is not split into heads; head scaling applies to q, k, v and attn_z")
 
     def _width(self, short: str) -> int:
         c = self.model.config

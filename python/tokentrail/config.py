@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from .errors import InvalidArgumentError
 
 NORMS = ("rms", "layer")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu_erf", "relu")
@@ -72,7 +73,7 @@ class ModelConfig:
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ValueError(f"invalid model config: {msg}")
+                raise InvalidArgumentError(f"invalid model config: {msg}")
 
         for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads",
                      "head_dim", "ffn_size", "max_seq_len"):

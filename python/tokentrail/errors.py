@@ -1,4 +1,19 @@
-"""Exceptions that name what went wrong and where."""
+"""Exceptions that name what went wrong and where.
+
+Every error tokentrail raises on purpose is a `TokentrailError`:
+
+    TokentrailError
+    ├── CheckpointError        a file is missing, malformed, hostile or inconsistent (also a ValueError)
+    ├── ContextFullError       no room left in the KV cache or the model's context (also a ValueError)
+    ├── InvalidArgumentError   a bad argument to a public function or method (also a ValueError)
+    │   ├── OptionError        an unknown option or a value of the wrong kind (also a TypeError)
+    │   ├── OutOfRangeError    a position, layer or head outside its range (also an IndexError)
+    │   └── UnknownNameError   a capture point or record that does not exist (also a KeyError)
+    └── ConcurrentUseError     one Session fed from two threads at once (also a RuntimeError)
+
+Each also derives from the built-in exception code written before the hierarchy
+caught, so `except ValueError` keeps working.
+"""
 from __future__ import annotations
 
 import difflib
@@ -36,12 +51,31 @@ class ContextFullError(TokentrailError, ValueError):
         return cls(f"context is full: {cached} positions cached + {new} new{label} exceed the limit of {limit}")
 
 
-class OptionError(TokentrailError, TypeError, ValueError):
+class InvalidArgumentError(TokentrailError, ValueError):
+    """A value passed to a public function or method is outside what it accepts."""
+
+
+class OptionError(InvalidArgumentError, TypeError):
     """An option that does not exist, or a value of the wrong kind (e.g. hooks='x').
 
     A TypeError as Python's own unknown-keyword error is, and a ValueError as
     tokentrail's other argument errors are, so either `except` catches it.
     """
+
+
+class OutOfRangeError(InvalidArgumentError, IndexError):
+    """A position, layer or head index outside the range that exists."""
+
+
+class UnknownNameError(InvalidArgumentError, KeyError):
+    """A name (capture point, cached record) that does not exist."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class ConcurrentUseError(TokentrailError, RuntimeError):
+    """A Session is already running a forward pass in another thread."""
 
 
 # Names people bring from llama.cpp, OpenAI's API and elsewhere, and what they are called here.

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ContextFullError, OptionError, unknown_options
+from .errors import ContextFullError, InvalidArgumentError, OptionError, unknown_options
 from .progress import ProgressOption, Task, check_progress
 from .generation_config import SAMPLING_FIELDS, TRANSFORMERS_SAMPLING_TOP_K, GenerationDefaults
 from .sampling import SAMPLING_OPTIONS, Processor, SamplingConfig, Sampler, Temperature, log_softmax
@@ -114,7 +114,7 @@ class Generation:
 
 def _count(name: str, value: Any, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < lo:
-        raise ValueError(f"{name}: must be an integer >= {lo}, got {value!r}")
+        raise InvalidArgumentError(f"{name}: must be an integer >= {lo}, got {value!r}")
     return int(value)
 
 
@@ -132,19 +132,19 @@ def _check_fits(model, ids: Sequence[int], name: str = "prompt") -> None:
 def _prompt_ids(model, prompt, name: str = "prompt") -> list[int]:
     if isinstance(prompt, str):
         if model.tokenizer is None:
-            raise ValueError(f"{name}: this model has no tokenizer; pass token ids")
+            raise InvalidArgumentError(f"{name}: this model has no tokenizer; pass token ids")
         ids = model.tokenizer.encode(prompt)
     else:
         try:
             ids = [int(i) for i in np.asarray(list(prompt)).reshape(-1)] if len(prompt) else []
         except (TypeError, ValueError):
-            raise ValueError(f"{name}: must be text or a sequence of token ids, got {prompt!r}") from None
+            raise InvalidArgumentError(f"{name}: must be text or a sequence of token ids, got {prompt!r}") from None
     if not ids:
-        raise ValueError(f"{name}: is empty (no tokens to condition on)")
+        raise InvalidArgumentError(f"{name}: is empty (no tokens to condition on)")
     vocab = model.config.vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
-        raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary (size {vocab})")
+        raise InvalidArgumentError(f"{name}: token id {bad[0]} is outside the vocabulary (size {vocab})")
     return ids
 
 
@@ -287,7 +287,7 @@ def _sampling_config(model, options: dict[str, Any], sampling: SamplingConfig | 
     base = {f.name: getattr(sampling, f.name) for f in fields(SamplingConfig)} if sampling is not None else {}
     do_sample = given.get("do_sample")
     if do_sample is not None and not isinstance(do_sample, (bool, np.bool_)):
-        raise ValueError(f"do_sample: must be True or False, got {do_sample!r}")
+        raise InvalidArgumentError(f"do_sample: must be True or False, got {do_sample!r}")
     temperature = given.get("temperature")
     if temperature is not None:
         Temperature(temperature)  # validates
@@ -299,9 +299,9 @@ def _sampling_config(model, options: dict[str, Any], sampling: SamplingConfig | 
         else:
             do_sample = bool(file.do_sample)
     elif do_sample and temperature is not None and temperature == 0:
-        raise ValueError("temperature: do_sample=True needs a temperature above 0 (0 means greedy)")
+        raise InvalidArgumentError("temperature: do_sample=True needs a temperature above 0 (0 means greedy)")
     elif not do_sample and temperature is not None and temperature > 0:
-        raise ValueError(f"temperature: {temperature} acts only when sampling, and do_sample=False asks for "
+        raise InvalidArgumentError(f"temperature: {temperature} acts only when sampling, and do_sample=False asks for "
                          f"greedy decoding; leave one of them out")
     values = dict(base)
     for name in _FROM_FILE:
@@ -332,7 +332,7 @@ def _sampling_config(model, options: dict[str, Any], sampling: SamplingConfig | 
         if float(config.dynatemp_range) > 0.0:
             idle.append("dynatemp_range")
         if idle:
-            raise ValueError(f"{idle[0]}: acts only when sampling, and decoding is greedy here "
+            raise InvalidArgumentError(f"{idle[0]}: acts only when sampling, and decoding is greedy here "
                              f"({'do_sample=False' if given.get('do_sample') is False else 'the default'}); "
                              f"pass a temperature above 0 or do_sample=True")
     return config, do_sample
@@ -368,13 +368,13 @@ def make_sampler(model, options: Mapping[str, Any] | None = None, sampling: Samp
 
 def _new_tokens(model, prompt_len: int, max_new_tokens, max_length) -> int:
     if max_new_tokens is not None and max_length is not None:
-        raise ValueError("max_length: give max_new_tokens or max_length (prompt included), not both")
+        raise InvalidArgumentError("max_length: give max_new_tokens or max_length (prompt included), not both")
     if max_new_tokens is not None:
         return _count("max_new_tokens", max_new_tokens, 0)
     if max_length is not None:
         total = _count("max_length", max_length, 1)
         if total < prompt_len:
-            raise ValueError(f"max_length: {total} is shorter than the prompt ({prompt_len} tokens); "
+            raise InvalidArgumentError(f"max_length: {total} is shorter than the prompt ({prompt_len} tokens); "
                              f"it counts the prompt's tokens too (or use max_new_tokens)")
         return total - prompt_len
     file = getattr(model, "generation_defaults", None) or GenerationDefaults()
@@ -530,9 +530,9 @@ def _generate_batch(model, prompts: list, o: dict[str, Any]) -> list:
         if isinstance(per_prompt, Mapping) or not isinstance(per_prompt, Sequence):
             raise OptionError(f"per_prompt: must be a list with one dict of options per prompt, got {per_prompt!r:.60}")
         if len(per_prompt) != len(prompts):
-            raise ValueError(f"per_prompt: has {len(per_prompt)} dicts of options for {len(prompts)} prompts")
+            raise InvalidArgumentError(f"per_prompt: has {len(per_prompt)} dicts of options for {len(prompts)} prompts")
     if o["stream"]:
-        raise ValueError("stream: a list of prompts is generated together and returned at the end; "
+        raise InvalidArgumentError("stream: a list of prompts is generated together and returned at the end; "
                          "stream one prompt at a time")
     plans = []
     for i, prompt in enumerate(prompts):
@@ -589,9 +589,9 @@ def _prepare(model, prompt, o: dict[str, Any]) -> _Plan:
     stops = [o["stop"]] if isinstance(o["stop"], str) else list(o["stop"])
     for s in stops:
         if not isinstance(s, str) or not s:
-            raise ValueError(f"stop: stop strings must be non-empty strings, got {s!r}")
+            raise InvalidArgumentError(f"stop: stop strings must be non-empty strings, got {s!r}")
     if stops and model.tokenizer is None:
-        raise ValueError("stop: stop strings need a tokenizer; this model has none")
+        raise InvalidArgumentError("stop: stop strings need a tokenizer; this model has none")
     _check_hooks(model, o["hooks"])
     if o["pad_token_id"] is not None:
         _count("pad_token_id", o["pad_token_id"], 0)
@@ -612,10 +612,10 @@ def _prepare(model, prompt, o: dict[str, Any]) -> _Plan:
         return _Plan(prompt_ids, [], n_return, beams)
     if n_return > 1:
         if not do_sample:
-            raise ValueError("num_return_sequences: greedy decoding gives one sequence; sample "
+            raise InvalidArgumentError("num_return_sequences: greedy decoding gives one sequence; sample "
                              "(do_sample=True or temperature > 0) or use num_beams")
         if o["stream"]:
-            raise ValueError("num_return_sequences: streaming gives one sequence at a time")
+            raise InvalidArgumentError("num_return_sequences: streaming gives one sequence at a time")
     seeds = [o["seed"]] if n_return == 1 else _seeds(o["seed"], n_return)
     runs = [_Run(model, prompt_ids, max_new_tokens, Sampler(config.build(), seed=seed), stops, eos, o["logprobs"],
                  top_n, o["hooks"]) for seed in seeds]
@@ -633,17 +633,17 @@ def _beams(model, prompt_ids, config: SamplingConfig, do_sample: bool, num_beams
     """num_beams > 1: checks the options, and returns the beam search that gives the best `n_return`
     hypotheses as Generations, to be called when its turn comes."""
     if do_sample:
-        raise ValueError("num_beams: beam search here is deterministic; do not combine it with sampling "
+        raise InvalidArgumentError("num_beams: beam search here is deterministic; do not combine it with sampling "
                          "(do_sample=False or temperature=0)")
     stages = [n for n in config.build().names if n != "temperature"]
     if stages:
-        raise ValueError(f"num_beams: beam search ranks the model's own log-probabilities; it does not apply "
+        raise InvalidArgumentError(f"num_beams: beam search ranks the model's own log-probabilities; it does not apply "
                          f"{', '.join(stages)}")
     for name in ("stream", "logprobs", "hooks"):
         if o[name]:
-            raise ValueError(f"{name}: not available with beam search (num_beams > 1)")
+            raise InvalidArgumentError(f"{name}: not available with beam search (num_beams > 1)")
     if o["stop"] or o["top_n"]:
-        raise ValueError(f"{'stop' if o['stop'] else 'top_n'}: not available with beam search (num_beams > 1)")
+        raise InvalidArgumentError(f"{'stop' if o['stop'] else 'top_n'}: not available with beam search (num_beams > 1)")
     early = o["early_stopping"] if o["early_stopping"] is not None else \
         (file.early_stopping if file.early_stopping is not None else False)
     lp = o["length_penalty"] if o["length_penalty"] is not None else \
@@ -898,12 +898,12 @@ def beam_search(model, prompt_ids, num_beams: int = 4, length_penalty: float = 1
     max_new_tokens = _count("max_new_tokens", max_new_tokens, 1)
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
             or not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty: must be a finite number, got {length_penalty!r}")
+        raise InvalidArgumentError(f"length_penalty: must be a finite number, got {length_penalty!r}")
     if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping: must be True, False or 'never', got {early_stopping!r}")
+        raise InvalidArgumentError(f"early_stopping: must be True, False or 'never', got {early_stopping!r}")
     num_return = num_beams if num_return is None else _count("num_return", num_return, 1)
     if num_return > num_beams:
-        raise ValueError(f"num_return: cannot exceed num_beams ({num_beams}), got {num_return}")
+        raise InvalidArgumentError(f"num_return: cannot exceed num_beams ({num_beams}), got {num_return}")
     prompt = _prompt_ids(model, prompt_ids, "prompt_ids")
     _check_fits(model, prompt, "prompt_ids")
     eos = _eos_ids(model, eos_ids)
@@ -1039,7 +1039,7 @@ def score(model, text_or_list: str | Sequence[int] | Sequence[str] | Sequence[Se
     prepared = [_prompt_ids(model, item, "text") for item in items]  # check all before running any
     for ids in prepared:
         if len(ids) < 2:
-            raise ValueError(f"text: needs at least 2 tokens to score, got {len(ids)}")
+            raise InvalidArgumentError(f"text: needs at least 2 tokens to score, got {len(ids)}")
         _check_fits(model, ids, "text")
     scores = _score_together(model, prepared, top_n, progress)
     return scores[0] if single else scores

@@ -24,7 +24,6 @@ no_repeat_ngram_size) act in both modes — again as in transformers.
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import warnings
@@ -152,12 +151,9 @@ def read_generation_config(path: str | Path) -> GenerationDefaults:
     path = Path(path)
     if path.is_dir():
         path = path / "generation_config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read generation_config.json: {e}", path=path) from None
-    if not isinstance(raw, dict):
-        raise CheckpointError("generation_config.json must hold a JSON object", path=path)
+    from .loading.fields import read_json
+
+    raw = read_json(path, "generation_config.json")
     values: dict[str, Any] = {}
     for key, kind in _KINDS.items():
         if raw.get(key) is not None:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import _core, thermo
-from .errors import ContextFullError
+from .errors import ContextFullError, InvalidArgumentError, OutOfRangeError
 from .sampling import Draw, SamplingConfig, softmax
 
 # Sequences up to this many tokens keep every position's attention table.
@@ -71,7 +71,7 @@ def _q(tok: str) -> str:
 
 def _check_top(top: Any) -> int:
     if isinstance(top, bool) or not isinstance(top, numbers.Integral) or int(top) < 1:
-        raise ValueError(f"top: the number of candidates shown must be an integer >= 1, got {top!r}")
+        raise InvalidArgumentError(f"top: the number of candidates shown must be an integer >= 1, got {top!r}")
     return int(top)
 
 
@@ -87,6 +87,7 @@ class _Trail:
 
     def __init__(self, model, ids: list[int], followed: list[int], sampler, stop_ids: set[int]):
         self.model = model
+        model._apply_threads()  # the journey's own kernel calls run in this thread, at the model's count
         n_final = followed[-1] + 1
         self.full_attention = max(len(ids), n_final) <= FULL_ATTENTION_LIMIT
         hooks = model.hooks()
@@ -130,6 +131,7 @@ class _Trail:
         """Logit-lens top-1 token and probability at every position and layer: ([L+1, n] ids, probs)."""
         if self._lens is None:
             model, c = self.model, self.model.config
+            model._apply_threads()
             names = ["blocks.0.resid_pre"] + [f"blocks.{l}.resid_post" for l in range(c.n_layers)]
             hooks = model.hooks().capture(names)
             model.forward(self.ids, all_positions=False, hooks=hooks)
@@ -218,7 +220,7 @@ class Journey:
         ids = _prompt_ids(model, prompt)
         n = len(ids)
         if isinstance(position, bool) or not isinstance(position, numbers.Integral) or not -n <= position < n:
-            raise IndexError(f"position {position!r} outside a prompt of {n} tokens")
+            raise OutOfRangeError(f"position {position!r} outside a prompt of {n} tokens")
         sampler = make_sampler(model, options, sampling, seed)
         trail = _Trail(model, ids, [int(position) % n], sampler, set())
         self._attach(trail, 0, top)
@@ -438,7 +440,7 @@ class Journey:
         m = self.unembed if table == "unembed" else self.model.weights["embed.weight"].to_float32()
         v = np.asarray(vector, np.float64).ravel()
         if v.size != m.shape[1]:
-            raise ValueError(f"vector has {v.size} values, the model width is {m.shape[1]}")
+            raise InvalidArgumentError(f"vector has {v.size} values, the model width is {m.shape[1]}")
         cos = (m @ v) / (np.linalg.norm(m, axis=1) * np.linalg.norm(v) + 1e-30)
         best = np.argsort(-cos, kind="stable")[:k]
         return [(self.token(int(i)), float(cos[i])) for i in best]
@@ -615,7 +617,7 @@ def follow_generation(model, prompt, new_tokens: int = 1, *, top: int = 5, seed:
     eos_token_id = ends["eos_token_id"]
     top = _check_top(top)
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, numbers.Integral) or new_tokens < 1:
-        raise ValueError(f"new_tokens: must be an integer >= 1, got {new_tokens!r}")
+        raise InvalidArgumentError(f"new_tokens: must be an integer >= 1, got {new_tokens!r}")
     ids = _prompt_ids(model, prompt)
     sampler = make_sampler(model, options, sampling, seed)
     stop = set() if ignore_eos else _eos_ids(model, eos_token_id)

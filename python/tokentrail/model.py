@@ -1,7 +1,9 @@
 """The Python face of the engine: Model (weights + tokenizer) and Session (a KV cache)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,7 +12,7 @@ import numpy as np
 
 from . import _core, generation
 from .config import ModelConfig
-from .errors import ContextFullError, OptionError, TokentrailError
+from .errors import ContextFullError, InvalidArgumentError, OptionError, OutOfRangeError, TokentrailError
 from .generation_config import GenerationDefaults, defaults_for
 from .loading import Checkpoint, read_checkpoint
 from .loading.weights import BLOCK_TYPES, Weight, bf16_from_float32
@@ -25,6 +27,11 @@ DEMO_MODEL = Path(__file__).parent / "models" / "demo"
 # Default KV cache limit when a model allows very long contexts: memory for
 # keys and values is reserved as it is used, but a cap keeps a runaway loop bounded.
 DEFAULT_CONTEXT_CAP = 8192
+# More threads than this is a mistake, not a machine.
+MAX_THREADS = 1024
+# OpenMP's count when the process started (every core, or OMP_NUM_THREADS): a model of threads=None
+# uses it whatever another model set before on the same thread.
+DEFAULT_THREADS = min(_core.get_threads(), MAX_THREADS)
 
 
 KV_DTYPES = ("f32", "f16")
@@ -33,8 +40,8 @@ LOGITS_MODES = ("last", "all", "none")
 
 
 def _check_kv_dtype(kv_dtype: str) -> str:
-    if kv_dtype not in KV_DTYPES:
-        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    if not isinstance(kv_dtype, str) or kv_dtype not in KV_DTYPES:
+        raise InvalidArgumentError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     return kv_dtype
 
 
@@ -51,8 +58,16 @@ def check_isa_setting() -> None:
         _core.set_isa(forced)
 
 
+def _check_count(name: str, value, minimum: int, maximum: int) -> int:
+    """An integer argument within minimum..maximum, or an InvalidArgumentError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not minimum <= value <= maximum:
+        raise InvalidArgumentError(f"{name} must be an integer within {minimum}..{maximum}, got {value!r}")
+    return int(value)
+
+
 def load(path: str | os.PathLike | None = None, dtype: str | None = None, threads: int | None = None,
-         context: int | None = None, kv_dtype: str = "f32", progress: ProgressOption = None) -> "Model":
+         context: int | None = None, kv_dtype: str = "f32", progress: ProgressOption = None,
+         check_finite: bool = True) -> "Model":
     """Load a checkpoint (Hugging Face directory, .gguf, or llama2.c .bin).
 
     With no path, the demo model bundled with tokentrail. `dtype` converts the
@@ -64,9 +79,25 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, thread
     bytes attention reads per token at long contexts; keys and values
     rounded to half precision). `progress` shows the conversion's progress
     (see tokentrail.progress: None = a bar when stderr is a terminal).
+    `check_finite` scans every weight for NaN and infinities at load (about
+    a second per few GB); pass False to skip it for very large files.
+
+    Errors: CheckpointError for a file that cannot be read as a model,
+    InvalidArgumentError for a bad argument (see tokentrail.errors).
     """
-    ckpt = read_checkpoint(DEMO_MODEL if path is None else path)
+    if not isinstance(check_finite, bool):
+        raise InvalidArgumentError(f"check_finite must be True or False, got {check_finite!r}")
+    ckpt = read_checkpoint(DEMO_MODEL if path is None else path, check_finite=check_finite)
     return Model(ckpt, dtype=dtype, threads=threads, context=context, kv_dtype=kv_dtype, progress=progress)
+
+
+WEIGHT_DTYPES = ("f32", "f16", "bf16") + tuple(BLOCK_TYPES)
+
+
+def _check_dtype(dtype: str) -> str:
+    if not isinstance(dtype, str) or dtype not in WEIGHT_DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; expected one of {', '.join(WEIGHT_DTYPES)}")
+    return dtype
 
 
 def _convert(w: Weight, dtype: str) -> Weight:
@@ -86,7 +117,8 @@ def _convert(w: Weight, dtype: str) -> Weight:
             # Rows that do not fill whole blocks stay in half precision, as GGUF writers do.
             return Weight(values.astype(np.float16), "f16", w.shape)
         return Weight(quantize(values, dtype), dtype, w.shape)
-    raise ValueError(f"unknown dtype {dtype!r}; expected f32, f16, bf16, q8_0, q4_0, q4_k or q6_k")
+    _check_dtype(dtype)
+    raise AssertionError(dtype)  # every dtype _check_dtype accepts is handled above
 
 
 class Model:
@@ -107,10 +139,12 @@ class Model:
                  context: int | None = None, kv_dtype: str = "f32", progress: ProgressOption = None):
         check_isa_setting()
         self.kv_dtype = _check_kv_dtype(kv_dtype)
-        if threads is not None:
-            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"threads must be a positive integer, got {threads!r}")
-            _core.set_threads(int(threads))
+        self.threads = threads
+        self._apply_threads()
+        if dtype is not None:
+            _check_dtype(dtype)
+        if context is not None:
+            context = _check_count("context", context, 1, 2**31 - 1)
         self.config: ModelConfig = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.source = checkpoint.source
@@ -130,9 +164,7 @@ class Model:
         self.weights = weights
         self._core = _core.Model(self.config.core_dict(),
                                  {n: (np.ascontiguousarray(w.data), w.dtype) for n, w in weights.items()})
-        if context is not None and int(context) < 1:
-            raise ValueError(f"context must be at least 1, got {context}")
-        cap = DEFAULT_CONTEXT_CAP if context is None else int(context)
+        cap = DEFAULT_CONTEXT_CAP if context is None else context
         self.context_limit = min(cap, self.config.max_seq_len)
 
     def __repr__(self) -> str:
@@ -141,6 +173,22 @@ class Model:
         return (f"Model({self.source!r}, {c.architecture or 'model'}, layers={c.n_layers}, d_model={c.hidden_size}, "
                 f"heads={c.n_heads}/{c.n_kv_heads}, vocab={c.vocab_size}, context={self.context_limit}, "
                 f"weights={types}, kv={self.kv_dtype}, decoding: {self.generation_defaults})")
+
+    @property
+    def threads(self) -> int | None:
+        """Threads each core call of this model uses (None: OpenMP's default at start, every core).
+
+        OpenMP keeps its thread count per OS thread, so it is set again at every
+        core call: the count holds whichever Python thread runs the model."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, value: int | None) -> None:
+        self._threads = None if value is None else _check_count("threads", value, 1, MAX_THREADS)
+
+    def _apply_threads(self) -> None:
+        """Set this model's thread count for the calling OS thread, before a core call."""
+        _core.set_threads(self._threads or DEFAULT_THREADS)
 
     @property
     def n_params(self) -> int:
@@ -155,7 +203,7 @@ class Model:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with the tokenizer's special tokens (BOS) where the model uses them."""
         if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer; pass token ids instead of text")
+            raise InvalidArgumentError("this checkpoint has no tokenizer; pass token ids instead of text")
         return self.tokenizer.encode(text)
 
     def forward(self, ids: Sequence[int] | str, all_positions: bool = True, hooks: Hooks | None = None) -> np.ndarray:
@@ -186,40 +234,56 @@ class Model:
         tokens = list(tokens)
         count = len(sessions)
         if count == 0:
-            raise ValueError("forward_batch: needs at least one session")
+            raise InvalidArgumentError("forward_batch: needs at least one session")
         if len(tokens) != count:
-            raise ValueError(f"forward_batch: {count} sessions but {len(tokens)} token lists; give one per session")
+            raise InvalidArgumentError(f"forward_batch: {count} sessions but {len(tokens)} token lists; "
+                                       f"give one per session")
         modes = [logits] * count if isinstance(logits, str) else list(logits)
         hooks = [None] * count if hooks is None else list(hooks)
         for name, given in (("logits", modes), ("hooks", hooks)):
             if len(given) != count:
-                raise ValueError(f"forward_batch: {name} has {len(given)} entries for {count} sessions")
+                raise InvalidArgumentError(f"forward_batch: {name} has {len(given)} entries for {count} sessions")
         core_hooks, ids, seen = [], [], {}
         for i, (session, toks, mode, hk) in enumerate(zip(sessions, tokens, modes, hooks)):
             who = f"forward_batch: sequence {i}: "
             if not isinstance(session, Session):
                 raise OptionError(f"{who}expected a Session (model.session()), got {type(session).__name__}")
             if session.model is not self:
-                raise ValueError(f"{who}the session belongs to another model")
+                raise InvalidArgumentError(f"{who}the session belongs to another model")
             if id(session) in seen or id(session._cache) in seen:
-                raise ValueError(f"{who}is the same session as sequence {seen.get(id(session), seen.get(id(session._cache)))}; "
-                                 f"a session can advance once per step")
+                raise InvalidArgumentError(f"{who}is the same session as sequence "
+                                           f"{seen.get(id(session), seen.get(id(session._cache)))}; a session can advance once per step")
             seen[id(session)] = seen[id(session._cache)] = i
             if mode not in LOGITS_MODES:
-                raise ValueError(f"{who}logits must be one of {', '.join(LOGITS_MODES)}, got {mode!r}")
+                raise InvalidArgumentError(f"{who}logits must be one of {', '.join(LOGITS_MODES)}, got {mode!r}")
             if hk is not None:
                 from .capture import check_hooks
 
                 check_hooks(self, hk)
                 if id(hk) in seen:
-                    raise ValueError(f"{who}shares its hooks with sequence {seen[id(hk)]}; give each sequence "
-                                     f"its own Hooks (their records would mix)")
+                    raise InvalidArgumentError(f"{who}shares its hooks with sequence {seen[id(hk)]}; give each sequence "
+                                           f"its own Hooks (their records would mix)")
                 seen[id(hk)] = i
             ids.append(session._checked_ids(toks, who))
             core_hooks.append(hk._core_hooks() if hk is not None else None)
-        out = self._core.forward_batch([s._cache for s in sessions], ids, modes, core_hooks)
-        for session, toks in zip(sessions, ids):
-            session.tokens.extend(int(i) for i in toks)
+        # Each session's lock, as feed takes it, in one global order so that two batches sharing
+        # sessions cannot deadlock; a session fed from another thread meanwhile waits or is waited for.
+        with contextlib.ExitStack() as held:
+            for session in sorted(sessions, key=id):
+                held.enter_context(session._lock)
+            for i, (session, toks) in enumerate(zip(sessions, ids)):
+                session._check_room(toks.size, f"forward_batch: sequence {i}: ")  # fed meanwhile?
+            self._apply_threads()
+            try:
+                out = self._core.forward_batch([s._cache for s in sessions], ids, modes, core_hooks)
+            except TokentrailError:
+                raise
+            except IndexError as e:
+                raise OutOfRangeError(f"forward_batch: {e}") from None
+            except ValueError as e:
+                raise InvalidArgumentError(f"forward_batch: {e}") from None
+            for session, toks in zip(sessions, ids):
+                session.tokens.extend(int(i) for i in toks)
         return [None if mode == "none" else o for mode, o in zip(modes, out)]
 
     def hooks(self) -> Hooks:
@@ -279,7 +343,7 @@ class Model:
         try:
             hooks = [self._capturing_hooks(one, names, positions, h) for one, h in zip(ids, hooks)]
         except IndexError as e:
-            raise IndexError(f"{e} (positions apply to every prompt of the list)") from None
+            raise OutOfRangeError(f"{e} (positions apply to every prompt of the list)") from None
         logits: list[np.ndarray] = [None] * len(prompts)
         for step in generation.whole_prompt_steps([len(one) for one in ids]):
             out = self.forward_batch([self.session() for _ in step], [ids[i] for i in step], logits="all",
@@ -315,7 +379,7 @@ def _prompt_positions(positions: Iterable[int], n: int) -> list[int]:
         if isinstance(p, bool) or not isinstance(p, (int, np.integer)):
             raise OptionError(f"positions: must be integers, got {p!r}")
         if not -n <= p < n:
-            raise IndexError(f"positions: {int(p)} is outside a prompt of {n} tokens "
+            raise OutOfRangeError(f"positions: {int(p)} is outside a prompt of {n} tokens "
                              f"(0..{n - 1}, or -{n}..-1 from the end)")
         out.append(int(p) % n)
     return out
@@ -330,12 +394,24 @@ class Session:
     """
 
     def __init__(self, model: Model, limit: int | None = None, _cache=None, kv_dtype: str | None = None):
-        self.model = model
-        limit = model.context_limit if limit is None else min(int(limit), model.config.max_seq_len)
+        if not isinstance(model, Model):
+            raise InvalidArgumentError(f"a Session needs a tokentrail Model, got {type(model).__name__}")
+        self._model = model
+        if limit is not None:
+            limit = min(_check_count("limit", limit, 1, 2**31 - 1), model.config.max_seq_len)
+        else:
+            limit = model.context_limit
         kv_dtype = model.kv_dtype if kv_dtype is None else kv_dtype
         _check_kv_dtype(kv_dtype)
         self._cache = _cache if _cache is not None else _core.KVCache(model._core, limit, kv_dtype)
         self.tokens: list[int] = []
+        # One forward pass at a time: a second thread waits for the first (the cache is not shareable).
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> Model:
+        """The model this session's cache belongs to (fixed: the cache fits no other)."""
+        return self._model
 
     @property
     def pos(self) -> int:
@@ -357,35 +433,45 @@ class Session:
 
             check_hooks(self.model, hooks)
         core_hooks = hooks._core_hooks() if hooks is not None else None
-        out = self.model._core.forward(self._cache, ids, "all" if all_logits else "last", core_hooks)
-        self.tokens.extend(int(i) for i in ids)
+        with self._lock:
+            self._check_room(ids.size)  # another thread may have fed meanwhile
+            self.model._apply_threads()
+            out = self.model._core.forward(self._cache, ids, "all" if all_logits else "last", core_hooks)
+            self.tokens.extend(int(i) for i in ids)
         return out
 
     def _checked_ids(self, ids: Sequence[int], who: str = "") -> np.ndarray:
         """`ids` as int32 for the core, after the checks that give clear errors (`who` prefixes them)."""
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
         if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"{who}feed needs a non-empty 1-D sequence of token ids")
+            raise InvalidArgumentError(f"{who}feed needs a non-empty 1-D sequence of token ids")
         if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"{who}token ids must be integers, got {ids.dtype}")
-        if self.pos + ids.size > self.limit:
-            raise ContextFullError(f"{who}{ContextFullError.for_tokens(self.pos, ids.size, self.limit)}")
+            raise InvalidArgumentError(f"{who}token ids must be integers, got {ids.dtype}")
+        self._check_room(ids.size, who)
         vocab = self.model.config.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             bad = int(ids[(ids < 0) | (ids >= vocab)][0])
-            raise ValueError(f"{who}token id {bad} is outside the vocabulary (size {vocab})")
+            raise InvalidArgumentError(f"{who}token id {bad} is outside the vocabulary (size {vocab})")
         return ids.astype(np.int32)
+
+    def _check_room(self, new: int, who: str = "") -> None:
+        """A ContextFullError unless `new` more positions fit in the cache."""
+        if self.pos + new > self.limit:
+            raise ContextFullError(f"{who}{ContextFullError.for_tokens(self.pos, new, self.limit)}")
 
     def fork(self) -> "Session":
         """An independent copy of this session (the cache's filled part is copied, nothing recomputed)."""
-        s = Session(self.model, _cache=self._cache.clone())
-        s.tokens = list(self.tokens)
+        with self._lock:
+            s = Session(self.model, _cache=self._cache.clone())
+            s.tokens = list(self.tokens)
         return s
 
     def rewind(self, positions: int) -> None:
-        """Forget everything after the first `positions` positions."""
-        self._cache.truncate(int(positions))
-        del self.tokens[positions:]
+        """Forget everything after the first `positions` positions (0..pos)."""
+        with self._lock:
+            positions = _check_count("positions", positions, 0, self.pos)
+            self._cache.truncate(positions)
+            del self.tokens[positions:]
 
     def __repr__(self) -> str:
         return f"Session(pos={self.pos}, limit={self.limit}, kv_dtype={self.kv_dtype!r})"

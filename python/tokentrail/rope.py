@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from .errors import InvalidArgumentError
 
 # Scaling types and the parameters each one reads (beyond `type`); what is required has no default.
 SCALING_PARAMS: dict[str, dict[str, object]] = {
@@ -62,14 +63,14 @@ def tables(theta: float, rotary_dim: int, scaling: dict | None, max_positions: i
     if kind == "factors":
         f = np.asarray(scaling["factors"], dtype=np.float32)
         if f.shape != inv.shape:
-            raise ValueError(f"rope factors must have rotary_dim / 2 = {inv.size} entries, got {f.shape}")
+            raise InvalidArgumentError(f"rope factors must have rotary_dim / 2 = {inv.size} entries, got {f.shape}")
         return RopeTables((inv / f).astype(np.float32), local, None, 0, 1.0)
     if kind == "yarn":
         table, factor = _yarn(theta, rotary_dim, scaling, max_positions)
         return RopeTables(table, local, None, 0, factor)
     if kind == "longrope":
         return _longrope(theta, rotary_dim, scaling, max_positions, local)
-    raise ValueError(f"unknown rope scaling type {kind!r}")
+    raise InvalidArgumentError(f"unknown rope scaling type {kind!r}")
 
 
 def _llama3(inv: np.ndarray, s: dict) -> np.ndarray:
@@ -128,7 +129,7 @@ def _longrope(theta: float, dim: int, s: dict, max_positions: int, local) -> Rop
     def table(factors) -> np.ndarray:
         f = np.asarray(factors, dtype=np.float32)
         if f.shape != (dim // 2,):
-            raise ValueError(f"longrope factors must have rotary_dim / 2 = {dim // 2} entries, got {f.shape}")
+            raise InvalidArgumentError(f"longrope factors must have rotary_dim / 2 = {dim // 2} entries, got {f.shape}")
         return (np.float32(1.0) / (f * base)).astype(np.float32)
 
     return RopeTables(table(s["short_factor"]), local, table(s["long_factor"]), int(original), float(attn))

@@ -79,6 +79,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidArgumentError
+
 Processor = Callable[[np.ndarray, Sequence[int]], np.ndarray]
 
 NEG_INF = -math.inf
@@ -87,7 +89,7 @@ NEG_INF = -math.inf
 # ---------------------------------------------------------------- validation
 
 def _fail(name: str, message: str) -> None:
-    raise ValueError(f"{name}: {message}")
+    raise InvalidArgumentError(f"{name}: {message}")
 
 
 def _real(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
@@ -813,7 +815,7 @@ class Chain:
         for proc in self.processors:
             x = np.asarray(proc(x, history), dtype=np.float64)
             if x.ndim != 1 or np.isnan(x).any() or np.isposinf(x).any():
-                raise ValueError(f"processor {_name_of(proc)!r} returned NaN, +inf or a wrong shape")
+                raise InvalidArgumentError(f"processor {_name_of(proc)!r} returned NaN, +inf or a wrong shape")
             if observe is not None:
                 observe(proc, x)
         return x
@@ -1016,7 +1018,7 @@ def make_chain(config: SamplingConfig | None = None, **options: Any) -> Chain:
     """Build the processor chain from a SamplingConfig and/or keyword options."""
     unknown = set(options) - SAMPLING_OPTIONS
     if unknown:
-        raise ValueError(f"unknown sampling option(s): {sorted(unknown)}")
+        raise InvalidArgumentError(f"unknown sampling option(s): {sorted(unknown)}")
     cfg = config.replace(**options) if config is not None else SamplingConfig(**options)
     return cfg.build()
 
@@ -1045,7 +1047,7 @@ class Sampler:
         elif chain is None:
             chain = make_chain(**options)
         elif options:
-            raise ValueError("pass either a chain or sampling options, not both")
+            raise InvalidArgumentError("pass either a chain or sampling options, not both")
         elif not isinstance(chain, Chain):
             chain = Chain(chain)
         self.chain = chain

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .sampling import check_logits
+from .errors import InvalidArgumentError
 
 DEFAULT_TEMPERATURES = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, math.inf)
 LN2 = math.log(2.0)
@@ -37,9 +38,9 @@ def _temperature(t) -> float:
     try:
         v = float(t)
     except (TypeError, ValueError):
-        raise ValueError(f"temperature: must be a number, got {t!r}") from None
+        raise InvalidArgumentError(f"temperature: must be a number, got {t!r}") from None
     if math.isnan(v) or v < 0:
-        raise ValueError(f"temperature: must be >= 0 (0 and inf are the limits), got {v}")
+        raise InvalidArgumentError(f"temperature: must be >= 0 (0 and inf are the limits), got {v}")
     return v
 
 
@@ -195,7 +196,7 @@ def log_softmax_identity(logits, temperature: float = 1.0, tolerance: float = 1e
     x = check_logits(logits)
     t = _temperature(temperature)
     if t == 0.0 or math.isinf(t):
-        raise ValueError("temperature: the identity is stated for 0 < T < inf")
+        raise InvalidArgumentError("temperature: the identity is stated for 0 < T < inf")
     p = probabilities(x, t)
     on = p > 0
     direct = x[on] / t - log_partition(x, t)

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import codecs
 import functools
+import re
 from collections.abc import Iterable, Iterator
 
 import tokenizers
+
+from .errors import CheckpointError
 
 
 class Tokenizer:
@@ -21,10 +24,48 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_ids = list(eos_ids)
         self.add_bos = add_bos
+        self.source = None  # the file it was read from, for messages
 
     @classmethod
     def from_file(cls, path, **kw) -> "Tokenizer":
-        return cls(tokenizers.Tokenizer.from_file(str(path)), **kw)
+        """A tokenizer.json; a file the tokenizers library cannot build from is a CheckpointError."""
+        from .loading.fields import MAX_JSON_BYTES, open_regular
+
+        with open_regular(path, "tokenizer.json") as fh:
+            data = fh.read(MAX_JSON_BYTES + 1)
+        try:
+            if len(data) > MAX_JSON_BYTES:
+                raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
+            inner = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except BaseException as e:  # its own exception types, and a Rust panic (a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            # The library's message may quote the file; only where it failed is repeated.
+            where = re.search(r"line \d+ column \d+", str(e))
+            raise CheckpointError("tokenizer.json is not a tokenizer the tokenizers library can build"
+                                  + (f" (at {where.group(0)})" if where else ""), path=path) from None
+        tok = cls(inner, **kw)
+        tok.source = path
+        tok.probe()
+        return tok
+
+    # A sample of what tokenizers meet: ASCII, accents, CJK, emoji, whitespace runs.
+    PROBE_TEXT = "Hello, world! 12 345 \t\n  caf\u00e9 \u00fcber \u4f60\u597d \U0001f600 <s> </s>"
+
+    def probe(self) -> None:
+        """Encode a sample and decode every id once, so a malformed tokenizer fails at load."""
+        self.decode(self.encode(self.PROBE_TEXT))
+        self.decode(range(self.vocab_size), skip_special=False)
+
+    def _call(self, what: str, fn, *args, **kw):
+        """Run the library; its failures (a Rust panic is a BaseException) become a CheckpointError."""
+        try:
+            return fn(*args, **kw)
+        except BaseException as e:
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise CheckpointError(f"the tokenizer failed while {what} ({type(e).__name__}); its "
+                                  f"definition is malformed", path=self.source) from None
 
     @property
     def vocab_size(self) -> int:
@@ -32,13 +73,13 @@ class Tokenizer:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Ids of `text`; with `special`, the model's BOS and template tokens too."""
-        ids = self.inner.encode(text, add_special_tokens=special).ids
+        ids = self._call("encoding", self.inner.encode, text, add_special_tokens=special).ids
         if special and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        return self.inner.decode(list(ids), skip_special_tokens=skip_special)
+        return self._call("decoding", self.inner.decode, list(ids), skip_special_tokens=skip_special)
 
     def piece(self, token_id: int) -> str:
         """The token's own vocabulary entry, for tables (e.g. 'Ġis' or '▁is')."""
@@ -51,7 +92,7 @@ class Tokenizer:
         A token holding only part of a character's UTF-8 bytes shows those
         bytes as escapes (``<0xE6>``) instead of the replacement character.
         """
-        text = self.inner.decode([int(token_id)], skip_special_tokens=False)
+        text = self.decode([int(token_id)], skip_special=False)
         if not text:
             # A lone sentencepiece word boundary decodes to nothing: show it as the space it is.
             return self.piece(token_id).replace("\u2581", " ")

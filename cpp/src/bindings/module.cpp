@@ -6,7 +6,9 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -23,6 +25,27 @@ struct ModelHandle {
   std::unique_ptr<Model> model;
   std::vector<py::object> keep_alive;  // the arrays the weight views point into
 };
+
+// Largest side of a matrix the bindings accept: sizes are ints in the core.
+constexpr int64_t MAX_SIDE = (int64_t(1) << 31) - 1;
+constexpr int64_t MAX_THREADS = 1024;
+
+// Bytes an element of `t` must be aligned to: the kernels read float32 and 16-bit floats through
+// typed pointers; block types read their scales with memcpy.
+size_t alignment_of(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::F16:
+    case DType::BF16: return 2;
+    default: return 1;
+  }
+}
+
+void check_aligned(const void* p, size_t align, const std::string& name) {
+  if (reinterpret_cast<uintptr_t>(p) % align)
+    throw py::value_error("tensor '" + name + "' is not aligned to " + std::to_string(align) +
+                          " bytes; pass an aligned copy (numpy.ascontiguousarray of a copy)");
+}
 
 size_t row_bytes_for(DType t, int64_t cols, const std::string& name) {
   const BlockLayout bl = block_layout(t);
@@ -42,7 +65,11 @@ WeightView matrix(ModelHandle& h, const py::dict& weights, const std::string& na
   auto entry = weights[py::str(name)].cast<py::tuple>();
   py::array arr = entry[0].cast<py::array>();
   const DType t = dtype_from_name(entry[1].cast<std::string>());
+  if (rows < 1 || cols < 1 || rows > MAX_SIDE || cols > MAX_SIDE)
+    throw py::value_error("tensor '" + name + "': [" + std::to_string(rows) + ", " + std::to_string(cols) +
+                          "] is not a valid matrix shape");
   if (!(arr.flags() & py::array::c_style)) throw py::value_error("tensor '" + name + "' is not C-contiguous");
+  check_aligned(arr.data(), alignment_of(t), name);
   const size_t rb = row_bytes_for(t, cols, name);
   const size_t need = rb * size_t(rows);
   const size_t have = size_t(arr.nbytes());
@@ -65,6 +92,7 @@ const float* vec(ModelHandle& h, const py::dict& weights, const std::string& nam
   if (arr.size() != n)
     throw py::value_error("tensor '" + name + "' has " + std::to_string(arr.size()) + " values, expected " +
                           std::to_string(n));
+  check_aligned(arr.data(), alignof(float), name);
   h.keep_alive.push_back(arr);
   return arr.data();
 }
@@ -197,6 +225,34 @@ std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd
   return h;
 }
 
+// A KV cache as Python holds it: the core's cache (which records the model it was made for, so
+// that forward refuses another model's) plus a busy flag, so that two threads never run through
+// one cache at once (the forward pass releases the GIL).
+struct GuardedCache : KVCache {
+  GuardedCache(const Config& c, int limit, DType t, const void* owner) : KVCache(c, limit, t, owner) {}
+  explicit GuardedCache(KVCache&& from) : KVCache(std::move(from)) {}
+  std::atomic<bool> busy{false};
+};
+
+// Marks a cache busy for one call; a second thread arriving meanwhile gets an error, not a race.
+class CacheInUse {
+ public:
+  explicit CacheInUse(GuardedCache& c) : c_(c) {
+    if (c_.busy.exchange(true)) {
+      // tokentrail.errors.ConcurrentUseError (a RuntimeError); the GIL is held here.
+      static py::object* error = new py::object(py::module_::import("tokentrail.errors").attr("ConcurrentUseError"));
+      PyErr_SetString(error->ptr(), "this KV cache is in use by another thread; give each thread its own session");
+      throw py::error_already_set();
+    }
+  }
+  ~CacheInUse() { c_.busy = false; }
+  CacheInUse(const CacheInUse&) = delete;
+  CacheInUse& operator=(const CacheInUse&) = delete;
+
+ private:
+  GuardedCache& c_;
+};
+
 py::array_t<float> to_numpy(std::vector<float>&& v, std::vector<int64_t> shape) {
   auto* heap = new std::vector<float>(std::move(v));
   py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<float>*>(p); });
@@ -234,12 +290,17 @@ PYBIND11_MODULE(_core, m) {
   m.def("available_isas", &available_isas, "Kernel variants this binary has and this CPU runs");
   m.def("set_isa", &set_isa, py::arg("name"));
   m.def("isa", []() { return std::string(kernels().name); });
-  m.def("set_threads", &set_threads, py::arg("n"));
+  m.def("set_threads", [](int64_t n) {
+    if (n < 1 || n > MAX_THREADS) throw py::value_error("threads must be within 1.." + std::to_string(MAX_THREADS));
+    set_threads(int(n));
+  }, py::arg("n"), "The thread count of core calls made from the calling OS thread (OpenMP's is per thread)");
   m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;
   m.def("get_threads", &get_threads);
 
   m.def("probe_bandwidth", [](double megabytes, int repeats) {
     // GB/s of a read-only sweep over a buffer far larger than the caches, all threads.
+    if (!(megabytes >= 1.0 && megabytes <= 65536.0) || repeats < 1 || repeats > 1000)
+      throw py::value_error("probe_bandwidth needs 1..65536 megabytes and 1..1000 repeats");
     const size_t n = size_t(megabytes * 1e6 / 4);
     std::vector<float> buf(n, 1.0f);
     py::gil_scoped_release nogil;
@@ -255,6 +316,7 @@ PYBIND11_MODULE(_core, m) {
     return best;
   }, py::arg("megabytes") = 1024.0, py::arg("repeats") = 5);
   m.def("probe_flops", [](long long iters) {
+    if (iters < 10 || iters > (1LL << 40)) throw py::value_error("probe_flops needs 10..2^40 iterations");
     // GFLOP/s of FMAs on registers, all threads (2 FLOP per lane per FMA).
     py::gil_scoped_release nogil;
     kernels().probe_fma(iters / 10);
@@ -284,6 +346,8 @@ PYBIND11_MODULE(_core, m) {
     WeightView view = matrix(keep, wd, "w", rows, cols);
     if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error("x must be [n, cols]");
     if (bias && bias->size() != rows) throw py::value_error("bias must have one value per row");
+    check_aligned(x.data(), 4, "x");
+    if (bias) check_aligned(bias->data(), 4, "bias");
     const int n = int(x.shape(0));
     std::vector<float> y(size_t(n) * rows);
     const float* b = bias ? bias->data() : nullptr;
@@ -296,6 +360,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("softmax", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, float temperature) {
     if (!(temperature > 0)) throw py::value_error("temperature must be positive");
+    check_aligned(x.data(), 4, "x");
     py::array_t<float> y(x.request().shape);
     std::copy(x.data(), x.data() + x.size(), y.mutable_data());
     const int n = x.ndim() ? int(x.shape(x.ndim() - 1)) : 1;
@@ -307,6 +372,9 @@ PYBIND11_MODULE(_core, m) {
                       py::array_t<float, py::array::c_style | py::array::forcecast> w, float eps) {
     const int n = int(w.size());
     if (x.ndim() != 2 || x.shape(1) != n) throw py::value_error("x must be [rows, len(w)]");
+    if (n < 1 || !(eps > 0.0f)) throw py::value_error("rmsnorm needs at least one weight and a positive eps");
+    check_aligned(x.data(), 4, "x");
+    check_aligned(w.data(), 4, "w");
     py::array_t<float> y(x.request().shape);
     kernels().rmsnorm(x.data(), w.data(), int(x.shape(0)), n, eps, y.mutable_data());
     return y;
@@ -316,6 +384,10 @@ PYBIND11_MODULE(_core, m) {
                         py::array_t<float, py::array::c_style | py::array::forcecast> b, float eps) {
     const int n = int(w.size());
     if (x.ndim() != 2 || x.shape(1) != n || b.size() != n) throw py::value_error("x must be [rows, len(w)]");
+    if (n < 1 || !(eps > 0.0f)) throw py::value_error("layernorm needs at least one weight and a positive eps");
+    check_aligned(x.data(), 4, "x");
+    check_aligned(w.data(), 4, "w");
+    check_aligned(b.data(), 4, "b");
     py::array_t<float> y(x.request().shape);
     kernels().layernorm(x.data(), w.data(), b.data(), int(x.shape(0)), n, eps, y.mutable_data());
     return y;
@@ -324,12 +396,14 @@ PYBIND11_MODULE(_core, m) {
                    int heads, int head_dim, py::array_t<float, py::array::c_style | py::array::forcecast> inv_freq,
                    bool adjacent, float attn_factor) {
     const int rotary_dim = int(inv_freq.size()) * 2;
-    if (x.ndim() != 2 || x.shape(1) != int64_t(heads) * head_dim || positions.size() != x.shape(0) ||
-        rotary_dim == 0 || rotary_dim > head_dim)
+    if (heads < 1 || head_dim < 1 || x.ndim() != 2 || x.shape(1) != int64_t(heads) * head_dim ||
+        positions.ndim() != 1 || positions.size() != x.shape(0) || rotary_dim == 0 || rotary_dim > head_dim)
       throw py::value_error("x must be [n, heads*head_dim] with one position per row and 1..head_dim/2 frequencies");
     py::array_t<float> y(x.request().shape);
     std::copy(x.data(), x.data() + x.size(), y.mutable_data());
     py::array_t<int, py::array::c_style | py::array::forcecast> pos(positions);
+    check_aligned(pos.data(), alignof(int), "positions");
+    check_aligned(inv_freq.data(), 4, "inv_freq");
     kernels().rope(y.mutable_data(), int(x.shape(0)), heads, head_dim, rotary_dim, pos.data(), inv_freq.data(),
                    attn_factor, adjacent);
     return y;
@@ -337,6 +411,7 @@ PYBIND11_MODULE(_core, m) {
      py::arg("adjacent"), py::arg("attn_factor") = 1.0f);
   auto elementwise = [&m](const char* name, void (*KernelTable::*fn)(float*, size_t)) {
     m.def(name, [fn](py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+      check_aligned(x.data(), 4, "x");
       py::array_t<float> y(x.request().shape);
       std::copy(x.data(), x.data() + x.size(), y.mutable_data());
       (kernels().*fn)(y.mutable_data(), size_t(x.size()));
@@ -364,9 +439,13 @@ PYBIND11_MODULE(_core, m) {
     a.window = window;
     a.softcap = softcap;
     const int n = a.n, heads = a.n_heads, hd = a.head_dim, kvh = a.n_kv, ctx = a.cap;
-    if (n < 1 || kvh < 1 || hd < 1 || pos0 < 0 || ctx != pos0 + n || k.shape(2) != hd || v.shape(0) != kvh ||
-        v.shape(1) != ctx || v.shape(2) != hd || heads % kvh || window < 0 || !(softcap >= 0.0f))
+    if (n < 1 || heads < 1 || kvh < 1 || hd < 1 || pos0 < 0 || ctx != pos0 + n || k.shape(2) != hd || v.shape(0) != kvh ||
+        v.shape(1) != ctx || v.shape(2) != hd || heads % kvh || window < 0 || !(softcap >= 0.0f) ||
+        !std::isfinite(scale))
       throw py::value_error("attention shapes do not agree");
+    check_aligned(q.data(), 4, "q");
+    check_aligned(k.data(), 4, "k");
+    check_aligned(v.data(), 4, "v");
     std::vector<float> z(size_t(n) * heads * hd), pattern(size_t(n) * heads * ctx);
     AttentionCapture cap;
     cap.pattern = pattern.data();
@@ -383,6 +462,7 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos0"), py::arg("scale"), py::arg("kv_dtype") = "f32",
      py::arg("window") = 0, py::arg("softcap") = 0.0f);
   m.def("f16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+    check_aligned(x.data(), 4, "x");
     std::vector<uint16_t> bits = f16_bits(x);
     return py::array_t<uint16_t>(py::ssize_t(bits.size()), bits.data());
   }, "float32 to IEEE half bit patterns, as the f16 KV cache stores them");
@@ -399,9 +479,10 @@ PYBIND11_MODULE(_core, m) {
   py::class_<ModelHandle>(m, "Model")
       .def(py::init(&make_model), py::arg("config"), py::arg("weights"))
       .def_property_readonly("n_layers", [](const ModelHandle& h) { return h.model->config().n_layers; })
-      .def("forward", [](const ModelHandle& h, KVCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
+      .def("forward", [](const ModelHandle& h, GuardedCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
                          const std::string& mode, Hooks* hooks) {
         const LogitsMode lm = logits_mode(mode);
+        CacheInUse in_use(cache);
         const int n = int(tokens.size());
         std::vector<float> logits;
         {
@@ -423,18 +504,27 @@ PYBIND11_MODULE(_core, m) {
         std::vector<SequenceStep> batch(count);
         for (size_t i = 0; i < count; ++i) {
           const std::string who = "sequence " + std::to_string(i) + ": ";
-          if (!py::isinstance<KVCache>(caches[i])) throw py::type_error(who + "expected a KVCache");
+          if (!py::isinstance<GuardedCache>(caches[i])) throw py::type_error(who + "expected a KVCache");
           if (!hooks[i].is_none() && !py::isinstance<Hooks>(hooks[i]))
             throw py::type_error(who + "hooks must be Hooks or None");
           ids[i] = IntArray::ensure(tokens[i]);
           if (!ids[i] || ids[i].ndim() != 1) throw py::value_error(who + "tokens must be a 1-D array of token ids");
-          batch[i].cache = caches[i].cast<KVCache*>();
+          batch[i].cache = caches[i].cast<GuardedCache*>();
+          for (size_t j = 0; j < i; ++j)
+            if (batch[j].cache == batch[i].cache)
+              throw py::value_error(who + "uses the same KV cache as sequence " + std::to_string(j));
           batch[i].tokens = ids[i].data();
           batch[i].n = int(ids[i].size());
           batch[i].mode = logits_mode(modes[i].cast<std::string>());
           batch[i].hooks = hooks[i].is_none() ? nullptr : hooks[i].cast<Hooks*>();
           batch[i].logits = &logits[i];
         }
+        // Every cache is held for the whole step; a cache busy in another thread refuses the batch
+        // (the guards taken so far are released as the error unwinds).
+        std::vector<std::unique_ptr<CacheInUse>> in_use;
+        in_use.reserve(count);
+        for (size_t i = 0; i < count; ++i)
+          in_use.push_back(std::make_unique<CacheInUse>(*static_cast<GuardedCache*>(batch[i].cache)));
         {
           py::gil_scoped_release nogil;
           h.model->forward(batch.data(), int(count));
@@ -446,20 +536,29 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("caches"), py::arg("tokens"), py::arg("logits"), py::arg("hooks"),
          "Advance several sequences in one step; returns each one's logits as its mode asks.");
 
-  py::class_<KVCache>(m, "KVCache")
+  py::class_<GuardedCache>(m, "KVCache")
       .def(py::init([](const ModelHandle& h, int limit, const std::string& dtype) {
-             return std::make_unique<KVCache>(h.model->config(), limit, dtype_from_name(dtype), h.model.get());
+             return std::make_unique<GuardedCache>(h.model->config(), limit, dtype_from_name(dtype), h.model.get());
            }),
            py::arg("model"), py::arg("limit"), py::arg("dtype") = "f32")
-      .def_property_readonly("dtype", [](const KVCache& c) { return std::string(dtype_name(c.type())); })
-      .def_property_readonly("length", &KVCache::length)
-      .def_property_readonly("capacity", &KVCache::capacity)
-      .def_property_readonly("limit", &KVCache::limit)
-      .def("truncate", &KVCache::truncate)
-      .def("clone", &KVCache::clone);
+      .def_property_readonly("dtype", [](const GuardedCache& c) { return std::string(dtype_name(c.type())); })
+      .def_property_readonly("length", [](const GuardedCache& c) { return c.length(); })
+      .def_property_readonly("capacity", [](const GuardedCache& c) { return c.capacity(); })
+      .def_property_readonly("limit", [](const GuardedCache& c) { return c.limit(); })
+      .def("truncate", [](GuardedCache& c, int positions) {
+        CacheInUse in_use(c);
+        c.truncate(positions);
+      }, py::arg("positions"))
+      .def("clone", [](GuardedCache& c) {
+        CacheInUse in_use(c);
+        return std::make_unique<GuardedCache>(std::move(*c.clone()));
+      });
 
   py::class_<Hooks>(m, "Hooks")
-      .def(py::init<int>(), py::arg("n_layers"))
+      .def(py::init([](int n_layers) {
+             if (n_layers < 1 || n_layers > 1000000) throw py::value_error("Hooks needs a layer count within 1..1000000");
+             return std::make_unique<Hooks>(n_layers);
+           }), py::arg("n_layers"))
       .def("set", [](Hooks& hk, int point, int layer, bool capture, std::vector<int> positions,
                      std::vector<float> head_scale, std::vector<float> add,
                      std::unordered_map<int, std::vector<float>> replace) {

@@ -136,7 +136,11 @@ def rope_fields(r: FieldReader, head_dim: int, local: bool = False, partial_key:
             if "rope_theta" in sliding:
                 local_theta = _positive(r, "rope_parameters", sliding["rope_theta"], "sliding rope_theta")
         if "rope_theta" in full:
-            theta = _positive(r, "rope_parameters", full["rope_theta"], "rope_theta")
+            inner = _positive(r, "rope_parameters", full["rope_theta"], "rope_theta")
+            if theta is not None and theta != inner:
+                raise r.error("rope_theta", f"{theta} disagrees with rope_parameters' {inner}; which one "
+                                            f"applies is ambiguous")
+            theta = inner
         if "partial_rotary_factor" in full:
             partial = _positive(r, "rope_parameters", full["partial_rotary_factor"], "partial_rotary_factor")
         scaling_spec, scaling_key = full, "rope_parameters"
@@ -147,8 +151,11 @@ def rope_fields(r: FieldReader, head_dim: int, local: bool = False, partial_key:
     rotary_dim = int(head_dim * partial) if partial is not None else head_dim
     if rotary_dim < 2 or rotary_dim % 2:
         raise r.error(partial_key or "rope_parameters", f"{rotary_dim} rotary dimensions: must be even and >= 2")
-    out = dict(rope_theta=theta, rope_scaling=rope_scaling(r, scaling_spec, scaling_key, head_dim),
-               rotary_dim=rotary_dim if rotary_dim != head_dim else 0)
+    scaling = rope_scaling(r, scaling_spec, scaling_key, head_dim)
+    legacy = r.raw("rope_scaling", None)
+    if params is not None and legacy is not None and rope_scaling(r, legacy, "rope_scaling", head_dim) != scaling:
+        raise r.error("rope_scaling", "disagrees with rope_parameters; which one applies is ambiguous")
+    out = dict(rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary_dim if rotary_dim != head_dim else 0)
     if local_theta:
         out["rope_local_theta"] = local_theta
     return out
@@ -180,9 +187,12 @@ def decoder_fields(r: FieldReader, *, act_key: str = "hidden_act", act_default: 
     head_dim = r.int("head_dim", None) or hidden // heads
     if head_dim < 1:
         raise r.error("head_dim", "head size must be at least 1")
+    kv_heads = r.int("num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise r.error("num_key_value_heads", f"{heads} attention heads are not a multiple of {kv_heads} key/value heads")
     fields = dict(
         vocab_size=r.int("vocab_size"), hidden_size=hidden, n_layers=r.int("num_hidden_layers"), n_heads=heads,
-        n_kv_heads=r.int("num_key_value_heads", heads), head_dim=head_dim, ffn_size=r.int("intermediate_size"),
+        n_kv_heads=kv_heads, head_dim=head_dim, ffn_size=r.int("intermediate_size"),
         max_seq_len=r.int("max_position_embeddings"), norm="rms", norm_eps=r.float(eps_key, 1e-6),
         activation=activation(r, act_key, act_default), gated_mlp=True, position="rope", rope_layout="half",
         tied_embeddings=r.bool("tie_word_embeddings", tied_default))

@@ -8,7 +8,10 @@ and guessing would make the model silently wrong.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import stat
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -19,13 +22,107 @@ _MISSING = object()
 MAX_INT = 2**31 - 1
 
 
+# A JSON file larger than this is not a config (safetensors caps its header at 100 MB too).
+MAX_JSON_BYTES = 100 * 2**20
+
+
+def open_regular(path, what: str = "file"):
+    """`path` opened for binary reading, if it is a regular file.
+
+    A FIFO, device or directory named like a checkpoint file is refused rather
+    than opened: reading a FIFO blocks forever. The file is opened without
+    blocking and checked through its descriptor, so nothing can swap it between
+    the check and the read.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what}: {e.strerror}", path=path) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"cannot read {what}: it is not a regular file", path=path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_json(path, what: str = "JSON file", data: bytes | None = None) -> dict:
+    """A JSON object from `path` (or from `data` read from it): malformed, deeply nested,
+    non-object or oversized JSON is a CheckpointError naming the file, never echoing it."""
+    path = Path(path)
+    if data is None:
+        with open_regular(path, what) as fh:
+            data = fh.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise CheckpointError(f"{what} is larger than {MAX_JSON_BYTES} bytes", path=path)
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise CheckpointError(f"{what} is nested too deeply", path=path) from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{what} is not UTF-8 text", path=path) from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{what} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
+                              path=path) from None
+    except ValueError as e:  # e.g. an integer too long to convert
+        raise CheckpointError(f"{what} is not valid JSON ({type(e).__name__})", path=path) from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{what} must hold a JSON object, not {type(value).__name__}", path=path)
+    return value
+
+
+def is_count(v, minimum: int = 0, maximum: int = MAX_INT) -> bool:
+    """A JSON or numpy integer (not a bool, not a float) within minimum..maximum."""
+    if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+        v = v.item()
+    return isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= maximum
+
+
+def is_number(v) -> bool:
+    """A finite JSON number (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_rope(config, path, field: str) -> None:
+    """The rotary tables `config` implies can be computed and are finite and positive.
+
+    Bases and scaling factors that pass their own range checks can still break the
+    tables together (a base of 1 makes YaRN divide by zero, a huge base underflows
+    every frequency to 0, a factor list of the wrong length): refused here, at load.
+    """
+    if config.position != "rope":
+        return
+    import numpy as np
+
+    from ..errors import TokentrailError
+    from ..rope import tables
+
+    try:
+        t = tables(config.rope_theta, config.rotary_size, config.rope_scaling, config.max_seq_len,
+                   config.rope_local_theta)
+    except (ArithmeticError, TokentrailError) as e:
+        raise CheckpointError(f"rope parameters cannot be used: {e}", path=path, field=field) from None
+    good = all(a is None or bool(np.all(np.isfinite(a)) and np.all(a > 0))
+               for a in (t.inv_freq, t.inv_freq_local, t.inv_freq_long))
+    if not good or not (math.isfinite(t.attn_factor) and t.attn_factor > 0):
+        raise CheckpointError("rope parameters give non-finite or zero rotary frequencies", path=path, field=field)
+
+
 class FieldReader:
     """Typed access to a dict of values read from `path`; `where` prefixes messages (e.g. 'config.json')."""
 
-    def __init__(self, values: dict, path, prefix: str = ""):
+    def __init__(self, values: dict, path, prefix: str = "", limits: dict[str, tuple[int, str]] | None = None):
+        """`limits` bounds counts by what the file holds: key -> (maximum, why), e.g. a layer count
+        by the number of tensors, checked before anything loops over or allocates by the count."""
         self.values = values
         self.path = Path(path) if path is not None else None
         self.prefix = prefix
+        self.limits = limits or {}
         self.used: set[str] = set()
 
     def error(self, key: str, message: str) -> CheckpointError:
@@ -60,6 +157,9 @@ class FieldReader:
             raise self.error(key, f"expected an integer, got {type(v).__name__} {_show(v)}")
         if not minimum <= v <= maximum:
             raise self.error(key, f"expected an integer within {minimum}..{maximum}, got {v}")
+        if key in self.limits and v > self.limits[key][0]:
+            bound, why = self.limits[key]
+            raise self.error(key, f"{v} is more than {why} allow ({bound})")
         return v
 
     def float(self, key: str, default=_MISSING, positive: bool = True, minimum: float | None = None) -> float:

@@ -30,8 +30,8 @@ from ..tokenizer import Tokenizer
 from . import Checkpoint
 from .llama2c import BYTE, BYTE_PIECE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, sentencepiece_bpe
 from .families import BY_GGUF_ARCH, gguf_name, GGUF_BLOCK, GGUF_EXPERTS, GGUF_QKV, GGUF_ROPE, GGUF_TOP
-from .fields import FieldReader
-from .weights import BLOCK_TYPES, Weight
+from .fields import FieldReader, check_rope, open_regular
+from .weights import BLOCK_TYPES, Weight, aligned
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -119,7 +119,7 @@ class GGUFFile:
         self.path = Path(path)
         try:
             self.size = self.path.stat().st_size
-            with open(self.path, "rb") as fh:
+            with open_regular(self.path, "GGUF file") as fh:
                 if self.size == 0:
                     raise self.error("file is empty", "header")
                 with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -155,6 +155,8 @@ class GGUFFile:
         self.metadata_types: dict[str, int] = {}
         for i in range(n_kv):
             key = self._string(f"metadata key #{i}")
+            if key in self.metadata:
+                raise self.error("metadata key appears twice; which value applies is ambiguous", key)
             vtype = self._scalar("<I", key)
             self.metadata[key] = self._value(vtype, key, 0)
             self.metadata_types[key] = vtype
@@ -273,7 +275,8 @@ class GGUFFile:
             cols = info.dims[0]
             rows = info.nbytes // (cols // BLOCK_TYPES[info.dtype][0] * BLOCK_TYPES[info.dtype][1])
             return Weight(raw.reshape(rows, -1), info.dtype, shape)
-        return Weight(raw.view(FLOAT_NUMPY[info.dtype]).reshape(shape), info.dtype, shape)
+        # A file written with general.alignment below 4 may place floats at any byte: copied aligned.
+        return Weight(aligned(raw.view(FLOAT_NUMPY[info.dtype]).reshape(shape)), info.dtype, shape)
 
 
 # --------------------------------------------------------------------------
@@ -291,7 +294,9 @@ def read_gguf(path) -> Checkpoint:
     if family is None:
         raise f.error(f"architecture {arch!r} is not supported (tokentrail reads "
                       f"{', '.join(sorted(a for a in BY_GGUF_ARCH if a))})", "general.architecture")
-    r = FieldReader(meta, f.path, prefix=f"{arch}.")
+    n = len(f.tensors)
+    r = FieldReader(meta, f.path, prefix=f"{arch}.", limits={
+        k: (n, f"the file's {n} tensors") for k in ("block_count", "expert_count", "expert_used_count")})
     fields = _config_fields(f, r, family)
     r.refuse_unused(f"the {arch} metadata")
 
@@ -306,14 +311,49 @@ def read_gguf(path) -> Checkpoint:
                              eos_token_ids=eos)
     except ValueError as e:
         raise f.error(str(e), f"{arch}.*") from None
+    check_rope(config, f.path, f"{arch}.rope.*")
     weights = _map_tensors(f, config, family)
     _check_shapes(f, config, weights)
+    check_tokenizer_metadata(f)
     tokenizer = _tokenizer(f, vocab, config)
     return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, source=str(f.path))
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The kind of every tokenizer.ggml key the tokenizer reads: a scalar type, or an array of one.
+_TOKENIZER_KINDS = {
+    "model": str, "pre": str, "add_bos_token": bool, "add_eos_token": bool, "add_space_prefix": bool,
+    "remove_extra_whitespaces": bool, "tokens": [str], "merges": [str], "token_type": [int], "scores": [float],
+    "bos_token_id": int, "eos_token_id": int, "eot_token_id": int, "eom_token_id": int,
+}
+
+
+def check_tokenizer_metadata(f: GGUFFile) -> None:
+    """Every tokenizer.ggml value the tokenizer reads is of its kind (an array is not a string, a
+    token type is an integer, a score a finite number), so that building it cannot fail obscurely."""
+    for key, kind in _TOKENIZER_KINDS.items():
+        full = f"tokenizer.ggml.{key}"
+        v = f.metadata.get(full)
+        if v is None:
+            continue
+        if isinstance(kind, list):
+            item = kind[0]
+            if item is str:
+                ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+            else:
+                ok = isinstance(v, np.ndarray) and v.ndim == 1 and (
+                    v.dtype.kind in "iu" if item is int else v.dtype.kind in "iuf" and bool(np.isfinite(v).all()))
+            what = {str: "strings", int: "integers", float: "finite numbers"}[item]
+            if not ok:
+                raise f.error(f"expected an array of {what}", full)
+        elif kind is int:
+            if not _is_int(v):
+                raise f.error(f"expected an integer, got {type(v).__name__}", full)
+        elif not isinstance(v, kind):
+            raise f.error(f"expected a {kind.__name__}, got {type(v).__name__}", full)
 
 
 def _config_fields(f: GGUFFile, r: FieldReader, family) -> dict:

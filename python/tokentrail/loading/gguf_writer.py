@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidArgumentError
 from ..rope import base_frequencies, tables
 from .families import BY_GGUF_ARCH, BY_HF_ARCH, BY_NAME, Family, gguf_name
 from .quant import quantize
@@ -46,7 +46,7 @@ def write_gguf(checkpoint, out_path, dtype: str = "f32", progress=None) -> Path:
     from ..progress import Task
 
     if dtype not in WRITE_DTYPES:
-        raise ValueError(f"dtype must be one of {WRITE_DTYPES}, got {dtype!r}")
+        raise InvalidArgumentError(f"dtype must be one of {WRITE_DTYPES}, got {dtype!r}")
     cfg: ModelConfig = checkpoint.config
     family = _family(cfg)
     _check_expressible(cfg, family)
@@ -317,7 +317,7 @@ def _write_tokenizer(w, tok, cfg: ModelConfig) -> None:
     spec = json.loads(tok.inner.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        raise ValueError(f"only BPE tokenizers can be written to GGUF, not {model.get('type')!r}")
+        raise InvalidArgumentError(f"only BPE tokenizers can be written to GGUF, not {model.get('type')!r}")
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     n = max(cfg.vocab_size, tok.vocab_size)
     tokens: list[str | None] = [None] * n
@@ -388,5 +388,5 @@ def _pre_name(pre, gpt2: str, llama3: str, qwen2: str) -> str:
     for pattern, name in ((llama3, "llama-bpe"), (qwen2, "qwen2"), (gpt2, "gpt-2")):
         if json.dumps(pattern)[1:-1] in text:
             return name
-    raise ValueError("the tokenizer's pre-tokenizer has no GGUF name tokentrail knows "
+    raise InvalidArgumentError("the tokenizer's pre-tokenizer has no GGUF name tokentrail knows "
                      "(gpt-2, llama-bpe, qwen2)")

@@ -7,7 +7,6 @@ the checkpoint), and every tensor is matched against the family's names
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
 from . import Checkpoint
 from .families import BY_HF_ARCH, FAMILIES, GPT2_TRANSPOSED, HF_HARMLESS, Family, Fused
-from .fields import FieldReader
+from .fields import FieldReader, check_rope, read_json
 from .safetensors import read_safetensors
 from .weights import Weight
 
@@ -27,16 +26,7 @@ SUPPORTED_ARCHITECTURES = tuple(a for f in FAMILIES for a in f.hf_architectures)
 
 
 def _load_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except RecursionError:
-        raise CheckpointError("JSON is nested too deeply", path=path) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise CheckpointError(f"cannot read JSON: {e}", path=path) from None
-    if not isinstance(data, dict):
-        raise CheckpointError("expected a JSON object", path=path)
-    return data
+    return read_json(path, path.name)
 
 
 def family_of(raw: dict, path: Path) -> tuple[Family, str]:
@@ -51,9 +41,17 @@ def family_of(raw: dict, path: Path) -> tuple[Family, str]:
     return BY_HF_ARCH[arch], arch
 
 
-def config_from_hf(raw: dict, path: Path) -> tuple[ModelConfig, Family]:
+# config.json keys counting layers or experts: each has tensors, so none can exceed the tensor count.
+_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_local_experts", "num_experts", "num_experts_per_tok")
+
+
+def config_from_hf(raw: dict, path: Path, n_tensors: int | None = None) -> tuple[ModelConfig, Family]:
+    """The ModelConfig of a config.json; `n_tensors` (the checkpoint's tensor count) bounds the
+    layer and expert counts before anything loops over them."""
     family, arch = family_of(raw, path)
-    r = FieldReader(raw, path)
+    limits = {} if n_tensors is None else {k: (n_tensors, f"the checkpoint's {n_tensors} tensors")
+                                           for k in _COUNT_KEYS}
+    r = FieldReader(raw, path, limits=limits)
     fields = family.hf_config(r)
     r.ignore(*HF_HARMLESS)
     r.refuse_unused("config.json")
@@ -63,6 +61,7 @@ def config_from_hf(raw: dict, path: Path) -> tuple[ModelConfig, Family]:
         cfg = ModelConfig(**fields, architecture=arch)
     except ValueError as e:
         raise CheckpointError(str(e), path=path) from None
+    check_rope(cfg, path, "rope_parameters" if r.has("rope_parameters") else "rope_theta")
     cfg.bos_token_id = bos if _is_id(bos, cfg.vocab_size) else None
     cfg.eos_token_ids = _ids(eos, cfg.vocab_size)
     return cfg, family
@@ -215,7 +214,9 @@ def read_hf(directory, dtype: str | None = None) -> Checkpoint:
     directory = Path(directory)
     cfg_path = directory / "config.json"
     raw = _load_json(cfg_path)
-    cfg, family = config_from_hf(raw, cfg_path)
+    family_of(raw, cfg_path)  # an unsupported architecture is named before any tensor is read
+    tensors, where = _read_tensors(directory)
+    cfg, family = config_from_hf(raw, cfg_path, len(tensors))
     gen_path = directory / "generation_config.json"
     if gen_path.exists():
         gen = _load_json(gen_path)
@@ -225,11 +226,10 @@ def read_hf(directory, dtype: str | None = None) -> Checkpoint:
         if _is_id(gen.get("bos_token_id"), cfg.vocab_size):
             cfg.bos_token_id = gen["bos_token_id"]
 
-    tensors, where = _read_tensors(directory)
-    # Every block has tensors: more layers or experts than tensors is a config that cannot be right,
-    # and checking it here keeps the per-layer checks below from looping over a huge claimed count.
-    if cfg.n_layers > len(tensors) or cfg.n_experts > len(tensors):
-        raise CheckpointError(f"config claims {cfg.n_layers} layers and {cfg.n_experts} experts but the "
+    # Every block has tensors, and every expert of every block: more than the tensors present is a
+    # config that cannot be right, and checking it here keeps the checks below from looping over it.
+    if cfg.n_layers * max(1, cfg.n_experts) > len(tensors):
+        raise CheckpointError(f"config claims {cfg.n_layers} layers of {cfg.n_experts} experts but the "
                               f"checkpoint has {len(tensors)} tensors", path=cfg_path, field="num_hidden_layers")
     weights = map_tensors(family, cfg, tensors, where)
     if "unembed.weight" in weights:

@@ -13,6 +13,7 @@ text to the same ids.
 """
 from __future__ import annotations
 
+import math
 import re
 import struct
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
 from . import Checkpoint
+from .fields import open_regular
 from .weights import Weight
 
 HEADER = struct.Struct("<7i")
@@ -52,7 +54,7 @@ def read_llama2c(path, tokenizer_path=None) -> Checkpoint:
     path = Path(path)
     try:
         size = path.stat().st_size
-        with open(path, "rb") as fh:
+        with open_regular(path, "checkpoint") as fh:
             head = fh.read(HEADER.size)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint: {e.strerror}", path=path) from None
@@ -179,10 +181,8 @@ def read_llama2c_tokenizer(path, vocab_size: int, remove_extra_whitespaces: bool
     one, else from the arguments, else SentencePiece's defaults (both on).
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read tokenizer: {e.strerror}", path=path) from None
+    with open_regular(path, "tokenizer") as fh:
+        data = fh.read()
     if len(data) < 4:
         raise CheckpointError("tokenizer file is shorter than its 4-byte header", path=path)
     pos = 4  # int32 max_token_length: a buffer size for C readers, not needed here
@@ -194,6 +194,9 @@ def read_llama2c_tokenizer(path, vocab_size: int, remove_extra_whitespaces: bool
                                   tensor=f"token {i}")
         score, n = struct.unpack_from("<fi", data, pos)
         pos += 8
+        if not math.isfinite(score):
+            raise CheckpointError(f"token {i} has a score of {score}; merges are ranked by finite scores",
+                                  path=path, tensor=f"token {i}")
         if n < 0 or pos + n > len(data):
             raise CheckpointError(f"token {i} claims {n} bytes but {len(data) - pos} remain",
                                   path=path, tensor=f"token {i}")
@@ -302,10 +305,10 @@ def read_sentencepiece_flags(path: Path) -> dict:
     Reads just enough of the protobuf wire format to find the NormalizerSpec
     (field 3): its name (1), add_dummy_prefix (3) and remove_extra_whitespaces (4).
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
+    if not Path(path).exists():
         return {}
+    with open_regular(path, "SentencePiece model") as fh:
+        data = fh.read()
     try:
         for field, value in _protobuf_fields(data):
             if field == 3 and isinstance(value, bytes):

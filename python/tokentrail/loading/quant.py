@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .weights import BLOCK_TYPES
+from ..errors import InvalidArgumentError
 
 QK_K = 256
 
@@ -33,14 +34,14 @@ def block_info(dtype: str) -> tuple[int, int]:
     try:
         return BLOCK_TYPES[dtype]
     except KeyError:
-        raise ValueError(f"{dtype!r} is not a block-quantized type; expected one of {tuple(BLOCK_TYPES)}") from None
+        raise InvalidArgumentError(f"{dtype!r} is not a block-quantized type; expected one of {tuple(BLOCK_TYPES)}") from None
 
 
 def row_bytes(dtype: str, cols: int) -> int:
     """Bytes one row of `cols` values takes; `cols` must fill whole blocks."""
     per_block, nbytes = block_info(dtype)
     if cols % per_block:
-        raise ValueError(f"{dtype} needs rows that are a multiple of {per_block} values, got {cols}")
+        raise InvalidArgumentError(f"{dtype} needs rows that are a multiple of {per_block} values, got {cols}")
     return cols // per_block * nbytes
 
 
@@ -67,7 +68,7 @@ def dequantize(data: np.ndarray, dtype: str, shape) -> np.ndarray:
     n = int(np.prod(shape, dtype=np.int64))
     raw = np.asarray(data, dtype=np.uint8).reshape(-1)
     if n % per_block or raw.size != n // per_block * nbytes:
-        raise ValueError(f"{raw.size} bytes of {dtype} cannot hold shape {shape}")
+        raise InvalidArgumentError(f"{raw.size} bytes of {dtype} cannot hold shape {shape}")
     blocks = raw.reshape(-1, nbytes)
     out = {"q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_k": _deq_q4_k, "q6_k": _deq_q6_k}[dtype](blocks)
     return out.reshape(shape)
@@ -130,12 +131,12 @@ def quantize(array: np.ndarray, dtype: str) -> np.ndarray:
     """Encode float values to blocks: uint8 [rows, bytes_per_row] (1-D input is one row)."""
     x = np.asarray(array, dtype=np.float32)
     if x.ndim == 0:
-        raise ValueError("cannot quantize a scalar")
+        raise InvalidArgumentError("cannot quantize a scalar")
     x2 = x.reshape(1, -1) if x.ndim == 1 else x.reshape(-1, x.shape[-1])
     rows, cols = x2.shape
     bpr = row_bytes(dtype, cols)
     if not np.all(np.isfinite(x2)):
-        raise ValueError("cannot quantize non-finite values")
+        raise InvalidArgumentError("cannot quantize non-finite values")
     per_block, _ = block_info(dtype)
     blocks = np.ascontiguousarray(x2).reshape(-1, per_block)
     fn = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_k": _q_q4_k, "q6_k": _q_q6_k}[dtype]

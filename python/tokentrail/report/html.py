@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
+
 STATIC = Path(__file__).parent / "static"
 # Attention tables with more entries than this are packed as 8-bit fractions, not 16-bit.
 U16_ENTRIES = 8_000_000
@@ -126,7 +128,7 @@ def report_data(journeys) -> dict:
     """Everything the page shows, as JSON-ready values."""
     journeys = [journeys] if not isinstance(journeys, Sequence) else list(journeys)
     if not journeys:
-        raise ValueError("journeys: give at least one journey")
+        raise InvalidArgumentError("journeys: give at least one journey")
     first, last = journeys[0], journeys[-1]
     c = first.config
     # The sequence the last step saw: the prompt, then the tokens generated before its own.
@@ -154,7 +156,7 @@ def write_report(journeys, path) -> Path:
     """Write one self-contained page for a Journey or a list of them (one per generated token)."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"output: {str(path)!r} is a directory; give a file name such as journey.html")
+        raise InvalidArgumentError(f"output: {str(path)!r} is a directory; give a file name such as journey.html")
     data = report_data(journeys)
     steps = data["steps"]
     followed = data["tokens"][steps[0]["position"]]

@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import thermo
+from ..errors import InvalidArgumentError
 
 
 def _bar(value: float, width: int = 12) -> str:
@@ -30,7 +31,7 @@ _RECENT_KEYS = 3
 def print_journey(j, width: int | None = None, console: Console | None = None) -> None:
     """Print a journey's stages, attention tables, logit lens, attribution and geometry."""
     if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 40):
-        raise ValueError(f"width: must be an integer >= 40 columns, got {width!r}")
+        raise InvalidArgumentError(f"width: must be an integer >= 40 columns, got {width!r}")
     console = console or Console(width=width, highlight=False)
     console.rule(f"[bold]the journey of {j.tokens[j.position]!r} (position {j.position})")
     for stage in j:

@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .errors import ContextFullError, OptionError, TokentrailError
 from .generation_config import GenerationDefaults, defaults_for
 from .loading import Checkpoint, read_checkpoint
-from .loading.weights import BLOCK_TYPES, Weight, bf16_from_float32
+from .loading.weights import BLOCK_TYPES, DTYPES, Weight, bf16_from_float32
 from .progress import ProgressOption, Task
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def _convert(w: Weight, dtype: str) -> Weight:
             # Rows that do not fill whole blocks stay in half precision, as GGUF writers do.
             return Weight(values.astype(np.float16), "f16", w.shape)
         return Weight(quantize(values, dtype), dtype, w.shape)
-    raise ValueError(f"unknown dtype {dtype!r}; expected f32, f16, bf16, q8_0, q4_0, q4_k or q6_k")
+    raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
 
 
 class Model:

@@ -1,11 +1,14 @@
 """Decode speed per weight type: tokentrail next to llama.cpp on the same weights, same run.
 
     python bench/decode_by_type.py [--shape gpt2|smollm] [--threads 2] [--new 64] [--repeats 5]
+                                   [--types f32,q4_0,q4_k_m,...]
 
 A random-weight model in the shape of a real one (gpt2: 124M parameters) is
 converted by `tokentrail.load(dir, dtype=...)` for tokentrail and written by
 `write_gguf` for llama.cpp (llama-cpp-python; the types it reads from
-tokentrail's writer: f32, f16, q8_0, q4_0). Both engines decode greedily one
+tokentrail's writer: f32, f16, q8_0, q4_0). The llama.cpp mixes (q4_k_m,
+q5_k_m, q5_0, q5_1, q4_1, iq4_nl) are made by llama.cpp's own quantizer from
+the f32 file, and both engines read that very file. Both engines decode greedily one
 token at a time from a one-token prompt with the same thread count; figures
 are medians over repeats, each after a warm-up (bench/timing.py), the two
 engines taking turns.
@@ -31,6 +34,24 @@ from timing import timeit_median
 
 TYPES = ("f32", "bf16", "f16", "q8_0", "q4_0", "q4_k")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")  # what tokentrail writes and llama.cpp reads
+# Files llama.cpp's quantizer makes (its file type constants), read by both engines as they are.
+LLAMA_MIXES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+               "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+               "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1", "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL"}
+
+
+def llama_cpp_quantize(src: Path, dst: Path, mix: str, threads: int) -> Path:
+    """`src` (an f32 GGUF) quantized by llama.cpp to one of LLAMA_MIXES, as llama-quantize does."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_MIXES[mix])
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {mix}")
+    return dst
 
 
 def placeholder_tokenizer(vocab_size: int):
@@ -98,12 +119,21 @@ def main() -> None:
         tied = ck.config.tied_embeddings
         steps = args.new + 1  # the prompt token is a one-token step as well
 
+        f32_file = None
         for dtype in args.types.split(","):
+            path = None
+            if dtype in LLAMA_MIXES:
+                if f32_file is None:
+                    f32_file = write_gguf(ck, Path(tmp) / "f32-source.gguf", "f32")
+                path = llama_cpp_quantize(f32_file, Path(tmp) / f"{dtype}.gguf", dtype, args.threads)
             try:
-                ours = tokentrail.load(hf, dtype=dtype, threads=args.threads)
+                ours = tokentrail.load(path or hf, dtype=None if path else dtype, threads=args.threads)
             except ValueError as e:  # e.g. rows that do not fill whole q4_k blocks
                 print(f"{dtype}: tokentrail cannot convert this shape ({e})")
                 continue
+            if path:
+                held = sorted({w.dtype for w in ours.weights.values()})
+                print(f"{dtype}: llama.cpp's file holds {', '.join(held)}")
             n_params = ours.n_params
             our_bytes = streamed_bytes({n: w.data.nbytes for n, w in ours.weights.items()}, tied)
 
@@ -114,8 +144,8 @@ def main() -> None:
                     logits = s.feed([int(np.argmax(logits))])
 
             llm = their_bytes = None
-            if dtype in GGUF_TYPES:
-                path = write_gguf(ck, Path(tmp) / f"{dtype}.gguf", dtype)
+            if dtype in GGUF_TYPES or path:
+                path = path or write_gguf(ck, Path(tmp) / f"{dtype}.gguf", dtype)
                 their_bytes = streamed_bytes(gguf_sizes(path), tied)
                 llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(256, steps + 8), n_threads=args.threads,
                                       n_threads_batch=args.threads, logits_all=True, verbose=False)
@@ -149,13 +179,13 @@ def main() -> None:
     others = max(0.0, (all1 - all0) - (own1 - own0)) / ((t1 - t0) * os.cpu_count())
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} (this run's own "
           f"threads included) on {os.cpu_count()} CPUs; other processes used {others:.0%} of the CPUs meanwhile")
-    head = (f"{'type':<6}{'weights MB':>11}{'tokentrail tok/s':>18}{'llama.cpp tok/s':>17}{'ratio':>7}"
+    head = (f"{'type':<7}{'weights MB':>11}{'tokentrail tok/s':>18}{'llama.cpp tok/s':>17}{'ratio':>7}"
             f"{'tokentrail GB/s':>17}{'llama.cpp GB/s':>16}")
     print(head)
     for dtype, our_bytes, ours, their_bytes, theirs in rows:
         ot = float(np.median(ours))
         tt = float(np.median(theirs)) if theirs is not None else None
-        cells = [f"{dtype:<6}", f"{our_bytes / 1e6:>11.1f}", f"{ot:>18.1f}",
+        cells = [f"{dtype:<7}", f"{our_bytes / 1e6:>11.1f}", f"{ot:>18.1f}",
                  f"{tt:>17.1f}" if tt else f"{'-':>17}", f"{ot / tt:>6.2f}x" if tt else f"{'-':>7}",
                  f"{our_bytes * ot / 1e9:>17.2f}", f"{their_bytes * tt / 1e9:>16.2f}" if tt else f"{'-':>16}"]
         print("".join(cells))

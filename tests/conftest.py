@@ -82,3 +82,22 @@ def check_attention(q, k, v, pos0, scale, z, pattern):
             p /= p.sum()
             np.testing.assert_allclose(pattern[i, h], p, atol=1e-6)
             np.testing.assert_allclose(z[i, h], p @ v[h // group], atol=1e-5)
+
+
+# Byte offsets of the f16 scale fields in each GGML block type's layout.
+SCALE_OFFSETS = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "iq4_nl": [0],
+                 "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+
+
+def random_blocks(rng, dtype: str, rows: int, cols: int, scale: float) -> "np.ndarray":
+    """Arbitrary bytes, so every bit of the layout is in play, with finite f16 scales in [-scale, scale]."""
+    import numpy as np
+
+    from tokentrail.loading.quant import block_info, row_bytes
+
+    raw = rng.integers(0, 256, (rows, row_bytes(dtype, cols)), dtype=np.uint8)
+    blocks = raw.reshape(-1, block_info(dtype)[1])
+    for off in SCALE_OFFSETS[dtype]:
+        scales = rng.uniform(-scale, scale, blocks.shape[0]).astype("<f2")
+        blocks[:, off:off + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return raw

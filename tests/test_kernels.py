@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import check_attention
+from conftest import SCALE_OFFSETS, check_attention, random_blocks
 from tokentrail import _core
 from tokentrail.loading.weights import bf16_from_float32
 
@@ -145,15 +145,25 @@ def test_environment_variable_forces_a_variant():
         assert out == name
 
 
-@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_k", "q6_k"])
+def test_every_block_type_has_a_kernel_test():
+    from tokentrail.loading.weights import BLOCK_TYPES
+
+    assert set(SCALE_OFFSETS) == set(BLOCK_TYPES)
+
+
+@pytest.mark.parametrize("dtype", list(SCALE_OFFSETS))
+@pytest.mark.parametrize("source", ["quantized", "random bytes"])
 @pytest.mark.parametrize("n,rows", [(1, 7), (3, 33), (6, 5), (_core.GEMM_MIN_ROWS + 3, 35)])
-def test_quantized_matmul_against_numpy_dequantize(isa, dtype, n, rows):
+def test_quantized_matmul_against_numpy_dequantize(isa, dtype, source, n, rows):
     from tokentrail.loading.quant import block_info, dequantize, quantize
 
     block = block_info(dtype)[0]
     cols = block * (3 if block == 32 else 2) + (block if rows % 2 else 0)  # several blocks, odd counts too
     rng = np.random.default_rng(rows + n)
-    packed = quantize(rng.standard_normal((rows, cols)).astype(np.float32), dtype)
+    if source == "quantized":
+        packed = quantize(rng.standard_normal((rows, cols)).astype(np.float32), dtype)
+    else:
+        packed = random_blocks(rng, dtype, rows, cols, scale=0.05)
     exact = dequantize(packed, dtype, (rows, cols)).astype(np.float64)
     x = rng.standard_normal((n, cols)).astype(np.float32)
     b = rng.standard_normal(rows).astype(np.float32)

@@ -62,6 +62,11 @@ llama_cpp = require("llama_cpp")
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 TOL = {"f32": 5e-4, "f16": 1e-2, "q8_0": 0.2, "q4_0": 0.2}
+# Files of 4- and 5-bit weights (llama.cpp's own mixes too): 8-bit activations as for q8_0 and q4_0,
+# and weights coarse enough that they move the logits far more than the engines differ.
+COARSE = ("q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k_m", "q5_k_m")
+TOL.update(dict.fromkeys(COARSE, 0.2))
+K_QUANTS = ("q4_k", "q5_k", "q6_k")  # whose products llama.cpp feeds 8-bit inputs in blocks of 256 (Q8_K)
 SUMMATION_ORDER = 2e-5
 ROUNDING_FACTOR = 4  # llama.cpp vs tokentrail, at most this many times the modelled rounding disturbance
 GREEDY_STEPS = 8
@@ -144,7 +149,20 @@ def round_like_llama_cpp(x: np.ndarray, weight_dtype: str) -> np.ndarray:
         return x
     if weight_dtype == "f16":
         return x.astype(np.float16).astype(np.float32)
-    return dequantize(quantize(x, "q8_0"), "q8_0", x.shape)  # q8_0 and q4_0 both take q8_0 inputs
+    if weight_dtype in K_QUANTS:
+        return round_8bit_blocks(x, 256)
+    return dequantize(quantize(x, "q8_0"), "q8_0", x.shape)  # the 32-value types take q8_0 (or q8_1) inputs
+
+
+def round_8bit_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """Q8_K's rounding: per block, the value of largest magnitude maps to -127, the rest to the nearest level."""
+    b = x.reshape(-1, block).astype(np.float32)
+    extreme = np.take_along_axis(b, np.abs(b).argmax(axis=1)[:, None], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(extreme == 0, np.float32(0), np.float32(-127) / extreme)
+        q = np.minimum(127, np.rint(iscale * b))
+        out = np.where(iscale == 0, np.float32(0), q / iscale)
+    return out.astype(np.float32).reshape(x.shape)
 
 
 def gelu_like_llama_cpp(x: np.ndarray) -> np.ndarray:
@@ -186,7 +204,7 @@ def with_rounded_inputs(model, ids: list[int]) -> np.ndarray:
 def compare(path, prompt: list[int], dtype: str, label: str, original=None) -> list[int]:
     """Check llama.cpp against tokentrail on the file at `path`; returns tokentrail's greedy continuation.
 
-    `original`: the checkpoint's unconverted model, for the q4_0 check.
+    `original`: the checkpoint's unconverted model, for the check on 4- and 5-bit files.
     """
     model = tokentrail.load(path)
     continuation, ours = tokentrail_greedy(model, prompt, GREEDY_STEPS)
@@ -217,11 +235,12 @@ def compare(path, prompt: list[int], dtype: str, label: str, original=None) -> l
         top2 = np.sort(ours[row])[-2:]
         if top2[1] - top2[0] > 2 * bound * spread[row]:
             assert int(theirs[row].argmax()) == tok, f"{label} {dtype}: greedy step {step}"
-    if dtype == "q4_0" and original is not None:
-        # 4-bit weights move the logits far more than the engines differ: llama.cpp
-        # reads the same 4-bit values tokentrail does, not something else close to them.
+    if dtype in COARSE and original is not None:
+        # 4- and 5-bit weights move the logits far more than the engines differ: llama.cpp
+        # reads the same quantized values tokentrail does, not something else close to them.
         moved = (np.abs(ours - original.forward(ids)).max(axis=1) / spread).max()
-        assert diff.max() < 0.25 * moved, f"{report}; q4_0 weights move the logits only {moved:.2e}"
+        print(f"{label} {dtype}: the quantized weights move the logits {moved:.2e} of the spread")
+        assert diff.max() < 0.25 * moved, f"{report}; {dtype} weights move the logits only {moved:.2e}"
     return continuation
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import SCALE_OFFSETS, random_blocks, require
 from tokentrail.loading.quant import dequantize, quantize, row_bytes
 from tokentrail.loading.weights import BLOCK_TYPES, Weight
 
-TYPES = ("q8_0", "q4_0", "q4_k", "q6_k")
+TYPES = tuple(BLOCK_TYPES)
+# Types whose quantizer makes GGML's reference choice (so gguf.quants writes the same bytes).
+GGML_CHOICE = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+
 
 
 def ggml_type(name: str):
@@ -29,7 +32,11 @@ def sample(rows: int, cols: int, seed: int = 0) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("dtype", ("q8_0", "q4_0"))
+def test_every_block_type_is_covered():
+    assert set(SCALE_OFFSETS) == set(BLOCK_TYPES) == set(BOUNDS)
+
+
+@pytest.mark.parametrize("dtype", GGML_CHOICE)
 def test_quantize_is_byte_identical_to_gguf(dtype):
     quants = require("gguf.quants")
     x = sample(32, 512)
@@ -44,14 +51,8 @@ def test_dequantize_matches_gguf_on_arbitrary_blocks(dtype):
     """Random bytes exercise every bit of the layout, not only what our quantizer emits."""
     quants = require("gguf.quants")
     rng = np.random.default_rng(1)
-    per_block, nbytes = BLOCK_TYPES[dtype]
-    shape = (6, per_block * 4)
-    raw = rng.integers(0, 256, (6, 4 * nbytes), dtype=np.uint8)
-    # Keep the f16 scale fields finite so the comparison is about the layout.
-    scale_offsets = {"q8_0": [0], "q4_0": [0], "q4_k": [0, 2], "q6_k": [208]}[dtype]
-    blocks = raw.reshape(-1, nbytes)
-    for off in scale_offsets:
-        blocks[:, off:off + 2] = rng.uniform(-2, 2, blocks.shape[0]).astype("<f2").view(np.uint8).reshape(-1, 2)
+    shape = (6, BLOCK_TYPES[dtype][0] * 4)
+    raw = random_blocks(rng, dtype, *shape, scale=2.0)  # finite scales: the comparison is about the layout
     ours = dequantize(raw, dtype, shape)
     ref = quants.dequantize(raw, ggml_type(dtype))
     assert ours.dtype == np.float32 and ours.shape == shape
@@ -71,9 +72,15 @@ def test_round_trip_decodes_identically_in_gguf(dtype):
 # the level spacing: q8_0 has 127 levels per side (half a step is 1/254 of the
 # block's max), q4_0 has levels -8..7 scaled so the extreme lands on -8, so values
 # of the other sign may clip by a whole step (1/8 of the max), q4_k 15 levels over [min, max] plus 6-bit
-# sub-block scales, q6_k 32 levels per side plus 8-bit group scales.
+# sub-block scales, q6_k 32 levels per side plus 8-bit group scales. q4_1 and
+# q5_1 spread 15 and 31 steps over [min, max] (half a step is at most 1/15 and
+# 1/31 of the max, plus the f16 rounding of d and m); q5_0 is q4_0 with levels
+# -16..15 (a clip of at most 1/16); iq4_nl's widest gap between levels is 24,
+# with the extreme at 113 at worst (12/113); q5_k is q4_k with twice the levels.
 BOUNDS = {"q8_0": (1 / 254 + 1e-3, 0.01), "q4_0": (1 / 8 + 1e-3, 0.11),
-          "q4_k": (0.10, 0.10), "q6_k": (0.035, 0.03)}
+          "q4_1": (1 / 15 + 2e-3, 0.09), "q5_0": (1 / 16 + 1e-3, 0.05), "q5_1": (1 / 31 + 2e-3, 0.045),
+          "iq4_nl": (12 / 113 + 2e-3, 0.09),
+          "q4_k": (0.10, 0.10), "q5_k": (0.05, 0.05), "q6_k": (0.035, 0.03)}
 
 
 @pytest.mark.parametrize("dtype", TYPES)

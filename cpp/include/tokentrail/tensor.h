@@ -8,14 +8,49 @@
 
 namespace tokentrail {
 
-enum class DType : int { F32 = 0, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K };
+// Every weight type the engine computes with, one row each: enumerator, name,
+// GGML type id (its number in GGUF files), values per block and bytes per
+// block (1 and sizeof(element) for the float types). Everything else about the
+// types (enum, names, layouts, the table Python reads) is generated from these
+// rows; a new type is one row here plus its kernels in kernels_impl.h.
+#define TOKENTRAIL_WEIGHT_TYPES(X)    \
+  X(F32, "f32", 0, 1, 4)              \
+  X(F16, "f16", 1, 1, 2)              \
+  X(BF16, "bf16", 30, 1, 2)           \
+  X(Q8_0, "q8_0", 8, 32, 34)          \
+  X(Q4_0, "q4_0", 2, 32, 18)          \
+  X(Q4_1, "q4_1", 3, 32, 20)          \
+  X(Q5_0, "q5_0", 6, 32, 22)          \
+  X(Q5_1, "q5_1", 7, 32, 24)          \
+  X(IQ4_NL, "iq4_nl", 20, 32, 18)     \
+  X(Q4_K, "q4_k", 12, 256, 144)       \
+  X(Q5_K, "q5_k", 13, 256, 176)       \
+  X(Q6_K, "q6_k", 14, 256, 210)
 
+#define TOKENTRAIL_ENUMERATOR(e, name, ggml, values, bytes) e,
+enum class DType : int { TOKENTRAIL_WEIGHT_TYPES(TOKENTRAIL_ENUMERATOR) };
+#undef TOKENTRAIL_ENUMERATOR
+
+// One row of the table above.
+struct WeightTypeInfo {
+  DType type;
+  const char* name;
+  int ggml_id;
+  int values;  // per block
+  int bytes;   // per block
+};
+#define TOKENTRAIL_TYPE_ROW(e, name, ggml, values, bytes) WeightTypeInfo{DType::e, name, ggml, values, bytes},
+inline constexpr WeightTypeInfo WEIGHT_TYPES[] = {TOKENTRAIL_WEIGHT_TYPES(TOKENTRAIL_TYPE_ROW)};
+#undef TOKENTRAIL_TYPE_ROW
+inline constexpr int N_WEIGHT_TYPES = int(sizeof(WEIGHT_TYPES) / sizeof(WEIGHT_TYPES[0]));
+
+constexpr const WeightTypeInfo& weight_type(DType t) { return WEIGHT_TYPES[int(t)]; }
 DType dtype_from_name(const std::string& name);
-const char* dtype_name(DType t);
+inline const char* dtype_name(DType t) { return weight_type(t).name; }
 
 // Values per block and bytes per block (1 and sizeof(element) for float types).
 struct BlockLayout { int values; int bytes; };
-BlockLayout block_layout(DType t);
+inline BlockLayout block_layout(DType t) { return {weight_type(t).values, weight_type(t).bytes}; }
 
 // A row-major matrix [rows, cols] of any weight type; rows are row_bytes apart.
 struct WeightView {

@@ -466,6 +466,11 @@ PYBIND11_MODULE(_core, m) {
     std::vector<uint16_t> bits = f16_bits(x);
     return py::array_t<uint16_t>(py::ssize_t(bits.size()), bits.data());
   }, "float32 to IEEE half bit patterns, as the f16 KV cache stores them");
+  m.def("weight_types", [] {
+    py::list out;
+    for (const WeightTypeInfo& t : WEIGHT_TYPES) out.append(py::make_tuple(t.name, t.ggml_id, t.values, t.bytes));
+    return out;
+  }, "Every weight type the kernels read: (name, GGML type id, values per block, bytes per block)");
   m.def("row_to_f32", [](py::array w, const std::string& dtype, int64_t rows, int64_t cols) {
     ModelHandle keep;
     py::dict wd;

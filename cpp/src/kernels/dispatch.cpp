@@ -11,28 +11,11 @@
 namespace tokentrail {
 
 DType dtype_from_name(const std::string& name) {
-  static const char* names[] = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k"};
-  for (int i = 0; i < 7; ++i)
-    if (name == names[i]) return DType(i);
-  throw std::invalid_argument("unknown weight dtype '" + name + "'");
-}
-
-const char* dtype_name(DType t) {
-  static const char* names[] = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k"};
-  return names[int(t)];
-}
-
-BlockLayout block_layout(DType t) {
-  switch (t) {
-    case DType::F32: return {1, 4};
-    case DType::F16: return {1, 2};
-    case DType::BF16: return {1, 2};
-    case DType::Q8_0: return {32, 34};
-    case DType::Q4_0: return {32, 18};
-    case DType::Q4_K: return {256, 144};
-    case DType::Q6_K: return {256, 210};
-  }
-  throw std::invalid_argument("bad dtype");
+  for (const WeightTypeInfo& t : WEIGHT_TYPES)
+    if (name == t.name) return t.type;
+  std::string known;
+  for (const WeightTypeInfo& t : WEIGHT_TYPES) known += std::string(known.empty() ? "" : ", ") + t.name;
+  throw std::invalid_argument("unknown weight dtype '" + name + "' (known: " + known + ")");
 }
 
 namespace {

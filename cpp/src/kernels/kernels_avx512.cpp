@@ -30,6 +30,19 @@ struct V {
     return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(b, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(mask)));
   }
   static R cvt_nibble(const uint8_t* p, int shift) { return cvt_bits(p, shift, 0xF); }
+  // Lane i: bit (first + i) of `bits`, as 0.0 or 1.0.
+  static R cvt_bit(uint32_t bits, int first) {
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i b = _mm512_srlv_epi32(_mm512_set1_epi32(int(bits >> first)), lanes);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(1)));
+  }
+  // Lane i: table[(p[i] >> shift) & 0xF] (a byte shuffle, then widened).
+  static R lookup_nibbles(const uint8_t* p, int shift, const int8_t* table) {
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
+    const __m128i b = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), _mm_cvtsi32_si128(shift)),
+                                    _mm_set1_epi8(0x0F));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(t, b)));
+  }
   static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }

@@ -4,7 +4,9 @@
 // so the same loops compile to AVX-512, AVX2+FMA or scalar code.
 //
 // V provides: type R; int W (lanes); zero(); load(const float*); loadw(const T*)
-// for T in float, F16, BF16; fma(a, b, acc); sum(R); set1(float); mul(a, b); store(float*, R).
+// for T in float, F16, BF16; fma(a, b, acc); sum(R); set1(float); mul(a, b); store(float*, R);
+// and the widening of packed quants: cvt_i8, cvt_bits, cvt_nibble, cvt_bit,
+// lookup_nibbles, nibbles_minus8 (see kernels_avx2.cpp for what each returns).
 
 // Standard headers are included by kernels_common.h before the namespace opens.
 
@@ -502,6 +504,51 @@ static inline void deq_q4_0(const uint8_t* __restrict b, float* __restrict y) { 
   }
 }
 
+static inline uint32_t u32_at(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+static inline void deq_q4_1(const uint8_t* __restrict b, float* __restrict y) {  // d, m: f16; qs[16]; x = d*q + m
+  const float d = half_at(b), m = half_at(b + 2);
+  const uint8_t* q = b + 4;
+  for (int i = 0; i < 16; ++i) {
+    y[i] = d * float(q[i] & 0xF) + m;
+    y[i + 16] = d * float(q[i] >> 4) + m;
+  }
+}
+
+// Q5_0 / Q5_1: a nibble plus one high bit per value (bit i of the 32-bit qh for value i);
+// Q5_0 is d * (q - 16), Q5_1 is d * q + m.
+template <bool WITH_MIN>
+static inline void deq_q5(const uint8_t* __restrict b, float* __restrict y) {
+  constexpr int QH = WITH_MIN ? 4 : 2;
+  const float d = half_at(b), m = WITH_MIN ? half_at(b + 2) : 0.0f;
+  const uint32_t qh = u32_at(b + QH);
+  const uint8_t* q = b + QH + 4;
+  constexpr int offset = WITH_MIN ? 0 : 16;
+  for (int i = 0; i < 16; ++i) {
+    const int q0 = int((q[i] & 0xF) | (((qh >> i) & 1) << 4)) - offset;
+    const int q1 = int((q[i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - offset;
+    y[i] = d * float(q0) + m;
+    y[i + 16] = d * float(q1) + m;
+  }
+}
+
+// IQ4_NL: the nibbles index a fixed non-uniform table of levels; x = d * level.
+alignas(16) static constexpr int8_t IQ4_NL_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                                         1,    13,   25,  38,  53,  69,  89,  113};
+
+static inline void deq_iq4_nl(const uint8_t* __restrict b, float* __restrict y) {  // d: f16; qs[16]
+  const float d = half_at(b);
+  const uint8_t* q = b + 2;
+  for (int i = 0; i < 16; ++i) {
+    y[i] = d * float(IQ4_NL_LEVELS[q[i] & 0xF]);
+    y[i + 16] = d * float(IQ4_NL_LEVELS[q[i] >> 4]);
+  }
+}
+
 // 6-bit scale and min of sub-block j, packed into 12 bytes.
 static inline void scale_min_k4(int j, const uint8_t* s, int& sc, int& m) {
   if (j < 4) {
@@ -513,18 +560,29 @@ static inline void scale_min_k4(int j, const uint8_t* s, int& sc, int& m) {
   }
 }
 
-static inline void deq_q4_k(const uint8_t* __restrict b, float* __restrict y) {  // d, dmin: f16; scales[12]; qs[128]
+// Q4_K: d, dmin (f16), scales[12], qs[128]. Q5_K: the same with qh[32] before
+// qs, whose byte l holds the fifth bit of value l of each of the eight 32-value
+// sub-blocks (bit s for sub-block s).
+template <bool Q5>
+static inline void deq_k_quant(const uint8_t* __restrict b, float* __restrict y) {
   const float d = half_at(b), dmin = half_at(b + 2);
   const uint8_t* scales = b + 4;
-  const uint8_t* q = b + 16;
+  const uint8_t* qh = b + 16;
+  const uint8_t* q = b + (Q5 ? 48 : 16);
   for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32) {
     int sc, m;
     scale_min_k4(is, scales, sc, m);
     const float d1 = d * sc, m1 = dmin * m;
     scale_min_k4(is + 1, scales, sc, m);
     const float d2 = d * sc, m2 = dmin * m;
-    for (int l = 0; l < 32; ++l) y[j + l] = d1 * float(q[l] & 0xF) - m1;
-    for (int l = 0; l < 32; ++l) y[j + 32 + l] = d2 * float(q[l] >> 4) - m2;
+    for (int l = 0; l < 32; ++l) {
+      const int fifth = Q5 ? ((qh[l] >> is) & 1) << 4 : 0;
+      y[j + l] = d1 * float((q[l] & 0xF) | fifth) - m1;
+    }
+    for (int l = 0; l < 32; ++l) {
+      const int fifth = Q5 ? ((qh[l] >> (is + 1)) & 1) << 4 : 0;
+      y[j + 32 + l] = d2 * float((q[l] >> 4) | fifth) - m2;
+    }
   }
 }
 
@@ -546,14 +604,61 @@ static inline void deq_q6_k(const uint8_t* __restrict b, float* __restrict y) { 
 }
 
 
-// Q8_0 and Q4_0 (the common decode types) skip the buffer: quants are widened
-// in registers, multiplied by x, and each block's sum is scaled once. R rows
-// at a time give R independent accumulation chains and share each x load.
-template <bool Q4, int R, int C>
+// Sums of x over each 32-value run, per token: the part of a product that a
+// block's offset (Q4_1, Q5_1 min; Q4_K, Q5_K dmin * min) multiplies. Computed
+// once per product and shared by every row.
+static std::vector<float> sums_of_32(const float* x, int n, int K) {
+  const int nsub = K / 32;
+  std::vector<float> xsum(size_t(n) * nsub);
+  for (int t = 0; t < n; ++t)
+    for (int sb = 0; sb < nsub; ++sb) {
+      float acc = 0.0f;
+      for (int i = 0; i < 32; ++i) acc += x[size_t(t) * K + size_t(sb) * 32 + i];
+      xsum[size_t(t) * nsub + sb] = acc;
+    }
+  return xsum;
+}
+
+// Values k..k+W-1 (lo) and 16+k..16+k+W-1 (hi), k < 16, of a 32-value block
+// whose byte j holds value j in its low nibble and j + 16 in its high one,
+// before the block's scale (and offset) apply.
+template <DType T>
+static inline void widen_halves(const uint8_t* blk, int k, typename V::R& lo, typename V::R& hi) {
+  if constexpr (T == DType::Q4_0) {
+    V::nibbles_minus8(blk + 2 + k, lo, hi);
+  } else if constexpr (T == DType::Q4_1) {
+    lo = V::cvt_nibble(blk + 4 + k, 0);
+    hi = V::cvt_nibble(blk + 4 + k, 4);
+  } else if constexpr (T == DType::Q5_0 || T == DType::Q5_1) {
+    constexpr int QH = T == DType::Q5_1 ? 4 : 2;
+    const uint32_t qh = u32_at(blk + QH);
+    const uint8_t* q = blk + QH + 4;
+    const typename V::R sixteen = V::set1(16.0f);
+    lo = V::fma(V::cvt_bit(qh, k), sixteen, V::cvt_nibble(q + k, 0));
+    hi = V::fma(V::cvt_bit(qh, k + 16), sixteen, V::cvt_nibble(q + k, 4));
+    if constexpr (T == DType::Q5_0) {
+      lo = V::sub(lo, sixteen);
+      hi = V::sub(hi, sixteen);
+    }
+  } else {
+    static_assert(T == DType::IQ4_NL, "not a 32-value nibble type");
+    lo = V::lookup_nibbles(blk + 2 + k, 0, IQ4_NL_LEVELS);
+    hi = V::lookup_nibbles(blk + 2 + k, 4, IQ4_NL_LEVELS);
+  }
+}
+
+// The 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) skip any
+// buffer: quants are widened in registers, multiplied by x, and each block's
+// sum is scaled once (its offset, for the types that have one, needs only the
+// block's sum of x). R rows at a time give R independent accumulation chains
+// and share each x load.
+template <DType T, int R, int C>
 static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, const float* x, size_t ldx,
-                                float* y, size_t ldy) {
-  constexpr int BYTES = Q4 ? 18 : 34;
+                                const float* xsum, size_t lds, float* y, size_t ldy) {
+  constexpr int BYTES = weight_type(T).bytes;
+  constexpr bool WITH_MIN = T == DType::Q4_1 || T == DType::Q5_1;
   typename V::R acc[R][C];
+  float offset[R][C] = {};
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
   const size_t ahead = prefetch_ahead(row_bytes);
@@ -565,45 +670,56 @@ static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, co
       __builtin_prefetch(blk + ahead + 64);
       typename V::R part[C];
       for (int c = 0; c < C; ++c) part[c] = V::zero();
-      if constexpr (Q4) {
-        for (int k = 0; k < 16; k += V::W) {  // low nibbles are values 0..15, high ones 16..31
-          typename V::R lo, hi;
-          V::nibbles_minus8(blk + 2 + k, lo, hi);
-          for (int c = 0; c < C; ++c) {
-            part[c] = V::fma(lo, V::load(xb + c * ldx + k), part[c]);
-            part[c] = V::fma(hi, V::load(xb + c * ldx + 16 + k), part[c]);
-          }
-        }
-      } else {
+      if constexpr (T == DType::Q8_0) {
         const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
         for (int k = 0; k < 32; k += V::W) {
           const typename V::R w = V::cvt_i8(q + k);
           for (int c = 0; c < C; ++c) part[c] = V::fma(w, V::load(xb + c * ldx + k), part[c]);
         }
+      } else {
+        for (int k = 0; k < 16; k += V::W) {
+          typename V::R lo, hi;
+          widen_halves<T>(blk, k, lo, hi);
+          for (int c = 0; c < C; ++c) {
+            part[c] = V::fma(lo, V::load(xb + c * ldx + k), part[c]);
+            part[c] = V::fma(hi, V::load(xb + c * ldx + 16 + k), part[c]);
+          }
+        }
       }
       const typename V::R d = V::set1(V::half(blk));
       for (int c = 0; c < C; ++c) acc[r][c] = V::fma(d, part[c], acc[r][c]);
+      if constexpr (WITH_MIN) {
+        const float m = V::half(blk + 2);
+        for (int c = 0; c < C; ++c) offset[r][c] += m * xsum[c * lds + b];
+      }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) y[c * ldy + r] = V::sum(acc[r][c]);
+    for (int c = 0; c < C; ++c) y[c * ldy + r] = V::sum(acc[r][c]) + offset[r][c];
 }
 
-template <bool Q4>
+template <DType T>
 static void gemv_q_blocks(const WeightView& wv, const float* x, int n, float* y) {
-  const int rows = int(wv.rows), K = int(wv.cols);
+  const int rows = int(wv.rows), K = int(wv.cols), nsub = K / 32;
+  constexpr bool WITH_MIN = T == DType::Q4_1 || T == DType::Q5_1;
+  const std::vector<float> xsum = WITH_MIN ? sums_of_32(x, n, K) : std::vector<float>();
   gemv_rows<4>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
-    q_block_tile<Q4, decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
-                                                               y + size_t(t) * rows + r, rows);
+    q_block_tile<T, decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
+                                                              xsum.data() + (WITH_MIN ? size_t(t) * nsub : 0), nsub,
+                                                              y + size_t(t) * rows + r, rows);
   });
 }
 
-// Q4_K (the body of the common Q4_K_M files): each 32-value sub-block is
-// d*sc*q - dmin*m. The q part is multiplied in registers; the min part needs
-// only the sub-block's sum of x, computed once per product and shared by every row.
-template <int R, int C>
-static inline void q4_k_tile(const uint8_t* row0, size_t row_bytes, int K, const float* x, size_t ldx,
+// Q4_K and Q5_K (the bodies of the common Q4_K_M and Q5_K_M files): each
+// 32-value sub-block is d*sc*q - dmin*m. The q part is multiplied in
+// registers (Q5_K adding its fifth bit); the min part needs only the
+// sub-block's sum of x (sums_of_32).
+template <DType T, int R, int C>
+static inline void k_quant_tile(const uint8_t* row0, size_t row_bytes, int K, const float* x, size_t ldx,
                              const float* xsum, size_t lds, float* y, size_t ldy) {
+  constexpr bool Q5 = T == DType::Q5_K;
+  constexpr int BYTES = weight_type(T).bytes;
+  const typename V::R sixteen = V::set1(16.0f);
   typename V::R acc[R][C];
   float corr[R][C] = {};
   for (int r = 0; r < R; ++r)
@@ -611,13 +727,12 @@ static inline void q4_k_tile(const uint8_t* row0, size_t row_bytes, int K, const
   const size_t ahead = prefetch_ahead(row_bytes);
   for (int b = 0; b < K / 256; ++b) {
     for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = row0 + r * row_bytes + size_t(b) * 144;
-      __builtin_prefetch(blk + ahead);
-      __builtin_prefetch(blk + ahead + 64);
-      __builtin_prefetch(blk + ahead + 128);
+      const uint8_t* blk = row0 + r * row_bytes + size_t(b) * BYTES;
+      for (int o = 0; o < BYTES; o += 64) __builtin_prefetch(blk + ahead + o);
       const float d = V::half(blk), dmin = V::half(blk + 2);
       const uint8_t* scales = blk + 4;
-      const uint8_t* q = blk + 16;
+      const uint8_t* qh = blk + 16;
+      const uint8_t* q = blk + (Q5 ? 48 : 16);
       for (int j = 0; j < 4; ++j) {  // 64 values: low nibbles are sub-block 2j, high ones 2j + 1
         int sc1, m1, sc2, m2;
         scale_min_k4(2 * j, scales, sc1, m1);
@@ -626,7 +741,11 @@ static inline void q4_k_tile(const uint8_t* row0, size_t row_bytes, int K, const
         typename V::R p1[C], p2[C];
         for (int c = 0; c < C; ++c) p1[c] = p2[c] = V::zero();
         for (int k = 0; k < 32; k += V::W) {
-          const typename V::R lo = V::cvt_nibble(q + j * 32 + k, 0), hi = V::cvt_nibble(q + j * 32 + k, 4);
+          typename V::R lo = V::cvt_nibble(q + j * 32 + k, 0), hi = V::cvt_nibble(q + j * 32 + k, 4);
+          if constexpr (Q5) {
+            lo = V::fma(V::cvt_bits(qh + k, 2 * j, 1), sixteen, lo);
+            hi = V::fma(V::cvt_bits(qh + k, 2 * j + 1, 1), sixteen, hi);
+          }
           for (int c = 0; c < C; ++c) {
             p1[c] = V::fma(lo, V::load(xb + c * ldx + k), p1[c]);
             p2[c] = V::fma(hi, V::load(xb + c * ldx + 32 + k), p2[c]);
@@ -700,19 +819,14 @@ static void gemv_q6_k(const WeightView& wv, const float* x, int n, float* y) {
   });
 }
 
-static void gemv_q4_k(const WeightView& wv, const float* x, int n, float* y) {
+template <DType T>
+static void gemv_k_quant(const WeightView& wv, const float* x, int n, float* y) {
   const int rows = int(wv.rows), K = int(wv.cols), nsub = K / 32;
-  std::vector<float> xsum(size_t(n) * nsub);  // per token and 32-value sub-block: sum of x
-  for (int t = 0; t < n; ++t)
-    for (int sb = 0; sb < nsub; ++sb) {
-      float acc = 0.0f;
-      for (int i = 0; i < 32; ++i) acc += x[size_t(t) * K + size_t(sb) * 32 + i];
-      xsum[size_t(t) * nsub + sb] = acc;
-    }
+  const std::vector<float> xsum = sums_of_32(x, n, K);
   gemv_rows<2>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
-    q4_k_tile<decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
-                                                        xsum.data() + size_t(t) * nsub, nsub,
-                                                        y + size_t(t) * rows + r, rows);
+    k_quant_tile<T, decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
+                                                              xsum.data() + size_t(t) * nsub, nsub,
+                                                              y + size_t(t) * rows + r, rows);
   });
 }
 
@@ -728,23 +842,40 @@ static void matmul(const WeightView& w, const float* x, int n, float* y, const f
       case DType::F32: gemv_typed<float>(w, x, n, y); break;
       case DType::F16: gemv_typed<F16>(w, x, n, y); break;
       case DType::BF16: gemv_typed<BF16>(w, x, n, y); break;
-      case DType::Q8_0: gemv_q_blocks<false>(w, x, n, y); break;
-      case DType::Q4_0: gemv_q_blocks<true>(w, x, n, y); break;
-      case DType::Q4_K: gemv_q4_k(w, x, n, y); break;
+      case DType::Q8_0: gemv_q_blocks<DType::Q8_0>(w, x, n, y); break;
+      case DType::Q4_0: gemv_q_blocks<DType::Q4_0>(w, x, n, y); break;
+      case DType::Q4_1: gemv_q_blocks<DType::Q4_1>(w, x, n, y); break;
+      case DType::Q5_0: gemv_q_blocks<DType::Q5_0>(w, x, n, y); break;
+      case DType::Q5_1: gemv_q_blocks<DType::Q5_1>(w, x, n, y); break;
+      case DType::IQ4_NL: gemv_q_blocks<DType::IQ4_NL>(w, x, n, y); break;
+      case DType::Q4_K: gemv_k_quant<DType::Q4_K>(w, x, n, y); break;
+      case DType::Q5_K: gemv_k_quant<DType::Q5_K>(w, x, n, y); break;
       case DType::Q6_K: gemv_q6_k(w, x, n, y); break;
     }
   }
   add_bias(bias, int(w.rows), n, y);
 }
 
+// Every block of a row through its type's row dequantizer.
+template <DType T>
+static inline void dequant_blocks(const uint8_t* row, int K, float* out, void (*deq)(const uint8_t*, float*)) {
+  constexpr int VALUES = weight_type(T).values, BYTES = weight_type(T).bytes;
+  for (int b = 0; b < K / VALUES; ++b) deq(row + size_t(b) * BYTES, out + size_t(b) * VALUES);
+}
+
 static void dequant_row(const WeightView& w, int64_t r, float* out) {
   const uint8_t* row = w.row(r);
   const int K = int(w.cols);
   switch (w.type) {
-    case DType::Q8_0: for (int b = 0; b < K / 32; ++b) deq_q8_0(row + b * 34, out + b * 32); return;
-    case DType::Q4_0: for (int b = 0; b < K / 32; ++b) deq_q4_0(row + b * 18, out + b * 32); return;
-    case DType::Q4_K: for (int b = 0; b < K / 256; ++b) deq_q4_k(row + b * 144, out + b * 256); return;
-    case DType::Q6_K: for (int b = 0; b < K / 256; ++b) deq_q6_k(row + b * 210, out + b * 256); return;
+    case DType::Q8_0: return dequant_blocks<DType::Q8_0>(row, K, out, deq_q8_0);
+    case DType::Q4_0: return dequant_blocks<DType::Q4_0>(row, K, out, deq_q4_0);
+    case DType::Q4_1: return dequant_blocks<DType::Q4_1>(row, K, out, deq_q4_1);
+    case DType::Q5_0: return dequant_blocks<DType::Q5_0>(row, K, out, deq_q5<false>);
+    case DType::Q5_1: return dequant_blocks<DType::Q5_1>(row, K, out, deq_q5<true>);
+    case DType::IQ4_NL: return dequant_blocks<DType::IQ4_NL>(row, K, out, deq_iq4_nl);
+    case DType::Q4_K: return dequant_blocks<DType::Q4_K>(row, K, out, deq_k_quant<false>);
+    case DType::Q5_K: return dequant_blocks<DType::Q5_K>(row, K, out, deq_k_quant<true>);
+    case DType::Q6_K: return dequant_blocks<DType::Q6_K>(row, K, out, deq_q6_k);
     default: throw std::invalid_argument("dequant_row called with a float weight");
   }
 }

@@ -18,6 +18,8 @@ struct V {
   static R cvt_i8(const int8_t* p) { return float(*p); }
   static R cvt_bits(const uint8_t* p, int shift, int mask) { return float((*p >> shift) & mask); }
   static R cvt_nibble(const uint8_t* p, int shift) { return cvt_bits(p, shift, 0xF); }
+  static R cvt_bit(uint32_t bits, int first) { return float((bits >> first) & 1); }
+  static R lookup_nibbles(const uint8_t* p, int shift, const int8_t* table) { return float(table[(*p >> shift) & 0xF]); }
   static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
   static R add(R a, R b) { return a + b; }
   static R mul(R a, R b) { return a * b; }

@@ -31,7 +31,7 @@ from . import Checkpoint
 from .llama2c import BYTE, BYTE_PIECE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, sentencepiece_bpe
 from .families import BY_GGUF_ARCH, gguf_name, GGUF_BLOCK, GGUF_EXPERTS, GGUF_QKV, GGUF_ROPE, GGUF_TOP
 from .fields import FieldReader, check_rope, open_regular
-from .weights import BLOCK_TYPES, Weight, aligned
+from .weights import BLOCK_TYPES, FLOAT_TYPES, WEIGHT_TYPES, Weight, aligned
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -46,16 +46,16 @@ SCALARS = {T_UINT8: "<u1", T_INT8: "<i1", T_UINT16: "<u2", T_INT16: "<i2", T_UIN
            T_INT32: "<i4", T_FLOAT32: "<f4", T_UINT64: "<u8", T_INT64: "<i8", T_FLOAT64: "<f8",
            T_BOOL: "<u1"}
 
-# GGML tensor types tokentrail reads, by their number in the file.
-GGML_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 8: "q8_0", 12: "q4_k", 14: "q6_k", 30: "bf16"}
+# GGML tensor types tokentrail reads, by their number in the file (the core's table).
+GGML_TYPES = {t.ggml_id: t.name for t in WEIGHT_TYPES.values()}
 GGML_TYPE_IDS = {v: k for k, v in GGML_TYPES.items()}
 # Names of other GGML types, only to say which one a file uses.
-OTHER_GGML_TYPES = {3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 13: "Q5_K",
-                    15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
-                    21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64",
-                    28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
-FLOAT_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
-FLOAT_NUMPY = {"f32": "<f4", "f16": "<f2", "bf16": "<u2"}
+OTHER_GGML_TYPES = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+                    18: "IQ3_XXS", 19: "IQ1_S", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8",
+                    25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0",
+                    39: "MXFP4"}
+FLOAT_ITEMSIZE = {name: WEIGHT_TYPES[name].bytes_per_block for name in FLOAT_TYPES}
+FLOAT_NUMPY = {name: np.dtype(t).newbyteorder("<") for name, t in FLOAT_TYPES.items()}
 
 # Pre-tokenizers of byte-level BPE vocabularies, by tokenizer.ggml.pre: the regexes that split the
 # text in turn (each piece is split again by the next), whether ByteLevel then applies GPT-2's own

@@ -8,15 +8,30 @@ These are the layouts GGUF files store and tokentrail's kernels read:
   q4_k  256 values in 144 bytes: f16 d, f16 dmin, 12 bytes of packed 6-bit
         (scale, min) pairs for eight sub-blocks of 32, 128 bytes of nibbles;
         x = d * scale_s * q - dmin * min_s
+  q4_1  32 values in 20 bytes:  f16 d, f16 m, 16 bytes of nibbles (as q4_0);
+        x = d * q + m
+  q5_0  32 values in 22 bytes:  f16 d, 4 bytes qh, 16 bytes of nibbles; bit j
+        of the little-endian 32-bit qh is the fifth bit of value j;
+        x = d * (q - 16)
+  q5_1  32 values in 24 bytes:  f16 d, f16 m, qh, nibbles as q5_0; x = d * q + m
+  iq4_nl 32 values in 18 bytes: f16 d, nibbles as q4_0 indexing 16 fixed
+        non-uniform levels; x = d * IQ4_NL_LEVELS[q]
+  q4_k  256 values in 144 bytes: f16 d, f16 dmin, 12 bytes of packed 6-bit
+        (scale, min) pairs for eight sub-blocks of 32, 128 bytes of nibbles;
+        x = d * scale_s * q - dmin * min_s
+  q5_k  256 values in 176 bytes: q4_k's fields with 32 bytes qh between the
+        scales and the nibbles; bit s of qh byte l is the fifth bit of value l
+        of sub-block s
   q6_k  256 values in 210 bytes: 128 bytes of low nibbles, 64 bytes of high
         2-bit pairs, 16 int8 scales (one per 16 values), f16 d;
         x = d * scale_g * (q - 32)
 
 `dequantize` is exact with respect to those formulas; `quantize` produces
-valid blocks with a simple scale choice (for q8_0 and q4_0 the same choice
-GGML's reference makes, so the bytes match; for the k-quants a plain
-min/max fit rather than GGML's iterative search, so the bytes differ but any
-GGML reader decodes them correctly). The slow paths here exist for tests,
+valid blocks with a simple scale choice (for q8_0, q4_0, q4_1, q5_0 and q5_1
+the same choice GGML's reference makes, so the bytes match; for the k-quants
+a plain min/max fit and for iq4_nl the nearest level under a max-based scale,
+rather than GGML's searches, so the bytes differ but any GGML reader decodes
+them correctly). The slow paths here exist for tests,
 conversion and inspection; the engine has its own kernels.
 """
 from __future__ import annotations
@@ -27,6 +42,7 @@ from .weights import BLOCK_TYPES
 from ..errors import InvalidArgumentError
 
 QK_K = 256
+IQ4_NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 
 
 def block_info(dtype: str) -> tuple[int, int]:
@@ -70,7 +86,7 @@ def dequantize(data: np.ndarray, dtype: str, shape) -> np.ndarray:
     if n % per_block or raw.size != n // per_block * nbytes:
         raise InvalidArgumentError(f"{raw.size} bytes of {dtype} cannot hold shape {shape}")
     blocks = raw.reshape(-1, nbytes)
-    out = {"q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_k": _deq_q4_k, "q6_k": _deq_q6_k}[dtype](blocks)
+    out = _DEQUANTIZERS[dtype](blocks)
     return out.reshape(shape)
 
 
@@ -85,6 +101,38 @@ def _deq_q4_0(b: np.ndarray) -> np.ndarray:
     qs = b[:, 2:]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int8) - 8
     return d[:, None] * q.astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per block to 32 values: low nibbles are values 0..15, high ones 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """4 bytes per block (a little-endian uint32) to 32 bits, bit j for value j."""
+    return np.unpackbits(np.ascontiguousarray(qh), axis=1, bitorder="little")
+
+
+def _deq_q4_1(b: np.ndarray) -> np.ndarray:
+    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    return d[:, None] * _nibbles(b[:, 4:]).astype(np.float32) + m[:, None]
+
+
+def _deq_q5_0(b: np.ndarray) -> np.ndarray:
+    d = _f16(b[:, 0:2])
+    q = (_nibbles(b[:, 6:]) | (_fifth_bits(b[:, 2:6]) << 4)).astype(np.int8) - 16
+    return d[:, None] * q.astype(np.float32)
+
+
+def _deq_q5_1(b: np.ndarray) -> np.ndarray:
+    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    q = _nibbles(b[:, 8:]) | (_fifth_bits(b[:, 4:8]) << 4)
+    return d[:, None] * q.astype(np.float32) + m[:, None]
+
+
+def _deq_iq4_nl(b: np.ndarray) -> np.ndarray:
+    d = _f16(b[:, 0:2])
+    return d[:, None] * IQ4_NL_LEVELS[_nibbles(b[:, 2:])].astype(np.float32)
 
 
 def _k4_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +159,20 @@ def _deq_q4_k(b: np.ndarray) -> np.ndarray:
     return (scale * q - offset).reshape(-1, QK_K)
 
 
+def _deq_q5_k(b: np.ndarray) -> np.ndarray:
+    d = _f16(b[:, 0:2])
+    dmin = _f16(b[:, 2:4])
+    sc, mn = _k4_scales(b[:, 4:16])
+    qh = b[:, 16:48]
+    qs = b[:, 48:176].reshape(-1, 4, 1, 32)
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)
+    high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [N, sub-block, 32]
+    q = (low | (high << 4)).astype(np.float32)
+    scale = (d[:, None] * sc.astype(np.float32))[:, :, None]
+    offset = (dmin[:, None] * mn.astype(np.float32))[:, :, None]
+    return (scale * q - offset).reshape(-1, QK_K)
+
+
 def _deq_q6_k(b: np.ndarray) -> np.ndarray:
     ql = b[:, 0:128].reshape(-1, 2, 64)
     qh = b[:, 128:192].reshape(-1, 2, 1, 32)
@@ -121,6 +183,11 @@ def _deq_q6_k(b: np.ndarray) -> np.ndarray:
     q = (lo | (hi << 4)).astype(np.int16) - 32  # [N, 2 halves, 4 segments, 32]
     q = q.reshape(-1, 16, 16).astype(np.float32)
     return ((d[:, None] * sc)[:, :, None] * q).reshape(-1, QK_K)
+
+
+_DEQUANTIZERS = {"q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_1": _deq_q4_1, "q5_0": _deq_q5_0,
+                 "q5_1": _deq_q5_1, "iq4_nl": _deq_iq4_nl, "q4_k": _deq_q4_k, "q5_k": _deq_q5_k,
+                 "q6_k": _deq_q6_k}
 
 
 # --------------------------------------------------------------------------
@@ -139,8 +206,7 @@ def quantize(array: np.ndarray, dtype: str) -> np.ndarray:
         raise InvalidArgumentError("cannot quantize non-finite values")
     per_block, _ = block_info(dtype)
     blocks = np.ascontiguousarray(x2).reshape(-1, per_block)
-    fn = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_k": _q_q4_k, "q6_k": _q_q6_k}[dtype]
-    return fn(blocks).reshape(rows, bpr)
+    return _QUANTIZERS[dtype](blocks).reshape(rows, bpr)
 
 
 def _f16_bytes(v: np.ndarray) -> np.ndarray:
@@ -170,12 +236,67 @@ def _q_q4_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([_f16_bytes(d), packed], axis=1)
 
 
+def _q_min_max(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q4_1 / q5_1: x = d * q + m over [min, max] (GGML's reference choice): d, m, q."""
+    lo = x.min(axis=1)
+    d = ((x.max(axis=1) - lo) / np.float32(levels - 1)).astype(np.float32)
+    q = np.minimum(levels - 1, np.trunc((x - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5)))
+    return d, lo, q.astype(np.uint8)
+
+
+def _fifth_bit_bytes(q: np.ndarray) -> np.ndarray:
+    return np.packbits(q >> 4, axis=1, bitorder="little")
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+
+
+def _q_q4_1(x: np.ndarray) -> np.ndarray:
+    d, m, q = _q_min_max(x, 16)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_nibbles(q)], axis=1)
+
+
+def _q_q5_1(x: np.ndarray) -> np.ndarray:
+    d, m, q = _q_min_max(x, 32)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), _fifth_bit_bytes(q), _pack_nibbles(q)], axis=1)
+
+
+def _q_q5_0(x: np.ndarray) -> np.ndarray:
+    # As q4_0: the value of largest magnitude (sign kept) maps to level -16.
+    idx = np.abs(x).argmax(axis=1)
+    d = (x[np.arange(x.shape[0]), idx] / np.float32(-16)).astype(np.float32)
+    v = x * _inverse(d)[:, None] + np.float32(16.5)
+    q = np.minimum(31, np.trunc(v).astype(np.int32)).astype(np.uint8)
+    return np.concatenate([_f16_bytes(d), _fifth_bit_bytes(q), _pack_nibbles(q)], axis=1)
+
+
+def _q_iq4_nl(x: np.ndarray) -> np.ndarray:
+    # The value of largest magnitude maps to the outermost level of its sign;
+    # every value then takes the nearest level.
+    idx = np.abs(x).argmax(axis=1)
+    extreme = x[np.arange(x.shape[0]), idx]
+    d = (extreme / np.where(extreme < 0, np.float32(-127), np.float32(113))).astype(np.float16).astype(np.float32)
+    scaled = x * _inverse(d)[:, None]
+    q = np.abs(scaled[:, :, None] - IQ4_NL_LEVELS.astype(np.float32)).argmin(axis=2).astype(np.uint8)
+    return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=1)
+
+
 def _q_q4_k(x: np.ndarray) -> np.ndarray:
+    return _q_k_quant(x, 16)
+
+
+def _q_q5_k(x: np.ndarray) -> np.ndarray:
+    return _q_k_quant(x, 32)
+
+
+def _q_k_quant(x: np.ndarray, levels: int) -> np.ndarray:
+    """q4_k (16 levels) or q5_k (32): a min/max fit per sub-block of 32."""
     n = x.shape[0]
     sub = x.reshape(n, 8, 32)
     lo = np.minimum(sub.min(axis=2), 0).astype(np.float32)   # x = scale * q - min, min >= 0
     hi = sub.max(axis=2)
-    scale = ((hi - lo) / np.float32(15)).astype(np.float32)
+    scale = ((hi - lo) / np.float32(levels - 1)).astype(np.float32)
     neg_min = -lo
     d = (scale.max(axis=1) / np.float32(63)).astype(np.float32)
     dmin = (neg_min.max(axis=1) / np.float32(63)).astype(np.float32)
@@ -188,13 +309,18 @@ def _q_q4_k(x: np.ndarray) -> np.ndarray:
     eff_scale = d[:, None] * sc.astype(np.float32)
     eff_min = dmin[:, None] * mn.astype(np.float32)
     q = _round_half_away((sub + eff_min[:, :, None]) * _inverse(eff_scale)[:, :, None])
-    q = np.clip(q, 0, 15).astype(np.uint8).reshape(n, 4, 2, 32)
-    qs = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(n, 128)
+    q = np.clip(q, 0, levels - 1).astype(np.uint8)
+    low = (q & 0x0F).reshape(n, 4, 2, 32)
+    qs = (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(n, 128)
     packed = np.empty((n, 12), np.uint8)
     packed[:, 0:4] = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
     packed[:, 4:8] = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
     packed[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed, qs], axis=1)
+    fields = [_f16_bytes(d), _f16_bytes(dmin), packed]
+    if levels > 16:  # q5_k: bit s of qh byte l is the fifth bit of value l of sub-block s
+        fifth = (q >> 4) << np.arange(8, dtype=np.uint8)[None, :, None]
+        fields.append(np.bitwise_or.reduce(fifth, axis=1))
+    return np.concatenate(fields + [qs], axis=1)
 
 
 def _q_q6_k(x: np.ndarray) -> np.ndarray:
@@ -216,3 +342,7 @@ def _q_q6_k(x: np.ndarray) -> np.ndarray:
     qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4)
           | ((q[:, :, 3] >> 4) << 6)).reshape(n, 64)
     return np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d)], axis=1)
+
+
+_QUANTIZERS = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1, "q5_0": _q_q5_0, "q5_1": _q_q5_1,
+               "iq4_nl": _q_iq4_nl, "q4_k": _q_q4_k, "q5_k": _q_q5_k, "q6_k": _q_q6_k}

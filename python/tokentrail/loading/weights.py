@@ -3,18 +3,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import NamedTuple
+
 import numpy as np
 from ..errors import InvalidArgumentError
 
+from .. import _core
+
+
+class WeightType(NamedTuple):
+    """One row of the core's table of weight types (cpp/include/tokentrail/tensor.h)."""
+
+    name: str
+    ggml_id: int           # its number in GGUF files
+    values_per_block: int  # 1 for the float types
+    bytes_per_block: int
+
+
+# Every weight type the kernels read, as the core declares them.
+WEIGHT_TYPES = {row[0]: WeightType(*row) for row in _core.weight_types()}
 # Block layouts of the quantized types: (values per block, bytes per block).
-BLOCK_TYPES = {
-    "q8_0": (32, 34),
-    "q4_0": (32, 18),
-    "q4_k": (256, 144),
-    "q6_k": (256, 210),
-}
+BLOCK_TYPES = {t.name: (t.values_per_block, t.bytes_per_block)
+               for t in WEIGHT_TYPES.values() if t.values_per_block > 1}
+# How numpy holds each float type's elements (bfloat16 as its uint16 bit patterns).
 FLOAT_TYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
-DTYPES = tuple(FLOAT_TYPES) + tuple(BLOCK_TYPES)
+assert set(FLOAT_TYPES) == set(WEIGHT_TYPES) - set(BLOCK_TYPES), "float types out of step with the core"
+DTYPES = tuple(WEIGHT_TYPES)
 
 
 @dataclass

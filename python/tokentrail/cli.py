@@ -23,6 +23,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="element type of the KV cache (f16: half the memory, keys and values rounded)")
 
 
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--temperature", "-t", type=float, default=temperature,
+                   help=f"0 = greedy (default {temperature:g})")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--typical-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--mirostat", type=int, default=0, choices=[0, 1, 2])
+    p.add_argument("--order", default="hf", help="processor chain order: hf or llama.cpp")
+    p.add_argument("--seed", type=int, default=None)
+
+
 def _sampling_options(args) -> dict:
     opts = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
             "repetition_penalty": args.repetition_penalty, "order": args.order}
@@ -62,6 +75,87 @@ def cmd_generate(args) -> int:
         out.flush()
     out.write("\n")
     return 0
+
+
+CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system message), "
+             "/journey (follow the last reply's last token through the model), /quit; Ctrl-C or end of input quits")
+
+
+def cmd_chat(args) -> int:
+    """An interactive conversation on stdin/stdout, streaming each reply."""
+    from .chat import ChatTemplateError, prepare, template_of
+    from .report.terminal import print_journey
+
+    model = _model(args)
+    template = None
+    if args.chat_template is not None:
+        with open(args.chat_template, encoding="utf-8") as fh:
+            template = fh.read()
+    template = template_of(model, template)  # fails now, not at the first message, without a template
+    options = _sampling_options(args)
+    system = args.system
+    history: list[dict] = []
+    last: tuple[list[int], list[int]] | None = None  # (prompt ids, reply ids) of the last reply
+    out = sys.stdout
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            out.write("> ")
+            out.flush()
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            out.write("\n")
+            return 0
+        if not line:  # end of input
+            out.write("\n")
+            return 0
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            command, _, rest = text.partition(" ")
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                history, last = [], None
+                print("(conversation cleared)")
+            elif command == "/system":
+                system = rest.strip() or None
+                print(f"(system message {'set' if system else 'removed'})")
+            elif command == "/journey":
+                if last is None:
+                    print("(no reply yet)")
+                    continue
+                prompt_ids, reply_ids = last
+                context, token = prompt_ids + reply_ids[:-1], reply_ids[-1]
+                j = model.journey(context, temperature=args.temperature if args.temperature > 0 else 1.0,
+                                  top=args.top, chosen=token)
+                print_journey(j, width=args.width)
+            else:
+                print(f"(unknown command {command}; {CHAT_HELP})")
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history + \
+            [{"role": "user", "content": text}]
+        try:
+            _, ids, end_ids = prepare(model, messages, chat_template=template)
+        except ChatTemplateError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        reply, tokens = "", []
+        try:
+            for step in model.generate(ids, max_new_tokens=args.max_new_tokens, seed=args.seed, eos_ids=end_ids,
+                                       stream=True, **options):
+                out.write(step.text)
+                out.flush()
+                reply += step.text
+                if step.finish_reason != "eos":
+                    tokens.append(step.token)
+        except KeyboardInterrupt:  # stop this reply; keep what was said
+            out.write(" [interrupted]")
+        out.write("\n")
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        if tokens:
+            last = (ids, tokens)
 
 
 def cmd_journey(args) -> int:
@@ -128,19 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     _add_model_args(g)
     g.add_argument("--max-new-tokens", "-n", type=int, default=48)
-    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--typical-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--mirostat", type=int, default=0, choices=[0, 1, 2])
-    g.add_argument("--order", default="hf", help="processor chain order: hf or llama.cpp")
-    g.add_argument("--seed", type=int, default=None)
+    _add_sampling_args(g, temperature=0.0)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--show-probs", action="store_true", help="print each step's alternatives before and after the chain")
     g.add_argument("--top-n", type=int, default=5)
     g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="talk to an instruct model in the terminal, through its chat template")
+    _add_model_args(ch)
+    ch.add_argument("--system", default=None, help="system message to start with")
+    ch.add_argument("--chat-template", default=None, help="a Jinja chat template file to use instead of the model's")
+    ch.add_argument("--max-new-tokens", "-n", type=int, default=512)
+    _add_sampling_args(ch, temperature=0.7)
+    ch.add_argument("--top", type=int, default=5, help="candidates shown by /journey")
+    ch.add_argument("--width", type=int, default=None, help="terminal width for /journey (default: detected)")
+    ch.set_defaults(func=cmd_chat)
 
     for name, func, helptext in (("journey", cmd_journey, "follow the last token of a prompt through the model"),
                                  ("report", cmd_report, "write the journey as one self-contained HTML page")):

@@ -44,7 +44,7 @@ def _q(tok: str) -> str:
 
 class Journey:
     def __init__(self, model, prompt, temperature: float = 1.0, position: int = -1, top: int = 5,
-                 seed: int | None = None):
+                 seed: int | None = None, chosen: int | None = None):
         self.model = model
         self.config = c = model.config
         self.ids = model.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
@@ -73,7 +73,12 @@ class Journey:
         self.stats = thermo.stats(self.logits, self.temperature)
         # Without a seed the journey shows the greedy choice; with one, a draw at the temperature.
         self.sampled = seed is not None and self.temperature > 0.0
-        if self.sampled:
+        self.given = chosen is not None  # the token a generation actually produced here
+        if self.given:
+            if not 0 <= int(chosen) < c.vocab_size:
+                raise ValueError(f"chosen: token id {chosen} is outside the vocabulary (size {c.vocab_size})")
+            self.chosen = int(chosen)
+        elif self.sampled:
             self.chosen = int(np.random.default_rng(seed).choice(len(self.stats.probs), p=self.stats.probs))
         else:
             self.chosen = int(np.argmax(self.logits))
@@ -314,7 +319,11 @@ class Journey:
                         f"about {s.effective_choices:.1f} effective choices", {"top": probs, "stats": s.row()}))
         t = self.chosen
         rank = int((self.logits > self.logits[t]).sum())
-        how = (f"sampled with the seed (rank {rank + 1})" if self.sampled else "the most likely token (greedy)")
+        if self.given:
+            how = f"the token generation chose (rank {rank + 1})"
+        else:
+            how = f"sampled with the seed (rank {rank + 1})" if self.sampled else "the most likely token (greedy)"
+
         st.append(Stage("choice", "chosen token", f"{_q(self.token(t))} (id {t}, p={s.probs[t]:.2f}): {how}",
                         {"id": t, "prob": float(s.probs[t]), "rank": rank + 1}))
         return st

@@ -130,17 +130,29 @@ class Model:
         logits = self.forward(ids, all_positions=True, hooks=hooks)
         return logits, hooks.cache
 
-    def journey(self, prompt, temperature: float = 1.0, position: int = -1, top: int = 5, seed=None):
-        """Follow the token at `position` of `prompt` through the model; see tokentrail.journey."""
+    def journey(self, prompt, temperature: float = 1.0, position: int = -1, top: int = 5, seed=None,
+                chosen: int | None = None):
+        """Follow the token at `position` of `prompt` through the model; see tokentrail.journey.
+
+        `chosen` names the token that came next (e.g. the one a generation sampled);
+        by default the journey shows the greedy choice, or a draw with `seed`.
+        """
         from .journey import Journey
 
-        return Journey(self, prompt, temperature=temperature, position=position, top=top, seed=seed)
+        return Journey(self, prompt, temperature=temperature, position=position, top=top, seed=seed,
+                       chosen=chosen)
 
     def generate(self, prompt, max_new_tokens: int = 32, **kwargs):
         """Continue `prompt` (text or ids); see tokentrail.generation.generate for the options."""
         from .generation import generate
 
         return generate(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    def chat(self, messages, **kwargs):
+        """The assistant's reply to a conversation, through the model's chat template; see tokentrail.chat.chat."""
+        from .chat import chat
+
+        return chat(self, messages, **kwargs)
 
     def score(self, text, **kwargs):
         from .generation import score

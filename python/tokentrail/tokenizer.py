@@ -19,6 +19,8 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_ids = list(eos_ids)
         self.add_bos = add_bos
+        # The model's chat template (tokentrail.chat.ChatTemplate), when the checkpoint has one.
+        self.chat_template = None
 
     @classmethod
     def from_file(cls, path, **kw) -> "Tokenizer":

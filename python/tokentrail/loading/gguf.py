@@ -355,6 +355,10 @@ def read_gguf(path) -> Checkpoint:
         raise f.error(str(e), f"{arch}.*") from None
     _check_shapes(f, config, weights)
     tokenizer = _tokenizer(f, vocab, config)
+    if tokenizer is not None:
+        from ..chat import template_from_gguf
+
+        tokenizer.chat_template = template_from_gguf(meta, tokenizer)
     return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, source=str(f.path))
 
 

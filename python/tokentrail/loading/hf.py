@@ -209,6 +209,9 @@ def read_hf(directory, dtype: str | None = None) -> Checkpoint:
     tokenizer = None
     if tok_path.exists():
         tokenizer = Tokenizer.from_file(tok_path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
+        from ..chat import template_from_hf_directory
+
+        tokenizer.chat_template = template_from_hf_directory(directory, tokenizer)
     ckpt = Checkpoint(cfg, weights, tokenizer, source=str(directory))
     file_names = {n.format(l=layer): h.format(l=layer) for n, h in names.items() for layer in range(cfg.n_layers)}
     check_weights(ckpt, file_names)

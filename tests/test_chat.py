@@ -1,7 +1,6 @@
 """Chat templates rendered as transformers renders them, and chat generation on a real model."""
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 
 import tokentrail
 from tokentrail.chat import ChatTemplate, ChatTemplateError, end_of_turn_ids
-from conftest import require
+from conftest import CHATML, chatml_demo, require
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
 TEMPLATE_FILES = sorted(p.name for p in TEMPLATES.glob("*.jinja"))
@@ -129,30 +128,11 @@ def test_bad_conversations_are_refused(bad, field):
 
 # ---------------------------------------------------------------- a model with a ChatML template
 
-CHATML = (TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
 def chatml_dir(tmp_path_factory) -> Path:
-    """The demo model with its <unk> and <pad> tokens renamed <|im_start|> and <|im_end|>, and
-    Qwen2.5's template in tokenizer_config.json (as a list of named templates, as some models ship it)."""
-    d = tmp_path_factory.mktemp("chatml")
-    for f in ("config.json", "generation_config.json", "model.safetensors"):
-        shutil.copy(DEMO / f, d / f)
-    tok = json.loads((DEMO / "tokenizer.json").read_text())
-    names = {"<unk>": "<|im_start|>", "<pad>": "<|im_end|>"}
-    for t in tok["added_tokens"]:
-        if t["content"] in names:
-            old = t["content"]
-            t["content"] = names[old]
-            tok["model"]["vocab"][names[old]] = tok["model"]["vocab"].pop(old)
-    if tok["model"].get("unk_token") == "<unk>":
-        tok["model"]["unk_token"] = "<|im_start|>"
-    (d / "tokenizer.json").write_text(json.dumps(tok))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": {"content": "</s>", "special": True},
-        "chat_template": [{"name": "default", "template": CHATML}]}))
-    return d
+    return chatml_demo(tmp_path_factory.mktemp("chatml"))
 
 
 @pytest.fixture(scope="module")

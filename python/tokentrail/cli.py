@@ -158,6 +158,31 @@ def cmd_chat(args) -> int:
             last = (ids, tokens)
 
 
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible HTTP server."""
+    from pathlib import Path
+
+    try:
+        from .server import serve
+    except ImportError as e:
+        print(f"error: the server needs FastAPI and uvicorn ({e}); pip install 'tokentrail[serve]'", file=sys.stderr)
+        return 2
+    for name in ("parallel", "max_queue", "prefill_chunk", "port"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            print(f"error: --{name.replace('_', '-')} must be {'>= 0' if name == 'max_queue' else '>= 1'}",
+                  file=sys.stderr)
+            return 2
+    template = None
+    if args.chat_template is not None:
+        template = Path(args.chat_template).read_text(encoding="utf-8")
+    model = _model(args)
+    name = args.model_name or (Path(args.model).name if args.model else "tokentrail-demo")
+    serve(model, host=args.host, port=args.port, model_name=name, parallel=args.parallel, max_queue=args.max_queue,
+          prefill_chunk=args.prefill_chunk, timeout=args.timeout if args.timeout > 0 else None,
+          chat_template=template)
+    return 0
+
+
 def cmd_journey(args) -> int:
     from .report.terminal import print_journey
 
@@ -237,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--top", type=int, default=5, help="candidates shown by /journey")
     ch.add_argument("--width", type=int, default=None, help="terminal width for /journey (default: detected)")
     ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--parallel", type=int, default=4, help="sequences advanced together at each step")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="sequences that may wait for a slot; beyond it requests get 429")
+    sv.add_argument("--prefill-chunk", type=int, default=256,
+                    help="prompt tokens a sequence prefills per step, so long prompts do not stall others")
+    sv.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (0: no limit)")
+    sv.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: the path's name)")
+    sv.add_argument("--chat-template", default=None, help="a Jinja chat template file to use instead of the model's")
+    sv.set_defaults(func=cmd_serve)
 
     for name, func, helptext in (("journey", cmd_journey, "follow the last token of a prompt through the model"),
                                  ("report", cmd_report, "write the journey as one self-contained HTML page")):

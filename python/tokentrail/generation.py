@@ -181,6 +181,23 @@ def generate(model, prompt, max_new_tokens: int = 64, *, seed: int | None = None
     (the last one carries the finish_reason). Every argument is checked
     before the model is run, also when streaming.
     """
+    run = start_run(model, prompt, max_new_tokens, seed=seed, stop=stop, eos_ids=eos_ids, ignore_eos=ignore_eos,
+                    logprobs=logprobs, top_n=top_n, sampling=sampling, hooks=hooks, **options)
+    if stream:
+        return run.steps()
+    return run.result(list(run.steps()))
+
+
+def start_run(model, prompt, max_new_tokens: int = 64, *, seed: int | None = None,
+              stop: str | Sequence[str] = (), eos_ids: int | Iterable[int] | None = None,
+              ignore_eos: bool = False, logprobs: bool = False, top_n: int = 0,
+              sampling: SamplingConfig | None = None, hooks=None, **options: Any) -> "Run":
+    """A checked, not yet started generation (the options of :func:`generate`).
+
+    `run.steps()` drives it on a session of its own; a scheduler that feeds
+    sessions itself calls `run.begin(limit)` once, then `run.advance(logits,
+    position)` with each new set of next-token logits.
+    """
     max_new_tokens = _count("max_new_tokens", max_new_tokens, 0)
     top_n = _count("top_n", top_n, 0)
     stops = [stop] if isinstance(stop, str) else list(stop)
@@ -193,15 +210,12 @@ def generate(model, prompt, max_new_tokens: int = 64, *, seed: int | None = None
     prompt_ids = _prompt_ids(model, prompt)
     _check_fits(model, prompt_ids)
     eos = set() if ignore_eos else _eos_ids(model, eos_ids)
-    run = _Run(model, prompt_ids, max_new_tokens, sampler, stops, eos, logprobs, top_n, hooks)
-    if stream:
-        return run.steps()
-    steps = list(run.steps())
-    return Generation(prompt_ids, [s.token for s in steps], run.text[: run.released], run.finish_reason,
-                      steps, int(sampler.seed), run.stop_string)
+    return Run(model, prompt_ids, max_new_tokens, sampler, stops, eos, logprobs, top_n, hooks)
 
 
-class _Run:
+class Run:
+    """One generation's state: the sampler, the text released so far, stop strings, the finish."""
+
     def __init__(self, model, prompt_ids, max_new_tokens, sampler, stops, eos, logprobs, top_n, hooks=None):
         self.hooks = hooks
         self.model = model
@@ -220,52 +234,74 @@ class _Run:
     def steps(self) -> Iterator[Step]:
         if self.max_new_tokens == 0:
             return
-        model, tok = self.model, self.model.tokenizer
-        session = model.session()
-        limit = _limit(model, session)
-        if len(self.prompt_ids) > limit:
-            raise ValueError(f"prompt: {len(self.prompt_ids)} tokens do not fit the context of {limit}")
+        session = self.model.session()
+        self.begin(_limit(self.model, session))
         feed_kw = {"hooks": self.hooks} if self.hooks is not None else {}
         logits = session.feed(self.prompt_ids, **feed_kw)
-        history = list(self.prompt_ids)
-        decoder = StreamDecoder(tok, context=self.prompt_ids[-DECODE_CONTEXT:]) if tok is not None else None
-        for i in range(self.max_new_tokens):
-            draw = self.sampler.step(logits, history)
-            token = draw.token
-            history.append(token)
-            step = Step(i, token, "")
-            if self.logprobs or self.top_n:
-                self._details(step, logits, draw.probs)
-            finish, cut = None, 0
-            if token in self.eos:
-                finish = "eos"
-            elif decoder is not None:
-                self.text += decoder.push(token)
-                for s in self.stops:
-                    at = self.text.find(s, self.released)
-                    if at >= 0 and (finish is None or at < cut):
-                        finish, cut, self.stop_string = "stop", at, s
-            if finish is None and i == self.max_new_tokens - 1:
-                finish = "length"
-            if finish is None and session.pos >= limit:
-                finish = "context"
-            if finish == "stop":
-                end = cut
-            elif finish is not None:
-                if decoder is not None:  # release a character left incomplete at the end
-                    self.text += tok.decode(decoder.ids)[decoder.emitted:]
-                end = len(self.text)
-            else:
-                end = len(self.text) - _held_back(self.text, self.released, self.stops)
-            end = max(end, self.released)
-            step.text = self.text[self.released:end]
-            self.released = end
-            step.finish_reason = finish
+        while True:
+            step = self.advance(logits, session.pos)
             yield step
-            if finish is not None:
-                self.finish_reason = finish
+            if step.finish_reason is not None:
                 return
-            logits = session.feed([token], **feed_kw)
+            logits = session.feed([step.token], **feed_kw)
+
+    def begin(self, limit: int) -> None:
+        """Start generating into a session that holds at most `limit` positions."""
+        if len(self.prompt_ids) > limit:
+            raise ValueError(f"prompt: {len(self.prompt_ids)} tokens do not fit the context of {limit}")
+        self.limit = limit
+        self.history = list(self.prompt_ids)
+        tok = self.model.tokenizer
+        self.decoder = StreamDecoder(tok, context=self.prompt_ids[-DECODE_CONTEXT:]) if tok is not None else None
+        self.index = 0
+
+    def advance(self, logits: np.ndarray, position: int) -> Step:
+        """Choose the next token from `logits` (the session now holds `position` positions).
+
+        The returned Step's finish_reason, when set, ends the run: the caller
+        then feeds nothing more.
+        """
+        tok, decoder, i = self.model.tokenizer, self.decoder, self.index
+        self.index += 1
+        draw = self.sampler.step(logits, self.history)
+        token = draw.token
+        self.history.append(token)
+        step = Step(i, token, "")
+        if self.logprobs or self.top_n:
+            self._details(step, logits, draw.probs)
+        finish, cut = None, 0
+        if token in self.eos:
+            finish = "eos"
+        elif decoder is not None:
+            self.text += decoder.push(token)
+            for s in self.stops:
+                at = self.text.find(s, self.released)
+                if at >= 0 and (finish is None or at < cut):
+                    finish, cut, self.stop_string = "stop", at, s
+        if finish is None and i == self.max_new_tokens - 1:
+            finish = "length"
+        if finish is None and position >= self.limit:
+            finish = "context"
+        if finish == "stop":
+            end = cut
+        elif finish is not None:
+            if decoder is not None:  # release a character left incomplete at the end
+                self.text += tok.decode(decoder.ids)[decoder.emitted:]
+            end = len(self.text)
+        else:
+            end = len(self.text) - _held_back(self.text, self.released, self.stops)
+        end = max(end, self.released)
+        step.text = self.text[self.released:end]
+        self.released = end
+        step.finish_reason = finish
+        if finish is not None:
+            self.finish_reason = finish
+        return step
+
+    def result(self, steps: list[Step]) -> Generation:
+        """The Generation made of this run's steps."""
+        return Generation(self.prompt_ids, [s.token for s in steps], self.text[: self.released], self.finish_reason,
+                          steps, int(self.sampler.seed), self.stop_string)
 
     def _details(self, step: Step, logits: np.ndarray, probs: np.ndarray) -> None:
         logp = log_softmax(logits)

@@ -115,14 +115,7 @@ class Journey:
         return self._unembed
 
     def _final_norm(self, x: np.ndarray) -> np.ndarray:
-        """The model's own final norm, through the same kernel the forward pass uses."""
-        c, w = self.config, self.model.weights
-        x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
-        g = w["final_norm.weight"].to_float32()
-        if c.norm == "rms":
-            return _core.rmsnorm(x, g, c.norm_eps)
-        b = w["final_norm.bias"].to_float32() if "final_norm.bias" in w else np.zeros_like(g)
-        return _core.layernorm(x, g, b, c.norm_eps)
+        return final_norm(self.model, x)
 
     def _unembed_rows(self, h: np.ndarray) -> np.ndarray:
         """Unembed rows through the kernel path the forward pass took for this prompt.
@@ -327,6 +320,65 @@ class Journey:
         st.append(Stage("choice", "chosen token", f"{_q(self.token(t))} (id {t}, p={s.probs[t]:.2f}): {how}",
                         {"id": t, "prob": float(s.probs[t]), "rank": rank + 1}))
         return st
+
+
+def final_norm(model, x: np.ndarray) -> np.ndarray:
+    """The model's own final norm, through the same kernel the forward pass uses."""
+    c, w = model.config, model.weights
+    x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
+    g = w["final_norm.weight"].to_float32()
+    if c.norm == "rms":
+        return _core.rmsnorm(x, g, c.norm_eps)
+    b = w["final_norm.bias"].to_float32() if "final_norm.bias" in w else np.zeros_like(g)
+    return _core.layernorm(x, g, b, c.norm_eps)
+
+
+# The capture points a generated token's journey reads (see `token_journey`).
+TOKEN_JOURNEY_POINTS = ("blocks.*.attn_pattern", "blocks.0.resid_pre", "blocks.*.resid_post")
+
+
+def token_journey(model, cache, position: int, context_ids, chosen: int, top: int = 5) -> dict:
+    """A generated token's journey as plain data, from what a decoding step captured.
+
+    `cache` holds TOKEN_JOURNEY_POINTS at absolute `position` (the position
+    whose logits chose `chosen`); `context_ids` are the ids at positions
+    0..position. Returns, per layer, each head's most attended positions, and
+    the logit lens: each residual read through the final norm and unembedding,
+    with its top tokens and the chosen token's probability and rank.
+    """
+    n_layers = model.config.n_layers
+    tok = model.tokenizer
+
+    def text(i: int) -> str:
+        return tok.display(int(i)) if tok is not None else str(int(i))
+
+    def row(name: str) -> np.ndarray:
+        where = np.flatnonzero(cache.positions(name) == position)
+        if where.size == 0:
+            raise KeyError(f"{name} was not captured at position {position}")
+        return cache[name][where[-1]]
+
+    attention = []
+    for layer in range(n_layers):
+        pattern = row(f"blocks.{layer}.attn_pattern")[:, : position + 1]  # [heads, keys]
+        heads = []
+        for h, weights in enumerate(pattern):
+            best = np.argsort(-weights, kind="stable")[:top]
+            heads.append({"head": h, "top": [{"position": int(k), "token": text(context_ids[k]),
+                                              "weight": float(weights[k])} for k in best]})
+        attention.append({"layer": layer, "heads": heads})
+    labels = ["embeddings"] + [f"after layer {layer}" for layer in range(n_layers)]
+    rows = np.stack([row("blocks.0.resid_pre")] + [row(f"blocks.{layer}.resid_post") for layer in range(n_layers)])
+    w = model.weights.get("unembed.weight") or model.weights["embed.weight"]
+    logits = _core.matmul(np.ascontiguousarray(w.data), w.dtype, w.shape[0], w.shape[1], final_norm(model, rows))
+    lens = []
+    for label, lg in zip(labels, logits):
+        probs = thermo.probabilities(lg)
+        best = np.argsort(-lg, kind="stable")[:top]
+        lens.append({"label": label, "top": [{"id": int(i), "token": text(i), "prob": float(probs[i])}
+                                             for i in best],
+                     "chosen_prob": float(probs[chosen]), "chosen_rank": 1 + int((lg > lg[chosen]).sum())})
+    return {"position": int(position), "attention": attention, "logit_lens": lens}
 
 
 def _everything(n_layers: int) -> list[str]:

@@ -317,11 +317,13 @@ def test_client_disconnect_cancels_and_frees_the_slots(model):
         with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as r:
             assert r.status_code == 200
             next(r.iter_lines())
-        deadline = time.monotonic() + 30
-        while _metric(url, "tokentrail_cancelled_sequences") < 16 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (_metric(url, "tokentrail_active_sequences")
+                                               or _metric(url, "tokentrail_queue_depth")):
             time.sleep(0.05)
-        assert _metric(url, "tokentrail_cancelled_sequences") == 16
         assert _metric(url, "tokentrail_active_sequences") == 0 and _metric(url, "tokentrail_queue_depth") == 0
+        # Most of the 16 choices never ran: the sequences were dropped, not finished.
+        assert _metric(url, "tokentrail_cancelled_sequences") >= 8
         assert _metric(url, "tokentrail_generated_tokens") < 2000
         # The freed slot serves the next request.
         r = httpx.post(url + "/v1/completions", json={"prompt": STORY, "max_tokens": 5, "temperature": 0}, timeout=60)

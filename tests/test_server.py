@@ -310,13 +310,25 @@ def _metric(url: str, name: str) -> float:
     return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
-def test_client_disconnect_cancels_and_frees_the_slots(model):
+def _wait_idle(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (_metric(url, "tokentrail_active_sequences")
+                                           or _metric(url, "tokentrail_queue_depth")):
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_cancels_and_frees_the_slots(model, stream):
     # 16 long choices on one slot: about 4000 tokens if nobody stopped them.
-    body = {"prompt": STORY, "n": 16, "max_tokens": 250, "temperature": 0, "logit_bias": NO_END, "stream": True}
+    body = {"prompt": STORY, "n": 16, "max_tokens": 250, "temperature": 0, "logit_bias": NO_END, "stream": stream}
     with running(model, parallel=1, max_queue=64) as url:
-        with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            next(r.iter_lines())
+        if stream:
+            with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+                httpx.post(url + "/v1/completions", json=body, timeout=0.2)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (_metric(url, "tokentrail_active_sequences")
                                                or _metric(url, "tokentrail_queue_depth")):

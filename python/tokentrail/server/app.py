@@ -115,13 +115,17 @@ class Server:
         steps: list[list[Step]] = [[] for _ in runs]
         journeys: list[list[dict]] = [[] for _ in runs]
         remaining = len(runs)
+        checked = time.monotonic()
         try:
             while remaining:
+                # Events may keep coming for long: look at the connection every DISCONNECT_POLL seconds.
+                if time.monotonic() - checked >= DISCONNECT_POLL:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return None
                 try:
                     ev = await asyncio.wait_for(queue.get(), DISCONNECT_POLL)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None
                     continue
                 if ev.kind == "error":
                     raise ApiError(ev.code, ev.error, kind="server_error" if ev.code >= 500 else

@@ -50,9 +50,10 @@ def _prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 async def _one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
     """One streaming request: its text, token count, first-token time and gaps between tokens."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    arrivals, text = [], []
+    arrivals, text, usage = [], [], None
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
@@ -63,11 +64,19 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 return {"error": chunk["error"]["message"]}
-            arrivals.append(time.perf_counter())
-            text.append(chunk["choices"][0]["text"])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if not chunk.get("choices"):
+                continue
+            choice = chunk["choices"][0]
+            # A closing chunk with no text and a finish reason carries no token (llama-server sends one).
+            if choice.get("text") or not choice.get("finish_reason"):
+                arrivals.append(time.perf_counter())
+            text.append(choice.get("text") or "")
     if not arrivals:
         return {"error": "no tokens"}
-    return {"text": "".join(text), "tokens": len(arrivals), "ttft": arrivals[0] - start,
+    tokens = usage["completion_tokens"] if usage else len(arrivals)
+    return {"text": "".join(text), "tokens": tokens, "ttft": arrivals[0] - start,
             "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])], "start": start, "end": arrivals[-1]}
 
 
@@ -137,6 +146,9 @@ def main() -> None:
                     help="OMP_WAIT_POLICY of the server: passive threads sleep between steps instead of spinning, "
                          "which leaves the cores to the HTTP side of the server and to the clients")
     ap.add_argument("--root", default=str(HERE / "results" / "models"))
+    ap.add_argument("--llama-server", default=None,
+                    help="path of llama.cpp's llama-server binary: load it instead (same model as GGUF of --dtype, "
+                         "--parallel slots, continuous batching); its responses are compared with tokentrail's")
     ap.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -162,6 +174,20 @@ def main() -> None:
            "--host", "127.0.0.1", "--port", str(port), "--parallel", str(args.parallel),
            "--max-queue", str(max(levels) * 2), "--threads", str(args.threads)]
     env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy.upper())
+    engine = "tokentrail"
+    if args.llama_server:
+        from tokentrail.loading import read_checkpoint
+        from tokentrail.loading.gguf_writer import write_gguf
+
+        gguf = path.parent / f"{path.parent.name}-{args.dtype}.gguf"
+        if not gguf.exists():
+            write_gguf(read_checkpoint(path), gguf, dtype=args.dtype)
+        ctx = 2048
+        # -np slots share -c: give each slot the context a request needs (prompt + new tokens).
+        cmd = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np",
+               str(args.parallel), "-c", str(ctx * args.parallel // 8), "-t", str(args.threads), "-cb",
+               "--no-webui"]
+        engine = "llama.cpp"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     rows = []
     try:
@@ -188,7 +214,7 @@ def main() -> None:
             if i not in alone:
                 alone[i] = model.generate(prompts[i], max_new_tokens=args.max_tokens, temperature=0).text
             wrong += text != alone[i]
-        row["mismatches"] = wrong
+        row["mismatches"] = wrong  # for llama.cpp: responses that differ from tokentrail's
         row["lost"] = (args.requests or max(8, 2 * row["clients"])) - row["requests"]
     base = rows[0]["tokens_per_s"] if rows else 0.0
     print("\n| clients | requests | errors | lost | mismatches | tokens/s | x one client | TTFT p50 / p95 ms "
@@ -200,7 +226,7 @@ def main() -> None:
               f"{r['ttft_p95_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(path), "dtype": args.dtype, "parallel": args.parallel,
+    out.write_text(json.dumps({"engine": engine, "model": str(path), "dtype": args.dtype, "parallel": args.parallel,
                                "max_tokens": args.max_tokens, "threads": args.threads, "levels": rows,
                                "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
     print(f"wrote {out}")

@@ -282,6 +282,11 @@ def test_bad_chat_fields_and_bodies(base_url):
     assert "JSON" in body["message"]
 
 
+def test_unknown_routes_and_methods_answer_in_openai_shape(base_url):
+    assert "/v1/embeddings" in _error(httpx.post(base_url + "/v1/embeddings", json={}), 404)["message"]
+    _error(httpx.get(base_url + "/v1/completions"), 405)
+
+
 def test_prompt_longer_than_the_context_is_refused(base_url, model):
     ids = [5] * (model.context_limit + 1)
     body = _error(httpx.post(base_url + "/v1/completions", json={"prompt": ids}), 400, "prompt")

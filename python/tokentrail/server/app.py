@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import ChatTemplateError, end_of_turn_ids, template_of
 from ..generation import Run, Step, start_run
@@ -223,6 +224,14 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
     async def api_error(request: Request, e: ApiError):
         requests_total.labels(request.url.path, str(e.status)).inc()
         return JSONResponse(error_body(e.message, e.kind, e.param), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        # Unknown routes and methods answer in OpenAI's shape too.
+        requests_total.labels(request.url.path, str(e.status_code)).inc()
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}",
+                                       "not_found_error" if e.status_code == 404 else "invalid_request_error"),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError):

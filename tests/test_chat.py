@@ -250,3 +250,17 @@ def test_chat_command_reports_a_model_without_template():
     out = subprocess.run([sys.executable, "-m", "tokentrail.cli", "chat"], input="hi\n", capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "no chat template" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_chat_command_leaves_cleanly_on_ctrl_c(chatml_dir):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "tokentrail.cli", "chat", "--model", str(chatml_dir)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.read(2) == "> "  # waiting for the first message
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err

@@ -73,6 +73,20 @@ def greedy(model, ids, n: int, hooks=None):
     return out, logits
 
 
+def greedy_with_logits(model, prompt, n: int):
+    """Greedy continuation of `prompt` for n steps (prompt in one batch, then single tokens) and the
+    logits of every position: ([positions, vocab], tokens)."""
+    import numpy as np
+
+    s = model.session()
+    rows = list(s.feed(list(prompt), all_logits=True))
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(rows[-1])))
+        rows.append(s.feed([out[-1]]))
+    return np.stack(rows), out
+
+
 def check_attention(q, k, v, pos0, scale, z, pattern):
     """z and pattern against causal GQA attention in float64 (q [n,h,d]; k, v [kv,ctx,d] as the kernel read them)."""
     import numpy as np

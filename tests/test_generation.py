@@ -187,7 +187,7 @@ def test_length_and_context_limits():
     # 2 prompt tokens + 18 fed = 20 positions; one more token is sampled from the last logits
     assert g.finish_reason == "context" and len(g.token_ids) == 20 - 2 + 1
     for stream in (False, True):
-        with pytest.raises(ValueError, match="prompt"):
+        with pytest.raises(tokentrail.ContextFullError, match="prompt"):
             generate(model, "x" * 30, max_new_tokens=1, stream=stream)
     assert model.fed == [2, 1, 1, 1, 1] + [2] + [1] * 18
     assert generate(model, "Q:", max_new_tokens=0).token_ids == []

@@ -356,10 +356,10 @@ def test_model_level_errors(tmp_path):
     V = gguf.GGUFValueType
     write_llama(p, metadata={"llama.attention.key_length": (32, V.UINT32),
                              "llama.attention.value_length": (32, V.UINT32)})
-    with pytest.raises(CheckpointError, match="partial rotary"):  # 32-dim heads, 64 rotary dims
+    with pytest.raises(CheckpointError, match="rope.dimension_count"):  # 32-dim heads, 64 rotary dims
         read_gguf(p)
     write_llama(p, meta_ffn=F + 32)
-    with pytest.raises(CheckpointError, match="blocks.0.mlp.gate.weight"):  # rows disagree with metadata
+    with pytest.raises(CheckpointError, match="blk.0.ffn_gate.weight"):  # rows disagree with metadata
         read_gguf(p)
     write_llama(p, metadata={"tokenizer.ggml.model": ("bert", V.STRING),
                              "tokenizer.ggml.tokens": (["a"] * 10, V.ARRAY)})

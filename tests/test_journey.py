@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import tokentrail
+from tokentrail import thermo
 from conftest import require
 from reference_models import build
 
@@ -25,7 +26,9 @@ def test_stages_follow_the_journey(model):
     kinds = [s.kind for s in j]
     L = model.config.n_layers
     assert kinds[:3] == ["tokenize", "embed", "position"]
-    assert kinds[-4:] == ["final_norm", "logits", "softmax", "choice"]
+    assert kinds[-1] == "choice"
+    kinds = kinds[:-1]
+    assert kinds[-4:] == ["final_norm", "logits", "softmax", "sampler"]
     assert kinds.count("attention") == L and kinds.count("mlp") == L
     assert [s.layer for s in j if s.kind == "attention"] == list(range(L))
     first = j.step()
@@ -39,11 +42,11 @@ def test_stages_follow_the_journey(model):
 
 
 def test_journey_uses_the_real_logits(model):
-    j = model.journey(IDS, temperature=0.7)
-    np.testing.assert_array_equal(j.logits, model.forward(IDS)[-1])
-    assert j.chosen == int(np.argmax(j.logits))
-    probs = np.exp(j.logits.astype(np.float64) / 0.7 - (j.logits.max() / 0.7))
-    np.testing.assert_allclose(j.stats.probs, probs / probs.sum(), rtol=1e-9)
+    j = model.journey(IDS, temperature=0.7, seed=1)
+    # The logits generate starts from: a prefill of the prompt, last position only.
+    np.testing.assert_array_equal(j.logits, model.session().feed(IDS))
+    np.testing.assert_allclose(j.logits, model.forward(IDS)[-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(j.stats.probs, thermo.probabilities(j.logits, 1.0), rtol=1e-12)
 
 
 @pytest.mark.parametrize("n", [len(IDS), 2, 3])
@@ -74,13 +77,19 @@ def test_geometry_dot_is_the_logit(model):
 
 def test_followed_position_and_sampling(model):
     j = model.journey(IDS, position=3, temperature=1.0, seed=5)
-    np.testing.assert_array_equal(j.logits, model.forward(IDS)[3])
+    np.testing.assert_array_equal(j.logits, model.session().feed(IDS[:4]))
+    assert j.chosen == model.generate(IDS[:4], max_new_tokens=1, temperature=1.0, seed=5).token_ids[0]
     again = model.journey(IDS, position=3, temperature=1.0, seed=5)
     assert j.chosen == again.chosen and j.sampled
     with pytest.raises(IndexError):
         model.journey(IDS, position=len(IDS))
     with pytest.raises(ValueError, match="temperature"):
         model.journey(IDS, temperature=-1)
+    for bad in (0, -2, 1.5, "3", True):
+        with pytest.raises(ValueError, match="top"):
+            model.journey(IDS, top=bad)
+    with pytest.raises(ValueError, match="unknown sampling option"):
+        model.journey(IDS, temprature=0.5)
 
 
 def test_long_prompts_keep_only_the_followed_attention_row(model, monkeypatch):
@@ -96,8 +105,6 @@ def test_long_prompts_keep_only_the_followed_attention_row(model, monkeypatch):
     attn = [s for s in j if s.kind == "attention"]
     for layer in range(L):
         np.testing.assert_array_equal(attn[layer].data["pattern"], reference[f"blocks.{layer}.attn_pattern"][-1])
-    from tokentrail.report.html import journey_data
-
-    data = journey_data(j)
-    assert data["attention_rows"] == [n - 1]
-    assert len(data["attention"][0][0]) == 1 and len(data["attention"][0][0][0]) == n
+    queries, tables = j.attention_tables(0)
+    assert queries == [n - 1] and tables.shape == (H, 1, n)
+    assert full.attention_tables(0)[0] == [0, 1, 2, 3]

@@ -79,27 +79,31 @@ def test_norms(isa):
 
 
 @pytest.mark.parametrize("adjacent", [False, True])
-def test_rope(isa, adjacent):
+@pytest.mark.parametrize("rotary_dim", [10, 6])
+def test_rope(isa, adjacent, rotary_dim):
+    """Full and partial rotary (the first rotary_dim elements of each head turn), cos/sin scaled."""
     rng = np.random.default_rng(3)
-    n, heads, hd, theta = 6, 3, 10, 10000.0
+    n, heads, hd, theta, factor = 6, 3, 10, 10000.0, 1.25
     x = rng.standard_normal((n, heads * hd)).astype(np.float32)
     pos = np.array([0, 1, 5, 17, 100, 1000], np.int32)
-    half = hd // 2
-    inv = theta ** (-2.0 * np.arange(half) / hd)
-    ang = pos[:, None] * inv[None, :]
-    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    half = rotary_dim // 2
+    inv = (theta ** (-2.0 * np.arange(half) / rotary_dim)).astype(np.float32)
+    ang = pos[:, None] * inv[None, :].astype(np.float64)
+    cos, sin = factor * np.cos(ang)[:, None, :], factor * np.sin(ang)[:, None, :]
     v = x.reshape(n, heads, hd).astype(np.float64)
+    r = v[..., :rotary_dim]
     if adjacent:
-        a, b = v[..., 0::2], v[..., 1::2]
+        a, b = r[..., 0::2], r[..., 1::2]
     else:
-        a, b = v[..., :half], v[..., half:]
+        a, b = r[..., :half], r[..., half:]
     ra, rb = a * cos - b * sin, a * sin + b * cos
-    want = np.empty_like(v)
+    want = v.copy()
     if adjacent:
-        want[..., 0::2], want[..., 1::2] = ra, rb
+        want[..., 0:rotary_dim:2], want[..., 1:rotary_dim:2] = ra, rb
     else:
-        want[..., :half], want[..., half:] = ra, rb
-    np.testing.assert_allclose(_core.rope(x, pos, heads, hd, theta, adjacent), want.reshape(n, -1), atol=1e-5)
+        want[..., :half], want[..., half:rotary_dim] = ra, rb
+    got = _core.rope(x, pos, heads, hd, inv, adjacent, factor)
+    np.testing.assert_allclose(got, want.reshape(n, -1), atol=2e-5)
 
 
 def test_activations(isa):

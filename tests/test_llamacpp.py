@@ -52,7 +52,7 @@ import numpy as np
 import pytest
 
 import tokentrail
-from conftest import require, require_stories
+from conftest import greedy_with_logits, require, require_stories
 from tokentrail.loading import Checkpoint, read_checkpoint
 from tokentrail.loading.gguf_writer import write_gguf
 from tokentrail.loading.quant import dequantize, quantize
@@ -123,13 +123,8 @@ def llama_cpp_logits(path, prompt: list[int], continuation: list[int]) -> np.nda
 
 def tokentrail_greedy(model, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
     """Greedy continuation and the logits of every position (prompt batch, then single tokens)."""
-    s = model.session()
-    rows = list(s.feed(prompt, all_logits=True))
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(rows[-1])))
-        rows.append(s.feed([out[-1]]))
-    return out, np.stack(rows)
+    rows, out = greedy_with_logits(model, prompt, n)
+    return out, rows
 
 
 def matmul_inputs(model) -> list[tuple[str, str]]:

@@ -227,13 +227,15 @@ def test_journey_of_each_generated_token(client, model):
     prompt = list(alone.prompt_ids)
     for i, entry in enumerate(journey):
         context = prompt + alone.token_ids[:i]
-        ref = model.journey(context, top=4, chosen=alone.token_ids[i])
+        ref = model.journey(context, top=4, temperature=0)  # the greedy choice, as the request's
+        assert ref.chosen == alone.token_ids[i]
         lens = ref.logit_lens(top=4)
         assert [[t["token"] for t in row["top"]] for row in entry["logit_lens"]] == lens["top_tokens"]
         np.testing.assert_allclose([row["chosen_prob"] for row in entry["logit_lens"]], lens["chosen_prob"],
                                    rtol=1e-4, atol=1e-6)
         for layer in entry["attention"]:
-            pattern = ref.cache[f"blocks.{layer['layer']}.attn_pattern"][len(context) - 1]
+            pattern = ref.attention(layer["layer"])  # [heads, keys 0..len(context) - 1]
+            assert pattern.shape[1] == len(context)
             for head in layer["heads"]:
                 best = head["top"][0]
                 assert best["position"] == int(np.argmax(pattern[head["head"], : len(context)]))

@@ -225,8 +225,10 @@ void bm_rope(benchmark::State& state, std::string isa, int heads, int head_dim) 
   use(isa, state);
   Buffer x = random_floats(size_t(heads) * head_dim, 9);
   const int pos = 1000;
+  std::vector<float> inv_freq(head_dim / 2);
+  for (int i = 0; i < head_dim / 2; ++i) inv_freq[i] = std::pow(10000.0f, -2.0f * i / head_dim);
   for (auto _ : state) {
-    tt::kernels().rope(x.f(), 1, heads, head_dim, &pos, 10000.0f, false);
+    tt::kernels().rope(x.f(), 1, heads, head_dim, head_dim, &pos, inv_freq.data(), 1.0f, false);
     benchmark::ClobberMemory();
   }
   state.SetItemsProcessed(state.iterations() * heads * head_dim);
@@ -244,9 +246,16 @@ void bm_attention(benchmark::State& state, std::string isa, int ctx, int n) {
   const size_t qsize = size_t(n) * ATT_HEADS * ATT_HD, kvsize = size_t(ATT_KV) * ctx * ATT_HD;
   Buffer q = random_floats(qsize, 10), k = random_floats(kvsize, 11), v = random_floats(kvsize, 12);
   Buffer z(qsize * sizeof(float));
-  const float scale = 1.0f / std::sqrt(float(ATT_HD));
+  tt::AttentionShape a;
+  a.cap = ctx;
+  a.n = n;
+  a.pos0 = pos0;
+  a.n_heads = ATT_HEADS;
+  a.n_kv = ATT_KV;
+  a.head_dim = ATT_HD;
+  a.scale = 1.0f / std::sqrt(float(ATT_HD));
   for (auto _ : state) {
-    tt::kernels().attention(q.f(), k.f(), v.f(), ctx, n, pos0, ATT_HEADS, ATT_KV, ATT_HD, scale, z.f(), nullptr);
+    tt::kernels().attention(q.f(), k.f(), v.f(), tt::DType::F32, a, z.f(), nullptr);
     benchmark::DoNotOptimize(z.data());
     benchmark::ClobberMemory();
   }

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
+from .errors import OptionError
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ ATTENTION_TABLES = ("attn_scores", "attn_pattern")
 
 
 def full_name(point: str, layer: int | None) -> str:
+    """'blocks.L.point' for a per-layer point, the short name otherwise."""
     return f"blocks.{layer}.{point}" if layer is not None else point
 
 
@@ -122,24 +124,37 @@ def expand(patterns: str | Iterable[str], n_layers: int) -> list[str]:
 
 
 class ActivationCache(Mapping):
-    """What a forward pass (or a whole generation) recorded, by name.
+    """What a forward pass (or a whole generation) recorded, by name: a read-only mapping.
 
-    Our names give rows per position: [positions, ...]. TransformerLens aliases
-    give its layouts: attention tables as [heads, query, key].
-    `positions(name)` tells which absolute position each row is.
+    Our names give one row per recorded position, [positions, *shape], with
+    the shapes of the capture-point table (q, k, v and attn_z as
+    [heads, head_dim], attention tables as [heads, keys]). TransformerLens
+    aliases give its layouts: attention tables as [heads, query, key].
+    `positions(name)` tells which absolute position each row is; `nbytes`
+    what the records take.
     """
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, head_shapes: Mapping[str, tuple[int, int]] | None = None):
         self.n_layers = n_layers
+        # Points split into heads, by short name: (heads, head_dim).
+        self._head_shapes = dict(head_shapes or {})
         self._data: dict[str, np.ndarray] = {}
         self._positions: dict[str, np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}: {list(v.shape)}" for k, v in list(self._data.items())[:6])
+        more = f", ... {len(self._data) - 6} more" if len(self._data) > 6 else ""
+        return f"ActivationCache({len(self._data)} points, {self.nbytes / 1e6:.2f} MB; {shown}{more})"
 
     def _put(self, name: str, chunks: list) -> None:
         if not chunks:
             return
-        arrays = [np.asarray(a) for a, _ in chunks]
-        pos = np.concatenate([np.asarray(p, dtype=np.int64) for _, p in chunks])
         short = name.rsplit(".", 1)[-1]
+        split = self._head_shapes.get(short)
+        arrays = [np.asarray(a) for a, _ in chunks]
+        if split is not None:
+            arrays = [a.reshape(a.shape[0], *split) for a in arrays]
+        pos = np.concatenate([np.asarray(p, dtype=np.int64) for _, p in chunks])
         if short in ATTENTION_TABLES and len({a.shape[-1] for a in arrays}) > 1:
             # Generation grows the context: pad earlier rows to the longest.
             width = max(a.shape[-1] for a in arrays)
@@ -163,7 +178,11 @@ class ActivationCache(Mapping):
         return arr
 
     def positions(self, key: str) -> np.ndarray:
-        return self._positions[self._resolve(key)[0]]
+        """The absolute position of each row recorded under `key`."""
+        name = self._resolve(key)[0]
+        if name not in self._positions:
+            raise KeyError(f"{key!r} was not captured; captured: {sorted(self._data)}")
+        return self._positions[name]
 
     def __iter__(self):
         return iter(self._data)
@@ -196,8 +215,18 @@ class Hooks:
         self.n_layers = model.config.n_layers
         self._core = _core.Hooks(self.n_layers)
         self._sites: dict[tuple[int, int], dict] = {}
-        self._cache = ActivationCache(self.n_layers)
+        self._cache = self._empty_cache()
         self._stale = False
+
+    def _empty_cache(self) -> ActivationCache:
+        c = self.model.config
+        return ActivationCache(self.n_layers, {"q": (c.n_heads, c.head_dim), "attn_z": (c.n_heads, c.head_dim),
+                                               "k": (c.n_kv_heads, c.head_dim), "v": (c.n_kv_heads, c.head_dim)})
+
+    def __repr__(self) -> str:
+        captures = sum(site["capture"] for site in self._sites.values())
+        changes = sum(bool(site["head_scale"] or site["add"] or site["replace"]) for site in self._sites.values())
+        return f"Hooks({captures} capture points, {changes} interventions)"
 
     # -- building --------------------------------------------------------
     def _site(self, name: str) -> tuple[dict, str, int | None]:
@@ -213,7 +242,17 @@ class Hooks:
         self._core.set(key[0], key[1], **self._sites[key])
 
     def capture(self, names: str | Iterable[str] = "*", positions: Iterable[int] | None = None) -> "Hooks":
-        """Record these points (names or glob patterns), at these absolute positions (None: all)."""
+        """Record these points (names or glob patterns), at these absolute positions (None: all).
+
+        Positions here are absolute, since the hooks may serve a whole
+        generation; model.run_with_cache also takes positions from the end (-1).
+        """
+        if positions is not None:
+            positions = [positions] if isinstance(positions, (int, np.integer)) else list(positions)
+            bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 0]
+            if bad:
+                raise IndexError(f"positions: {bad[0]!r} is not an absolute position (an integer >= 0); "
+                                 f"model.run_with_cache(..., positions=[-1]) counts from the prompt's end")
         for name in expand(names, self.n_layers):
             site, _, _ = self._site(name)
             site["capture"] = True
@@ -270,12 +309,12 @@ class Hooks:
         """Forget every capture request, intervention and record."""
         self._core.clear()
         self._sites.clear()
-        self._cache = ActivationCache(self.n_layers)
+        self._cache = self._empty_cache()
 
     def reset(self) -> None:
         """Forget the records, keep the requests and interventions."""
         self._core.clear_captures()
-        self._cache = ActivationCache(self.n_layers)
+        self._cache = self._empty_cache()
 
     # -- reading ---------------------------------------------------------
     def _core_hooks(self):
@@ -291,7 +330,7 @@ class Hooks:
         return self._cache
 
     def _collect(self) -> ActivationCache:
-        cache = ActivationCache(self.n_layers)
+        cache = self._empty_cache()
         for (pid, layer), site in self._sites.items():
             if not site["capture"]:
                 continue
@@ -316,3 +355,12 @@ class Hooks:
 
 
 _SHORT_BY_ID = {p.id: p.name for p in POINTS.values()}
+
+
+def check_hooks(model, hooks) -> None:
+    """Refuse anything but this model's Hooks, with an error that says what was passed."""
+    if not isinstance(hooks, Hooks):
+        raise OptionError(f"hooks: must come from model.hooks() (a tokentrail.capture.Hooks), "
+                          f"got {type(hooks).__name__} {hooks!r:.60}")
+    if hooks.model is not model:
+        raise OptionError("hooks: were made for another model; use this model's hooks()")

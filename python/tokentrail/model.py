@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _core
+from . import _core, generation
 from .config import ModelConfig
-from .errors import ContextFullError
+from .errors import ContextFullError, OptionError, TokentrailError
+from .generation_config import GenerationDefaults, defaults_for
 from .loading import Checkpoint, read_checkpoint
 from .loading.weights import BLOCK_TYPES, Weight, bf16_from_float32
+from .progress import ProgressOption, Task
+
+if TYPE_CHECKING:
+    from .capture import ActivationCache, Hooks
+    from .journey import Journey
+    from .sampling import SamplingConfig
 
 DEMO_MODEL = Path(__file__).parent / "models" / "demo"
 # Default KV cache limit when a model allows very long contexts: memory for
@@ -20,6 +28,8 @@ DEFAULT_CONTEXT_CAP = 8192
 
 
 KV_DTYPES = ("f32", "f16")
+# Which logits a forward step returns per sequence: its last position's, every position's, or none.
+LOGITS_MODES = ("last", "all", "none")
 
 
 def _check_kv_dtype(kv_dtype: str) -> str:
@@ -28,19 +38,35 @@ def _check_kv_dtype(kv_dtype: str) -> str:
     return kv_dtype
 
 
-def load(path=None, dtype: str | None = None, threads: int | None = None,
-         context: int | None = None, kv_dtype: str = "f32") -> "Model":
+def check_isa_setting() -> None:
+    """Apply TOKENTRAIL_ISA, or refuse a value this binary or CPU cannot run (never ignore it)."""
+    forced = os.environ.get("TOKENTRAIL_ISA", "").strip()
+    if not forced:
+        return
+    available = list(_core.available_isas())
+    if forced not in available:
+        raise TokentrailError(f"TOKENTRAIL_ISA={forced!r} is not a kernel variant this machine runs; "
+                              f"choose one of {', '.join(available)} (or unset it to pick the best)")
+    if _core.isa() != forced:
+        _core.set_isa(forced)
+
+
+def load(path: str | os.PathLike | None = None, dtype: str | None = None, threads: int | None = None,
+         context: int | None = None, kv_dtype: str = "f32", progress: ProgressOption = None) -> "Model":
     """Load a checkpoint (Hugging Face directory, .gguf, or llama2.c .bin).
 
     With no path, the demo model bundled with tokentrail. `dtype` converts the
     weight matrices at load time ("f32", "f16", "bf16", "q8_0", "q4_0");
-    None keeps them as stored. `threads` sets the core's thread count.
-    `kv_dtype` is the element type of every session's KV cache: "f32" (exact)
-    or "f16" (half the memory, and half the bytes attention reads per token
-    at long contexts; keys and values rounded to half precision).
+    None keeps them as stored. `threads` sets the core's thread count (None:
+    every core). `context` caps the positions a session holds (default: the
+    model's, at most 8192). `kv_dtype` is the element type of every
+    session's KV cache: "f32" (exact) or "f16" (half the memory, and half the
+    bytes attention reads per token at long contexts; keys and values
+    rounded to half precision). `progress` shows the conversion's progress
+    (see tokentrail.progress: None = a bar when stderr is a terminal).
     """
     ckpt = read_checkpoint(DEMO_MODEL if path is None else path)
-    return Model(ckpt, dtype=dtype, threads=threads, context=context, kv_dtype=kv_dtype)
+    return Model(ckpt, dtype=dtype, threads=threads, context=context, kv_dtype=kv_dtype, progress=progress)
 
 
 def _convert(w: Weight, dtype: str) -> Weight:
@@ -64,24 +90,45 @@ def _convert(w: Weight, dtype: str) -> Weight:
 
 
 class Model:
+    """A loaded model: weights the core computes with, a tokenizer, and decoding defaults.
+
+    Attributes: `config` (ModelConfig, the family's differences as fields),
+    `tokenizer` (None for id-only checkpoints), `weights` (neutral name ->
+    Weight), `generation_defaults` (from the model's generation_config.json,
+    else greedy), `context_limit` (positions a session holds), `kv_dtype`.
+
+    Methods follow a token's path: `encode`, `forward` (logits), `session`
+    (a KV cache to feed yourself), `generate`, `score`, `run_with_cache` and
+    `hooks` (capture and intervene), `journey` (one token followed through
+    the model). Make one with tokentrail.load().
+    """
+
     def __init__(self, checkpoint: Checkpoint, dtype: str | None = None, threads: int | None = None,
-                 context: int | None = None, kv_dtype: str = "f32"):
+                 context: int | None = None, kv_dtype: str = "f32", progress: ProgressOption = None):
+        check_isa_setting()
         self.kv_dtype = _check_kv_dtype(kv_dtype)
         if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise ValueError(f"threads must be a positive integer, got {threads!r}")
             _core.set_threads(int(threads))
         self.config: ModelConfig = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.source = checkpoint.source
+        self.generation_defaults: GenerationDefaults = defaults_for(checkpoint.source)
         weights = {}
-        for name, w in checkpoint.weights.items():
-            if len(w.shape) == 1:
-                # Norm weights and biases are tiny: always float32 for the core.
-                w = Weight(np.ascontiguousarray(w.to_float32()), "f32", w.shape)
-            elif dtype is not None and (name != "pos_embed.weight"):
-                w = _convert(w, dtype)
-            weights[name] = w
+        label = f"converting weights to {dtype}" if dtype is not None else "loading weights"
+        # Only a conversion takes long enough to show; memory-mapped weights load at once.
+        with Task(label, len(checkpoint.weights), progress if dtype is not None else False) as task:
+            for name, w in checkpoint.weights.items():
+                if len(w.shape) == 1:
+                    # Norm weights and biases are tiny: always float32 for the core.
+                    w = Weight(np.ascontiguousarray(w.to_float32()), "f32", w.shape)
+                elif dtype is not None and (name != "pos_embed.weight"):
+                    w = _convert(w, dtype)
+                weights[name] = w
+                task.advance()
         self.weights = weights
-        self._core = _core.Model(self.config.to_dict(),
+        self._core = _core.Model(self.config.core_dict(),
                                  {n: (np.ascontiguousarray(w.data), w.dtype) for n, w in weights.items()})
         if context is not None and int(context) < 1:
             raise ValueError(f"context must be at least 1, got {context}")
@@ -90,63 +137,169 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Model({self.source!r}, layers={c.n_layers}, d_model={c.hidden_size}, heads={c.n_heads}"
-                f"/{c.n_kv_heads}, vocab={c.vocab_size})")
+        types = ",".join(sorted({w.dtype for w in self.weights.values() if len(w.shape) > 1}))
+        return (f"Model({self.source!r}, {c.architecture or 'model'}, layers={c.n_layers}, d_model={c.hidden_size}, "
+                f"heads={c.n_heads}/{c.n_kv_heads}, vocab={c.vocab_size}, context={self.context_limit}, "
+                f"weights={types}, kv={self.kv_dtype}, decoding: {self.generation_defaults})")
 
     @property
     def n_params(self) -> int:
+        """Number of weights (every element of every tensor)."""
         return int(sum(np.prod(w.shape) for w in self.weights.values()))
 
     def session(self, limit: int | None = None, kv_dtype: str | None = None) -> "Session":
-        """A fresh KV cache; `kv_dtype` overrides the model's ("f32" or "f16")."""
+        """A fresh KV cache holding up to `limit` positions (default: context_limit);
+        `kv_dtype` overrides the model's ("f32" or "f16")."""
         return Session(self, limit, kv_dtype=kv_dtype)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with the tokenizer's special tokens (BOS) where the model uses them."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer; pass token ids instead of text")
         return self.tokenizer.encode(text)
 
-    def forward(self, ids: Sequence[int] | str, all_positions: bool = True, hooks=None) -> np.ndarray:
-        """Logits for `ids` from an empty cache: [len(ids), vocab], or [vocab] for the last position."""
+    def forward(self, ids: Sequence[int] | str, all_positions: bool = True, hooks: Hooks | None = None) -> np.ndarray:
+        """Logits for `ids` (or text) from an empty cache: [len(ids), vocab], or [vocab] for the last position.
+
+        `hooks` (from hooks()) records and intervenes during the pass.
+        """
         if isinstance(ids, str):
             ids = self.encode(ids)
         return self.session().feed(ids, all_logits=all_positions, hooks=hooks)
 
-    def hooks(self):
-        """A fresh set of capture requests and interventions for this model."""
+    def forward_batch(self, sessions: Sequence[Session], tokens: Sequence[Sequence[int]],
+                      logits: str | Sequence[str] = "last",
+                      hooks: Sequence[Hooks | None] | None = None) -> list[np.ndarray | None]:
+        """Advance several sessions in one step of the core: `sessions[i]` runs `tokens[i]` at its next positions.
+
+        The sequences may be at different positions and feed different
+        numbers of tokens (a prompt for one, a single decode token for
+        another); the rows of all of them go through every weight matrix
+        together, so each weight is read once per step. Results equal feeding
+        each session alone (Session.feed). `logits` is "last" ([vocab]),
+        "all" ([n, vocab]) or "none" (None), for every sequence or one per
+        sequence. `hooks` gives each sequence its own Hooks or None (one
+        Hooks object may serve only one sequence of a step, so that its
+        records stay apart). Everything is checked before any session changes.
+        """
+        sessions = list(sessions)
+        tokens = list(tokens)
+        count = len(sessions)
+        if count == 0:
+            raise ValueError("forward_batch: needs at least one session")
+        if len(tokens) != count:
+            raise ValueError(f"forward_batch: {count} sessions but {len(tokens)} token lists; give one per session")
+        modes = [logits] * count if isinstance(logits, str) else list(logits)
+        hooks = [None] * count if hooks is None else list(hooks)
+        for name, given in (("logits", modes), ("hooks", hooks)):
+            if len(given) != count:
+                raise ValueError(f"forward_batch: {name} has {len(given)} entries for {count} sessions")
+        core_hooks, ids, seen = [], [], {}
+        for i, (session, toks, mode, hk) in enumerate(zip(sessions, tokens, modes, hooks)):
+            who = f"forward_batch: sequence {i}: "
+            if not isinstance(session, Session):
+                raise OptionError(f"{who}expected a Session (model.session()), got {type(session).__name__}")
+            if session.model is not self:
+                raise ValueError(f"{who}the session belongs to another model")
+            if id(session) in seen or id(session._cache) in seen:
+                raise ValueError(f"{who}is the same session as sequence {seen.get(id(session), seen.get(id(session._cache)))}; "
+                                 f"a session can advance once per step")
+            seen[id(session)] = seen[id(session._cache)] = i
+            if mode not in LOGITS_MODES:
+                raise ValueError(f"{who}logits must be one of {', '.join(LOGITS_MODES)}, got {mode!r}")
+            if hk is not None:
+                from .capture import check_hooks
+
+                check_hooks(self, hk)
+                if id(hk) in seen:
+                    raise ValueError(f"{who}shares its hooks with sequence {seen[id(hk)]}; give each sequence "
+                                     f"its own Hooks (their records would mix)")
+                seen[id(hk)] = i
+            ids.append(session._checked_ids(toks, who))
+            core_hooks.append(hk._core_hooks() if hk is not None else None)
+        out = self._core.forward_batch([s._cache for s in sessions], ids, modes, core_hooks)
+        for session, toks in zip(sessions, ids):
+            session.tokens.extend(int(i) for i in toks)
+        return [None if mode == "none" else o for mode, o in zip(modes, out)]
+
+    def hooks(self) -> Hooks:
+        """A fresh set of capture requests and interventions for this model (tokentrail.capture.Hooks)."""
         from .capture import Hooks
 
         return Hooks(self)
 
-    def run_with_cache(self, prompt, names="*", positions=None, hooks=None):
+    def run_with_cache(self, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
+                       names: str | Iterable[str] = "*", positions: Iterable[int] | None = None,
+                       hooks: Hooks | Sequence[Hooks | None] | None = None
+                       ) -> tuple[np.ndarray, ActivationCache] | tuple[list[np.ndarray], list[ActivationCache]]:
         """Logits of every position and an ActivationCache of the named points (all by default).
 
-        `positions` limits the record to those absolute positions: for long
-        prompts, recording only what you will look at saves most of the memory.
+        `names` are capture-point names, TransformerLens hook names or glob
+        patterns. `positions` limits the record to those positions of the
+        prompt; negative ones count from the end (-1 = the last token). For
+        long prompts, recording only what you will look at saves most of the
+        memory. A position outside the prompt is an IndexError.
+
+        A list of prompts runs them together (each step of the core advancing
+        several) and gives a list of logits ([len(prompt), vocab] each) and a
+        list of caches, one per prompt, each exactly what the prompt alone
+        gives; negative positions count from each prompt's own end, and
+        `hooks`, when given, is a list with one Hooks (or None) per prompt.
         """
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        hooks = hooks if hooks is not None else self.hooks()
-        hooks.capture(names, positions=positions)
+        if generation.is_prompt_list(prompt):
+            return self._run_with_caches(list(prompt), names, positions, hooks)
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        hooks = self._capturing_hooks(ids, names, positions, hooks)
         logits = self.forward(ids, all_positions=True, hooks=hooks)
         return logits, hooks.cache
 
-    def journey(self, prompt, temperature: float = 1.0, position: int = -1, top: int = 5, seed=None,
-                chosen: int | None = None):
+    def _capturing_hooks(self, ids: list[int], names, positions, hooks: Hooks | None) -> Hooks:
+        """`hooks` (or fresh ones) asked to record `names` at `positions` of the prompt `ids`."""
+        if positions is not None:
+            positions = _prompt_positions(positions, len(ids))
+        if hooks is None:
+            hooks = self.hooks()
+        else:
+            from .capture import check_hooks
+
+            check_hooks(self, hooks)
+        return hooks.capture(names, positions=positions)
+
+    def _run_with_caches(self, prompts: list, names, positions, hooks) -> tuple[list[np.ndarray], list[ActivationCache]]:
+        if hooks is None:
+            hooks = [None] * len(prompts)
+        elif not isinstance(hooks, (list, tuple)) or len(hooks) != len(prompts):
+            raise OptionError(f"hooks: with a list of {len(prompts)} prompts, give a list of as many Hooks "
+                              f"(or None), got {hooks!r:.60}")
+        elif len({id(h) for h in hooks if h is not None}) < sum(h is not None for h in hooks):
+            raise OptionError("hooks: each prompt needs its own Hooks, or their records would mix")
+        ids = [generation._prompt_ids(self, p, f"prompt {i}") for i, p in enumerate(prompts)]
+        for i, one in enumerate(ids):
+            generation._check_fits(self, one, f"prompt {i}")
+        try:
+            hooks = [self._capturing_hooks(one, names, positions, h) for one, h in zip(ids, hooks)]
+        except IndexError as e:
+            raise IndexError(f"{e} (positions apply to every prompt of the list)") from None
+        logits: list[np.ndarray] = [None] * len(prompts)
+        for step in generation.whole_prompt_steps([len(one) for one in ids]):
+            out = self.forward_batch([self.session() for _ in step], [ids[i] for i in step], logits="all",
+                                     hooks=[hooks[i] for i in step])
+            for i, row in zip(step, out):
+                logits[i] = row
+        return logits, [h.cache for h in hooks]
+
+    def journey(self, prompt: str | Sequence[int], *, position: int = -1, top: int = 5,
+                seed: int | None = None, sampling: SamplingConfig | None = None, **options: Any) -> Journey:
         """Follow the token at `position` of `prompt` through the model; see tokentrail.journey.
 
-        `chosen` names the token that came next (e.g. the one a generation sampled);
-        by default the journey shows the greedy choice, or a draw with `seed`.
+        `seed`, `sampling` and the sampling options (temperature, top_k,
+        top_p, ...) are generate's, with generate's defaults (the model's
+        generation_config.json): the journey's chosen token is the first
+        token generate returns with the same ones, drawn through the same chain.
         """
         from .journey import Journey
 
-        return Journey(self, prompt, temperature=temperature, position=position, top=top, seed=seed,
-                       chosen=chosen)
-
-    def generate(self, prompt, max_new_tokens: int = 32, **kwargs):
-        """Continue `prompt` (text or ids); see tokentrail.generation.generate for the options."""
-        from .generation import generate
-
-        return generate(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+        return Journey(self, prompt, position=position, top=top, seed=seed, sampling=sampling, **options)
 
     def chat(self, messages, **kwargs):
         """The assistant's reply to a conversation, through the model's chat template; see tokentrail.chat.chat."""
@@ -154,14 +307,33 @@ class Model:
 
         return chat(self, messages, **kwargs)
 
-    def score(self, text, **kwargs):
-        from .generation import score
+    # One signature, written once: generation.generate(model, ...) is the method generate(...).
+    generate = generation.generate
+    score = generation.score
 
-        return score(self, text, **kwargs)
+
+def _prompt_positions(positions: Iterable[int], n: int) -> list[int]:
+    """Positions of an n-token prompt, negative ones counted from the end; out of range is an error."""
+    if isinstance(positions, (int, np.integer)):
+        positions = [positions]
+    out = []
+    for p in positions:
+        if isinstance(p, bool) or not isinstance(p, (int, np.integer)):
+            raise OptionError(f"positions: must be integers, got {p!r}")
+        if not -n <= p < n:
+            raise IndexError(f"positions: {int(p)} is outside a prompt of {n} tokens "
+                             f"(0..{n - 1}, or -{n}..-1 from the end)")
+        out.append(int(p) % n)
+    return out
 
 
 class Session:
-    """A KV cache and the position reached: feed tokens, one or many at a time."""
+    """A KV cache and the position reached: feed tokens, one or many at a time.
+
+    `pos` is the number of positions cached, `limit` how many it can hold,
+    `tokens` the ids fed so far. `feed` runs tokens and returns logits,
+    `fork` copies the cache, `rewind` forgets the end of it.
+    """
 
     def __init__(self, model: Model, limit: int | None = None, _cache=None, kv_dtype: str | None = None):
         self.model = model
@@ -183,25 +355,32 @@ class Session:
     def kv_dtype(self) -> str:
         return self._cache.dtype
 
-    def feed(self, ids: Sequence[int], all_logits: bool = False, hooks=None) -> np.ndarray:
+    def feed(self, ids: Sequence[int], all_logits: bool = False, hooks: Hooks | None = None) -> np.ndarray:
         """Run `ids` at the next positions; logits of the last one ([vocab]), or of all ([n, vocab])."""
+        ids = self._checked_ids(ids)
+        if hooks is not None:
+            from .capture import check_hooks
+
+            check_hooks(self.model, hooks)
+        core_hooks = hooks._core_hooks() if hooks is not None else None
+        out = self.model._core.forward(self._cache, ids, "all" if all_logits else "last", core_hooks)
+        self.tokens.extend(int(i) for i in ids)
+        return out
+
+    def _checked_ids(self, ids: Sequence[int], who: str = "") -> np.ndarray:
+        """`ids` as int32 for the core, after the checks that give clear errors (`who` prefixes them)."""
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
         if ids.ndim != 1 or ids.size == 0:
-            raise ValueError("feed needs a non-empty 1-D sequence of token ids")
+            raise ValueError(f"{who}feed needs a non-empty 1-D sequence of token ids")
         if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got {ids.dtype}")
+            raise ValueError(f"{who}token ids must be integers, got {ids.dtype}")
         if self.pos + ids.size > self.limit:
-            raise ContextFullError(f"context is full: {self.pos} positions cached + {ids.size} new exceed the "
-                                   f"limit of {self.limit}")
+            raise ContextFullError(f"{who}{ContextFullError.for_tokens(self.pos, ids.size, self.limit)}")
         vocab = self.model.config.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             bad = int(ids[(ids < 0) | (ids >= vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
-        core_hooks = hooks._core_hooks() if hooks is not None else None
-        out = self.model._core.forward(self._cache, ids.astype(np.int32), "all" if all_logits else "last",
-                                       core_hooks)
-        self.tokens.extend(int(i) for i in ids)
-        return out
+            raise ValueError(f"{who}token id {bad} is outside the vocabulary (size {vocab})")
+        return ids.astype(np.int32)
 
     def fork(self) -> "Session":
         """An independent copy of this session (the cache's filled part is copied, nothing recomputed)."""
@@ -213,3 +392,6 @@ class Session:
         """Forget everything after the first `positions` positions."""
         self._cache.truncate(int(positions))
         del self.tokens[positions:]
+
+    def __repr__(self) -> str:
+        return f"Session(pos={self.pos}, limit={self.limit}, kv_dtype={self.kv_dtype!r})"

@@ -21,9 +21,6 @@ from typing import Any
 import numpy as np
 
 POOLINGS = ("last", "mean")
-# generate()'s own keywords besides the sampling options (checked by make_chain).
-GENERATION_OPTIONS = frozenset({"max_new_tokens", "seed", "stop", "eos_ids", "ignore_eos", "logprobs", "top_n",
-                                "sampling"})
 
 
 def _dataset(data):
@@ -136,9 +133,15 @@ def generate(data, model, *, column: str = "prompt", output: str = "text", concu
     Ray Dataset or a Parquet path; `model` a checkpoint path every actor loads
     (with `load_options`, e.g. {"dtype": "q8_0", "threads": 1}).
     """
+    from .errors import unknown_options
+    from .generation import GENERATE_OPTIONS
     from .sampling import SAMPLING_OPTIONS, make_chain
 
-    make_chain(**{k: v for k, v in options.items() if k in SAMPLING_OPTIONS or k not in GENERATION_OPTIONS})
+    # Names now, before any actor starts; each actor's generate checks the values against its model.
+    unknown = set(options) - GENERATE_OPTIONS - {"eos_ids"}
+    if unknown:
+        raise unknown_options(unknown, GENERATE_OPTIONS | {"eos_ids"}, "sampling option")
+    make_chain(**{k: v for k, v in options.items() if k in SAMPLING_OPTIONS and v is not None})
     return _map(data, Generator, (model, load_options, column, output, options), concurrency, batch_size)
 
 

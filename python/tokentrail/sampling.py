@@ -806,12 +806,16 @@ class Chain:
                 _fail("processors", f"{p!r} is not callable")
         self.processors = list(processors)
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = (),
+                 observe: Callable[[Processor, np.ndarray], None] | None = None) -> np.ndarray:
+        """The logits after every processor; `observe(proc, x)` sees each stage's output."""
         x = check_logits(logits)
         for proc in self.processors:
             x = np.asarray(proc(x, history), dtype=np.float64)
             if x.ndim != 1 or np.isnan(x).any() or np.isposinf(x).any():
                 raise ValueError(f"processor {_name_of(proc)!r} returned NaN, +inf or a wrong shape")
+            if observe is not None:
+                observe(proc, x)
         return x
 
     def accept(self, token: int, probs: np.ndarray) -> None:
@@ -1062,8 +1066,11 @@ class Sampler:
                 proc.bind_rng(np.random.Generator(np.random.PCG64(child)))
         self.chain.reset()
 
-    def step(self, logits: np.ndarray, history: Sequence[int] = ()) -> Draw:
-        processed = self.chain(logits, history)
+    def step(self, logits: np.ndarray, history: Sequence[int] = (),
+             observe: Callable[[Processor, np.ndarray], None] | None = None) -> Draw:
+        """Run the chain and draw one token; `observe(proc, x)` sees each processor's output
+        (the journey records the chain stage by stage through it)."""
+        processed = self.chain(logits, history, observe)
         probs = softmax(processed)
         token = draw(probs, self.rng)
         self.chain.accept(token, probs)

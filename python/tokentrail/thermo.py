@@ -68,9 +68,14 @@ def entropy(logits, temperature: float = 1.0, bits: bool = False) -> float:
     """H = -sum p log p, in nats (or bits)."""
     logp = log_probabilities(logits, temperature)
     p = np.exp(logp)
-    on = p > 0
-    h = float(-(p[on] * logp[on]).sum())
+    h = _entropy(p, logp)
     return h / LN2 if bits else h
+
+
+def _entropy(p: np.ndarray, logp: np.ndarray) -> float:
+    """-sum p log p, never below 0 (a certain outcome sums -0.0, which would print as -0.00)."""
+    on = p > 0
+    return max(0.0, float(-(p[on] * logp[on]).sum()))
 
 
 def log_partition(logits, temperature: float = 1.0) -> float:
@@ -116,7 +121,7 @@ def stats(logits, temperature: float = 1.0) -> ThermoStats:
     logp = log_probabilities(x, t)
     p = np.exp(logp)
     on = p > 0
-    h = float(-(p[on] * logp[on]).sum())
+    h = _entropy(p, logp)
     top = float(x.max())
     # Energies relative to the lowest one keep the moments exact for large logits.
     d = np.where(on, x - top, 0.0)

@@ -1,6 +1,8 @@
 """Text <-> token ids, through the `tokenizers` library for every format."""
 from __future__ import annotations
 
+import codecs
+import functools
 from collections.abc import Iterable, Iterator
 
 import tokenizers
@@ -46,17 +48,66 @@ class Tokenizer:
         return p if p is not None else f"<{token_id}>"
 
     def display(self, token_id: int) -> str:
-        """The text a token stands for, as a reader would see it."""
+        """The text a token stands for, as a reader would see it.
+
+        A token holding only part of a character's UTF-8 bytes shows those
+        bytes as escapes (``<0xE6>``) instead of the replacement character.
+        """
         text = self.inner.decode([int(token_id)], skip_special_tokens=False)
         if not text:
-            return self.piece(token_id)
+            # A lone sentencepiece word boundary decodes to nothing: show it as the space it is.
+            return self.piece(token_id).replace("\u2581", " ")
+        if "\ufffd" in text:
+            raw = self.token_bytes(token_id)
+            if raw is not None:
+                text = raw.decode("utf-8", errors=_BYTE_ESCAPES)
         # Sentencepiece-style decoders drop a word's leading space when it is decoded alone.
         if self.piece(token_id).startswith("\u2581") and not text.startswith(" "):
             text = " " + text
         return text
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes a token stands for, when the vocabulary says so (byte-fallback
+        pieces like ``<0xE6>`` or byte-level BPE pieces); None for other tokens."""
+        piece = self.piece(token_id)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                return None
+        if type(self.inner.decoder).__name__ == "ByteLevel":
+            table = _byte_level_table()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        return None
+
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
+
+
+def _escape_bytes(err: UnicodeDecodeError) -> tuple[str, int]:
+    return "".join(f"<0x{b:02X}>" for b in err.object[err.start:err.end]), err.end
+
+
+_BYTE_ESCAPES = "tokentrail-byte-escapes"
+codecs.register_error(_BYTE_ESCAPES, _escape_bytes)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte -> the byte.
+
+    Printable Latin-1 bytes stand for themselves; the others (controls, space,
+    soft hyphen...) are mapped in order to U+0100 onwards.
+    """
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(0x100 + extra)] = b
+            extra += 1
+    return table
 
 
 class StreamDecoder:

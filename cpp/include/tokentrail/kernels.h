@@ -16,11 +16,29 @@ struct AttentionCapture {
   float* pattern = nullptr;   // softmax probabilities, 0 above the diagonal
 };
 
+// The sizes and the score transform of one attention call.
+struct AttentionShape {
+  int cap = 0;           // positions the cache buffers are laid out for
+  int n = 0, pos0 = 0;   // queries, and the position of the first
+  int n_heads = 0, n_kv = 0, head_dim = 0;
+  float scale = 1.0f;    // multiplies q.k
+  int window = 0;        // > 0: a query at position p reads keys p - window + 1 .. p only
+  float softcap = 0.0f;  // > 0: scores become softcap * tanh(scores / softcap) before the softmax
+};
+
 // Products over this many tokens or more use the packed GEMM, fewer the GEMV
 // (token tiles, weights widened in registers, no packing). Measured crossover:
 // from 48 tokens the GEMM wins for every weight type (TinyLlama-1.1B Q4_0 at 64
 // tokens: 175 vs 153 tok/s); at 32 the GEMV still wins for f16 and quantized rows.
 constexpr int GEMM_MIN_ROWS = 48;
+
+// Attention calls with less work than this (queries x heads x keys x head_dim) run on one
+// thread: spreading them would cost more than it saves. A batch of such calls (decode rows
+// of several sequences) spreads the calls over the threads instead.
+constexpr double ATTENTION_PARALLEL_WORK = 100000.0;
+inline double attention_work(int n, int n_heads, int ctx, int head_dim) {
+  return double(n) * n_heads * ctx * head_dim;
+}
 
 struct KernelTable {
   const char* name;
@@ -32,17 +50,20 @@ struct KernelTable {
   void (*softmax)(float* x, int rows, int n, float temperature);
   void (*rmsnorm)(const float* x, const float* w, int rows, int n, float eps, float* y);
   void (*layernorm)(const float* x, const float* w, const float* b, int rows, int n, float eps, float* y);
-  // x: [n][heads * head_dim]; positions[n]; adjacent pairs (2i, 2i+1) or split halves (i, i + d/2).
-  void (*rope)(float* x, int n, int heads, int head_dim, const int* positions, float theta, bool adjacent);
+  // x: [n][heads * head_dim]; positions[n]. The first rotary_dim elements of each head rotate, pair i
+  // by the angle position * inv_freq[i] (rotary_dim / 2 frequencies), the pairs being adjacent
+  // (2i, 2i+1) or split halves (i, i + rotary_dim/2); cos and sin are multiplied by attn_factor.
+  void (*rope)(float* x, int n, int heads, int head_dim, int rotary_dim, const int* positions,
+               const float* inv_freq, float attn_factor, bool adjacent);
   void (*gelu_tanh)(float* x, size_t n);
   void (*gelu_erf)(float* x, size_t n);
   void (*silu)(float* x, size_t n);
   void (*relu)(float* x, size_t n);
-  // Causal attention of n queries at positions pos0..pos0+n-1 over keys 0..pos0+n-1.
+  // Causal attention of n queries at positions pos0..pos0+n-1 over keys 0..pos0+n-1 (the last
+  // `window` keys only, for sliding-window layers).
   // q, z: [n][n_heads*head_dim]; k, v: [n_kv][cap][head_dim] (one layer of the cache), f32 or f16.
-  void (*attention)(const float* q, const void* k, const void* v, DType kv_type, int cap, int n, int pos0,
-                    int n_heads, int n_kv, int head_dim, float scale, float* z,
-                    const AttentionCapture* capture);
+  void (*attention)(const float* q, const void* k, const void* v, DType kv_type, const AttentionShape& a,
+                    float* z, const AttentionCapture* capture);
   // Roofline probes: sum of a read-only sweep; an FMA chain on registers (12 vectors per iteration per thread).
   double (*probe_read)(const float* p, size_t n);
   double (*probe_fma)(long long iters);

@@ -11,6 +11,9 @@ namespace tokentrail {
 
 enum class Norm { RMS, Layer };
 enum class Activation { SiLU, GeluTanh, GeluErf, ReLU };
+// RMSNorm of queries and keys before rotary embedding: none, per head (Qwen3, Gemma 3),
+// or over the whole projection (OLMo 2).
+enum class QKNorm { None, Head, Full };
 
 struct Config {
   int vocab = 0, dim = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn = 0, max_seq = 0;
@@ -19,8 +22,26 @@ struct Config {
   Activation act = Activation::SiLU;
   bool gated_mlp = true;
   bool learned_positions = false;  // else rotary
-  float rope_theta = 10000.0f;
-  bool rope_adjacent = false;      // pairs (2i, 2i+1) instead of (i, i + d/2)
+  bool rope_adjacent = false;      // pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
+  int rotary_dim = 0;              // leading elements of each head that rotate (partial rotary)
+  // Rotary frequencies, rotary_dim / 2 of them, for full-attention layers and for
+  // sliding-window layers (which may have their own base); cos and sin scaled by the factor.
+  std::vector<float> inv_freq, inv_freq_local;
+  float rope_attn_factor = 1.0f;
+  // LongRoPE: calls that reach past `rope_long_after` positions rotate with the long table.
+  std::vector<float> inv_freq_long;
+  int rope_long_after = 0;
+  QKNorm qk_norm = QKNorm::None;
+  bool pre_norms = true;           // normalise the input of attention and MLP
+  bool post_norms = false;         // normalise the output of attention and MLP before the residual add
+  bool parallel_residual = false;  // x + attn(norm1(x)) + mlp(norm2(x)), one residual add
+  std::vector<uint8_t> sliding;    // per layer: 1 = sliding-window attention
+  int sliding_window = 0;
+  float attn_scale = 0.0f;         // multiplies q.k; from 1 / sqrt(head_dim) when 0
+  float attn_softcap = 0.0f, final_softcap = 0.0f;  // > 0: c * tanh(x / c) on scores / logits
+  float embed_scale = 1.0f;        // multiplies the embedding rows
+  int n_experts = 0, n_experts_used = 0;  // mixture of experts in every MLP when n_experts > 0
+  bool renormalize_experts = true;        // chosen experts' weights rescaled to sum to 1
 };
 
 // Small vectors (norm weights, biases) are always float32; absent ones are null.
@@ -28,9 +49,15 @@ struct LayerWeights {
   const float *attn_norm_w = nullptr, *attn_norm_b = nullptr;
   WeightView q, k, v, o;
   const float *q_b = nullptr, *k_b = nullptr, *v_b = nullptr, *o_b = nullptr;
+  const float *q_norm_w = nullptr, *k_norm_w = nullptr;
+  const float *attn_post_norm_w = nullptr, *attn_post_norm_b = nullptr;
   const float *mlp_norm_w = nullptr, *mlp_norm_b = nullptr;
+  const float *mlp_post_norm_w = nullptr, *mlp_post_norm_b = nullptr;
   WeightView gate, up, down;
   const float *gate_b = nullptr, *up_b = nullptr, *down_b = nullptr;
+  // Mixture of experts: the router and each expert's gated MLP.
+  WeightView router;
+  std::vector<WeightView> expert_gate, expert_up, expert_down;
 };
 
 struct Weights {
@@ -45,7 +72,9 @@ struct Weights {
 // attention reads per token; keys and values rounded to half precision).
 class KVCache {
  public:
-  KVCache(const Config& cfg, int limit, DType type = DType::F32);
+  // `owner` names the model whose keys and values this cache holds (forward refuses any other's).
+  KVCache(const Config& cfg, int limit, DType type = DType::F32, const void* owner = nullptr);
+  const void* owner() const { return owner_; }
   int length() const { return length_; }
   int capacity() const { return capacity_; }
   int limit() const { return limit_; }
@@ -66,6 +95,7 @@ class KVCache {
   void copy_layer(const std::vector<uint8_t>& from, int cap_from, std::vector<uint8_t>& to) const;
   int n_layers_, n_kv_, head_dim_, limit_, capacity_ = 0, length_ = 0;
   DType type_;
+  const void* owner_;
   // One buffer per layer and kind: growing replaces them one at a time, so a
   // resize holds the new cache plus a single old layer, not two whole caches.
   std::vector<std::vector<uint8_t>> k_, v_;
@@ -76,7 +106,7 @@ class KVCache {
 enum Point : int {
   P_EMBED, P_POS_EMBED, P_RESID_PRE, P_ATTN_NORM, P_Q, P_K, P_V, P_ATTN_SCORES, P_ATTN_PATTERN,
   P_ATTN_Z, P_ATTN_OUT, P_RESID_MID, P_MLP_NORM, P_MLP_PRE, P_MLP_PRE_LINEAR, P_MLP_POST,
-  P_MLP_OUT, P_RESID_POST, P_FINAL_NORM, P_LOGITS, P_COUNT
+  P_MLP_OUT, P_RESID_POST, P_FINAL_NORM, P_LOGITS, P_ROUTER, P_COUNT
 };
 
 struct PointInfo {
@@ -125,12 +155,28 @@ class Hooks {
 
 enum class LogitsMode { None, Last, All };
 
+// One sequence's part of a step: tokens to run at the next positions of its own
+// cache, with its own hooks (or none) and its own choice of logits.
+struct SequenceStep {
+  KVCache* cache = nullptr;
+  const int* tokens = nullptr;
+  int n = 0;
+  LogitsMode mode = LogitsMode::Last;
+  Hooks* hooks = nullptr;
+  std::vector<float>* logits = nullptr;  // receives [1 or n][vocab] per mode (empty for None)
+};
+
 class Model {
  public:
   Model(Config cfg, Weights w) : cfg_(std::move(cfg)), w_(std::move(w)) {}
   const Config& config() const { return cfg_; }
-  // Runs tokens at the cache's next positions, appends their keys and values,
-  // and writes logits ([1 or n][vocab], per mode) into `logits`.
+  // Advances every sequence of the batch by its tokens: the rows of all of them
+  // go through each weight matrix together (each weight is read once per step),
+  // while rotary positions, the cache store and attention run per sequence.
+  // Every argument is checked before any cache changes.
+  void forward(const SequenceStep* batch, int count) const;
+  // The batch of one: runs tokens at the cache's next positions, appends their
+  // keys and values, and writes logits ([1 or n][vocab], per mode) into `logits`.
   void forward(KVCache& cache, const int* tokens, int n, LogitsMode mode, Hooks* hooks,
                std::vector<float>& logits) const;
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <memory>
 #include <string>
 
@@ -93,8 +94,46 @@ Config config_from(const py::dict& d) {
   else throw py::value_error("unknown activation '" + act + "'");
   c.gated_mlp = d["gated_mlp"].cast<bool>();
   c.learned_positions = d["position"].cast<std::string>() == "learned";
-  c.rope_theta = d["rope_theta"].cast<float>();
   c.rope_adjacent = d["rope_layout"].cast<std::string>() == "adjacent";
+  // Derived by the Python config (tokentrail.rope): the frequency tables the rotary layers use.
+  c.rotary_dim = d["rotary_dim"].cast<int>();
+  c.inv_freq = d["inv_freq"].cast<std::vector<float>>();
+  c.inv_freq_local = d["inv_freq_local"].cast<std::vector<float>>();
+  c.rope_attn_factor = d["rope_attn_factor"].cast<float>();
+  c.inv_freq_long = d["inv_freq_long"].cast<std::vector<float>>();
+  c.rope_long_after = d["rope_long_after"].cast<int>();
+  if (!c.learned_positions) {
+    if (c.rotary_dim <= 0 || c.rotary_dim > c.head_dim || c.rotary_dim % 2)
+      throw py::value_error("rotary_dim must be even and within 1..head_dim");
+    if (c.inv_freq.size() != size_t(c.rotary_dim / 2) ||
+        (!c.inv_freq_local.empty() && c.inv_freq_local.size() != c.inv_freq.size()) ||
+        (!c.inv_freq_long.empty() && c.inv_freq_long.size() != c.inv_freq.size()))
+      throw py::value_error("rotary frequency tables must have rotary_dim / 2 entries");
+  }
+  const std::string qk = d["qk_norm"].cast<std::string>();
+  if (qk == "none") c.qk_norm = QKNorm::None;
+  else if (qk == "head") c.qk_norm = QKNorm::Head;
+  else if (qk == "full") c.qk_norm = QKNorm::Full;
+  else throw py::value_error("unknown qk_norm '" + qk + "'");
+  c.pre_norms = d["pre_norms"].cast<bool>();
+  c.post_norms = d["post_norms"].cast<bool>();
+  c.parallel_residual = d["parallel_residual"].cast<bool>();
+  c.sliding_window = d["sliding_window"].cast<int>();
+  for (bool b : d["sliding_layers"].cast<std::vector<bool>>()) c.sliding.push_back(b ? 1 : 0);
+  if (!c.sliding.empty() && c.sliding.size() != size_t(c.n_layers))
+    throw py::value_error("sliding_layers must have one entry per layer");
+  c.attn_scale = d["attn_scale"].cast<float>();
+  c.attn_softcap = d["attn_softcap"].cast<float>();
+  c.final_softcap = d["final_softcap"].cast<float>();
+  c.embed_scale = d["embed_scale"].cast<float>();
+  c.n_experts = d["n_experts"].cast<int>();
+  c.n_experts_used = d["n_experts_used"].cast<int>();
+  c.renormalize_experts = d["renormalize_experts"].cast<bool>();
+  if (c.sliding_window < 0 || c.n_experts < 0 || (c.n_experts > 0 && (c.n_experts_used < 1 || c.n_experts_used > c.n_experts)))
+    throw py::value_error("invalid sliding window or expert counts");
+  if (!(c.attn_scale >= 0.0f) || !(c.attn_softcap >= 0.0f) || !(c.final_softcap >= 0.0f) || !std::isfinite(c.embed_scale) ||
+      !(c.rope_attn_factor > 0.0f) || !(c.norm_eps > 0.0f))
+    throw py::value_error("invalid attention scale, softcap, embedding scale, rope factor or norm epsilon");
   return c;
 }
 
@@ -103,7 +142,6 @@ std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd
   Config c = config_from(cfgd);
   Weights w;
   const int d = c.dim, qs = c.n_heads * c.head_dim, kvs = c.n_kv_heads * c.head_dim, f = c.ffn;
-  const bool layer_norm = c.norm == Norm::Layer;
   w.embed = matrix(*h, wd, "embed.weight", c.vocab, d);
   if (c.learned_positions) w.pos_embed = matrix(*h, wd, "pos_embed.weight", c.max_seq, d);
   w.unembed = matrix(*h, wd, "unembed.weight", c.vocab, d, false);
@@ -112,11 +150,20 @@ std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd
   for (int l = 0; l < c.n_layers; ++l) {
     const std::string p = "blocks." + std::to_string(l) + ".";
     LayerWeights L;
-    L.attn_norm_w = vec(*h, wd, p + "attn_norm.weight", d, true);
+    const bool pre = c.pre_norms, post = c.post_norms;
+    L.attn_norm_w = vec(*h, wd, p + "attn_norm.weight", d, pre);
     L.attn_norm_b = vec(*h, wd, p + "attn_norm.bias", d, false);
-    L.mlp_norm_w = vec(*h, wd, p + "mlp_norm.weight", d, true);
+    L.mlp_norm_w = vec(*h, wd, p + "mlp_norm.weight", d, pre);
     L.mlp_norm_b = vec(*h, wd, p + "mlp_norm.bias", d, false);
-    (void)layer_norm;
+    L.attn_post_norm_w = vec(*h, wd, p + "attn_post_norm.weight", d, post);
+    L.attn_post_norm_b = vec(*h, wd, p + "attn_post_norm.bias", d, false);
+    L.mlp_post_norm_w = vec(*h, wd, p + "mlp_post_norm.weight", d, post);
+    L.mlp_post_norm_b = vec(*h, wd, p + "mlp_post_norm.bias", d, false);
+    if (c.qk_norm != QKNorm::None) {
+      const bool per_head = c.qk_norm == QKNorm::Head;
+      L.q_norm_w = vec(*h, wd, p + "attn.q_norm.weight", per_head ? c.head_dim : qs, true);
+      L.k_norm_w = vec(*h, wd, p + "attn.k_norm.weight", per_head ? c.head_dim : kvs, true);
+    }
     L.q = matrix(*h, wd, p + "attn.q.weight", qs, d);
     L.k = matrix(*h, wd, p + "attn.k.weight", kvs, d);
     L.v = matrix(*h, wd, p + "attn.v.weight", kvs, d);
@@ -125,6 +172,17 @@ std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd
     L.k_b = vec(*h, wd, p + "attn.k.bias", kvs, false);
     L.v_b = vec(*h, wd, p + "attn.v.bias", kvs, false);
     L.o_b = vec(*h, wd, p + "attn.o.bias", d, false);
+    if (c.n_experts > 0) {
+      L.router = matrix(*h, wd, p + "mlp.router.weight", c.n_experts, d);
+      for (int e = 0; e < c.n_experts; ++e) {
+        const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+        L.expert_gate.push_back(matrix(*h, wd, x + "gate.weight", f, d));
+        L.expert_up.push_back(matrix(*h, wd, x + "up.weight", f, d));
+        L.expert_down.push_back(matrix(*h, wd, x + "down.weight", d, f));
+      }
+      w.layers.push_back(L);
+      continue;
+    }
     if (c.gated_mlp) {
       L.gate = matrix(*h, wd, p + "mlp.gate.weight", f, d);
       L.gate_b = vec(*h, wd, p + "mlp.gate.bias", f, false);
@@ -143,6 +201,20 @@ py::array_t<float> to_numpy(std::vector<float>&& v, std::vector<int64_t> shape) 
   auto* heap = new std::vector<float>(std::move(v));
   py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<float>*>(p); });
   return py::array_t<float>(shape, heap->data(), owner);
+}
+
+LogitsMode logits_mode(const std::string& mode) {
+  if (mode == "all") return LogitsMode::All;
+  if (mode == "last") return LogitsMode::Last;
+  if (mode == "none") return LogitsMode::None;
+  throw py::value_error("logits mode must be all, last or none, not '" + mode + "'");
+}
+
+// A forward call's logits as numpy: [n, vocab] for all positions, [vocab] for the last, [0] for none.
+py::array_t<float> logits_array(std::vector<float>&& logits, LogitsMode mode, int n, int vocab) {
+  if (mode == LogitsMode::All) return to_numpy(std::move(logits), {n, vocab});
+  if (mode == LogitsMode::Last) return to_numpy(std::move(logits), {vocab});
+  return to_numpy(std::move(logits), {0});
 }
 
 const float* f32_ptr(const py::array_t<float, py::array::c_style | py::array::forcecast>& a) { return a.data(); }
@@ -249,15 +321,20 @@ PYBIND11_MODULE(_core, m) {
     return y;
   });
   m.def("rope", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array_t<int> positions,
-                   int heads, int head_dim, float theta, bool adjacent) {
-    if (x.ndim() != 2 || x.shape(1) != int64_t(heads) * head_dim || positions.size() != x.shape(0) || head_dim % 2)
-      throw py::value_error("x must be [n, heads*head_dim] with one position per row and even head_dim");
+                   int heads, int head_dim, py::array_t<float, py::array::c_style | py::array::forcecast> inv_freq,
+                   bool adjacent, float attn_factor) {
+    const int rotary_dim = int(inv_freq.size()) * 2;
+    if (x.ndim() != 2 || x.shape(1) != int64_t(heads) * head_dim || positions.size() != x.shape(0) ||
+        rotary_dim == 0 || rotary_dim > head_dim)
+      throw py::value_error("x must be [n, heads*head_dim] with one position per row and 1..head_dim/2 frequencies");
     py::array_t<float> y(x.request().shape);
     std::copy(x.data(), x.data() + x.size(), y.mutable_data());
     py::array_t<int, py::array::c_style | py::array::forcecast> pos(positions);
-    kernels().rope(y.mutable_data(), int(x.shape(0)), heads, head_dim, pos.data(), theta, adjacent);
+    kernels().rope(y.mutable_data(), int(x.shape(0)), heads, head_dim, rotary_dim, pos.data(), inv_freq.data(),
+                   attn_factor, adjacent);
     return y;
-  });
+  }, py::arg("x"), py::arg("positions"), py::arg("heads"), py::arg("head_dim"), py::arg("inv_freq"),
+     py::arg("adjacent"), py::arg("attn_factor") = 1.0f);
   auto elementwise = [&m](const char* name, void (*KernelTable::*fn)(float*, size_t)) {
     m.def(name, [fn](py::array_t<float, py::array::c_style | py::array::forcecast> x) {
       py::array_t<float> y(x.request().shape);
@@ -273,13 +350,22 @@ PYBIND11_MODULE(_core, m) {
   m.def("attention", [](py::array_t<float, py::array::c_style | py::array::forcecast> q,
                         py::array_t<float, py::array::c_style | py::array::forcecast> k,
                         py::array_t<float, py::array::c_style | py::array::forcecast> v, int pos0, float scale,
-                        const std::string& kv_dtype) {
+                        const std::string& kv_dtype, int window, float softcap) {
     // q: [n, heads, hd]; k, v: [kv_heads, ctx, hd] with ctx = pos0 + n. Returns (z, pattern).
     if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3) throw py::value_error("q, k, v must be 3-D");
-    const int n = int(q.shape(0)), heads = int(q.shape(1)), hd = int(q.shape(2));
-    const int kvh = int(k.shape(0)), ctx = int(k.shape(1));
-    if (ctx != pos0 + n || k.shape(2) != hd || v.shape(0) != kvh || v.shape(1) != ctx || v.shape(2) != hd ||
-        heads % kvh)
+    AttentionShape a;
+    a.n = int(q.shape(0));
+    a.n_heads = int(q.shape(1));
+    a.head_dim = int(q.shape(2));
+    a.n_kv = int(k.shape(0));
+    a.cap = int(k.shape(1));
+    a.pos0 = pos0;
+    a.scale = scale;
+    a.window = window;
+    a.softcap = softcap;
+    const int n = a.n, heads = a.n_heads, hd = a.head_dim, kvh = a.n_kv, ctx = a.cap;
+    if (n < 1 || kvh < 1 || hd < 1 || pos0 < 0 || ctx != pos0 + n || k.shape(2) != hd || v.shape(0) != kvh ||
+        v.shape(1) != ctx || v.shape(2) != hd || heads % kvh || window < 0 || !(softcap >= 0.0f))
       throw py::value_error("attention shapes do not agree");
     std::vector<float> z(size_t(n) * heads * hd), pattern(size_t(n) * heads * ctx);
     AttentionCapture cap;
@@ -287,14 +373,15 @@ PYBIND11_MODULE(_core, m) {
     const DType type = dtype_from_name(kv_dtype);
     if (type == DType::F16) {  // the cache's rounding, then the f16 kernel
       const std::vector<uint16_t> kh = f16_bits(k), vh = f16_bits(v);
-      kernels().attention(q.data(), kh.data(), vh.data(), type, ctx, n, pos0, heads, kvh, hd, scale, z.data(), &cap);
+      kernels().attention(q.data(), kh.data(), vh.data(), type, a, z.data(), &cap);
     } else if (type == DType::F32) {
-      kernels().attention(q.data(), k.data(), v.data(), type, ctx, n, pos0, heads, kvh, hd, scale, z.data(), &cap);
+      kernels().attention(q.data(), k.data(), v.data(), type, a, z.data(), &cap);
     } else {
       throw py::value_error("attention reads a float32 or f16 cache");
     }
     return py::make_tuple(to_numpy(std::move(z), {n, heads, hd}), to_numpy(std::move(pattern), {n, heads, ctx}));
-  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos0"), py::arg("scale"), py::arg("kv_dtype") = "f32");
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos0"), py::arg("scale"), py::arg("kv_dtype") = "f32",
+     py::arg("window") = 0, py::arg("softcap") = 0.0f);
   m.def("f16_bits", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {
     std::vector<uint16_t> bits = f16_bits(x);
     return py::array_t<uint16_t>(py::ssize_t(bits.size()), bits.data());
@@ -314,24 +401,54 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("n_layers", [](const ModelHandle& h) { return h.model->config().n_layers; })
       .def("forward", [](const ModelHandle& h, KVCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
                          const std::string& mode, Hooks* hooks) {
-        LogitsMode lm = mode == "all" ? LogitsMode::All : mode == "last" ? LogitsMode::Last : LogitsMode::None;
-        if (mode != "all" && mode != "last" && mode != "none") throw py::value_error("logits mode must be all, last or none");
-        if (hooks && hooks->n_layers() != h.model->config().n_layers) throw py::value_error("hooks were made for another model");
+        const LogitsMode lm = logits_mode(mode);
         const int n = int(tokens.size());
         std::vector<float> logits;
         {
           py::gil_scoped_release nogil;
           h.model->forward(cache, tokens.data(), n, lm, hooks, logits);
         }
-        const int vocab = h.model->config().vocab;
-        if (lm == LogitsMode::All) return to_numpy(std::move(logits), {n, vocab});
-        if (lm == LogitsMode::Last) return to_numpy(std::move(logits), {vocab});
-        return to_numpy(std::move(logits), {0});
-      }, py::arg("cache"), py::arg("tokens"), py::arg("logits") = "last", py::arg("hooks") = nullptr);
+        return logits_array(std::move(logits), lm, n, h.model->config().vocab);
+      }, py::arg("cache"), py::arg("tokens"), py::arg("logits") = "last", py::arg("hooks") = nullptr)
+      .def("forward_batch", [](const ModelHandle& h, const py::sequence& caches, const py::sequence& tokens,
+                               const py::sequence& modes, const py::sequence& hooks) {
+        // One step of several sequences: caches[i] runs tokens[i], logits per modes[i], with hooks[i] (or None).
+        const size_t count = caches.size();
+        if (count == 0) throw py::value_error("forward_batch needs at least one sequence");
+        if (tokens.size() != count || modes.size() != count || hooks.size() != count)
+          throw py::value_error("forward_batch needs one token array, logits mode and hooks entry (or None) per cache");
+        using IntArray = py::array_t<int, py::array::c_style | py::array::forcecast>;
+        std::vector<IntArray> ids(count);
+        std::vector<std::vector<float>> logits(count);
+        std::vector<SequenceStep> batch(count);
+        for (size_t i = 0; i < count; ++i) {
+          const std::string who = "sequence " + std::to_string(i) + ": ";
+          if (!py::isinstance<KVCache>(caches[i])) throw py::type_error(who + "expected a KVCache");
+          if (!hooks[i].is_none() && !py::isinstance<Hooks>(hooks[i]))
+            throw py::type_error(who + "hooks must be Hooks or None");
+          ids[i] = IntArray::ensure(tokens[i]);
+          if (!ids[i] || ids[i].ndim() != 1) throw py::value_error(who + "tokens must be a 1-D array of token ids");
+          batch[i].cache = caches[i].cast<KVCache*>();
+          batch[i].tokens = ids[i].data();
+          batch[i].n = int(ids[i].size());
+          batch[i].mode = logits_mode(modes[i].cast<std::string>());
+          batch[i].hooks = hooks[i].is_none() ? nullptr : hooks[i].cast<Hooks*>();
+          batch[i].logits = &logits[i];
+        }
+        {
+          py::gil_scoped_release nogil;
+          h.model->forward(batch.data(), int(count));
+        }
+        py::list out;
+        for (size_t i = 0; i < count; ++i)
+          out.append(logits_array(std::move(logits[i]), batch[i].mode, batch[i].n, h.model->config().vocab));
+        return out;
+      }, py::arg("caches"), py::arg("tokens"), py::arg("logits"), py::arg("hooks"),
+         "Advance several sequences in one step; returns each one's logits as its mode asks.");
 
   py::class_<KVCache>(m, "KVCache")
       .def(py::init([](const ModelHandle& h, int limit, const std::string& dtype) {
-             return std::make_unique<KVCache>(h.model->config(), limit, dtype_from_name(dtype));
+             return std::make_unique<KVCache>(h.model->config(), limit, dtype_from_name(dtype), h.model.get());
            }),
            py::arg("model"), py::arg("limit"), py::arg("dtype") = "f32")
       .def_property_readonly("dtype", [](const KVCache& c) { return std::string(dtype_name(c.type())); })

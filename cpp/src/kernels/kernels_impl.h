@@ -300,16 +300,15 @@ static void layernorm(const float* x, const float* w, const float* b, int rows, 
   }
 }
 
-static void rope(float* x, int n, int heads, int head_dim, const int* positions, float theta, bool adjacent) {
-  const int half = head_dim / 2;
-  std::vector<float> inv_freq(half);
-  for (int i = 0; i < half; ++i) inv_freq[i] = float(std::pow(double(theta), -2.0 * i / head_dim));
+static void rope(float* x, int n, int heads, int head_dim, int rotary_dim, const int* positions,
+                 const float* inv_freq, float attn_factor, bool adjacent) {
+  const int half = rotary_dim / 2;
   std::vector<float> cs(half), sn(half);
   for (int t = 0; t < n; ++t) {
     for (int i = 0; i < half; ++i) {
       const double a = double(positions[t]) * inv_freq[i];
-      cs[i] = float(std::cos(a));
-      sn[i] = float(std::sin(a));
+      cs[i] = float(std::cos(a)) * attn_factor;
+      sn[i] = float(std::sin(a)) * attn_factor;
     }
     for (int h = 0; h < heads; ++h) {
       float* v = x + (size_t(t) * heads + h) * head_dim;
@@ -434,47 +433,51 @@ static inline void attention_mix(const float* p, const T* v, int len, int D, flo
 }
 
 template <class T>
-static void attention_typed(const float* q, const T* k, const T* v, int cap, int n, int pos0,
-                            int n_heads, int n_kv, int head_dim, float scale, float* z,
+static void attention_typed(const float* q, const T* k, const T* v, const AttentionShape& a, float* z,
                             const AttentionCapture* capture) {
+  const int n = a.n, pos0 = a.pos0, n_heads = a.n_heads, head_dim = a.head_dim, cap = a.cap;
   const int ctx = pos0 + n;
-  const int group = n_heads / n_kv;
+  const int group = n_heads / a.n_kv;
   const size_t qstride = size_t(n_heads) * head_dim;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-#pragma omp parallel if (double(n) * n_heads * ctx * head_dim > 100000.0)
+#pragma omp parallel if (attention_work(n, n_heads, ctx, head_dim) > ATTENTION_PARALLEL_WORK)
   {
     std::vector<float> s(ctx);
 #pragma omp for collapse(2) schedule(static, 1)  // round robin: causal rows grow with i
     for (int i = 0; i < n; ++i)
       for (int h = 0; h < n_heads; ++h) {
-        const int len = pos0 + i + 1;  // causal: keys up to and including this position
+        const int end = pos0 + i + 1;  // causal: keys up to and including this position
+        const int first = a.window > 0 ? std::max(0, end - a.window) : 0;
+        const int len = end - first;
         const float* qv = q + i * qstride + size_t(h) * head_dim;
-        const T* kh = k + size_t(h / group) * cap * head_dim;
-        const T* vh = v + size_t(h / group) * cap * head_dim;
-        attention_scores(qv, kh, len, head_dim, scale, s.data());
+        const T* kh = k + (size_t(h / group) * cap + first) * head_dim;
+        const T* vh = v + (size_t(h / group) * cap + first) * head_dim;
+        attention_scores(qv, kh, len, head_dim, a.scale, s.data());
+        if (a.softcap > 0.0f)
+          for (int j = 0; j < len; ++j) s[j] = a.softcap * std::tanh(s[j] / a.softcap);
         const size_t crow = (size_t(i) * n_heads + h) * ctx;
         if (capture && capture->scores) {
-          std::copy(s.begin(), s.begin() + len, capture->scores + crow);
-          std::fill(capture->scores + crow + len, capture->scores + crow + ctx, neg_inf);
+          std::fill(capture->scores + crow, capture->scores + crow + first, neg_inf);
+          std::copy(s.begin(), s.begin() + len, capture->scores + crow + first);
+          std::fill(capture->scores + crow + end, capture->scores + crow + ctx, neg_inf);
         }
         softmax_row(s.data(), len, 1.0f);
         if (capture && capture->pattern) {
-          std::copy(s.begin(), s.begin() + len, capture->pattern + crow);
-          std::fill(capture->pattern + crow + len, capture->pattern + crow + ctx, 0.0f);
+          std::fill(capture->pattern + crow, capture->pattern + crow + first, 0.0f);
+          std::copy(s.begin(), s.begin() + len, capture->pattern + crow + first);
+          std::fill(capture->pattern + crow + end, capture->pattern + crow + ctx, 0.0f);
         }
         attention_mix(s.data(), vh, len, head_dim, z + i * qstride + size_t(h) * head_dim);
       }
   }
 }
 
-static void attention(const float* q, const void* k, const void* v, DType kv_type, int cap, int n, int pos0,
-                      int n_heads, int n_kv, int head_dim, float scale, float* z, const AttentionCapture* capture) {
+static void attention(const float* q, const void* k, const void* v, DType kv_type, const AttentionShape& a, float* z,
+                      const AttentionCapture* capture) {
   if (kv_type == DType::F16)
-    return attention_typed(q, static_cast<const F16*>(k), static_cast<const F16*>(v), cap, n, pos0, n_heads, n_kv,
-                           head_dim, scale, z, capture);
+    return attention_typed(q, static_cast<const F16*>(k), static_cast<const F16*>(v), a, z, capture);
   if (kv_type != DType::F32) throw std::invalid_argument("attention reads a float32 or f16 cache");
-  attention_typed(q, static_cast<const float*>(k), static_cast<const float*>(v), cap, n, pos0, n_heads, n_kv,
-                  head_dim, scale, z, capture);
+  attention_typed(q, static_cast<const float*>(k), static_cast<const float*>(v), a, z, capture);
 }
 
 // ---- Block-quantized weights (GGML layouts) ---------------------------------

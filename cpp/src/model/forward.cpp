@@ -1,8 +1,10 @@
 // The forward pass, read top to bottom as the journey of the tokens:
 // embed -> [norm -> attention -> residual -> norm -> MLP -> residual] x L -> norm -> unembed.
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "hooks_apply.h"
 #include "tokentrail/model.h"
@@ -32,125 +34,378 @@ void add_into(float* x, const float* y, size_t n) {
   for (size_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
+// c * tanh(x / c): bounds logits smoothly to (-c, c).
+void softcap(float* x, size_t n, float c) {
+  for (size_t i = 0; i < n; ++i) x[i] = c * std::tanh(x[i] / c);
+}
+
+// Where one sequence's rows sit in the batch's concatenated buffers.
+struct Rows {
+  const SequenceStep* step;
+  int row0;        // its first row in the batch
+  int n;           // its rows (tokens this step)
+  int pos0;        // the position of its first row
+  bool long_rope;  // LongRoPE: this sequence reaches past the short table's range
+};
+
+// Each sequence's own hooks over the batch's buffers: interventions and
+// captures see that sequence's rows and positions only.
+class BatchHooks {
+ public:
+  explicit BatchHooks(const std::vector<Rows>& seqs) : seqs_(seqs) {
+    for (const Rows& s : seqs) any_ = any_ || s.step->hooks != nullptr;
+  }
+  // Rows [batch rows][width]; `heads` > 0 when the width is split into head segments.
+  void apply(int point, int layer, float* data, int width, int heads = 0) const {
+    if (!any_) return;
+    for (const Rows& s : seqs_)
+      if (s.step->hooks)
+        apply_site(s.step->hooks, point, layer, data + size_t(s.row0) * width, s.n, width, s.pos0, heads);
+  }
+
+ private:
+  const std::vector<Rows>& seqs_;
+  bool any_ = false;
+};
+
+// y = down(act(gate(h)) * up(h)) (or down(act(up(h))) without a gate), hooks at mlp_pre/pre_linear/post.
+struct MlpWeights {
+  const WeightView *gate, *up, *down;
+  const float *gate_b, *up_b, *down_b;
+};
+
+void dense_mlp(const Config& c, const MlpWeights& W, const float* h, int n, int ffn, float* a, float* u, float* y,
+               const BatchHooks* hooks, int l) {
+  const size_t nf = size_t(n) * ffn;
+  if (c.gated_mlp) {
+    kernels().matmul(*W.gate, h, n, a, W.gate_b);
+    kernels().matmul(*W.up, h, n, u, W.up_b);
+    if (hooks) hooks->apply(P_MLP_PRE, l, a, ffn);
+    if (hooks) hooks->apply(P_MLP_PRE_LINEAR, l, u, ffn);
+    activate(c.act, a, nf);
+    for (size_t i = 0; i < nf; ++i) a[i] *= u[i];
+  } else {
+    kernels().matmul(*W.up, h, n, a, W.up_b);
+    if (hooks) hooks->apply(P_MLP_PRE, l, a, ffn);
+    activate(c.act, a, nf);
+  }
+  if (hooks) hooks->apply(P_MLP_POST, l, a, ffn);
+  kernels().matmul(*W.down, a, n, y, W.down_b);
+}
+
+// Mixture of experts: the router's softmax picks the top experts of each token; each expert
+// runs once over the rows of the tokens routed to it (from every sequence of the batch),
+// and its output joins theirs weighted.
+void moe_mlp(const Config& c, const LayerWeights& L, const float* h, int n, float* y, const BatchHooks& hooks,
+             int l) {
+  const int E = c.n_experts, top = c.n_experts_used, d = c.dim;
+  std::vector<float> probs(size_t(n) * E);
+  kernels().matmul(L.router, h, n, probs.data(), nullptr);
+  kernels().softmax(probs.data(), n, E, 1.0f);
+  hooks.apply(P_ROUTER, l, probs.data(), E);
+  // Per expert: the tokens it serves and their weights.
+  std::vector<std::vector<int>> rows(E);
+  std::vector<std::vector<float>> weights(E);
+  std::vector<int> order(E);
+  for (int i = 0; i < n; ++i) {
+    const float* p = probs.data() + size_t(i) * E;
+    for (int e = 0; e < E; ++e) order[e] = e;
+    // Highest probability first; ties to the lower index, as a stable top-k does.
+    std::partial_sort(order.begin(), order.begin() + top, order.end(),
+                      [p](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    float total = 0.0f;
+    for (int t = 0; t < top; ++t) total += p[order[t]];
+    for (int t = 0; t < top; ++t) {
+      rows[order[t]].push_back(i);
+      weights[order[t]].push_back(c.renormalize_experts ? p[order[t]] / total : p[order[t]]);
+    }
+  }
+  std::fill(y, y + size_t(n) * d, 0.0f);
+  std::vector<float> xin, a, u, out;
+  for (int e = 0; e < E; ++e) {
+    const int m = int(rows[e].size());
+    if (!m) continue;
+    xin.resize(size_t(m) * d);
+    a.resize(size_t(m) * c.ffn);
+    u.resize(size_t(m) * c.ffn);
+    out.resize(size_t(m) * d);
+    for (int r = 0; r < m; ++r) std::copy(h + size_t(rows[e][r]) * d, h + size_t(rows[e][r] + 1) * d, xin.data() + size_t(r) * d);
+    const MlpWeights W{&L.expert_gate[e], &L.expert_up[e], &L.expert_down[e], nullptr, nullptr, nullptr};
+    // Per-expert activations are not capture points; only the router and the summed output are.
+    dense_mlp(c, W, xin.data(), m, c.ffn, a.data(), u.data(), out.data(), nullptr, l);
+    for (int r = 0; r < m; ++r) {
+      float* yr = y + size_t(rows[e][r]) * d;
+      const float* o = out.data() + size_t(r) * d;
+      const float w = weights[e][r];
+      for (int j = 0; j < d; ++j) yr[j] += w * o[j];
+    }
+  }
+}
+
+// Refuses a batch the pass cannot run, before any cache changes. Messages name
+// the sequence when there are several.
+void check_batch(const Config& c, const void* model, const SequenceStep* batch, int count) {
+  if (count < 1) throw std::invalid_argument("forward needs at least one sequence");
+  for (int i = 0; i < count; ++i) {
+    const SequenceStep& s = batch[i];
+    const std::string who = count > 1 ? "sequence " + std::to_string(i) + ": " : "";
+    if (!s.cache || !s.logits || (s.n > 0 && !s.tokens))
+      throw std::invalid_argument(who + "needs a KV cache, tokens and a place for its logits");
+    if (s.cache->owner() != model) throw std::invalid_argument(who + "the KV cache was made for another model");
+    if (s.hooks && s.hooks->n_layers() != c.n_layers) throw std::invalid_argument(who + "hooks were made for another model");
+    if (s.n <= 0) throw std::invalid_argument(who + "forward needs at least one token");
+    const int pos0 = s.cache->length();
+    if (pos0 + s.n > s.cache->limit())
+      throw std::length_error(who + "context is full: " + std::to_string(pos0) + " positions cached + " +
+                              std::to_string(s.n) + " new exceed the limit of " + std::to_string(s.cache->limit()));
+    for (int t = 0; t < s.n; ++t)
+      if (s.tokens[t] < 0 || s.tokens[t] >= c.vocab)
+        throw std::out_of_range(who + "token id " + std::to_string(s.tokens[t]) + " is outside the vocabulary (size " +
+                                std::to_string(c.vocab) + ")");
+    for (int j = 0; j < i; ++j) {
+      if (batch[j].cache == s.cache)
+        throw std::invalid_argument(who + "uses the same KV cache as sequence " + std::to_string(j));
+      if (s.hooks && batch[j].hooks == s.hooks)
+        throw std::invalid_argument(who + "shares its hooks with sequence " + std::to_string(j) +
+                                    "; each sequence needs its own, or its records would mix");
+    }
+  }
+}
+
+// Final norm and unembedding for the rows someone needs: every row of a sequence that
+// wants all logits or records there, else its last row, else (no logits, no hooks) none.
+// The rows of all sequences go through the unembedding together.
+void final_norm_and_unembed(const Config& c, const Weights& w, const std::vector<Rows>& seqs, const float* x) {
+  struct Tail {
+    int first = 0, rows = 0;  // its rows from `first` on
+    int normed_at = 0, logits_at = 0;  // where they sit among the normalised rows and among the logits rows
+    bool logits = false;
+  };
+  const int d = c.dim, vocab = c.vocab;
+  std::vector<Tail> tails(seqs.size());
+  int normed = 0, unembedded = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const Rows& s = seqs[i];
+    Tail& t = tails[i];
+    Hooks* hk = s.step->hooks;
+    const bool fn = hk && hk->find(P_FINAL_NORM, -1), lg = hk && hk->find(P_LOGITS, -1);
+    const LogitsMode mode = s.step->mode;
+    t.logits = mode != LogitsMode::None || lg;
+    if (!t.logits && !fn) continue;
+    t.first = (mode == LogitsMode::All || fn || lg) ? 0 : s.n - 1;
+    t.rows = s.n - t.first;
+    t.normed_at = normed;
+    normed += t.rows;
+    if (t.logits) {
+      t.logits_at = unembedded;
+      unembedded += t.rows;
+    }
+  }
+  std::vector<float> hn(size_t(normed) * d);
+  for (size_t i = 0; i < seqs.size(); ++i)
+    if (tails[i].rows)
+      std::copy(x + size_t(seqs[i].row0 + tails[i].first) * d, x + size_t(seqs[i].row0 + seqs[i].n) * d,
+                hn.data() + size_t(tails[i].normed_at) * d);
+  normalize(c, hn.data(), w.final_norm_w, w.final_norm_b, normed, hn.data());
+  for (size_t i = 0; i < seqs.size(); ++i)
+    if (tails[i].rows)
+      apply_site(seqs[i].step->hooks, P_FINAL_NORM, -1, hn.data() + size_t(tails[i].normed_at) * d, tails[i].rows,
+                 d, seqs[i].pos0 + tails[i].first, 0);
+  // The unembedding's input: the normalised rows of the sequences that want logits.
+  std::vector<float> hl;
+  const float* rows_in = hn.data();
+  if (unembedded < normed) {
+    hl.resize(size_t(unembedded) * d);
+    for (const Tail& t : tails)
+      if (t.logits)
+        std::copy(hn.data() + size_t(t.normed_at) * d, hn.data() + size_t(t.normed_at + t.rows) * d,
+                  hl.data() + size_t(t.logits_at) * d);
+    rows_in = hl.data();
+  }
+  std::vector<float> out(size_t(unembedded) * vocab);
+  if (unembedded) {
+    const WeightView& un = w.unembed.empty() ? w.embed : w.unembed;
+    kernels().matmul(un, rows_in, unembedded, out.data(), nullptr);
+    if (c.final_softcap > 0.0f) softcap(out.data(), out.size(), c.final_softcap);
+  }
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const Tail& t = tails[i];
+    const SequenceStep& step = *seqs[i].step;
+    if (!t.logits) {
+      step.logits->clear();
+      continue;
+    }
+    float* mine = out.data() + size_t(t.logits_at) * vocab;
+    apply_site(step.hooks, P_LOGITS, -1, mine, t.rows, vocab, seqs[i].pos0 + t.first, 0);
+    if (step.mode == LogitsMode::All && seqs.size() == 1)
+      step.logits->swap(out);  // the batch of one: hand over the buffer, no copy
+    else if (step.mode == LogitsMode::All)
+      step.logits->assign(mine, mine + size_t(t.rows) * vocab);
+    else if (step.mode == LogitsMode::Last)
+      step.logits->assign(mine + size_t(t.rows - 1) * vocab, mine + size_t(t.rows) * vocab);
+    else
+      step.logits->clear();
+  }
+}
+
 }  // namespace
 
 void Model::forward(KVCache& cache, const int* tokens, int n, LogitsMode mode, Hooks* hooks,
                     std::vector<float>& logits) const {
+  const SequenceStep one{&cache, tokens, n, mode, hooks, &logits};
+  forward(&one, 1);
+}
+
+void Model::forward(const SequenceStep* batch, int count) const {
   const Config& c = cfg_;
-  if (n <= 0) throw std::invalid_argument("forward needs at least one token");
-  const int pos0 = cache.length();
-  if (pos0 + n > cache.limit())
-    throw std::length_error("context is full: " + std::to_string(pos0) + " positions cached + " + std::to_string(n) +
-                            " new exceed the limit of " + std::to_string(cache.limit()));
-  for (int i = 0; i < n; ++i)
-    if (tokens[i] < 0 || tokens[i] >= c.vocab)
-      throw std::out_of_range("token id " + std::to_string(tokens[i]) + " is outside the vocabulary (size " +
-                              std::to_string(c.vocab) + ")");
-  cache.reserve(pos0 + n);
+  check_batch(c, this, batch, count);
+  std::vector<Rows> seqs;
+  int n = 0;  // rows of the whole batch
+  for (int i = 0; i < count; ++i) {
+    const SequenceStep& s = batch[i];
+    const int pos0 = s.cache->length();
+    seqs.push_back({&s, n, s.n, pos0, !c.inv_freq_long.empty() && pos0 + s.n > c.rope_long_after});
+    n += s.n;
+  }
+  for (const Rows& s : seqs) s.step->cache->reserve(s.pos0 + s.n);
+  const BatchHooks hooks(seqs);
   const KernelTable& K = kernels();
   const int d = c.dim, qs = c.n_heads * c.head_dim, kvs = c.n_kv_heads * c.head_dim;
   const size_t nd = size_t(n) * d;
 
-  std::vector<float> x(nd), h(nd), q(size_t(n) * qs), k(size_t(n) * kvs), v(size_t(n) * kvs), z(size_t(n) * qs);
+  // x: the residual stream; h: a block's input or output; m: the MLP's input in parallel blocks.
+  std::vector<float> x(nd), h(nd), m(c.parallel_residual ? nd : 0), out(nd), q(size_t(n) * qs),
+      k(size_t(n) * kvs), v(size_t(n) * kvs), z(size_t(n) * qs);
   std::vector<float> a(size_t(n) * c.ffn), u(c.gated_mlp ? size_t(n) * c.ffn : 0);
   std::vector<int> positions(n);
-  for (int i = 0; i < n; ++i) positions[i] = pos0 + i;
+  for (const Rows& s : seqs)
+    for (int i = 0; i < s.n; ++i) positions[s.row0 + i] = s.pos0 + i;
 
-  // Embedding (and learned positions).
-  for (int i = 0; i < n; ++i) row_to_f32(w_.embed, tokens[i], x.data() + size_t(i) * d);
-  apply_site(hooks, P_EMBED, -1, x.data(), n, d, pos0, 0);
+  // Embedding (scaled, in families that scale it), then learned positions.
+  for (const Rows& s : seqs)
+    for (int i = 0; i < s.n; ++i) row_to_f32(w_.embed, s.step->tokens[i], x.data() + size_t(s.row0 + i) * d);
+  if (c.embed_scale != 1.0f)
+    for (float& e : x) e *= c.embed_scale;
+  hooks.apply(P_EMBED, -1, x.data(), d);
   if (c.learned_positions) {
-    for (int i = 0; i < n; ++i) row_to_f32(w_.pos_embed, pos0 + i, h.data() + size_t(i) * d);
-    apply_site(hooks, P_POS_EMBED, -1, h.data(), n, d, pos0, 0);
+    for (int r = 0; r < n; ++r) row_to_f32(w_.pos_embed, positions[r], h.data() + size_t(r) * d);
+    hooks.apply(P_POS_EMBED, -1, h.data(), d);
     add_into(x.data(), h.data(), nd);
   }
 
-  const float scale = 1.0f / std::sqrt(float(c.head_dim));
+  // Per sequence: where attention writes the tables its hooks record (scores, pattern).
+  std::vector<AttentionCapture> tables(seqs.size());
+  std::vector<std::vector<float>> scores_buf(seqs.size()), pattern_buf(seqs.size());
+  AttentionShape shape;
+  shape.n_heads = c.n_heads;
+  shape.n_kv = c.n_kv_heads;
+  shape.head_dim = c.head_dim;
+  shape.scale = c.attn_scale > 0.0f ? c.attn_scale : 1.0f / std::sqrt(float(c.head_dim));
+  shape.softcap = c.attn_softcap;
   for (int l = 0; l < c.n_layers; ++l) {
     const LayerWeights& L = w_.layers[l];
-    apply_site(hooks, P_RESID_PRE, l, x.data(), n, d, pos0, 0);
+    const bool sliding = !c.sliding.empty() && c.sliding[l];
+    hooks.apply(P_RESID_PRE, l, x.data(), d);
 
-    // Attention.
-    normalize(c, x.data(), L.attn_norm_w, L.attn_norm_b, n, h.data());
-    apply_site(hooks, P_ATTN_NORM, l, h.data(), n, d, pos0, 0);
-    kernels().matmul(L.q, h.data(), n, q.data(), L.q_b);
-    kernels().matmul(L.k, h.data(), n, k.data(), L.k_b);
-    kernels().matmul(L.v, h.data(), n, v.data(), L.v_b);
-    if (!c.learned_positions) {
-      K.rope(q.data(), n, c.n_heads, c.head_dim, positions.data(), c.rope_theta, c.rope_adjacent);
-      K.rope(k.data(), n, c.n_kv_heads, c.head_dim, positions.data(), c.rope_theta, c.rope_adjacent);
+    // Attention: projections over the rows of every sequence at once.
+    if (c.pre_norms)
+      normalize(c, x.data(), L.attn_norm_w, L.attn_norm_b, n, h.data());
+    else
+      h = x;
+    hooks.apply(P_ATTN_NORM, l, h.data(), d);
+    K.matmul(L.q, h.data(), n, q.data(), L.q_b);
+    K.matmul(L.k, h.data(), n, k.data(), L.k_b);
+    K.matmul(L.v, h.data(), n, v.data(), L.v_b);
+    if (c.qk_norm == QKNorm::Head) {
+      K.rmsnorm(q.data(), L.q_norm_w, n * c.n_heads, c.head_dim, c.norm_eps, q.data());
+      K.rmsnorm(k.data(), L.k_norm_w, n * c.n_kv_heads, c.head_dim, c.norm_eps, k.data());
+    } else if (c.qk_norm == QKNorm::Full) {
+      K.rmsnorm(q.data(), L.q_norm_w, n, qs, c.norm_eps, q.data());
+      K.rmsnorm(k.data(), L.k_norm_w, n, kvs, c.norm_eps, k.data());
     }
-    apply_site(hooks, P_Q, l, q.data(), n, qs, pos0, c.n_heads);
-    apply_site(hooks, P_K, l, k.data(), n, kvs, pos0, c.n_kv_heads);
-    apply_site(hooks, P_V, l, v.data(), n, kvs, pos0, c.n_kv_heads);
-    cache.store(l, pos0, n, k.data(), v.data());
-    const int cap = cache.capacity();
-    AttentionCapture cap_buf;
-    std::vector<float> scores_buf, pattern_buf;
-    Site* s_site = hooks ? hooks->find(P_ATTN_SCORES, l) : nullptr;
-    Site* p_site = hooks ? hooks->find(P_ATTN_PATTERN, l) : nullptr;
-    const int ctx = pos0 + n;
-    const size_t table = size_t(n) * c.n_heads * ctx;
-    if (s_site && s_site->capture) { scores_buf.resize(table); cap_buf.scores = scores_buf.data(); }
-    if (p_site && p_site->capture) { pattern_buf.resize(table); cap_buf.pattern = pattern_buf.data(); }
-    K.attention(q.data(), cache.k(l), cache.v(l), cache.type(), cap, n, pos0, c.n_heads, c.n_kv_heads, c.head_dim,
-                scale, z.data(),
-                (cap_buf.scores || cap_buf.pattern) ? &cap_buf : nullptr);
-    const int row = c.n_heads * ctx;
-    if (cap_buf.scores) capture_rows(s_site, scores_buf.data(), n, row, pos0, {c.n_heads, ctx});
-    if (cap_buf.pattern) capture_rows(p_site, pattern_buf.data(), n, row, pos0, {c.n_heads, ctx});
-    apply_site(hooks, P_ATTN_Z, l, z.data(), n, qs, pos0, c.n_heads);
-    kernels().matmul(L.o, z.data(), n, h.data(), L.o_b);
-    apply_site(hooks, P_ATTN_OUT, l, h.data(), n, d, pos0, 0);
+    if (!c.learned_positions) {
+      // Each sequence rotates by its own positions, with the table its own length selects.
+      const bool local = sliding && !c.inv_freq_local.empty();
+      const float factor = local ? 1.0f : c.rope_attn_factor;
+      for (const Rows& s : seqs) {
+        const float* freq = local ? c.inv_freq_local.data() : s.long_rope ? c.inv_freq_long.data() : c.inv_freq.data();
+        const int* pos = positions.data() + s.row0;
+        K.rope(q.data() + size_t(s.row0) * qs, s.n, c.n_heads, c.head_dim, c.rotary_dim, pos, freq, factor,
+               c.rope_adjacent);
+        K.rope(k.data() + size_t(s.row0) * kvs, s.n, c.n_kv_heads, c.head_dim, c.rotary_dim, pos, freq, factor,
+               c.rope_adjacent);
+      }
+    }
+    hooks.apply(P_Q, l, q.data(), qs, c.n_heads);
+    hooks.apply(P_K, l, k.data(), kvs, c.n_kv_heads);
+    hooks.apply(P_V, l, v.data(), kvs, c.n_kv_heads);
+    shape.window = sliding ? c.sliding_window : 0;
+    // The cache store and attention: per sequence, against that sequence's own history.
+    bool spread = seqs.size() > 1;  // every call small: one thread per sequence, the calls side by side
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const Rows& s = seqs[i];
+      s.step->cache->store(l, s.pos0, s.n, k.data() + size_t(s.row0) * kvs, v.data() + size_t(s.row0) * kvs);
+      spread = spread && attention_work(s.n, c.n_heads, s.pos0 + s.n, c.head_dim) <= ATTENTION_PARALLEL_WORK;
+      Hooks* hk = s.step->hooks;
+      tables[i].scores = tables[i].pattern = nullptr;
+      for (auto [point, buf, out] : {std::make_tuple(P_ATTN_SCORES, &scores_buf[i], &tables[i].scores),
+                                     std::make_tuple(P_ATTN_PATTERN, &pattern_buf[i], &tables[i].pattern)}) {
+        Site* site = hk ? hk->find(point, l) : nullptr;
+        if (!site || !site->capture) continue;
+        buf->resize(size_t(s.n) * c.n_heads * (s.pos0 + s.n));
+        *out = buf->data();
+      }
+    }
+    const int count = int(seqs.size());
+#pragma omp parallel for schedule(dynamic) if (spread)
+    for (int i = 0; i < count; ++i) {
+      const Rows& s = seqs[i];
+      const KVCache& cache = *s.step->cache;
+      AttentionShape mine = shape;
+      mine.n = s.n;
+      mine.pos0 = s.pos0;
+      mine.cap = cache.capacity();
+      const bool record = tables[i].scores || tables[i].pattern;
+      K.attention(q.data() + size_t(s.row0) * qs, s.step->cache->k(l), s.step->cache->v(l), cache.type(), mine,
+                  z.data() + size_t(s.row0) * qs, record ? &tables[i] : nullptr);
+    }
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const Rows& s = seqs[i];
+      const int ctx = s.pos0 + s.n, row = c.n_heads * ctx;
+      Hooks* hk = s.step->hooks;
+      if (tables[i].scores) capture_rows(hk->find(P_ATTN_SCORES, l), scores_buf[i].data(), s.n, row, s.pos0, {c.n_heads, ctx});
+      if (tables[i].pattern) capture_rows(hk->find(P_ATTN_PATTERN, l), pattern_buf[i].data(), s.n, row, s.pos0, {c.n_heads, ctx});
+    }
+    hooks.apply(P_ATTN_Z, l, z.data(), qs, c.n_heads);
+    // The MLP of a parallel block reads the same input as attention: normalise it before x changes.
+    if (c.parallel_residual) normalize(c, x.data(), L.mlp_norm_w, L.mlp_norm_b, n, m.data());
+    K.matmul(L.o, z.data(), n, h.data(), L.o_b);
+    if (c.post_norms) normalize(c, h.data(), L.attn_post_norm_w, L.attn_post_norm_b, n, h.data());
+    hooks.apply(P_ATTN_OUT, l, h.data(), d);
     add_into(x.data(), h.data(), nd);
-    apply_site(hooks, P_RESID_MID, l, x.data(), n, d, pos0, 0);
+    hooks.apply(P_RESID_MID, l, x.data(), d);
 
     // MLP.
-    normalize(c, x.data(), L.mlp_norm_w, L.mlp_norm_b, n, h.data());
-    apply_site(hooks, P_MLP_NORM, l, h.data(), n, d, pos0, 0);
-    const size_t nf = size_t(n) * c.ffn;
-    if (c.gated_mlp) {
-      kernels().matmul(L.gate, h.data(), n, a.data(), L.gate_b);
-      kernels().matmul(L.up, h.data(), n, u.data(), L.up_b);
-      apply_site(hooks, P_MLP_PRE, l, a.data(), n, c.ffn, pos0, 0);
-      apply_site(hooks, P_MLP_PRE_LINEAR, l, u.data(), n, c.ffn, pos0, 0);
-      activate(c.act, a.data(), nf);
-      for (size_t i = 0; i < nf; ++i) a[i] *= u[i];
+    if (c.parallel_residual)
+      h.swap(m);
+    else if (c.pre_norms)
+      normalize(c, x.data(), L.mlp_norm_w, L.mlp_norm_b, n, h.data());
+    else
+      h = x;
+    hooks.apply(P_MLP_NORM, l, h.data(), d);
+    if (c.n_experts > 0) {
+      moe_mlp(c, L, h.data(), n, out.data(), hooks, l);
     } else {
-      kernels().matmul(L.up, h.data(), n, a.data(), L.up_b);
-      apply_site(hooks, P_MLP_PRE, l, a.data(), n, c.ffn, pos0, 0);
-      activate(c.act, a.data(), nf);
+      const MlpWeights W{&L.gate, &L.up, &L.down, L.gate_b, L.up_b, L.down_b};
+      dense_mlp(c, W, h.data(), n, c.ffn, a.data(), u.data(), out.data(), &hooks, l);
     }
-    apply_site(hooks, P_MLP_POST, l, a.data(), n, c.ffn, pos0, 0);
-    kernels().matmul(L.down, a.data(), n, h.data(), L.down_b);
-    apply_site(hooks, P_MLP_OUT, l, h.data(), n, d, pos0, 0);
-    add_into(x.data(), h.data(), nd);
-    apply_site(hooks, P_RESID_POST, l, x.data(), n, d, pos0, 0);
+    if (c.post_norms) normalize(c, out.data(), L.mlp_post_norm_w, L.mlp_post_norm_b, n, out.data());
+    hooks.apply(P_MLP_OUT, l, out.data(), d);
+    add_into(x.data(), out.data(), nd);
+    hooks.apply(P_RESID_POST, l, x.data(), d);
   }
-  cache.advance(n);
-
-  // Final norm and unembedding, for the rows someone needs.
-  Site* fn_site = hooks ? hooks->find(P_FINAL_NORM, -1) : nullptr;
-  Site* lg_site = hooks ? hooks->find(P_LOGITS, -1) : nullptr;
-  const bool all_rows = mode == LogitsMode::All || (fn_site != nullptr) || (lg_site != nullptr);
-  const int first = all_rows ? 0 : n - 1, rows = n - first;
-  normalize(c, x.data() + size_t(first) * d, w_.final_norm_w, w_.final_norm_b, rows, h.data());
-  apply_site(hooks, P_FINAL_NORM, -1, h.data(), rows, d, pos0 + first, 0);
-  if (mode == LogitsMode::None && !lg_site) {
-    logits.clear();
-    return;
-  }
-  std::vector<float> out(size_t(rows) * c.vocab);
-  const WeightView& un = w_.unembed.empty() ? w_.embed : w_.unembed;
-  kernels().matmul(un, h.data(), rows, out.data(), nullptr);
-  apply_site(hooks, P_LOGITS, -1, out.data(), rows, c.vocab, pos0 + first, 0);
-  if (mode == LogitsMode::All) {
-    logits.swap(out);
-  } else if (mode == LogitsMode::Last) {
-    logits.assign(out.end() - c.vocab, out.end());
-  } else {
-    logits.clear();
-  }
+  for (const Rows& s : seqs) s.step->cache->advance(s.n);
+  final_norm_and_unembed(c, w_, seqs, x.data());
 }
 
 }  // namespace tokentrail

@@ -30,6 +30,7 @@ const PointInfo kPoints[P_COUNT] = {
     {"resid_post", true, "[d_model]", "residual stream leaving the block"},
     {"final_norm", false, "[d_model]", "final normalization, the input of the unembedding"},
     {"logits", false, "[vocab]", "next-token logits"},
+    {"router", true, "[n_experts]", "router probabilities over the experts (mixture-of-experts models)"},
 };
 }  // namespace
 

@@ -7,8 +7,9 @@
 
 namespace tokentrail {
 
-KVCache::KVCache(const Config& cfg, int limit, DType type)
-    : n_layers_(cfg.n_layers), n_kv_(cfg.n_kv_heads), head_dim_(cfg.head_dim), limit_(limit), type_(type) {
+KVCache::KVCache(const Config& cfg, int limit, DType type, const void* owner)
+    : n_layers_(cfg.n_layers), n_kv_(cfg.n_kv_heads), head_dim_(cfg.head_dim), limit_(limit), type_(type),
+      owner_(owner) {
   if (limit < 1) throw std::invalid_argument("KV cache limit must be at least 1 position");
   if (type != DType::F32 && type != DType::F16)
     throw std::invalid_argument(std::string("KV cache type must be f32 or f16, not ") + dtype_name(type));
@@ -73,7 +74,7 @@ std::unique_ptr<KVCache> KVCache::clone() const {
   c.n_layers = n_layers_;
   c.n_kv_heads = n_kv_;
   c.head_dim = head_dim_;
-  auto out = std::make_unique<KVCache>(c, limit_, type_);
+  auto out = std::make_unique<KVCache>(c, limit_, type_, owner_);
   if (length_ == 0) return out;
   out->reserve(length_);
   out->length_ = length_;

@@ -29,6 +29,8 @@ from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
 from . import Checkpoint
 from .llama2c import BYTE, BYTE_PIECE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, sentencepiece_bpe
+from .families import BY_GGUF_ARCH, gguf_name, GGUF_BLOCK, GGUF_EXPERTS, GGUF_QKV, GGUF_ROPE, GGUF_TOP
+from .fields import FieldReader
 from .weights import BLOCK_TYPES, Weight
 
 MAGIC = b"GGUF"
@@ -55,28 +57,35 @@ OTHER_GGML_TYPES = {3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: 
 FLOAT_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 FLOAT_NUMPY = {"f32": "<f4", "f16": "<f2", "bf16": "<u2"}
 
-# Architectures and how their GGUF files differ.
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
-# llama.cpp's converter permutes the q/k rows of Llama-family models into
-# adjacent-pair order; Qwen2 keeps the half-split (NeoX) order.
-ROPE_LAYOUT = {"llama": "adjacent", "mistral": "adjacent", "qwen2": "half"}
-
-BLOCK_NAMES = {
-    "attn_norm": "attn_norm", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
-    "attn_output": "attn.o", "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up",
-    "ffn_down": "mlp.down",
-}
-TOP_NAMES = {"token_embd": "embed", "position_embd": "pos_embed", "output_norm": "final_norm",
-             "output": "unembed"}
-
-# Pre-tokenizer split patterns of byte-level BPE vocabularies, by tokenizer.ggml.pre.
+# Pre-tokenizers of byte-level BPE vocabularies, by tokenizer.ggml.pre: the regexes that split the
+# text in turn (each piece is split again by the next), whether ByteLevel then applies GPT-2's own
+# split, and whether a piece the vocabulary holds whole skips the merges (Llama 3's ignore_merges).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_PATTERNS = {"default": GPT2_PATTERN, "gpt-2": GPT2_PATTERN, "gpt2": GPT2_PATTERN,
-                "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
+QWEN35_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}|"
+                  r" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    splits: tuple[str, ...]
+    byte_level_split: bool
+    ignore_merges: bool = False
+
+
+_GPT2 = PreTokenizer((), True)
+_DIGITS_THEN_GPT2 = PreTokenizer((r"\p{N}",), True)
+PRE_TOKENIZERS = {
+    **dict.fromkeys(("default", "gpt-2", "gpt2", "phi-2", "mpt", "olmo"), _GPT2),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3"), PreTokenizer((LLAMA3_PATTERN,), False, True)),
+    "dbrx": PreTokenizer((LLAMA3_PATTERN,), False),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2"), PreTokenizer((QWEN2_PATTERN,), False)),
+    "qwen35": PreTokenizer((QWEN35_PATTERN,), False),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"), _DIGITS_THEN_GPT2),
+}
 
 # GGUF token types (tokenizer.ggml.token_type) as SentencePiece kinds.
 TOKEN_KINDS = {1: NORMAL, 2: UNKNOWN, 3: CONTROL, 4: USER_DEFINED, 5: UNUSED, 6: BYTE}
@@ -272,87 +281,32 @@ class GGUFFile:
 # --------------------------------------------------------------------------
 
 def read_gguf(path) -> Checkpoint:
-    """Read a GGUF model of a supported architecture (llama, mistral, qwen2, gpt2)."""
+    """Read a GGUF model of an architecture in the family registry (see families.py)."""
     f = GGUFFile(path)
     meta = f.metadata
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
-        raise f.error("general.architecture is missing", "general.architecture")
-    if arch not in LLAMA_LIKE and arch != "gpt2":
+        raise f.error("general.architecture is missing or not a string", "general.architecture")
+    family = BY_GGUF_ARCH.get(arch)
+    if family is None:
         raise f.error(f"architecture {arch!r} is not supported (tokentrail reads "
-                      f"{', '.join(LLAMA_LIKE + ('gpt2',))})", "general.architecture")
+                      f"{', '.join(sorted(a for a in BY_GGUF_ARCH if a))})", "general.architecture")
+    r = FieldReader(meta, f.path, prefix=f"{arch}.")
+    fields = _config_fields(f, r, family)
+    r.refuse_unused(f"the {arch} metadata")
 
-    def get(key: str, default=None, kind=int):
-        full = f"{arch}.{key}"
-        if full not in meta:
-            if default is None:
-                raise f.error("required metadata key is missing", full)
-            return default
-        v = meta[full]
-        if kind is int and isinstance(v, np.ndarray) and v.size > 0 and np.all(v == v.flat[0]):
-            v = v.flat[0].item()  # a per-layer array that is the same everywhere
-        ok = (isinstance(v, (int, float)) and not isinstance(v, bool)) if kind is float else \
-             (isinstance(v, int) and not isinstance(v, bool))
-        if not ok:
-            raise f.error(f"expected a single {kind.__name__}, got {type(v).__name__}", full)
-        return kind(v)
-
-    if "token_embd.weight" not in f.tensors:
-        raise f.error("the token embedding is missing", "token_embd.weight")
-    embed_shape = f.tensors["token_embd.weight"].shape
-    if len(embed_shape) != 2:
-        raise f.error(f"token embedding must be 2-D, has shape {embed_shape}", "token_embd.weight")
-    vocab, d = embed_shape
-    hidden = get("embedding_length")
-    n_heads = get("attention.head_count")
-    n_kv = get("attention.head_count_kv", n_heads)
-    if n_heads <= 0 or n_kv <= 0 or hidden <= 0:
-        raise f.error("head counts and embedding length must be positive", f"{arch}.attention.head_count")
-    head_dim = get("attention.key_length", hidden // n_heads)
-    if get("attention.value_length", head_dim) != head_dim:
-        raise f.error("key and value head sizes differ", f"{arch}.attention.value_length")
-    n_layers = get("block_count")
-    if n_layers > len(f.tensors):  # every block has tensors; also bounds the loops below
-        raise f.error(f"block_count {n_layers} is more than the file's {len(f.tensors)} tensors",
-                      f"{arch}.block_count")
-    common = dict(vocab_size=vocab, hidden_size=hidden, n_layers=n_layers, n_heads=n_heads,
-                  n_kv_heads=n_kv, head_dim=head_dim, ffn_size=get("feed_forward_length"),
-                  max_seq_len=get("context_length"), architecture=arch)
-
-    if arch == "gpt2":
-        fields = dict(norm="layer", norm_eps=get("attention.layer_norm_epsilon", 1e-5, float),
-                      activation="gelu_tanh", gated_mlp=False, position="learned")
-    else:
-        scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-        factor = meta.get(f"{arch}.rope.scaling.factor", 1.0)
-        if scaling not in ("none", "") and factor != 1.0:
-            raise f.error(f"rope scaling {scaling!r} is not supported", f"{arch}.rope.scaling.type")
-        rope_dims = get("rope.dimension_count", head_dim)
-        if rope_dims != head_dim:
-            raise f.error(f"partial rotary embedding ({rope_dims} of {head_dim} dims) is not supported",
-                          f"{arch}.rope.dimension_count")
-        fields = dict(norm="rms", norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
-                      activation="silu", gated_mlp=True, position="rope",
-                      rope_theta=get("rope.freq_base", 10000.0, float), rope_layout=ROPE_LAYOUT[arch])
-    if d != hidden:
-        raise f.error(f"token embedding has {d} columns but {arch}.embedding_length is {hidden}",
-                      "token_embd.weight")
-    declared_vocab = meta.get(f"{arch}.vocab_size")
-    if isinstance(declared_vocab, int) and declared_vocab != vocab:
-        raise f.error(f"token embedding has {vocab} rows but {arch}.vocab_size is {declared_vocab}",
-                      "token_embd.weight")
-
-    weights = _map_tensors(f, arch, hidden)
+    vocab = fields["vocab_size"]
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                             "tokenizer.ggml.eom_token_id") if isinstance(meta.get(k), int)]
-    eos = [e for i, e in enumerate(eos) if e not in eos[:i] and 0 <= e < vocab]
+                             "tokenizer.ggml.eom_token_id") if _is_int(meta.get(k))]
+    eos = [int(e) for i, e in enumerate(eos) if e not in eos[:i] and 0 <= e < vocab]
     try:
-        config = ModelConfig(**common, **fields, tied_embeddings="unembed.weight" not in weights,
-                             bos_token_id=bos if isinstance(bos, int) and 0 <= bos < vocab else None,
+        config = ModelConfig(**fields, architecture=arch,
+                             bos_token_id=int(bos) if _is_int(bos) and 0 <= bos < vocab else None,
                              eos_token_ids=eos)
     except ValueError as e:
         raise f.error(str(e), f"{arch}.*") from None
+    weights = _map_tensors(f, config, family)
     _check_shapes(f, config, weights)
     tokenizer = _tokenizer(f, vocab, config)
     if tokenizer is not None:
@@ -362,60 +316,226 @@ def read_gguf(path) -> Checkpoint:
     return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, source=str(f.path))
 
 
-def _map_tensors(f: GGUFFile, arch: str, hidden: int) -> dict[str, Weight]:
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _config_fields(f: GGUFFile, r: FieldReader, family) -> dict:
+    """ModelConfig fields from the architecture's metadata keys, the tensors present, and what
+    llama.cpp assumes of the architecture (family.gguf_fixed)."""
+    if "token_embd.weight" not in f.tensors:
+        raise f.error("the token embedding is missing", "token_embd.weight")
+    embed_shape = f.tensors["token_embd.weight"].shape
+    if len(embed_shape) != 2:
+        raise f.error(f"token embedding must be 2-D, has shape {embed_shape}", "token_embd.weight")
+    vocab, d = embed_shape
+    hidden = r.int("embedding_length")
+    if d != hidden:
+        raise f.error(f"token embedding has {d} columns but embedding_length is {hidden}", "token_embd.weight")
+    declared_vocab = r.int("vocab_size", None)
+    if declared_vocab is not None and declared_vocab != vocab:
+        raise f.error(f"token embedding has {vocab} rows but vocab_size is {declared_vocab}", "token_embd.weight")
+    n_layers = r.int("block_count", maximum=len(f.tensors))  # every block has tensors
+    heads = r.int("attention.head_count")
+    head_dim = r.int("attention.key_length", None) or hidden // heads
+    if r.int("attention.value_length", head_dim) != head_dim:
+        raise r.error("attention.value_length", "key and value head sizes differ")
+    fields = dict(vocab_size=vocab, hidden_size=hidden, n_layers=n_layers, n_heads=heads,
+                  n_kv_heads=r.int("attention.head_count_kv", heads), head_dim=head_dim,
+                  ffn_size=r.int("feed_forward_length"), max_seq_len=r.int("context_length"),
+                  position="rope", rope_layout=family.gguf_rope_layout, gated_mlp=True, activation="silu")
+    if r.has("attention.layer_norm_rms_epsilon"):
+        fields.update(norm="rms", norm_eps=r.float("attention.layer_norm_rms_epsilon"))
+    else:
+        fields.update(norm="layer", norm_eps=r.float("attention.layer_norm_epsilon", 1e-5))
+    fields["rope_theta"] = r.float("rope.freq_base", 10000.0)
+    rotary = r.int("rope.dimension_count", head_dim)
+    if rotary > head_dim or rotary % 2:
+        raise r.error("rope.dimension_count", f"must be even and at most the head size {head_dim}")
+    fields["rotary_dim"] = rotary if rotary != head_dim else 0
+    if r.has("rope.freq_base_swa"):
+        fields["rope_local_theta"] = r.float("rope.freq_base_swa")
+    fields["rope_scaling"] = _rope_scaling(f, r, rotary)
+    window = r.int("attention.sliding_window", 0, minimum=0)
+    if 0 < window < fields["max_seq_len"]:
+        fields["sliding_window"] = window
+    fields["attn_softcap"] = r.float("attn_logit_softcapping", 0.0, positive=False, minimum=0.0)
+    fields["final_softcap"] = r.float("final_logit_softcapping", 0.0, positive=False, minimum=0.0)
+    if r.has("expert_count"):
+        fields["n_experts"] = r.int("expert_count")
+        fields["n_experts_used"] = r.int("expert_used_count")
+        fields["ffn_size"] = r.int("expert_feed_forward_length", fields["ffn_size"])
+        fields["renormalize_experts"] = r.bool("expert_weights_norm", family.name != "olmoe")
+    if r.has("use_parallel_residual"):
+        fields["parallel_residual"] = r.bool("use_parallel_residual")
+    # Block structure the tensors show: q/k norms per head or over the projection, norms before
+    # and/or after attention and MLP.
+    q_norm = f.tensors.get("blk.0.attn_q_norm.weight")
+    if q_norm is not None:
+        fields["qk_norm"] = "head" if q_norm.shape == (head_dim,) else "full"
+    fields["post_norms"] = "blk.0.post_attention_norm.weight" in f.tensors
+    fields["pre_norms"] = "blk.0.attn_norm.weight" in f.tensors
+    fields["tied_embeddings"] = "output.weight" not in f.tensors
+    fixed = family.gguf_fixed(fields)
+    if fields.get("sliding_window") and "layer_types" not in fixed:
+        fields["layer_types"] = ["sliding"] * n_layers   # a window with no pattern: every layer
+    fields.update(fixed)
+    if fields["position"] == "learned":
+        fields.pop("rotary_dim", None)
+    if not fields.get("sliding_window"):
+        fields.pop("layer_types", None)
+    return fields
+
+
+def _rope_scaling(f: GGUFFile, r: FieldReader, rotary: int) -> dict | None:
+    kind = r.str("rope.scaling.type", "none")
+    factor = r.float("rope.scaling.factor", None)
+    original = r.int("rope.scaling.original_context_length", None)
+    attn = r.float("rope.scaling.attn_factor", None)
+    r.ignore("rope.scaling.finetuned")
+    if "rope_factors_long.weight" in f.tensors or "rope_factors_short.weight" in f.tensors:
+        long, short = (_rope_table(f, n, rotary) for n in ("rope_factors_long.weight", "rope_factors_short.weight"))
+        if original is None:
+            raise r.error("rope.scaling.original_context_length", "LongRoPE needs the original context length")
+        out = {"type": "longrope", "short_factor": short, "long_factor": long,
+               "original_max_position_embeddings": original}
+        if attn is not None:
+            out["attention_factor"] = attn
+        return out
+    if "rope_freqs.weight" in f.tensors:
+        if kind not in ("none", ""):
+            raise r.error("rope.scaling.type", f"{kind!r} scaling together with per-frequency factors")
+        return {"type": "factors", "factors": _rope_table(f, "rope_freqs.weight", rotary)}
+    if kind in ("none", "") or factor in (None, 1.0):
+        return None
+    if kind == "linear":
+        return {"type": "linear", "factor": factor}
+    if kind == "yarn":
+        if original is None:
+            raise r.error("rope.scaling.original_context_length", "YaRN needs the original context length")
+        for key in ("rope.scaling.yarn_ext_factor", "rope.scaling.yarn_attn_factor",
+                    "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow"):
+            if r.has(key):
+                raise r.error(key, "non-default YaRN parameters are not supported")
+        out = {"type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+        if attn is not None and attn != 1.0:
+            raise r.error("rope.scaling.attn_factor", "a YaRN attention factor other than 1 is not supported")
+        return out
+    raise r.error("rope.scaling.type", f"rope scaling {kind!r} is not supported (tokentrail reads linear, yarn, "
+                                       f"per-frequency factors and LongRoPE)")
+
+
+def _rope_table(f: GGUFFile, name: str, rotary: int) -> list[float]:
+    if name not in f.tensors:
+        raise f.error("LongRoPE needs both rope_factors_long and rope_factors_short", name)
+    w = f.weight(name)
+    values = w.to_float32().ravel()
+    if values.shape != (rotary // 2,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise f.error(f"expected {rotary // 2} positive finite factors, got shape {w.shape}", name)
+    return [float(v) for v in values]
+
+
+def _map_tensors(f: GGUFFile, config: ModelConfig, family) -> dict[str, Weight]:
     weights: dict[str, Weight] = {}
     origin: dict[str, str] = {}
+    top = {v: k for k, v in GGUF_TOP.items()}
+    block = {v: k for k, v in GGUF_BLOCK.items()}
+    experts = {v: k for k, v in GGUF_EXPERTS.items()}
 
     def put(neutral: str, w: Weight, source: str) -> None:
         if neutral in weights:
             raise f.error(f"maps to {neutral!r}, which {origin[neutral]!r} already provides", source)
+        w.source = (f.path, source)
         weights[neutral], origin[neutral] = w, source
 
     for name in f.tensors:
+        if name in GGUF_ROPE:
+            continue  # read into the rope scaling
         parts = name.split(".")
-        if len(parts) == 2 and parts[0] in TOP_NAMES and parts[1] in ("weight", "bias"):
-            put(f"{TOP_NAMES[parts[0]]}.{parts[1]}", f.weight(name), name)
+        if len(parts) == 2 and parts[0] in top and parts[1] in ("weight", "bias"):
+            put(f"{top[parts[0]]}.{parts[1]}", f.weight(name), name)
             continue
-        if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] in ("weight", "bias")):
+        if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] in ("weight", "bias"):
             layer, kind, suffix = int(parts[1]), parts[2], parts[3]
+            if layer >= config.n_layers:
+                raise f.error(f"layer {layer} is beyond block_count {config.n_layers}", name)
             prefix = f"blocks.{layer}."
-            if kind in BLOCK_NAMES:
-                put(f"{prefix}{BLOCK_NAMES[kind]}.{suffix}", f.weight(name), name)
+            if kind == "ffn_up" and family.gguf_fused_gate_up and suffix == "weight":
+                for part, w in zip(("mlp.gate", "mlp.up"), _split_rows(f, name, (config.ffn_size,) * 2)):
+                    put(f"{prefix}{part}.weight", w, name)
                 continue
-            if kind == "attn_qkv":
-                for neutral, w in zip(("q", "k", "v"), _split_qkv(f, name, hidden)):
-                    put(f"{prefix}attn.{neutral}.{suffix}", w, name)
+            if kind in block:
+                put(f"{prefix}{block[kind]}.{suffix}", f.weight(name), name)
                 continue
-        if name == "rope_freqs.weight":
-            raise f.error("per-frequency rope scaling (Llama 3.1 style) is not supported", name)
-        raise f.error(f"tensor is not part of a supported {arch} model", name)
+            if kind == GGUF_QKV:
+                sizes = (config.q_size, config.kv_size, config.kv_size)
+                for part, w in zip(("q", "k", "v"), _split_rows(f, name, sizes)):
+                    put(f"{prefix}attn.{part}.{suffix}", w, name)
+                continue
+            if kind in experts and suffix == "weight":
+                for e, w in enumerate(_split_experts(f, name, config.n_experts)):
+                    put(f"{prefix}mlp.experts.{e}.{experts[kind]}.weight", w, name)
+                continue
+        raise f.error(f"tensor is not part of a {arch_name(family)} model as tokentrail reads it; refusing rather "
+                      f"than ignoring it", name)
     return weights
 
 
-def _split_qkv(f: GGUFFile, name: str, hidden: int) -> list[Weight]:
-    """Row slices (views, no copy) of a fused [3 * hidden, ...] projection."""
+def arch_name(family) -> str:
+    return family.gguf_arch or family.name
+
+
+def _split_rows(f: GGUFFile, name: str, sizes: tuple[int, ...]) -> list[Weight]:
+    """Row slices (views, no copy) of a fused projection whose parts are consecutive row blocks."""
     w = f.weight(name)
-    rows = w.shape[0]
-    if rows != 3 * hidden:
-        raise f.error(f"fused qkv has {rows} rows, expected 3 x {hidden}", name)
-    return [Weight(w.data[i * hidden:(i + 1) * hidden], w.dtype, (hidden,) + w.shape[1:]) for i in range(3)]
+    if w.shape[0] != sum(sizes):
+        raise f.error(f"fused tensor has {w.shape[0]} rows, expected {' + '.join(map(str, sizes))}", name)
+    out, start = [], 0
+    for size in sizes:
+        out.append(Weight(w.data[start:start + size], w.dtype, (size,) + w.shape[1:]))
+        start += size
+    return out
+
+
+def _split_experts(f: GGUFFile, name: str, n_experts: int) -> list[Weight]:
+    """Each expert's [rows, cols] matrix, as views of a stacked [experts, rows, cols] tensor."""
+    w = f.weight(name)
+    if len(w.shape) != 3 or w.shape[0] != n_experts:
+        raise f.error(f"expected a stack of {n_experts} expert matrices, got shape {w.shape}", name)
+    rows = w.shape[1]
+    data = w.data.reshape((n_experts * rows, -1))
+    return [Weight(data[e * rows:(e + 1) * rows], w.dtype, w.shape[1:]) for e in range(n_experts)]
 
 
 def _check_shapes(f: GGUFFile, config: ModelConfig, weights: dict[str, Weight]) -> None:
     expected = expected_shapes(config)
     for name, w in weights.items():
+        src = w.source[1] if w.source else name
         if name not in expected:
-            raise f.error(f"{name!r} does not belong to this model's configuration", name)
+            raise f.error(f"{name!r} does not belong to this model's configuration", src)
         if w.shape != expected[name]:
-            raise f.error(f"shape {w.shape} does not match the metadata's {expected[name]}", name)
+            raise f.error(f"shape {w.shape} does not match the metadata's {expected[name]}", src)
     for name in expected:
         if name not in weights and not is_optional(name):
-            raise f.error("required tensor is missing", name)
+            raise f.error(f"required tensor is missing (tokentrail name {name!r})", gguf_name(name))
 
 
 # --------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------
+
+def read_gguf_tokenizer(path) -> Tokenizer | None:
+    """Only the tokenizer of a GGUF file (vocabulary-only files have no tensors)."""
+    f = GGUFFile(path)
+    tokens = f.metadata.get("tokenizer.ggml.tokens")
+    n = len(tokens) if isinstance(tokens, list) else 0
+    bos = f.metadata.get("tokenizer.ggml.bos_token_id")
+    eos = f.metadata.get("tokenizer.ggml.eos_token_id")
+    config = ModelConfig(vocab_size=max(n, 1), hidden_size=1, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2,
+                         ffn_size=1, max_seq_len=1, bos_token_id=bos if _is_int(bos) and 0 <= bos < n else None,
+                         eos_token_ids=[eos] if _is_int(eos) and 0 <= eos < n else [])
+    return _tokenizer(f, max(n, 1), config)
+
 
 def _tokenizer(f: GGUFFile, n_vocab: int, config: ModelConfig) -> Tokenizer | None:
     meta = f.metadata
@@ -474,23 +594,22 @@ def _byte_level_bpe(f: GGUFFile, tokens: list[str], types: np.ndarray) -> tokeni
                           "tokenizer.ggml.merges")
         merges.append((pair[0], pair[1]))
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_PATTERNS:
-        raise f.error(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_PATTERNS)})",
+    if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
+        raise f.error(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(sorted(PRE_TOKENIZERS))})",
                       "tokenizer.ggml.pre")
+    recipe = PRE_TOKENIZERS[pre]
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         # A repeated text cannot have two ids in a BPE vocabulary; see sentencepiece_bpe.
         vocab[t if t not in vocab else f"<unused_{i}>"] = i
     try:
-        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                              ignore_merges=recipe.ignore_merges))
     except Exception as e:  # the library reports merges of unknown tokens this way
         raise f.error(f"tokenizer cannot be built: {e}", "tokenizer.ggml.merges") from None
-    if PRE_PATTERNS[pre] == GPT2_PATTERN:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRE_PATTERNS[pre]), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    steps = [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in recipe.splits]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=recipe.byte_level_split))
+    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     inv = {i: t for t, i in vocab.items()}
     specials = [AddedToken(inv[i], special=True, normalized=False)

@@ -1,11 +1,14 @@
 """Write a checkpoint as a GGUF file that llama.cpp and tokentrail can both read.
 
-Llama-family models (rotary, RMSNorm, gated SiLU MLP) are written as
-architecture "llama"; GPT-2-family models (learned positions, LayerNorm,
-GELU) as "gpt2". llama.cpp's "llama" rotates adjacent pairs of each head, so
-q/k rows of checkpoints in the half-split layout (Hugging Face) are permuted
-into adjacent order on the way out; the file then says what every llama GGUF
-says and reads back with rope_layout="adjacent".
+The GGUF architecture is the family's (families.py), as llama.cpp's own
+converter would write it; a model whose family is unknown (llama2.c) is
+written as "llama" or "gpt2" when its configuration is one of those. What a
+GGUF architecture implies without storing it (Gemma's window pattern and q.k
+scale, whether expert weights are renormalised, ...) must match the model,
+or the write is refused rather than producing a file llama.cpp would run
+differently. llama.cpp's "llama" rotates adjacent pairs of each head, so q/k
+rows in the half-split layout (Hugging Face) are permuted into adjacent order
+on the way out; the file then reads back with rope_layout="adjacent".
 
 Matrices take the requested dtype; 1-D tensors (norms, biases) stay f32, and a
 matrix whose rows do not fill whole quantization blocks falls back to f16, as
@@ -20,6 +23,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..rope import base_frequencies, tables
+from .families import BY_GGUF_ARCH, BY_HF_ARCH, BY_NAME, Family, gguf_name
 from .quant import quantize
 from .weights import BLOCK_TYPES, Weight
 
@@ -31,14 +36,21 @@ SPACE = "\u2581"
 TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = 1, 2, 3, 4, 5, 6
 
 
-def write_gguf(checkpoint, out_path, dtype: str = "f32") -> Path:
-    """Write `checkpoint` to `out_path` with matrices in `dtype`; returns the path."""
+def write_gguf(checkpoint, out_path, dtype: str = "f32", progress=None) -> Path:
+    """Write `checkpoint` to `out_path` with matrices in `dtype`; returns the path.
+
+    `progress`: see tokentrail.progress (None = a bar when stderr is a terminal).
+    """
     import gguf  # only writing needs the package
+
+    from ..progress import Task
 
     if dtype not in WRITE_DTYPES:
         raise ValueError(f"dtype must be one of {WRITE_DTYPES}, got {dtype!r}")
     cfg: ModelConfig = checkpoint.config
-    arch = _architecture(cfg)
+    family = _family(cfg)
+    _check_expressible(cfg, family)
+    arch = family.gguf_arch
     out_path = Path(out_path)
     writer = gguf.GGUFWriter(str(out_path), arch)
     _write_config(writer, cfg, arch, dtype)
@@ -47,26 +59,68 @@ def write_gguf(checkpoint, out_path, dtype: str = "f32") -> Path:
     else:
         # No tokenizer (random or id-only models): say so, or llama.cpp refuses the file.
         writer.add_string("tokenizer.ggml.model", "none")
-    for name, array, raw_type in _tensors(checkpoint, cfg, arch, dtype, gguf):
-        if raw_type is None:
-            writer.add_tensor(name, array)
-        else:
+    with Task(f"converting tensors to {dtype}", len(checkpoint.weights), progress) as task:
+        for name, array, raw_type in _tensors(checkpoint, cfg, family, dtype, gguf):
             writer.add_tensor(name, array, raw_dtype=raw_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            task.advance()
+    with Task(f"writing {out_path.name}", 1, progress) as task:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        task.advance()
     return out_path
 
 
-def _architecture(cfg: ModelConfig) -> str:
-    if cfg.position == "rope" and cfg.norm == "rms" and cfg.activation == "silu" and cfg.gated_mlp:
-        return "llama"
-    if (cfg.position == "learned" and cfg.norm == "layer" and cfg.activation == "gelu_tanh"
-            and not cfg.gated_mlp and cfg.n_kv_heads == cfg.n_heads):
-        return "gpt2"
-    raise ValueError("only Llama-family (rope, rms, gated silu) and GPT-2-family (learned positions, "
-                     "layer norm, gelu_tanh) models can be written as GGUF")
+def _family(cfg: ModelConfig) -> Family:
+    """The family to write: the one the model came from, else llama or gpt2 if the config is one."""
+    family = BY_HF_ARCH.get(cfg.architecture) or BY_GGUF_ARCH.get(cfg.architecture)
+    if family is None:
+        plain = dict(qk_norm="none", pre_norms=True, post_norms=False, parallel_residual=False, n_experts=0,
+                     attn_softcap=0.0, final_softcap=0.0, embed_scale=1.0, sliding_window=0)
+        if any(getattr(cfg, k) != v for k, v in plain.items()):
+            raise CheckpointError(f"a {cfg.architecture or 'model'} of this configuration has no GGUF "
+                                  f"architecture tokentrail can write")
+        if cfg.position == "rope" and cfg.norm == "rms" and cfg.activation == "silu" and cfg.gated_mlp:
+            family = BY_NAME["llama"]
+        elif (cfg.position == "learned" and cfg.norm == "layer" and cfg.activation == "gelu_tanh"
+              and not cfg.gated_mlp and cfg.n_kv_heads == cfg.n_heads):
+            family = BY_NAME["gpt2"]
+        else:
+            raise CheckpointError("only Llama-family (rope, rms, gated silu) and GPT-2-family (learned positions, "
+                                  "layer norm, gelu_tanh) models of unknown origin can be written as GGUF")
+    return family
+
+
+def _check_expressible(cfg: ModelConfig, family: Family) -> None:
+    """Refuse what the GGUF architecture would make llama.cpp (and tokentrail) compute differently."""
+    fixed = family.gguf_fixed(cfg.to_dict())
+    for key, value in fixed.items():
+        if key == "activation" and {value, cfg.activation} <= {"gelu_erf", "gelu_tanh"}:
+            continue  # llama.cpp computes either GELU with its own approximation
+        if key == "layer_types":
+            if cfg.sliding_layers() != [t == "sliding" for t in value]:
+                raise CheckpointError(f"GGUF {family.gguf_arch} files imply the sliding-window pattern {value}; "
+                                      f"this model's is {cfg.layer_types}")
+            continue
+        mine = getattr(cfg, key)
+        if mine != value and not (isinstance(value, float) and abs(mine - value) <= 1e-6 * abs(value)):
+            raise CheckpointError(f"GGUF {family.gguf_arch} files imply {key} = {value!r}; this model has "
+                                  f"{mine!r}, which the format cannot say")
+    if cfg.sliding_window and "layer_types" not in fixed and not all(cfg.sliding_layers()) \
+            or cfg.sliding_window and family.gguf_arch == "llama":
+        raise CheckpointError(f"GGUF {family.gguf_arch} files cannot describe this model's sliding window")
+    if cfg.n_experts and cfg.renormalize_experts != (family.name != "olmoe"):
+        raise CheckpointError(f"GGUF {family.gguf_arch} files imply expert weights "
+                              f"{'' if family.name != 'olmoe' else 'not '}renormalised; this model differs")
+    if family.gguf_rope_layout == "adjacent" and cfg.rotary_dim and cfg.rope_layout == "half":
+        raise CheckpointError("partial rotary with permuted (adjacent) q/k rows is not supported")
+    if cfg.rope_local_theta and not fixed.get("rope_local_theta"):
+        pass  # written as rope.freq_base_swa
+    if cfg.rope_scaling and cfg.rope_scaling["type"] == "yarn":
+        extra = set(cfg.rope_scaling) - {"type", "factor", "original_max_position_embeddings"}
+        if extra:
+            raise CheckpointError(f"YaRN parameters {sorted(extra)} have no GGUF key tokentrail writes")
 
 
 def _write_config(w, cfg: ModelConfig, arch: str, dtype: str) -> None:
@@ -84,12 +138,39 @@ def _write_config(w, cfg: ModelConfig, arch: str, dtype: str) -> None:
     if cfg.head_dim * cfg.n_heads != cfg.hidden_size:
         w.add_uint32(f"{arch}.attention.key_length", cfg.head_dim)
         w.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
-    if arch == "llama":
+    if cfg.norm == "rms":
         w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.norm_eps)
-        w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
-        w.add_uint32(f"{arch}.rope.dimension_count", cfg.head_dim)
     else:
         w.add_float32(f"{arch}.attention.layer_norm_epsilon", cfg.norm_eps)
+    if cfg.position == "rope":
+        w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
+        w.add_uint32(f"{arch}.rope.dimension_count", cfg.rotary_size)
+        if cfg.rope_local_theta:
+            w.add_float32(f"{arch}.rope.freq_base_swa", cfg.rope_local_theta)
+        scaling = cfg.rope_scaling or {}
+        kind = scaling.get("type")
+        if kind in ("linear", "yarn"):
+            w.add_string(f"{arch}.rope.scaling.type", kind)
+            w.add_float32(f"{arch}.rope.scaling.factor", float(scaling["factor"]))
+        if kind in ("yarn", "longrope"):
+            w.add_uint32(f"{arch}.rope.scaling.original_context_length",
+                         int(scaling["original_max_position_embeddings"]))
+        if kind == "longrope":
+            w.add_float32(f"{arch}.rope.scaling.attn_factor",
+                          float(tables(cfg.rope_theta, cfg.rotary_size, scaling, cfg.max_seq_len).attn_factor))
+    if cfg.sliding_window:
+        w.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
+    if cfg.attn_softcap:
+        w.add_float32(f"{arch}.attn_logit_softcapping", cfg.attn_softcap)
+    if cfg.final_softcap:
+        w.add_float32(f"{arch}.final_logit_softcapping", cfg.final_softcap)
+    if cfg.n_experts:
+        w.add_uint32(f"{arch}.expert_count", cfg.n_experts)
+        w.add_uint32(f"{arch}.expert_used_count", cfg.n_experts_used)
+        if arch == "qwen3moe":
+            w.add_uint32(f"{arch}.expert_feed_forward_length", cfg.ffn_size)
+    if arch == "gptneox":
+        w.add_bool(f"{arch}.use_parallel_residual", cfg.parallel_residual)
 
 
 # --------------------------------------------------------------------------
@@ -109,9 +190,20 @@ def to_adjacent(rows: np.ndarray, n_heads: int) -> np.ndarray:
     return rows.reshape((n_heads, 2, half) + rest).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _tensors(checkpoint, cfg: ModelConfig, arch: str, dtype: str, gguf):
+def to_half(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of to_adjacent: adjacent-pair rotary order back to half-split order."""
+    n = rows.shape[0]
+    half = n // n_heads // 2
+    rest = rows.shape[1:]
+    return rows.reshape((n_heads, half, 2) + rest).swapaxes(1, 2).reshape(rows.shape)
+
+
+def _tensors(checkpoint, cfg: ModelConfig, family: Family, dtype: str, gguf):
     W = checkpoint.weights
-    permute = arch == "llama" and cfg.rope_layout == "half"
+    # q/k rows must be in the order the architecture rotates.
+    reorder = None
+    if cfg.position == "rope" and family.gguf_rope_layout != cfg.rope_layout:
+        reorder = to_adjacent if family.gguf_rope_layout == "adjacent" else to_half
     raw_types = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
                  "q4_k": gguf.GGMLQuantizationType.Q4_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}
 
@@ -124,63 +216,94 @@ def _tensors(checkpoint, cfg: ModelConfig, arch: str, dtype: str, gguf):
         """(array, raw GGML type or None) for one tensor, in the file's dtype."""
         if len(w.shape) == 1:
             a = w.to_float32()
-            return (to_adjacent(a, heads) if heads else a), None
+            return (reorder(a, heads) if heads else a), None
         target = dtype
         if target in BLOCK_TYPES and w.shape[-1] % BLOCK_TYPES[target][0]:
             target = "f16"
         if w.dtype == target and target in BLOCK_TYPES:
             raw = np.asarray(w.data, dtype=np.uint8).reshape(w.shape[0], -1)
-            return (to_adjacent(raw, heads) if heads else raw), raw_types[target]
+            return (reorder(raw, heads) if heads else raw), raw_types[target]
         a = w.to_float32()
         if heads:
-            a = to_adjacent(a, heads)
+            a = reorder(a, heads)
         if target == "f32":
             return np.ascontiguousarray(a, np.float32), None
         if target == "f16":
             return a.astype(np.float16), None
         return quantize(a, target), raw_types[target]
 
-    def emit(gguf_name: str, w: Weight, heads: int | None = None):
-        array, raw = encode(w, heads)
-        return gguf_name, array, raw
+    def fused(gguf_name: str, names: list[str]):
+        """One tensor of row blocks (llama.cpp's fused qkv and Phi-3's gate-up)."""
+        present = [n for n in names if n in W]
+        if not present:
+            return None
+        if len(present) != len(names):
+            raise CheckpointError("every part must be present to fuse them", tensor=names[0])
+        parts = [W[n] for n in names]
+        if len(parts[0].shape) == 1:
+            return gguf_name, np.concatenate([p.to_float32() for p in parts]), None
+        arrays = [encode(p) for p in parts]
+        if len({raw for _, raw in arrays}) != 1:
+            return gguf_name, np.concatenate([p.to_float32() for p in parts]).astype(np.float16), None
+        return gguf_name, np.concatenate([a for a, _ in arrays], axis=0), arrays[0][1]
 
-    yield emit("token_embd.weight", need("embed.weight"))
-    if cfg.position == "learned":
-        yield emit("position_embd.weight", need("pos_embed.weight"))
+    heads = {"attn.q": cfg.n_heads, "attn.k": cfg.n_kv_heads}
+    rope_tensors = _rope_tensors(cfg)
+    for name, values in rope_tensors.items():
+        yield name, values, None
+    done: set[str] = set()
     for layer in range(cfg.n_layers):
         p, b = f"blocks.{layer}.", f"blk.{layer}."
-        for suffix in ("weight", "bias"):
-            if p + f"attn_norm.{suffix}" in W:
-                yield emit(b + f"attn_norm.{suffix}", W[p + f"attn_norm.{suffix}"])
-        if arch == "gpt2":
-            # llama.cpp's gpt2 graph reads one fused [q; k; v] projection.
+        if family.gguf_fused_qkv:
             for suffix in ("weight", "bias"):
-                parts = [p + f"attn.{x}.{suffix}" for x in "qkv"]
-                if all(n in W for n in parts):
-                    fused = np.concatenate([W[n].to_float32() for n in parts], axis=0)
-                    yield emit(b + f"attn_qkv.{suffix}", Weight.from_array(fused))
-                elif any(n in W for n in parts) or suffix == "weight":
-                    raise CheckpointError("q, k and v must all be present to fuse them", tensor=parts[0])
-        else:
-            heads = {"q": cfg.n_heads, "k": cfg.n_kv_heads, "v": None}
-            for x in "qkv":
-                for suffix in ("weight", "bias"):
-                    name = p + f"attn.{x}.{suffix}"
-                    if suffix == "weight" or name in W:
-                        yield emit(b + f"attn_{x}.{suffix}", need(name), heads[x] if permute else None)
-        for src, dst in (("attn.o", "attn_output"), ("mlp_norm", "ffn_norm"), ("mlp.gate", "ffn_gate"),
-                         ("mlp.up", "ffn_up"), ("mlp.down", "ffn_down")):
-            if src == "mlp.gate" and not cfg.gated_mlp:
-                continue
-            for suffix in ("weight", "bias"):
-                name = p + f"{src}.{suffix}"
-                if suffix == "weight" or name in W:
-                    yield emit(b + f"{dst}.{suffix}", need(name))
-    yield emit("output_norm.weight", need("final_norm.weight"))
-    if "final_norm.bias" in W:
-        yield emit("output_norm.bias", W["final_norm.bias"])
-    if not cfg.tied_embeddings:
-        yield emit("output.weight", need("unembed.weight"))
+                out = fused(f"{b}attn_qkv.{suffix}", [f"{p}attn.{x}.{suffix}" for x in "qkv"])
+                if out:
+                    yield out
+                done.update(f"{p}attn.{x}.{suffix}" for x in "qkv")
+        if family.gguf_fused_gate_up:
+            out = fused(f"{b}ffn_up.weight", [f"{p}mlp.gate.weight", f"{p}mlp.up.weight"])
+            if out:
+                yield out
+            done.update((f"{p}mlp.gate.weight", f"{p}mlp.up.weight"))
+        if cfg.n_experts:
+            for proj in ("gate", "up", "down"):
+                names = [f"{p}mlp.experts.{e}.{proj}.weight" for e in range(cfg.n_experts)]
+                arrays = [encode(need(n)) for n in names]
+                raw = {r for _, r in arrays}
+                if len(raw) != 1:
+                    arrays = [(need(n).to_float32().astype(np.float16), None) for n in names]
+                yield gguf_name(names[0]), np.stack([a for a, _ in arrays]), arrays[0][1]
+                done.update(names)
+    for name in sorted(W, key=_order):
+        if name in done:
+            continue
+        if name.startswith("blocks.") and name.rsplit(".", 2)[-2] in ("q", "k") and \
+                ".attn." in name and reorder is not None:
+            yield gguf_name(name), *encode(W[name], heads[name.split(".", 2)[2].rsplit(".", 1)[0]])
+            continue
+        yield gguf_name(name), *encode(W[name])
+
+
+def _order(name: str) -> tuple:
+    """Top-level tensors first, then blocks in layer order (the order llama.cpp's converter uses)."""
+    parts = name.split(".")
+    if parts[0] != "blocks":
+        return (0 if parts[0] in ("embed", "pos_embed") else 2, 0, name)
+    return (1, int(parts[1]), name)
+
+
+def _rope_tensors(cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Rotary scaling stored as tensors: Llama 3's per-frequency divisors, LongRoPE's factor lists."""
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("type")
+    if cfg.position != "rope" or kind not in ("llama3", "factors", "longrope"):
+        return {}
+    if kind == "longrope":
+        return {"rope_factors_long.weight": np.asarray(scaling["long_factor"], np.float32),
+                "rope_factors_short.weight": np.asarray(scaling["short_factor"], np.float32)}
+    plain = base_frequencies(cfg.rope_theta, cfg.rotary_size)
+    scaled = tables(cfg.rope_theta, cfg.rotary_size, scaling, cfg.max_seq_len).inv_freq
+    return {"rope_freqs.weight": (plain / scaled).astype(np.float32)}
 
 
 # --------------------------------------------------------------------------

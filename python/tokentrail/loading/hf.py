@@ -1,209 +1,243 @@
 """Hugging Face model directories: config.json + safetensors + tokenizer.json.
 
-Families are described by data: a table of how each architecture's config
-keys and tensor names map onto ModelConfig and the neutral weight names.
+What differs between families is data in `families.py`; this reader applies it:
+every config.json field is read through a `FieldReader` (unknown fields refuse
+the checkpoint), and every tensor is matched against the family's names
+(an unknown tensor refuses the checkpoint, naming it).
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, expected_shapes, is_optional
 from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
 from . import Checkpoint
+from .families import BY_HF_ARCH, FAMILIES, GPT2_TRANSPOSED, HF_HARMLESS, Family, Fused
+from .fields import FieldReader
 from .safetensors import read_safetensors
 from .weights import Weight
 
-LLAMA_LIKE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
-GPT2_LIKE = {"GPT2LMHeadModel"}
-
-# Neutral name -> Hugging Face name, per family ("{l}" is the layer index).
-LLAMA_NAMES = {
-    "embed.weight": "model.embed_tokens.weight",
-    "final_norm.weight": "model.norm.weight",
-    "unembed.weight": "lm_head.weight",
-    "blocks.{l}.attn_norm.weight": "model.layers.{l}.input_layernorm.weight",
-    "blocks.{l}.mlp_norm.weight": "model.layers.{l}.post_attention_layernorm.weight",
-    **{f"blocks.{{l}}.attn.{p}.{kind}": f"model.layers.{{l}}.self_attn.{p}_proj.{kind}"
-       for p in "qkvo" for kind in ("weight", "bias")},
-    **{f"blocks.{{l}}.mlp.{p}.{kind}": f"model.layers.{{l}}.mlp.{p}_proj.{kind}"
-       for p in ("gate", "up", "down") for kind in ("weight", "bias")},
-}
-GPT2_NAMES = {
-    "embed.weight": "transformer.wte.weight",
-    "pos_embed.weight": "transformer.wpe.weight",
-    "final_norm.weight": "transformer.ln_f.weight",
-    "final_norm.bias": "transformer.ln_f.bias",
-    "blocks.{l}.attn_norm.weight": "transformer.h.{l}.ln_1.weight",
-    "blocks.{l}.attn_norm.bias": "transformer.h.{l}.ln_1.bias",
-    "blocks.{l}.mlp_norm.weight": "transformer.h.{l}.ln_2.weight",
-    "blocks.{l}.mlp_norm.bias": "transformer.h.{l}.ln_2.bias",
-    # GPT-2 stores its projections as [in, out] (Conv1D); they are transposed on load.
-    "blocks.{l}.attn.qkv.weight": "transformer.h.{l}.attn.c_attn.weight",
-    "blocks.{l}.attn.qkv.bias": "transformer.h.{l}.attn.c_attn.bias",
-    "blocks.{l}.attn.o.weight": "transformer.h.{l}.attn.c_proj.weight",
-    "blocks.{l}.attn.o.bias": "transformer.h.{l}.attn.c_proj.bias",
-    "blocks.{l}.mlp.up.weight": "transformer.h.{l}.mlp.c_fc.weight",
-    "blocks.{l}.mlp.up.bias": "transformer.h.{l}.mlp.c_fc.bias",
-    "blocks.{l}.mlp.down.weight": "transformer.h.{l}.mlp.c_proj.weight",
-    "blocks.{l}.mlp.down.bias": "transformer.h.{l}.mlp.c_proj.bias",
-}
-
-GELU_NAMES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-              "gelu": "gelu_erf", "silu": "silu", "swish": "silu", "relu": "relu"}
+# Hugging Face architecture names tokentrail reads, for messages and the README.
+SUPPORTED_ARCHITECTURES = tuple(a for f in FAMILIES for a in f.hf_architectures)
 
 
 def _load_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise CheckpointError("JSON is nested too deeply", path=path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         raise CheckpointError(f"cannot read JSON: {e}", path=path) from None
     if not isinstance(data, dict):
         raise CheckpointError("expected a JSON object", path=path)
     return data
 
 
-def config_from_hf(raw: dict, path: Path) -> tuple[ModelConfig, dict[str, str]]:
-    archs = raw.get("architectures") or [raw.get("model_type", "?")]
+def family_of(raw: dict, path: Path) -> tuple[Family, str]:
+    archs = raw.get("architectures")
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError("config.json must name the model class in 'architectures' (a list of strings)",
+                              path=path, field="architectures")
     arch = archs[0]
+    if arch not in BY_HF_ARCH:
+        raise CheckpointError(f"unsupported architecture {arch!r} (tokentrail reads "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)})", path=path, field="architectures")
+    return BY_HF_ARCH[arch], arch
 
-    def get(key, *alts, default=None):
-        for k in (key, *alts):
-            if k in raw and raw[k] is not None:
-                return raw[k]
-        if default is None:
-            raise CheckpointError(f"config.json lacks {key!r}", path=path)
-        return default
 
-    try:
-        if arch in LLAMA_LIKE or raw.get("model_type") in ("llama", "mistral", "qwen2"):
-            heads = int(get("num_attention_heads"))
-            dim = int(get("hidden_size"))
-            if raw.get("rope_scaling") not in (None, {}) and (raw["rope_scaling"] or {}).get("rope_type", "default") != "default":
-                raise CheckpointError(f"rope_scaling {raw['rope_scaling']} is not supported yet", path=path)
-            rope_theta = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-            cfg = ModelConfig(
-                vocab_size=int(get("vocab_size")), hidden_size=dim, n_layers=int(get("num_hidden_layers")),
-                n_heads=heads, n_kv_heads=int(get("num_key_value_heads", default=heads)),
-                head_dim=int(get("head_dim", default=dim // heads)), ffn_size=int(get("intermediate_size")),
-                max_seq_len=int(get("max_position_embeddings")), norm="rms",
-                norm_eps=float(get("rms_norm_eps", default=1e-6)),
-                activation=GELU_NAMES.get(get("hidden_act", default="silu"), "?"), gated_mlp=True,
-                position="rope", rope_theta=float(rope_theta), rope_layout="half",
-                tied_embeddings=bool(raw.get("tie_word_embeddings", False)), architecture=arch)
-            names = LLAMA_NAMES
-        elif arch in GPT2_LIKE or raw.get("model_type") == "gpt2":
-            dim = int(get("n_embd"))
-            heads = int(get("n_head"))
-            cfg = ModelConfig(
-                vocab_size=int(get("vocab_size")), hidden_size=dim, n_layers=int(get("n_layer")), n_heads=heads,
-                n_kv_heads=heads, head_dim=dim // heads, ffn_size=int(get("n_inner", default=4 * dim)),
-                max_seq_len=int(get("n_positions")), norm="layer",
-                norm_eps=float(get("layer_norm_epsilon", default=1e-5)),
-                activation=GELU_NAMES.get(get("activation_function", default="gelu_new"), "?"), gated_mlp=False,
-                position="learned", tied_embeddings=True, architecture=arch)
-            names = GPT2_NAMES
-        else:
-            raise CheckpointError(f"unsupported architecture {arch!r} (supported: "
-                                  f"{sorted(LLAMA_LIKE | GPT2_LIKE)})", path=path)
-    except ValueError as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"invalid config: {e}", path=path) from None
+def config_from_hf(raw: dict, path: Path) -> tuple[ModelConfig, Family]:
+    family, arch = family_of(raw, path)
+    r = FieldReader(raw, path)
+    fields = family.hf_config(r)
+    r.ignore(*HF_HARMLESS)
+    r.refuse_unused("config.json")
     bos = raw.get("bos_token_id")
     eos = raw.get("eos_token_id")
-    cfg.bos_token_id = bos if isinstance(bos, int) else None
-    cfg.eos_token_ids = list(eos) if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])
-    return cfg, names
+    try:
+        cfg = ModelConfig(**fields, architecture=arch)
+    except ValueError as e:
+        raise CheckpointError(str(e), path=path) from None
+    cfg.bos_token_id = bos if _is_id(bos, cfg.vocab_size) else None
+    cfg.eos_token_ids = _ids(eos, cfg.vocab_size)
+    return cfg, family
+
+
+def _is_id(v, vocab: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab
+
+
+def _ids(v, vocab: int) -> list[int]:
+    vals = v if isinstance(v, list) else [v]
+    return [int(x) for x in vals if _is_id(x, vocab)]
 
 
 def _read_tensors(directory: Path) -> tuple[dict[str, Weight], dict[str, Path]]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
         weight_map = _load_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError("index has no weight_map", path=index)
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError("index has no weight_map of tensor names to file names", path=index)
         files = sorted(set(weight_map.values()))
     elif (directory / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
         raise CheckpointError("no model.safetensors or model.safetensors.index.json", path=directory)
+    root = directory.resolve()
     tensors, where = {}, {}
     for f in files:
-        fp = directory / f
-        if not fp.exists():
-            raise CheckpointError("shard listed in the index is missing", path=fp)
+        fp = _inside(directory, root, f, index)
         for name, w in read_safetensors(fp).items():
+            if name in tensors:
+                raise CheckpointError("tensor appears in two shards", path=fp, tensor=name)
             tensors[name] = w
             where[name] = fp
     return tensors, where
 
 
+def _inside(directory: Path, root: Path, name: str, index: Path) -> Path:
+    """A shard named by the index, confined to the model directory and a regular file."""
+    candidate = Path(name)
+    if candidate.is_absolute() or ".." in candidate.parts or not name:
+        raise CheckpointError(f"shard name {name!r} points outside the model directory", path=index)
+    fp = directory / candidate
+    try:
+        resolved = fp.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise CheckpointError("shard listed in the index is missing", path=fp) from None
+    if root not in resolved.parents:
+        raise CheckpointError(f"shard {name!r} resolves outside the model directory", path=index)
+    if not resolved.is_file():
+        raise CheckpointError("shard is not a regular file", path=fp)
+    return fp
+
+
+def _pattern(hf: str) -> re.Pattern:
+    """A regex for a Hugging Face name pattern; the leading 'model.' (or similar) may be absent."""
+    head, _, rest = hf.partition(".")
+    body = re.escape(hf).replace(r"\{l\}", r"(?P<l>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    if head in ("model", "transformer", "gpt_neox") and rest:
+        body = f"(?:{re.escape(head)}\\.)?" + body[len(re.escape(head)) + 2:]
+    return re.compile(body + r"\Z")
+
+
+def map_tensors(family: Family, cfg: ModelConfig, tensors: dict[str, Weight], where: dict[str, Path]
+                ) -> dict[str, Weight]:
+    """Neutral weights from the file's tensors; any tensor the family does not explain is an error."""
+    direct = [(_pattern(hf), neutral) for neutral, hf in family.hf_names.items()]
+    fused = [(_pattern(f.hf), f) for f in family.hf_fused]
+    skip = [_pattern(s) for s in family.hf_skip]
+    weights: dict[str, Weight] = {}
+    origin: dict[str, str] = {}
+
+    def put(neutral: str, w: Weight, name: str) -> None:
+        if neutral in weights:
+            raise CheckpointError(f"provides {neutral!r}, which {origin[neutral]!r} already provides",
+                                  path=where[name], tensor=name)
+        w.source = (where[name], name)
+        weights[neutral], origin[neutral] = w, name
+
+    def index(m: re.Match, name: str) -> dict:
+        out = {}
+        for key, limit, what in (("l", cfg.n_layers, "layers"), ("e", cfg.n_experts, "experts")):
+            if key in m.groupdict():
+                i = int(m.group(key))
+                if i >= limit:
+                    raise CheckpointError(f"index {i} is beyond the config's {limit} {what}",
+                                          path=where[name], tensor=name)
+                out[key] = i
+        return out
+
+    for name, w in tensors.items():
+        for rx, neutral in direct:
+            m = rx.match(name)
+            if m:
+                put(neutral.format(**index(m, name)), w, name)
+                break
+        else:
+            for rx, f in fused:
+                m = rx.match(name)
+                if m:
+                    prefix = f"blocks.{index(m, name)['l']}."
+                    kind = name.rsplit(".", 1)[1]
+                    for part, piece in zip(f.parts, _split(f, cfg, w, where[name], name)):
+                        put(f"{prefix}{part}.{kind}", piece, name)
+                    break
+            else:
+                if not any(rx.match(name) for rx in skip):
+                    raise CheckpointError(f"tensor is not part of a {family.name} model as tokentrail reads it; "
+                                          f"refusing rather than ignoring it", path=where[name], tensor=name)
+    if family.name == "gpt2":
+        for neutral in list(weights):
+            if neutral.endswith(GPT2_TRANSPOSED):
+                weights[neutral] = _transposed(weights[neutral])
+    if family.norm_offset:
+        for neutral in list(weights):
+            if neutral.endswith("norm.weight"):
+                w = weights[neutral]
+                weights[neutral] = Weight(w.to_float32() + np.float32(family.norm_offset), "f32", w.shape,
+                                          source=w.source)
+    return weights
+
+
+def _split(f: Fused, cfg: ModelConfig, w: Weight, path: Path, name: str) -> list[Weight]:
+    """The parts of a fused tensor (row views where the layout allows, else one copy)."""
+    if f.layout == "conv1d":
+        w = _transposed(w) if len(w.shape) == 2 else w
+    sizes = f.sizes(cfg)
+    if w.shape[0] != sum(sizes):
+        raise CheckpointError(f"fused tensor has {w.shape[0]} rows, expected {' + '.join(map(str, sizes))}",
+                              path=path, tensor=name)
+    data = w.data
+    if f.layout == "heads":  # [head][part][head_dim] rows: gather each part's rows (one copy at load)
+        heads, hd = cfg.n_heads, cfg.head_dim
+        grouped = np.asarray(data).reshape((heads, len(sizes), hd) + tuple(w.shape[1:]))
+        return [Weight(np.ascontiguousarray(grouped[:, i]).reshape((heads * hd,) + tuple(w.shape[1:])), w.dtype,
+                       (heads * hd,) + tuple(w.shape[1:])) for i in range(len(sizes))]
+    out, start = [], 0
+    for size in sizes:
+        out.append(Weight(data[start:start + size], w.dtype, (size,) + tuple(w.shape[1:])))
+        start += size
+    return out
+
+
 def _transposed(w: Weight) -> Weight:
     """GPT-2's Conv1D [in, out] as [out, in], in the weight's own dtype (one copy, at load)."""
-    return Weight(np.ascontiguousarray(np.asarray(w.data).T), w.dtype, tuple(reversed(w.shape)))
+    return Weight(np.ascontiguousarray(np.asarray(w.data).T), w.dtype, tuple(reversed(w.shape)), source=w.source)
 
 
 def read_hf(directory, dtype: str | None = None) -> Checkpoint:
     directory = Path(directory)
     cfg_path = directory / "config.json"
     raw = _load_json(cfg_path)
-    cfg, names = config_from_hf(raw, cfg_path)
+    cfg, family = config_from_hf(raw, cfg_path)
     gen_path = directory / "generation_config.json"
     if gen_path.exists():
         gen = _load_json(gen_path)
         eos = gen.get("eos_token_id")
         if eos is not None:
-            cfg.eos_token_ids = list(eos) if isinstance(eos, list) else [eos]
-        if isinstance(gen.get("bos_token_id"), int):
+            cfg.eos_token_ids = _ids(eos, cfg.vocab_size)
+        if _is_id(gen.get("bos_token_id"), cfg.vocab_size):
             cfg.bos_token_id = gen["bos_token_id"]
 
     tensors, where = _read_tensors(directory)
-    # Some exports drop the "transformer." / "model." prefix; accept both spellings.
-    def find(hf_name: str):
-        if hf_name in tensors:
-            return hf_name
-        short = hf_name.split(".", 1)[1]
-        return short if short in tensors else None
-
-    weights: dict[str, Weight] = {}
-    for neutral, hf in names.items():
-        layers = range(cfg.n_layers) if "{l}" in neutral else [None]
-        for layer in layers:
-            n_name = neutral.format(l=layer)
-            h_name = find(hf.format(l=layer))
-            if h_name is not None:
-                weights[n_name] = tensors[h_name]
-                weights[n_name].source = (where[h_name], h_name)
+    # Every block has tensors: more layers or experts than tensors is a config that cannot be right,
+    # and checking it here keeps the per-layer checks below from looping over a huge claimed count.
+    if cfg.n_layers > len(tensors) or cfg.n_experts > len(tensors):
+        raise CheckpointError(f"config claims {cfg.n_layers} layers and {cfg.n_experts} experts but the "
+                              f"checkpoint has {len(tensors)} tensors", path=cfg_path, field="num_hidden_layers")
+    weights = map_tensors(family, cfg, tensors, where)
     if "unembed.weight" in weights:
         cfg.tied_embeddings = False
     elif not cfg.tied_embeddings:
-        raise CheckpointError("missing tensor lm_head.weight (and tie_word_embeddings is false)",
-                              path=directory, tensor="lm_head.weight")
-
-    if "blocks.0.attn.qkv.weight" in weights:  # GPT-2: split the fused projection into row views
-        for layer in range(cfg.n_layers):
-            p = f"blocks.{layer}."
-            for kind in ("weight", "bias"):
-                fused = weights.pop(p + "attn.qkv." + kind, None)
-                if fused is None:
-                    continue
-                if kind == "weight":
-                    fused = _transposed(fused)
-                if fused.shape[0] != 3 * cfg.hidden_size:
-                    raise CheckpointError(f"fused qkv has shape {fused.shape}", path=where.get(names[
-                        "blocks.{l}.attn.qkv." + kind].format(l=layer)), tensor=p + "attn.qkv." + kind)
-                d = cfg.hidden_size
-                for i, part in enumerate("qkv"):
-                    shape = (d,) + fused.shape[1:]
-                    weights[p + f"attn.{part}.{kind}"] = Weight(fused.data[i * d:(i + 1) * d], fused.dtype, shape)
-            for proj in ("attn.o", "mlp.up", "mlp.down"):
-                if p + proj + ".weight" in weights:
-                    weights[p + proj + ".weight"] = _transposed(weights[p + proj + ".weight"])
+        raise CheckpointError(f"missing the output projection ({family.hf_names['unembed.weight']}) and "
+                              f"tie_word_embeddings is false", path=directory,
+                              tensor=family.hf_names["unembed.weight"])
 
     tok_path = directory / "tokenizer.json"
     tokenizer = None
@@ -213,18 +247,24 @@ def read_hf(directory, dtype: str | None = None) -> Checkpoint:
 
         tokenizer.chat_template = template_from_hf_directory(directory, tokenizer)
     ckpt = Checkpoint(cfg, weights, tokenizer, source=str(directory))
-    file_names = {n.format(l=layer): h.format(l=layer) for n, h in names.items() for layer in range(cfg.n_layers)}
-    check_weights(ckpt, file_names)
+    check_weights(ckpt, {n: _file_name(family, n) for n in expected_shapes(cfg)})
     return ckpt
 
 
+def _file_name(family: Family, neutral: str) -> str:
+    """The Hugging Face name of a neutral tensor, for messages."""
+    layer = re.match(r"blocks\.(\d+)\.", neutral)
+    expert = re.search(r"experts\.(\d+)\.", neutral)
+    pattern = re.sub(r"experts\.\d+\.", "experts.{e}.", re.sub(r"^blocks\.\d+\.", "blocks.{l}.", neutral))
+    hf = family.hf_names.get(pattern, neutral)
+    return hf.format(l=layer.group(1) if layer else "", e=expert.group(1) if expert else "")
+
+
 def check_weights(ckpt: Checkpoint, file_names: dict[str, str] | None = None) -> None:
-    """Every required tensor present, every present tensor of the expected shape.
+    """Every required tensor present, every present tensor of the expected shape and known.
 
     `file_names` maps neutral names to the names the file uses, for messages.
     """
-    from ..config import expected_shapes, is_optional
-
     file_names = file_names or {}
     expected = expected_shapes(ckpt.config)
     for name, shape in expected.items():
@@ -237,4 +277,9 @@ def check_weights(ckpt: Checkpoint, file_names: dict[str, str] | None = None) ->
         if tuple(w.shape) != shape:
             src = getattr(w, "source", None)
             raise CheckpointError(f"tensor has shape {list(w.shape)}, expected {list(shape)}",
+                                  path=src[0] if src else ckpt.source, tensor=src[1] if src else name)
+    for name, w in ckpt.weights.items():
+        if name not in expected:
+            src = getattr(w, "source", None)
+            raise CheckpointError(f"tensor {name!r} has no place in this model's configuration",
                                   path=src[0] if src else ckpt.source, tensor=src[1] if src else name)

@@ -38,13 +38,13 @@ class Work:
 def forward_step(work: Sequence[Work]) -> list[np.ndarray]:
     """Advance every sequence of the batch by its tokens; the next-token logits of each.
 
-    Every step of the scheduler goes through this one function. Each
-    session is fed in turn here; a core call that advances a ragged batch
-    at once (weights read once for all sequences) takes its place without
-    any change to the scheduler.
+    Every step of the scheduler goes through this one function: one ragged
+    batched call of the core (Model.forward_batch), so each weight is read
+    once per step for all sequences, prefill chunks and decode tokens alike.
     """
-    return [w.session.feed(w.ids, hooks=w.hooks) if w.hooks is not None else w.session.feed(w.ids)
-            for w in work]
+    model = work[0].session.model
+    return model.forward_batch([w.session for w in work], [w.ids for w in work], logits="last",
+                               hooks=[w.hooks for w in work])
 
 
 class QueueFull(Exception):
@@ -198,11 +198,10 @@ class Scheduler:
                 continue
             try:
                 seq.session = self.model.session()
-                seq.run.begin(seq.session.limit)
+                seq.pending = seq.run.begin(seq.session, time.perf_counter())
             except Exception as e:  # noqa: BLE001 - reported to the request, the engine goes on
                 seq.emit(SequenceEvent(seq.index, "error", error=str(e), code=400))
                 continue
-            seq.pending = list(seq.run.prompt_ids)
             self.stats.prompt_tokens += len(seq.pending)
             if seq.journey_top:
                 first = len(seq.pending) - 1  # the last prompt position chooses the first token
@@ -246,7 +245,7 @@ class Scheduler:
             if seq.pending:
                 continue  # still prefilling: these logits are of a prompt position
             try:
-                step = seq.run.advance(lg, seq.session.pos)
+                step = seq.run.advance(lg)
                 journey = None
                 if seq.hooks is not None:
                     journey = token_journey(self.model, seq.hooks.cache, seq.session.pos - 1, seq.session.tokens,

@@ -1,0 +1,112 @@
+"""Batched generation: 32 prompts advanced together against the same 32 prompts one call each.
+
+    python bench/batch_generate.py [--shape smollm] [--types f32,q8_0] [--prompts 32] [--new 32]
+                                   [--threads 2] [--repeats 3]
+
+A random-weight model in the shape of a real one (SmolLM2-135M by default,
+bench/shapes.py) is loaded in each weight type. Prompts are random token ids
+of 8 to 24 tokens (a fixed seed); both ways decode greedily for `--new`
+tokens with end-of-sequence ignored, so both produce exactly the same tokens
+(checked) and the same amount of work is asked of them. Figures are medians
+over repeats after a warm-up (bench/timing.py).
+
+`model.generate([p1, ..., p32])` advances every sequence in each step of the
+core (Model.forward_batch): the weights are read once per step for all 32
+rows. The 32 single calls read them once per token. "step" is the core alone:
+one decode step of all the sequences through forward_batch, against the same
+sequences stepped one by one with Session.feed.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shapes import make_model
+from timing import timeit_median
+
+
+def cpu_name() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def core_steps(model, prompts: list[list[int]], repeats: int) -> tuple[float, float]:
+    """Seconds of one decode step of every sequence: together (forward_batch) and one by one (feed)."""
+    sessions = [model.session() for _ in prompts]
+    model.forward_batch(sessions, prompts)
+    tokens = [[int(p[-1])] for p in prompts]
+    marks = [s.pos for s in sessions]
+
+    def rewind():
+        for s, m in zip(sessions, marks):
+            s.rewind(m)
+
+    def together():
+        rewind()
+        model.forward_batch(sessions, tokens)
+
+    def alone():
+        rewind()
+        for s, t in zip(sessions, tokens):
+            s.feed(t)
+
+    return timeit_median(together, repeats), timeit_median(alone, repeats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="smollm", help="a shape of bench/shapes.py")
+    ap.add_argument("--types", default="f32,q8_0", help="weight types, comma-separated")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new", type=int, default=32, help="tokens generated per prompt")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    import tokentrail
+
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        make_model(args.shape, Path(tmp))
+        for dtype in args.types.split(","):
+            model = tokentrail.load(tmp, dtype=dtype, threads=args.threads, progress=False)
+            vocab = model.config.vocab_size
+            prompts = [[int(t) for t in rng.integers(0, vocab - 1, int(rng.integers(8, 25)))]
+                       for _ in range(args.prompts)]
+            options = dict(max_new_tokens=args.new, do_sample=False, ignore_eos=True)
+            batched = model.generate(prompts, **options)
+            single = [model.generate(p, **options) for p in prompts]
+            same = all(b.token_ids == s.token_ids for b, s in zip(batched, single))
+            t_batch = timeit_median(lambda: model.generate(prompts, **options), args.repeats)
+            t_single = timeit_median(lambda: [model.generate(p, **options) for p in prompts], args.repeats)
+            step_together, step_alone = core_steps(model, prompts, max(5, args.repeats))
+            n = args.prompts * args.new
+            rows.append((dtype, n / t_single, n / t_batch, t_single / t_batch, step_alone * 1e3,
+                         step_together * 1e3, same))
+            print(f"{dtype}: {n} tokens; single calls {t_single:.2f} s, batched {t_batch:.2f} s "
+                  f"({t_single / t_batch:.2f}x); one decode step of {args.prompts}: {step_alone * 1e3:.1f} ms "
+                  f"one by one, {step_together * 1e3:.1f} ms together; same tokens: {same}", flush=True)
+            del model
+
+    print()
+    print(f"{args.shape} shape, {args.prompts} prompts of 8-24 tokens, {args.new} new tokens each (greedy), "
+          f"{args.threads} threads, {cpu_name()}, {time.strftime('%Y-%m-%d')}")
+    print()
+    print(f"| weights | {args.prompts} single calls (tokens/s) | one batched call (tokens/s) | speed-up | "
+          f"decode step of {args.prompts}, one by one (ms) | together (ms) | same tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for dtype, single, batch, speedup, alone, together, same in rows:
+        print(f"| {dtype} | {single:.0f} | {batch:.0f} | {speedup:.2f}x | {alone:.1f} | {together:.1f} | "
+              f"{'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,37 @@ def require(module: str):
     return pytest.importorskip(module, reason=f"reference implementation {module!r} is not installed")
 
 
+CHATML = (Path(__file__).parent / "chat_templates" / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(encoding="utf-8")
+
+
+def chatml_demo(directory: Path) -> Path:
+    """The bundled demo model with a chat template: its <unk> and <pad> tokens renamed <|im_start|>
+    and <|im_end|>, and Qwen2.5's template in tokenizer_config.json (as a list of named
+    templates, as some models ship it)."""
+    import json
+    import shutil
+
+    import tokentrail
+
+    demo = Path(tokentrail.__file__).parent / "models" / "demo"
+    for f in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(demo / f, directory / f)
+    tok = json.loads((demo / "tokenizer.json").read_text())
+    names = {"<unk>": "<|im_start|>", "<pad>": "<|im_end|>"}
+    for t in tok["added_tokens"]:
+        if t["content"] in names:
+            old = t["content"]
+            t["content"] = names[old]
+            tok["model"]["vocab"][names[old]] = tok["model"]["vocab"].pop(old)
+    if tok["model"].get("unk_token") == "<unk>":
+        tok["model"]["unk_token"] = "<|im_start|>"
+    (directory / "tokenizer.json").write_text(json.dumps(tok))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": {"content": "</s>", "special": True},
+        "chat_template": [{"name": "default", "template": CHATML}]}))
+    return directory
+
+
 def require_stories():
     if not (STORIES / "stories260K.bin").exists():
         if os.environ.get("TOKENTRAIL_REQUIRE_REFERENCE") == "1":

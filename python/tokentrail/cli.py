@@ -1,4 +1,4 @@
-"""The `tokentrail` command: generate, follow a token's journey, write a report, and more.
+"""The `tokentrail` command: generate, chat, serve, follow a token's journey, write a report, and more.
 
 Each subcommand is one `add_<name>` function (its parser) and one `cmd_<name>`
 function (what it does), sharing the option groups below; flags follow
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -347,6 +348,171 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- chat and serve
+
+def add_chat_template_option(p: argparse.ArgumentParser) -> None:
+    """--chat-template FILE: a Jinja chat template to use instead of the model's."""
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file to use instead of the model's")
+
+
+def read_chat_template(args) -> str | None:
+    """The text of --chat-template's file, or None."""
+    if args.chat_template is None:
+        return None
+    path = Path(args.chat_template)
+    if not path.is_file():
+        raise UsageError(f"--chat-template: {args.chat_template} is not a file")
+    return path.read_text(encoding="utf-8")
+
+
+def add_chat(sub) -> None:
+    """The `chat` subcommand's parser."""
+    c = sub.add_parser("chat", help="talk to an instruct model in the terminal, through its chat template",
+                       description="A conversation on stdin/stdout through the model's chat template, each reply "
+                                   "streamed.")
+    add_model_options(c)
+    add_length_options(c)
+    add_sampling_options(c)
+    t = c.add_argument_group("conversation")
+    t.add_argument("--system", default=None, help="system message to start with")
+    add_chat_template_option(t)
+    add_top_n_option(t, 5, "candidates listed per stage by /journey")
+    t.add_argument("--width", type=_positive_int, default=None, help="terminal width for /journey (default: detected)")
+    c.set_defaults(func=cmd_chat)
+
+
+CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system message), "
+             "/journey (follow the last reply's last token through the model), /quit; Ctrl-C or end of input quits")
+
+
+def cmd_chat(args) -> int:
+    """An interactive conversation on stdin/stdout, streaming each reply."""
+    from .chat import ChatTemplateError, prepare, template_of
+    from .journey import follow_generation
+    from .report.terminal import print_journey
+
+    model = load_model(args)
+    template = template_of(model, read_chat_template(args))  # fails now, not at the first message
+    options = sampling_options(args, model)
+    common = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, stop=args.stop or (),
+                  ignore_eos=args.ignore_eos, **options)
+    system = args.system
+    history: list[dict] = []
+    last = None  # (prompt ids, reply ids, seed, end-of-turn ids) of the last reply
+    out = sys.stdout
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            out.write("> ")
+            out.flush()
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            out.write("\n")
+            return 0
+        if not line:  # end of input
+            out.write("\n")
+            return 0
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            command, _, rest = text.partition(" ")
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                history, last = [], None
+                print("(conversation cleared)")
+            elif command == "/system":
+                system = rest.strip() or None
+                print(f"(system message {'set' if system else 'removed'})")
+            elif command == "/journey":
+                if last is None:
+                    print("(no reply yet)")
+                    continue
+                prompt_ids, reply_ids, seed, end_ids = last
+                # The reply again, through generate's run with its seed and options: the last
+                # journey follows the token the reply actually ended with.
+                journeys = follow_generation(model, prompt_ids, len(reply_ids), top=args.top_n, seed=seed,
+                                             eos_token_id=end_ids, ignore_eos=args.ignore_eos,
+                                             **{k: v for k, v in options.items() if k not in _SEQUENCE_DESTS})
+                print_journey(journeys[-1], width=args.width)
+            else:
+                print(f"(unknown command {command}; {CHAT_HELP})")
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history + \
+            [{"role": "user", "content": text}]
+        try:
+            _, ids, end_ids = prepare(model, messages, chat_template=template)
+        except ChatTemplateError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        if args.eos_token_id is not None:
+            end_ids = args.eos_token_id
+        reply, tokens = "", []
+        stream = model.generate(ids, stream=True, seed=args.seed, eos_token_id=end_ids, **common)
+        try:
+            for step in stream:
+                out.write(step.text)
+                out.flush()
+                reply += step.text
+                if step.finish_reason != "eos":
+                    tokens.append(step.token)
+        except KeyboardInterrupt:  # stop this reply; keep what was said
+            out.write(" [interrupted]")
+        out.write("\n")
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        if tokens:
+            last = (ids, tokens, stream.seed, end_ids)
+
+
+def add_serve(sub) -> None:
+    """The `serve` subcommand's parser."""
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                       description="An OpenAI-compatible HTTP server (completions, chat, streaming) with "
+                                   "continuous batching; requests choose their own sampling options.")
+    add_model_options(s)
+    h = s.add_argument_group("server")
+    h.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    h.add_argument("--port", type=_positive_int, default=8000, help="port to listen on (default: %(default)s)")
+    h.add_argument("--parallel", "-np", type=_positive_int, default=4,
+                   help="sequences advanced together at each step (default: %(default)s)")
+    h.add_argument("--max-queue", type=_count, default=64,
+                   help="sequences that may wait for a slot; beyond it requests get 429 (default: %(default)s)")
+    h.add_argument("--prefill-chunk", type=_positive_int, default=256,
+                   help="prompt tokens a sequence prefills per step, so long prompts do not stall others "
+                        "(default: %(default)s)")
+    h.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a request may take (0: no limit; default: %(default)s)")
+    h.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: the path's name)")
+    add_chat_template_option(h)
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible HTTP server."""
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise UsageError(f"the server needs FastAPI and uvicorn ({e}); pip install 'tokentrail[serve]'") from None
+    if not math.isfinite(args.timeout) or args.timeout < 0:
+        raise UsageError(f"--timeout: must be a number of seconds >= 0, got {args.timeout}")
+    template = read_chat_template(args)
+    if getattr(args, "as_program", False) and "OMP_WAIT_POLICY" not in os.environ:
+        # OpenMP threads that spin between steps starve the server's HTTP thread (on two
+        # cores, one client got 8 instead of 69 tokens/s). The policy is read when the
+        # core loads, so the command starts again with sleeping threads.
+        os.environ["OMP_WAIT_POLICY"] = "passive"
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "tokentrail.cli", *sys.argv[1:]])
+    model = load_model(args)
+    name = args.model_name or (Path(args.model).name if args.model else "tokentrail-demo")
+    serve(model, host=args.host, port=args.port, model_name=name, parallel=args.parallel, max_queue=args.max_queue,
+          prefill_chunk=args.prefill_chunk, timeout=args.timeout if args.timeout > 0 else None,
+          chat_template=template)
+    return 0
+
+
 # ---------------------------------------------------------------- journey and report
 
 def add_journey_options(p: argparse.ArgumentParser) -> None:
@@ -551,7 +717,7 @@ def cmd_info(args) -> int:
 
 # ---------------------------------------------------------------- the command
 
-SUBCOMMANDS = (add_generate, add_journey, add_report, add_thermo, add_score, add_convert, add_info)
+SUBCOMMANDS = (add_generate, add_chat, add_serve, add_journey, add_report, add_thermo, add_score, add_convert, add_info)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -580,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as done:  # --help, --version, or a flag argparse refused (its one line is printed)
             return done.code if isinstance(done.code, int) else 0
+        args.as_program = argv is None  # run as the command, not called from Python with arguments
         check_isa_setting()
         return args.func(args)
     except KeyboardInterrupt:
@@ -589,7 +756,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): point stdout at /dev/null so that
         # flushing it at exit does not fail a second time, and end quietly.
-        import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

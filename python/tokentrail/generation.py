@@ -220,7 +220,7 @@ class Stream:
     """The steps of a streamed generation, as an iterator; its `timings` and
     `finish_reason` are filled in as it runs."""
 
-    def __init__(self, run: "_Run"):
+    def __init__(self, run: "Run"):
         self._run = run
         self._steps = run.steps()
 
@@ -517,6 +517,30 @@ def _generate(model, prompt, o: dict[str, Any]):
     return plan.result()
 
 
+def start_run(model, prompt: str | Sequence[int], max_new_tokens: int | None = None, **options: Any) -> "Run":
+    """One sequence of generate(model, prompt, ...), checked and not yet started.
+
+    The options are generate's, with its defaults and checks (one prompt, one
+    sequence: no beams, no streaming). A caller that feeds sessions itself
+    (the server's scheduler) calls ``run.begin(session, time.perf_counter())``
+    for the prompt ids to feed, then ``run.advance(logits)`` with the logits of
+    the last position fed, until a Step has a finish_reason.
+    """
+    given = dict(options)
+    known = {name: given.pop(name) for name in list(given) if name in GENERATE_OPTIONS}
+    take_aliases(known, given)
+    if given:
+        raise unknown_options(given, GENERATE_OPTIONS | set(_ALIASES), "generate option")
+    for name in ("stream", "per_prompt", "num_beams", "num_return_sequences"):
+        if known.get(name) not in (None, False, 1):
+            raise OptionError(f"{name}: a run is one sequence generated step by step")
+    o = dict(_SIGNATURE_DEFAULTS)
+    o.update(known, max_new_tokens=max_new_tokens)
+    o["num_beams"] = o["num_return_sequences"] = 1  # not the model file's: a run is one sequence
+    plan = _prepare(model, prompt, o)
+    return plan.runs[0]
+
+
 def is_prompt_list(prompt) -> bool:
     """Whether `prompt` is a list (or tuple) of prompts, each text or ids, rather than one prompt of ids."""
     return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and \
@@ -570,7 +594,7 @@ class _Plan:
     """One prompt's generation, checked and ready to run: the runs to advance (one per
     returned sequence), or a beam search."""
 
-    def __init__(self, prompt_ids: list[int], runs: list["_Run"], n_return: int, beams=None):
+    def __init__(self, prompt_ids: list[int], runs: list["Run"], n_return: int, beams=None):
         self.prompt_ids = prompt_ids
         self.runs = runs
         self.n_return = n_return
@@ -617,7 +641,7 @@ def _prepare(model, prompt, o: dict[str, Any]) -> _Plan:
         if o["stream"]:
             raise InvalidArgumentError("num_return_sequences: streaming gives one sequence at a time")
     seeds = [o["seed"]] if n_return == 1 else _seeds(o["seed"], n_return)
-    runs = [_Run(model, prompt_ids, max_new_tokens, Sampler(config.build(), seed=seed), stops, eos, o["logprobs"],
+    runs = [Run(model, prompt_ids, max_new_tokens, Sampler(config.build(), seed=seed), stops, eos, o["logprobs"],
                  top_n, o["hooks"]) for seed in seeds]
     return _Plan(prompt_ids, runs, n_return)
 
@@ -671,7 +695,7 @@ def _beams(model, prompt_ids, config: SamplingConfig, do_sample: bool, num_beams
 BATCH_TOKENS = 512
 
 
-def _advance_together(model, runs: Sequence["_Run"]) -> Iterator[tuple["_Run", Step]]:
+def _advance_together(model, runs: Sequence["Run"]) -> Iterator[tuple["Run", Step]]:
     """Run every run to its end in one batch, yielding (run, step) as steps are made.
 
     Each step of the core (model.forward_batch) feeds every running sequence
@@ -681,7 +705,7 @@ def _advance_together(model, runs: Sequence["_Run"]) -> Iterator[tuple["_Run", S
     records come in the order separate calls would give.
     """
     waiting = [run for run in runs]
-    active: list[tuple[_Run, list[int]]] = []  # each run and the tokens it feeds next
+    active: list[tuple[Run, list[int]]] = []  # each run and the tokens it feeds next
     while waiting or active:
         rows = sum(len(feed) for _, feed in active)
         busy = {id(run.hooks) for run, _ in active if run.hooks is not None}
@@ -728,7 +752,7 @@ def _feed_together(model, sessions: list, feeds: list[list[int]], hooks: list, a
             for s, f, h in zip(sessions, feeds, hooks)]
 
 
-class _Run:
+class Run:
     """One sequence being generated: the sampler, the text released so far and
     the end conditions. `begin` takes a fresh session and gives the prompt to
     feed; `advance` turns the logits of each step into the next Step."""

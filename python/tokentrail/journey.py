@@ -626,6 +626,54 @@ def follow_generation(model, prompt, new_tokens: int = 1, *, top: int = 5, seed:
     return [Journey._of(trail, k, top) for k in range(len(trail.followed))]
 
 
+# The capture points a generated token's journey reads (see `token_journey`).
+TOKEN_JOURNEY_POINTS = ("blocks.*.attn_pattern", "blocks.0.resid_pre", "blocks.*.resid_post")
+
+
+def token_journey(model, cache, position: int, context_ids, chosen: int, top: int = 5) -> dict:
+    """A generated token's journey as plain data, from what a decoding step captured.
+
+    `cache` holds TOKEN_JOURNEY_POINTS at absolute `position` (the position
+    whose logits chose `chosen`); `context_ids` are the ids at positions
+    0..position. Returns, per layer, each head's most attended positions, and
+    the logit lens: each residual read through the final norm and unembedding
+    (as :meth:`Journey.logit_lens` reads it), with its top tokens and the
+    chosen token's probability and rank.
+    """
+    n_layers = model.config.n_layers
+    tok = model.tokenizer
+
+    def text(i: int) -> str:
+        return tok.display(int(i)) if tok is not None else str(int(i))
+
+    def row(name: str) -> np.ndarray:
+        where = np.flatnonzero(cache.positions(name) == position)
+        if where.size == 0:
+            raise KeyError(f"{name} was not captured at position {position}")
+        return cache[name][where[-1]]
+
+    attention = []
+    for layer in range(n_layers):
+        pattern = row(f"blocks.{layer}.attn_pattern")[:, : position + 1]  # [heads, keys]
+        heads = []
+        for h, weights in enumerate(pattern):
+            best = np.argsort(-weights, kind="stable")[:top]
+            heads.append({"head": h, "top": [{"position": int(k), "token": text(context_ids[k]),
+                                              "weight": float(weights[k])} for k in best]})
+        attention.append({"layer": layer, "heads": heads})
+    labels = ["embeddings"] + [f"after layer {layer}" for layer in range(n_layers)]
+    rows = np.stack([row("blocks.0.resid_pre")] + [row(f"blocks.{layer}.resid_post") for layer in range(n_layers)])
+    logits = _unembed(model, _final_norm(model, rows))
+    probs_rows = np.exp(_log_softmax_rows(logits))
+    lens = []
+    for label, lg, probs in zip(labels, logits, probs_rows):
+        best = np.argsort(-lg, kind="stable")[:top]
+        lens.append({"label": label, "top": [{"id": int(i), "token": text(i), "prob": float(probs[i])}
+                                             for i in best],
+                     "chosen_prob": float(probs[chosen]), "chosen_rank": 1 + int((lg > lg[chosen]).sum())})
+    return {"position": int(position), "attention": attention, "logit_lens": lens}
+
+
 def _everything(n_layers: int) -> list[str]:
     from .capture import all_names
 

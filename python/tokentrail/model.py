@@ -365,6 +365,12 @@ class Model:
 
         return Journey(self, prompt, position=position, top=top, seed=seed, sampling=sampling, **options)
 
+    def chat(self, messages, **kwargs):
+        """The assistant's reply to a conversation, through the model's chat template; see tokentrail.chat.chat."""
+        from .chat import chat
+
+        return chat(self, messages, **kwargs)
+
     # One signature, written once: generation.generate(model, ...) is the method generate(...).
     generate = generation.generate
     score = generation.score

@@ -25,6 +25,8 @@ class Tokenizer:
         self.eos_ids = list(eos_ids)
         self.add_bos = add_bos
         self.source = None  # the file it was read from, for messages
+        # The model's chat template (tokentrail.chat.ChatTemplate), when the checkpoint has one.
+        self.chat_template = None
 
     @classmethod
     def from_file(cls, path, **kw) -> "Tokenizer":

@@ -316,6 +316,10 @@ def read_gguf(path) -> Checkpoint:
     _check_shapes(f, config, weights)
     check_tokenizer_metadata(f)
     tokenizer = _tokenizer(f, vocab, config)
+    if tokenizer is not None:
+        from ..chat import template_from_gguf
+
+        tokenizer.chat_template = template_from_gguf(meta, tokenizer)
     return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, source=str(f.path))
 
 

@@ -379,6 +379,9 @@ def _write_tokenizer(w, tok, cfg: ModelConfig) -> None:
         w.add_uint32("tokenizer.ggml.eos_token_id", eos[0])
     if len(eos) > 1:
         w.add_uint32("tokenizer.ggml.eot_token_id", eos[1])
+    template = getattr(tok, "chat_template", None)
+    if template is not None and "default" in template.templates:
+        w.add_string("tokenizer.chat_template", template.templates["default"])
 
 
 def _pre_name(pre, gpt2: str, llama3: str, qwen2: str) -> str:

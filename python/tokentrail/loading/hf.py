@@ -243,6 +243,9 @@ def read_hf(directory, dtype: str | None = None) -> Checkpoint:
     tokenizer = None
     if tok_path.exists():
         tokenizer = Tokenizer.from_file(tok_path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
+        from ..chat import template_from_hf_directory
+
+        tokenizer.chat_template = template_from_hf_directory(directory, tokenizer)
     ckpt = Checkpoint(cfg, weights, tokenizer, source=str(directory))
     check_weights(ckpt, {n: _file_name(family, n) for n in expected_shapes(cfg)})
     return ckpt

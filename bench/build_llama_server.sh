@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's llama-server from the llama.cpp source inside the llama-cpp-python sdist
+# (the same llama.cpp the tests compare against), for bench/serve_load.py --llama-server.
+#   bash bench/build_llama_server.sh [WORKDIR]     -> WORKDIR/build/bin/llama-server
+set -euo pipefail
+version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+work="${1:-${TMPDIR:-/tmp}/llama-server-$version}"
+mkdir -p "$work"
+cd "$work"
+if [ ! -f "llama_cpp_python-$version.tar.gz" ]; then
+  python -m pip download --no-deps --no-binary llama-cpp-python -d . "llama-cpp-python==$version"
+fi
+if [ ! -d "llama_cpp_python-$version" ]; then
+  tar xzf "llama_cpp_python-$version.tar.gz"
+fi
+src="llama_cpp_python-$version/vendor/llama.cpp"
+cmake -S "$src" -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+cmake --build build --target llama-server -j "$(nproc)"
+echo "$work/build/bin/llama-server"

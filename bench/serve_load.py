@@ -1,0 +1,236 @@
+"""Load on `tokentrail serve`: many concurrent streaming clients on loopback.
+
+    python bench/serve_load.py --shape smollm --dtype q8_0 --levels 1,4,16,64 --out bench/results/serve_load.json
+
+Starts the real server (`tokentrail serve`, a subprocess on 127.0.0.1), then
+for each concurrency level runs that many asyncio clients, each sending
+streaming /v1/completions requests one after another (greedy, a fixed
+number of new tokens, prompts of 16-64 token ids) until the level's request
+count is reached or its time runs out. Reports aggregate generated tokens/s,
+time to first token and inter-token latency (p50/p95), and errors; then
+checks every response against the same prompt run alone through
+`model.generate` in this process: no request may be lost, duplicated or
+corrupted. Only loopback is used; every level is bounded in count and time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab - 1, int(rng.integers(16, 65))).tolist() for _ in range(count)]
+
+
+async def _one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streaming request: its text, token count, first-token time and gaps between tokens."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    arrivals, text, usage = [], [], None
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return {"error": f"HTTP {r.status_code}: {r.text[:200]}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return {"error": chunk["error"]["message"]}
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if not chunk.get("choices"):
+                continue
+            choice = chunk["choices"][0]
+            # A closing chunk with no text and a finish reason carries no token (llama-server sends one).
+            if choice.get("text") or not choice.get("finish_reason"):
+                arrivals.append(time.perf_counter())
+            text.append(choice.get("text") or "")
+    if not arrivals:
+        return {"error": "no tokens"}
+    tokens = usage["completion_tokens"] if usage else len(arrivals)
+    return {"text": "".join(text), "tokens": tokens, "ttft": arrivals[0] - start,
+            "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])], "start": start, "end": arrivals[-1]}
+
+
+async def _level(url: str, clients: int, prompts: list[list[int]], max_tokens: int, seconds: float) -> dict:
+    import httpx
+
+    queue = list(range(len(prompts)))
+    results: dict[int, dict] = {}
+    deadline = time.perf_counter() + seconds
+
+    async def client_loop(client):
+        while queue and time.perf_counter() < deadline:
+            i = queue.pop(0)
+            try:
+                results[i] = await _one(client, url, prompts[i], max_tokens)
+            except Exception as e:  # noqa: BLE001 - counted as an error of the level
+                results[i] = {"error": f"{type(e).__name__}: {e}"}
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results.values() if "error" not in r]
+    tokens = sum(r["tokens"] for r in ok)
+    gaps = [g for r in ok for g in r["gaps"]]
+    ttfts = [r["ttft"] for r in ok]
+    return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok), "tokens": tokens,
+            "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
+            "ttft_p50_ms": 1e3 * _percentile(ttfts, 50) if ttfts else None,
+            "ttft_p95_ms": 1e3 * _percentile(ttfts, 95) if ttfts else None,
+            "itl_p50_ms": 1e3 * _percentile(gaps, 50) if gaps else None,
+            "itl_p95_ms": 1e3 * _percentile(gaps, 95) if gaps else None,
+            "error_messages": sorted({r["error"] for r in results.values() if "error" in r})[:5],
+            "texts": {i: r["text"] for i, r in results.items() if "error" not in r}}
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the server did not become ready")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="smollm", help="model shape from bench/shapes.py (random weights)")
+    ap.add_argument("--dtype", default="q8_0")
+    ap.add_argument("--model", default=None, help="a checkpoint to use instead of a random shape")
+    ap.add_argument("--levels", default="1,4,16,64")
+    ap.add_argument("--requests", type=int, default=0,
+                    help="requests per level (default: twice the clients, at least 8)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=300, help="time bound of each level")
+    ap.add_argument("--parallel", type=int, default=16, help="the server's --parallel")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--omp-wait-policy", default="passive", choices=["active", "passive"],
+                    help="OMP_WAIT_POLICY of the server: passive threads sleep between steps instead of spinning, "
+                         "which leaves the cores to the HTTP side of the server and to the clients")
+    ap.add_argument("--root", default=str(HERE / "results" / "models"))
+    ap.add_argument("--llama-server", default=None,
+                    help="path of llama.cpp's llama-server binary: load it instead (same model as GGUF of --dtype, "
+                         "--parallel slots, continuous batching); its responses are compared with tokentrail's")
+    ap.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+
+    import tokentrail
+
+    if args.model:
+        path = Path(args.model)
+    else:
+        sys.path.insert(0, str(HERE))
+        from shapes import make_model
+
+        path = Path(args.root) / args.shape / "hf"
+        if not (path / "config.json").exists():
+            make_model(args.shape, path)
+    model = tokentrail.load(path, dtype=args.dtype, threads=args.threads)
+    counts = [args.requests or max(8, 2 * c) for c in levels]
+    prompts = _prompts(max(counts), model.config.vocab_size)
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "tokentrail.cli", "serve", "--model", str(path), "--dtype", args.dtype,
+           "--host", "127.0.0.1", "--port", str(port), "--parallel", str(args.parallel),
+           "--max-queue", str(max(levels) * 2), "--threads", str(args.threads)]
+    env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy.upper())
+    engine = "tokentrail"
+    if args.llama_server:
+        from tokentrail.loading import read_checkpoint
+        from tokentrail.loading.gguf_writer import write_gguf
+
+        gguf = path.parent / f"{path.parent.name}-{args.dtype}.gguf"
+        if not gguf.exists():
+            write_gguf(read_checkpoint(path), gguf, dtype=args.dtype)
+        ctx = 2048
+        # -np slots share -c: give each slot the context a request needs (prompt + new tokens).
+        cmd = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np",
+               str(args.parallel), "-c", str(ctx * args.parallel // 8), "-t", str(args.threads), "-cb",
+               "--no-webui"]
+        engine = "llama.cpp"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    rows = []
+    try:
+        _wait_ready(url, proc)
+        for clients, count in zip(levels, counts):
+            row = asyncio.run(_level(url, clients, prompts[:count], args.max_tokens, args.seconds))
+            rows.append(row)
+            print(f"{clients:>3} clients: {row['requests']} requests, {row['errors']} errors, "
+                  f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms "
+                  f"p95 {row['ttft_p95_ms']:.0f} ms, ITL p50 {row['itl_p50_ms']:.1f} ms "
+                  f"p95 {row['itl_p95_ms']:.1f} ms", flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    # Every greedy response must equal its prompt run alone.
+    alone: dict[int, str] = {}
+    for row in rows:
+        wrong = 0
+        for i, text in row.pop("texts").items():
+            if i not in alone:
+                alone[i] = model.generate(prompts[i], max_new_tokens=args.max_tokens, temperature=0).text
+            wrong += text != alone[i]
+        row["mismatches"] = wrong  # for llama.cpp: responses that differ from tokentrail's
+        row["lost"] = (args.requests or max(8, 2 * row["clients"])) - row["requests"]
+    base = rows[0]["tokens_per_s"] if rows else 0.0
+    print("\n| clients | requests | errors | lost | mismatches | tokens/s | x one client | TTFT p50 / p95 ms "
+          "| ITL p50 / p95 ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['mismatches']} "
+              f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f} | {r['ttft_p50_ms']:.0f} / "
+              f"{r['ttft_p95_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"engine": engine, "model": str(path), "dtype": args.dtype, "parallel": args.parallel,
+                               "max_tokens": args.max_tokens, "threads": args.threads, "levels": rows,
+                               "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

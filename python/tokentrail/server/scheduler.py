@@ -1,0 +1,268 @@
+"""Continuous batching: many sequences advanced together, one step at a time.
+
+One engine thread owns the model. At every step it admits waiting
+sequences (up to `parallel` running), drops those whose client went away or
+whose time ran out, and advances every running sequence by one step through
+:func:`forward_step`: a prefilling sequence by its next chunk of prompt
+(so a long prompt never stalls the others for more than a chunk), a
+decoding one by its last token. Each sequence then chooses its next token
+with its own :class:`~tokentrail.generation.Run` (the same Sampler, chain,
+stop strings and end-of-sequence rules as ``model.generate``) and leaves the
+batch when it finishes. Events go back to the asyncio side through a
+callback that is safe to call from the engine thread.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..generation import Run, Step
+from ..journey import TOKEN_JOURNEY_POINTS, token_journey
+
+
+@dataclass
+class Work:
+    """One sequence's share of a step: the tokens to run at its next positions."""
+
+    session: Any                 # tokentrail.model.Session
+    ids: list[int]
+    hooks: Any = None            # per-sequence captures (the journey), or None
+
+
+def forward_step(work: Sequence[Work]) -> list[np.ndarray]:
+    """Advance every sequence of the batch by its tokens; the next-token logits of each.
+
+    Every step of the scheduler goes through this one function: one ragged
+    batched call of the core (Model.forward_batch), so each weight is read
+    once per step for all sequences, prefill chunks and decode tokens alike.
+    """
+    model = work[0].session.model
+    return model.forward_batch([w.session for w in work], [w.ids for w in work], logits="last",
+                               hooks=[w.hooks for w in work])
+
+
+class QueueFull(Exception):
+    """The waiting queue holds its maximum; the client should retry later."""
+
+
+@dataclass
+class SequenceEvent:
+    """What the engine reports for a sequence: a step, its end, or an error."""
+
+    index: int                   # the choice index within its request
+    kind: str                    # "step", "error"
+    step: Step | None = None
+    journey: dict | None = None
+    error: str | None = None
+    code: int = 500
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate (a request with n choices submits n of them)."""
+
+    run: Run
+    index: int
+    emit: Callable[[SequenceEvent], None]
+    journey_top: int = 0         # > 0: record the journey of every token with this many alternatives
+    deadline: float | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    # Engine-side state.
+    session: Any = None
+    hooks: Any = None
+    pending: list[int] = field(default_factory=list)
+    next_token: int | None = None
+    first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Stop this sequence at the next step (its slot and KV cache are freed then)."""
+        self.cancelled = True
+
+
+class Stats:
+    """Counters the metrics endpoint reads; updated only by the engine thread."""
+
+    def __init__(self, window: float = 10.0):
+        self.window = window
+        self.generated = 0
+        self.prompt_tokens = 0
+        self.steps = 0
+        self.finished = 0
+        self.cancelled = 0
+        self.timed_out = 0
+        self.ttft: list[float] = []  # drained by the metrics side
+        self._recent: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def tokens(self, n: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.generated += n
+            self._recent.append((now, n))
+            while self._recent and self._recent[0][0] < now - self.window:
+                self._recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last `window` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and self._recent[0][0] < now - self.window:
+                self._recent.popleft()
+            return sum(n for _, n in self._recent) / self.window
+
+    def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.ttft.append(seconds)
+
+    def drain_ttft(self) -> list[float]:
+        with self._lock:
+            out, self.ttft = self.ttft, []
+        return out
+
+
+class Scheduler:
+    """Owns the model on one engine thread and runs continuous batching over its sequences."""
+
+    def __init__(self, model, parallel: int = 4, max_queue: int = 64, prefill_chunk: int = 256,
+                 step: Callable[[Sequence[Work]], list[np.ndarray]] = forward_step):
+        if parallel < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("parallel and prefill_chunk must be >= 1 and max_queue >= 0")
+        self.model = model
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.step = step
+        self.stats = Stats()
+        self._waiting: deque[GenerationRequest] = deque()
+        self._active: list[GenerationRequest] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- the asyncio side ---------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def submit(self, sequences: Sequence[GenerationRequest]) -> None:
+        """Queue sequences (all or none); QueueFull when they do not fit."""
+        with self._wake:
+            free = self.max_queue + max(0, self.parallel - len(self._active)) - len(self._waiting)
+            if len(sequences) > free:
+                raise QueueFull(f"the server is busy: {len(self._waiting)} sequences are waiting")
+            self._waiting.extend(sequences)
+            self._wake.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tokentrail-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- the engine thread ------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._active:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                self._admit()
+            self._drop_finished_early()
+            if self._active:
+                self._advance()
+        for seq in list(self._waiting) + self._active:
+            seq.emit(SequenceEvent(seq.index, "error", error="the server is shutting down", code=503))
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self.parallel:
+            seq = self._waiting.popleft()
+            if seq.cancelled:
+                self.stats.cancelled += 1
+                continue
+            try:
+                seq.session = self.model.session()
+                seq.pending = seq.run.begin(seq.session, time.perf_counter())
+            except Exception as e:  # noqa: BLE001 - reported to the request, the engine goes on
+                seq.emit(SequenceEvent(seq.index, "error", error=str(e), code=400))
+                continue
+            self.stats.prompt_tokens += len(seq.pending)
+            if seq.journey_top:
+                first = len(seq.pending) - 1  # the last prompt position chooses the first token
+                seq.hooks = self.model.hooks().capture(TOKEN_JOURNEY_POINTS,
+                                                       positions=range(first, seq.session.limit))
+            self._active.append(seq)
+
+    def _drop_finished_early(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for seq in self._active:
+            if seq.cancelled:
+                self.stats.cancelled += 1
+            elif seq.deadline is not None and now > seq.deadline:
+                self.stats.timed_out += 1
+                seq.emit(SequenceEvent(seq.index, "error", error="the request ran past the server's time limit",
+                                       code=408))
+            else:
+                keep.append(seq)
+        self._active = keep  # dropped sequences release their sessions (KV caches) here
+
+    def _advance(self) -> None:
+        batch = list(self._active)
+        work = []
+        for seq in batch:
+            if seq.pending:
+                ids, seq.pending = seq.pending[: self.prefill_chunk], seq.pending[self.prefill_chunk:]
+            else:
+                ids = [seq.next_token]
+            work.append(Work(seq.session, ids, seq.hooks))
+        try:
+            logits = self.step(work)
+        except Exception as e:  # noqa: BLE001 - a failed step ends its sequences, not the server
+            for seq in batch:
+                seq.emit(SequenceEvent(seq.index, "error", error=f"the forward pass failed: {e}", code=500))
+            self._active = [s for s in self._active if s not in batch]
+            return
+        self.stats.steps += 1
+        done = []
+        for seq, lg in zip(batch, logits):
+            if seq.pending:
+                continue  # still prefilling: these logits are of a prompt position
+            try:
+                step = seq.run.advance(lg)
+                journey = None
+                if seq.hooks is not None:
+                    journey = token_journey(self.model, seq.hooks.cache, seq.session.pos - 1, seq.session.tokens,
+                                            step.token, top=seq.journey_top)
+                    seq.hooks.reset()
+            except Exception as e:  # noqa: BLE001
+                seq.emit(SequenceEvent(seq.index, "error", error=str(e), code=500))
+                done.append(seq)
+                continue
+            if seq.first_token_at is None:
+                seq.first_token_at = time.monotonic()
+                self.stats.first_token(seq.first_token_at - seq.submitted)
+            self.stats.tokens(1)
+            seq.next_token = step.token
+            seq.emit(SequenceEvent(seq.index, "step", step=step, journey=journey))
+            if step.finish_reason is not None:
+                self.stats.finished += 1
+                done.append(seq)
+        if done:
+            self._active = [s for s in self._active if s not in done]

@@ -1,0 +1,375 @@
+"""The OpenAI-compatible server, run for real on 127.0.0.1 and spoken to by the official openai client."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+import tokentrail
+from conftest import chatml_demo, require
+
+require("fastapi")
+require("uvicorn")
+openai = require("openai")
+httpx = require("httpx")
+
+from tokentrail.server import create_app  # noqa: E402
+
+STORY = "The storm is"
+# Long generations for the tests of limits: </s> (id 2) and <|im_end|> (id 3) are banned.
+NO_END = {"2": -100.0, "3": -100.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(model, **options):
+    """A real uvicorn server on a free loopback port, for the duration of the block."""
+    import uvicorn
+
+    port = _free_port()
+    config = uvicorn.Config(create_app(model, model_name="demo-chat", **options), host="127.0.0.1", port=port,
+                            log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tokentrail.load(chatml_demo(tmp_path_factory.mktemp("chatml")))
+
+
+@pytest.fixture(scope="module")
+def base_url(model):
+    with running(model, parallel=4, max_queue=64) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def _chat_alone(model, messages, **kw):
+    return model.chat(messages, **kw)
+
+
+# ---------------------------------------------------------------- completions
+
+def test_greedy_completion_equals_generate_alone(client, model):
+    r = client.completions.create(model="demo-chat", prompt=STORY, max_tokens=24, temperature=0)
+    alone = model.generate(STORY, max_new_tokens=24, temperature=0)
+    assert r.choices[0].text == alone.text
+    assert r.choices[0].finish_reason == ("stop" if alone.finish_reason == "eos" else "length")
+    assert r.usage.prompt_tokens == len(alone.prompt_ids)
+    assert r.usage.completion_tokens == len(alone.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.object == "text_completion" and r.model == "demo-chat"
+
+
+def test_streamed_completion_joins_to_the_same_text(client, model):
+    chunks = list(client.completions.create(model="demo-chat", prompt=STORY, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    alone = model.generate(STORY, max_new_tokens=24, temperature=0)
+    assert text == alone.text
+    assert chunks[-1].usage.completion_tokens == len(alone.token_ids)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_seeded_sampling_and_n_equal_generate_with_the_same_options(client, model):
+    opts = dict(temperature=0.9, top_p=0.9, top_k=40, min_p=0.02, presence_penalty=0.5, frequency_penalty=0.3,
+                repetition_penalty=1.1)
+    r = client.completions.create(model="demo-chat", prompt=STORY, max_tokens=20, seed=7, n=3,
+                                  temperature=opts["temperature"], top_p=opts["top_p"],
+                                  presence_penalty=opts["presence_penalty"],
+                                  frequency_penalty=opts["frequency_penalty"],
+                                  extra_body={"top_k": 40, "min_p": 0.02, "repetition_penalty": 1.1})
+    texts = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+    expected = [model.generate(STORY, max_new_tokens=20, seed=7 + i, **opts).text for i in range(3)]
+    assert texts == expected
+    assert len(set(expected)) > 1  # the choices are different draws
+
+
+def test_stop_strings_and_logprobs_equal_generate(client, model):
+    r = client.completions.create(model="demo-chat", prompt=STORY, max_tokens=40, temperature=0, stop=[" farm"],
+                                  logprobs=3)
+    alone = model.generate(STORY, max_new_tokens=40, temperature=0, stop=[" farm"], logprobs=True, top_n=3)
+    c = r.choices[0]
+    assert c.text == alone.text and c.finish_reason == "stop"
+    assert c.logprobs.token_logprobs == pytest.approx([s.logprob for s in alone.steps], abs=1e-6)
+    assert [list(d) for d in c.logprobs.top_logprobs] == [[a.text for a in s.top_model] for s in alone.steps]
+
+
+def test_token_id_prompts_and_lists_of_prompts(client, model):
+    ids = model.encode(STORY)
+    prompts = ["Once upon", "The cat"]
+    for prompt in (ids, [ids, model.encode(prompts[0])], prompts):
+        r = client.completions.create(model="demo-chat", prompt=prompt, max_tokens=8, temperature=0)
+        texts = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+        singles = [prompt] if isinstance(prompt[0], int) else prompt
+        assert texts == [model.generate(p, max_new_tokens=8, temperature=0).text for p in singles]
+
+
+# ---------------------------------------------------------------- chat
+
+MESSAGES = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": STORY}]
+
+
+def test_chat_completion_equals_model_chat(client, model):
+    r = client.chat.completions.create(model="demo-chat", messages=MESSAGES, temperature=0, max_tokens=30)
+    alone = model.chat(MESSAGES, temperature=0, max_new_tokens=30)
+    assert r.choices[0].message.content == alone.text
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(alone.generation.prompt_ids)
+    assert r.usage.completion_tokens == len(alone.generation.token_ids)
+
+
+def test_streamed_chat_with_logprobs(client, model):
+    stream = client.chat.completions.create(model="demo-chat", messages=MESSAGES, temperature=0, max_tokens=30,
+                                            stream=True, logprobs=True, top_logprobs=2)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    alone = model.chat(MESSAGES, temperature=0, max_new_tokens=30, logprobs=True, top_n=2)
+    assert text == alone.text
+    lps = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in lps] == pytest.approx([s.logprob for s in alone.generation.steps], abs=1e-6)
+    assert [[t.token for t in e.top_logprobs] for e in lps] == \
+        [[a.text for a in s.top_model] for s in alone.generation.steps]
+
+
+def test_chat_end_of_turn_stops_generation(client, model):
+    # With a bias toward <|im_end|> the reply ends there, as model.chat ends it.
+    r = client.chat.completions.create(model="demo-chat", messages=MESSAGES, temperature=1.0, seed=4,
+                                       max_tokens=40, logit_bias={"3": 16.0})
+    alone = model.chat(MESSAGES, temperature=1.0, seed=4, max_new_tokens=40, logit_bias={3: 16.0})
+    assert alone.generation.token_ids[-1] == 3
+    assert r.choices[0].message.content == alone.text and r.choices[0].finish_reason == "stop"
+
+
+def test_models_health_and_metrics(client, base_url):
+    assert [m.id for m in client.models.list().data] == ["demo-chat"]
+    assert httpx.get(base_url + "/health").json()["status"] == "ok"
+    text = httpx.get(base_url + "/metrics").text
+    for name in ("tokentrail_queue_depth", "tokentrail_active_sequences", "tokentrail_tokens_per_second",
+                 "tokentrail_time_to_first_token_seconds_bucket", "tokentrail_generated_tokens"):
+        assert name in text
+    generated = float(next(line.split()[1] for line in text.splitlines()
+                           if line.startswith("tokentrail_generated_tokens ")))
+    assert generated > 0
+
+
+# ---------------------------------------------------------------- many clients at once
+
+def test_simultaneous_requests_each_equal_running_alone(base_url, model):
+    prompts = ["The storm is", "Once upon a time", "The cat", "A small boat", "The farm was", "In the morning",
+               "The sky is gray", "She said"]
+    lengths = [30, 12, 25, 40, 18, 33, 9, 27]
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+        async def one(p, n, stream):
+            if stream:
+                s = await aclient.completions.create(model="m", prompt=p, max_tokens=n, temperature=0, stream=True)
+                return "".join([c.choices[0].text async for c in s])
+            r = await aclient.completions.create(model="m", prompt=p, max_tokens=n, temperature=0)
+            return r.choices[0].text
+
+        return await asyncio.gather(*(one(p, n, i % 2 == 0) for i, (p, n) in enumerate(zip(prompts, lengths))))
+
+    got = asyncio.run(main())
+    expected = [model.generate(p, max_new_tokens=n, temperature=0).text for p, n in zip(prompts, lengths)]
+    assert got == expected
+
+
+def test_long_prompts_are_prefilled_in_chunks(model):
+    ids = model.encode("The storm is near the farm. The sky is gray over the farm. " * 4)[:100]
+    with running(model, parallel=2, prefill_chunk=7) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 20, "temperature": 0},
+                       timeout=60).json()
+    alone = model.generate(ids, max_new_tokens=20, temperature=0)
+    # Chunks of 7 run through the same GEMV products as one-token steps, not the prefill GEMM,
+    # so the logits may differ in the last bits; the greedy tokens agree.
+    assert r["choices"][0]["text"] == alone.text
+
+
+# ---------------------------------------------------------------- the journey extension
+
+def test_journey_of_each_generated_token(client, model):
+    r = client.completions.create(model="demo-chat", prompt=STORY, max_tokens=3, temperature=0,
+                                  extra_body={"tokentrail": {"journey": True, "top": 4}})
+    c = r.choices[0]
+    journey = c.model_extra["tokentrail"]["journey"]
+    alone = model.generate(STORY, max_new_tokens=3, temperature=0, logprobs=True, top_n=4)
+    assert [j["id"] for j in journey] == alone.token_ids
+    prompt = list(alone.prompt_ids)
+    for i, entry in enumerate(journey):
+        context = prompt + alone.token_ids[:i]
+        ref = model.journey(context, top=4, temperature=0)  # the greedy choice, as the request's
+        assert ref.chosen == alone.token_ids[i]
+        lens = ref.logit_lens(top=4)
+        assert [[t["token"] for t in row["top"]] for row in entry["logit_lens"]] == lens["top_tokens"]
+        np.testing.assert_allclose([row["chosen_prob"] for row in entry["logit_lens"]], lens["chosen_prob"],
+                                   rtol=1e-4, atol=1e-6)
+        for layer in entry["attention"]:
+            pattern = ref.attention(layer["layer"])  # [heads, keys 0..len(context) - 1]
+            assert pattern.shape[1] == len(context)
+            for head in layer["heads"]:
+                best = head["top"][0]
+                assert best["position"] == int(np.argmax(pattern[head["head"], : len(context)]))
+                assert best["weight"] == pytest.approx(float(pattern[head["head"]].max()), rel=1e-4)
+        assert [a["id"] for a in entry["top_before_sampling"]] == [a.token for a in alone.steps[i].top_model]
+        assert [a["id"] for a in entry["top_after_sampling"]] == [a.token for a in alone.steps[i].top_sampled]
+        # Greedy: after the chain only the chosen token is left.
+        assert entry["top_after_sampling"][0]["prob"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- errors, limits and faults
+
+def _error(resp, status: int, param=None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()["error"]
+    assert set(body) >= {"message", "type", "param", "code"}
+    if param is not None:
+        assert body["param"] == param, body
+        assert param in body["message"]
+    return body
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": STORY, "temperature": "hot"}, "temperature"),
+    ({"prompt": STORY, "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": STORY, "max_tokens": 0}, "max_tokens"),
+    ({"prompt": STORY, "top_p": 1.5}, "top_p"),
+    ({"prompt": STORY, "n": "2"}, "n"),
+    ({"prompt": STORY, "colour": "red"}, "colour"),
+    ({"prompt": STORY, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": STORY, "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": STORY, "tokentrail": {"journey": True, "depth": 3}}, "tokentrail.depth"),
+    ({"prompt": [99999]}, "prompt"),
+    ({}, "prompt"),
+])
+def test_bad_fields_get_400_naming_the_field(base_url, body, param):
+    _error(httpx.post(base_url + "/v1/completions", json=body), 400, param)
+
+
+def test_bad_chat_fields_and_bodies(base_url):
+    _error(httpx.post(base_url + "/v1/chat/completions", json={"messages": [{"content": "x"}]}), 400,
+           "messages.0.role")
+    _error(httpx.post(base_url + "/v1/chat/completions", json={"messages": []}), 400, "messages")
+    body = _error(httpx.post(base_url + "/v1/completions", content=b'{"prompt": "x",',
+                             headers={"content-type": "application/json"}), 400)
+    assert "JSON" in body["message"]
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(base_url):
+    assert "/v1/embeddings" in _error(httpx.post(base_url + "/v1/embeddings", json={}), 404)["message"]
+    _error(httpx.get(base_url + "/v1/completions"), 405)
+
+
+def test_prompt_longer_than_the_context_is_refused(base_url, model):
+    ids = [5] * (model.context_limit + 1)
+    body = _error(httpx.post(base_url + "/v1/completions", json={"prompt": ids}), 400, "prompt")
+    assert "context" in body["message"]
+    msgs = [{"role": "user", "content": "The storm is near. " * 200}]
+    _error(httpx.post(base_url + "/v1/chat/completions", json={"messages": msgs}), 400, "messages")
+
+
+def test_openai_client_sees_errors_as_bad_requests(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="demo-chat", prompt=STORY, temperature=5)
+    assert info.value.body["param"] == "temperature"
+
+
+def test_a_full_queue_answers_429_with_retry_after(model):
+    with running(model, parallel=1, max_queue=1) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": STORY, "n": 3, "max_tokens": 4})
+        _error(r, 429)
+        assert r.headers["retry-after"] == "1"
+        ok = httpx.post(url + "/v1/completions", json={"prompt": STORY, "n": 2, "max_tokens": 4, "temperature": 0})
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def _wait_idle(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (_metric(url, "tokentrail_active_sequences")
+                                           or _metric(url, "tokentrail_queue_depth")):
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_cancels_and_frees_the_slots(model, stream):
+    # 16 long choices on one slot: about 4000 tokens if nobody stopped them.
+    body = {"prompt": STORY, "n": 16, "max_tokens": 250, "temperature": 0, "logit_bias": NO_END, "stream": stream}
+    with running(model, parallel=1, max_queue=64) as url:
+        if stream:
+            with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+                httpx.post(url + "/v1/completions", json=body, timeout=0.2)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (_metric(url, "tokentrail_active_sequences")
+                                               or _metric(url, "tokentrail_queue_depth")):
+            time.sleep(0.05)
+        assert _metric(url, "tokentrail_active_sequences") == 0 and _metric(url, "tokentrail_queue_depth") == 0
+        # Most of the 16 choices never ran: the sequences were dropped, not finished.
+        assert _metric(url, "tokentrail_cancelled_sequences") >= 8
+        assert _metric(url, "tokentrail_generated_tokens") < 2000
+        # The freed slot serves the next request.
+        r = httpx.post(url + "/v1/completions", json={"prompt": STORY, "max_tokens": 5, "temperature": 0}, timeout=60)
+        assert r.json()["choices"][0]["text"] == model.generate(STORY, max_new_tokens=5, temperature=0).text
+
+
+def test_per_request_timeout(model):
+    body = {"prompt": STORY, "n": 16, "max_tokens": 250, "temperature": 0, "logit_bias": NO_END}
+    with running(model, parallel=1, timeout=0.3) as url:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert "time limit" in _error(r, 408)["message"]
+        assert _metric(url, "tokentrail_timed_out_sequences") >= 1
+        ok = httpx.post(url + "/v1/completions", json={"prompt": STORY, "max_tokens": 3}, timeout=60)
+        assert ok.status_code == 200
+
+
+def test_chat_without_a_template_is_refused_clearly():
+    with running(tokentrail.load()) as url:
+        body = _error(httpx.post(url + "/v1/chat/completions",
+                                 json={"messages": [{"role": "user", "content": "hi"}]}), 400, "messages")
+        assert "chat template" in body["message"]
+
+
+def test_serve_command_rejects_bad_flags():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tokentrail.cli", "serve", "--parallel", "0"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "--parallel" in out.stderr and "Traceback" not in out.stderr

@@ -53,7 +53,7 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    arrivals, text, usage = [], [], None
+    arrivals, text, usage, closed = [], [], None, None
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
@@ -69,12 +69,15 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
             if not chunk.get("choices"):
                 continue
             choice = chunk["choices"][0]
+            closed = time.perf_counter()
             # A closing chunk with no text and a finish reason carries no token (llama-server sends one).
             if choice.get("text") or not choice.get("finish_reason"):
                 arrivals.append(time.perf_counter())
             text.append(choice.get("text") or "")
+    if not arrivals and closed is not None:  # the first token ended the response (no text)
+        arrivals.append(closed)
     if not arrivals:
-        return {"error": "no tokens"}
+        return {"error": "no response"}
     tokens = usage["completion_tokens"] if usage else len(arrivals)
     return {"text": "".join(text), "tokens": tokens, "ttft": arrivals[0] - start,
             "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])], "start": start, "end": arrivals[-1]}
@@ -185,8 +188,7 @@ def main() -> None:
         ctx = 2048
         # -np slots share -c: give each slot the context a request needs (prompt + new tokens).
         cmd = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np",
-               str(args.parallel), "-c", str(ctx * args.parallel // 8), "-t", str(args.threads), "-cb",
-               "--no-webui"]
+               str(args.parallel), "-c", str(ctx * args.parallel // 8), "-t", str(args.threads), "-cb"]
         engine = "llama.cpp"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     rows = []

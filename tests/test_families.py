@@ -57,18 +57,18 @@ def test_captures_match_transformers_internals(pair):
 
 
 def test_sliding_window_hides_old_positions(pair):
+    """Sliding layers give keys older than the window exactly zero weight; every other layer (and
+    every layer of a family without a window) gives every earlier key some weight."""
     family, _, ours, _ = pair
     cfg = ours.config
-    if not cfg.sliding_window:
-        pytest.skip("no sliding window")
     _, cache = ours.run_with_cache(PROMPT, names="*.attn_pattern")
     for layer, sliding in enumerate(cfg.sliding_layers()):
         pattern = cache[f"blocks.{layer}.attn_pattern"]              # [queries, heads, keys]
         for q in range(len(PROMPT)):
             visible = pattern[q][:, : q + 1]
-            if sliding and q >= cfg.sliding_window:
-                assert np.all(visible[:, : q + 1 - cfg.sliding_window] == 0.0)
-            assert np.all(visible[:, q] > 0)
+            hidden = q + 1 - cfg.sliding_window if sliding and q >= cfg.sliding_window else 0
+            assert np.all(visible[:, :hidden] == 0.0), (family, layer, q)
+            assert np.all(visible[:, hidden:] > 0), (family, layer, q)
 
 
 def test_journey_adds_up_and_tells_the_family_apart(pair):

@@ -132,3 +132,15 @@ def random_blocks(rng, dtype: str, rows: int, cols: int, scale: float) -> "np.nd
         scales = rng.uniform(-scale, scale, blocks.shape[0]).astype("<f2")
         blocks[:, off:off + 2] = scales.view(np.uint8).reshape(-1, 2)
     return raw
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny random Llama saved by transformers (reference_models.build), shared by a test module."""
+    from reference_models import build
+
+    require("torch")
+    require("transformers")
+    d = tmp_path_factory.mktemp("llama")
+    build("llama", d)
+    return d

@@ -14,21 +14,11 @@ import numpy as np
 import pytest
 
 import tokentrail
-from conftest import REPO, require
-from reference_models import build
+from conftest import REPO
 from tokentrail import generation_config
 from tokentrail.errors import OptionError
 
 PROMPT = [1, 17, 200, 5, 99]
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    require("torch")
-    require("transformers")
-    d = tmp_path_factory.mktemp("llama")
-    build("llama", d)
-    return d
 
 
 def with_generation_config(src, tmp_path, config: dict | None):

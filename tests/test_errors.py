@@ -8,17 +8,6 @@ import numpy as np
 import pytest
 
 import tokentrail
-from conftest import require
-from reference_models import build
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    require("torch")
-    require("transformers")
-    d = tmp_path_factory.mktemp("llama")
-    build("llama", d)
-    return d
 
 
 def copy(src, tmp_path):

@@ -15,7 +15,6 @@ import pytest
 
 import tokentrail
 from test_errors import _rewrite_header as rewrite_header
-from test_errors import llama_dir  # noqa: F401  (the fixture: a small Llama built by transformers)
 from test_gguf import write_llama
 from tokentrail.errors import CheckpointError
 from tokentrail.loading import read_checkpoint

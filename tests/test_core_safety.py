@@ -272,3 +272,91 @@ def test_forward_batch_and_feed_share_a_session_safely(model):
     assert not errors
     assert shared.pos == 40 and shared.tokens == [5] * 40 and other.tokens == [3] * 20
     np.testing.assert_allclose(shared.feed([7]), model.session().feed([5] * 40 + [7]), rtol=1e-4, atol=1e-4)
+
+
+def test_hooks_shared_by_two_threads_serialise(model):
+    """One Hooks (a capture and a steering vector) used by two threads' sessions at once, and read by a
+    third: every pass is recorded whole, with the intervention applied, exactly as run one at a time."""
+    layer = model.config.n_layers - 1
+    steer = np.linspace(-1, 1, model.config.hidden_size, dtype=np.float32)
+
+    def hooks():
+        return model.hooks().capture(f"blocks.{layer}.resid_post").add("blocks.0.resid_pre", steer)
+
+    def alone(token):
+        h, s = hooks(), model.session()
+        logits = [s.feed([token], hooks=h) for _ in range(20)]
+        return logits, h.cache[f"blocks.{layer}.resid_post"]
+
+    expected = {token: alone(token) for token in (5, 9)}
+    shared = hooks()
+    sessions = {token: model.session() for token in (5, 9)}
+    logits, errors, reads = {5: [], 9: []}, [], []
+    finished = threading.Event()
+
+    def work(token):
+        try:
+            for _ in range(20):
+                logits[token].append(sessions[token].feed([token], hooks=shared))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def read():
+        try:
+            while not finished.is_set():
+                reads.append(len(shared.cache[f"blocks.{layer}.resid_post"]) if len(shared.cache) else 0)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in (5, 9)]
+    reader = threading.Thread(target=read)
+    for t in workers + [reader]:
+        t.start()
+    for t in workers:
+        t.join()
+    finished.set()
+    reader.join()
+    assert not errors
+    rows, positions = shared.cache[f"blocks.{layer}.resid_post"], shared.cache.positions(f"blocks.{layer}.resid_post")
+    assert rows.shape[0] == 40 and sorted(positions.tolist()) == sorted(list(range(20)) * 2)
+    assert reads and all(0 <= n <= 40 for n in reads)
+    for token in (5, 9):
+        want_logits, want_rows = expected[token]
+        np.testing.assert_allclose(np.array(logits[token]), np.array(want_logits), rtol=1e-5, atol=1e-5)
+        for pos in range(20):  # each thread's row at each position is among the shared records
+            here = rows[positions == pos]
+            assert min(np.abs(r - want_rows[pos]).max() for r in here) < 1e-5
+
+
+def test_raw_core_hooks_used_by_two_threads_raise(model):
+    """Below the Hooks lock, the core's hooks refuse a second thread (another pass, a read, a change)."""
+    capture = tokentrail.capture.POINTS["resid_post"].id
+    seen = []
+    for _ in range(50):
+        hooks = _core.Hooks(model.config.n_layers)
+        hooks.set(capture, 0, capture=True)
+        done = threading.Event()
+
+        def work():
+            model._core.forward(_core.KVCache(model._core, 256), np.arange(200, dtype=np.int32) % 50, "none", hooks)
+            done.set()
+
+        t = threading.Thread(target=work)
+        t.start()
+        while not done.is_set():
+            try:
+                model._core.forward(_core.KVCache(model._core, 8), np.array([1], np.int32), "none", hooks)
+                hooks.captured(capture, 0)
+            except ConcurrentUseError as e:
+                seen.append(e)
+                break
+        t.join()
+        records = hooks.captured(capture, 0)
+        assert sum(len(positions) for _, positions in records) in (200, 201)  # the first pass's record is whole
+        assert any(len(positions) == 200 and positions == list(range(200)) for _, positions in records)
+        if seen:
+            break
+    assert seen and "another thread" in str(seen[0])
+    with pytest.raises(ValueError, match="same hooks"):
+        model._core.forward_batch([_core.KVCache(model._core, 8), _core.KVCache(model._core, 8)],
+                                  [np.array([1], np.int32)] * 2, ["last"] * 2, [hooks, hooks])

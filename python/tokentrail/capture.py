@@ -12,8 +12,11 @@ name patterns, and the cache object that gathers what the core copied out.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -201,6 +204,15 @@ class ActivationCache(Mapping):
         return sum(a.nbytes for a in self._data.values())
 
 
+def _locked(method):
+    """Run a Hooks method under its lock, so that it waits for a forward pass in another thread."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
+
+
 class Hooks:
     """What to record and what to change during forward passes of one model.
 
@@ -208,6 +220,10 @@ class Hooks:
     capture records the value the model then used. Positions are absolute
     positions in the sequence. Records accumulate over every forward pass that
     uses these hooks (a prompt, then each generated token) until `reset()`.
+
+    One Hooks may be shared by threads: forward passes that use it run one at
+    a time (their records are appended in the order they ran), and changing or
+    reading it waits for a pass in progress.
     """
 
     def __init__(self, model):
@@ -217,6 +233,8 @@ class Hooks:
         self._sites: dict[tuple[int, int], dict] = {}
         self._cache = self._empty_cache()
         self._stale = False
+        # Held by a forward pass using these hooks and by every change or read of them.
+        self._lock = threading.RLock()
 
     def _empty_cache(self) -> ActivationCache:
         c = self.model.config
@@ -241,6 +259,7 @@ class Hooks:
         key = (POINTS[short].id, -1 if layer is None else layer)
         self._core.set(key[0], key[1], **self._sites[key])
 
+    @_locked
     def capture(self, names: str | Iterable[str] = "*", positions: Iterable[int] | None = None) -> "Hooks":
         """Record these points (names or glob patterns), at these absolute positions (None: all).
 
@@ -260,6 +279,7 @@ class Hooks:
             self._push(name)
         return self
 
+    @_locked
     def scale_heads(self, name: str, factors) -> "Hooks":
         """Multiply each head's slice of a head-split point (q, k, v, attn_z) by a factor."""
         site, short, _ = self._site(name)
@@ -269,6 +289,7 @@ class Hooks:
         self._push(name)
         return self
 
+    @_locked
     def ablate_head(self, layer: int, head: int, factor: float = 0.0) -> "Hooks":
         """Zero (or scale) one head's contribution: its weighted value mix, before the output projection."""
         name = full_name("attn_z", layer)
@@ -280,6 +301,7 @@ class Hooks:
         current[head] = float(factor)
         return self.scale_heads(name, current)
 
+    @_locked
     def add(self, name: str, vector) -> "Hooks":
         """Add a vector at every position (steering when `name` is a residual point)."""
         site, short, _ = self._site(name)
@@ -291,6 +313,7 @@ class Hooks:
         self._push(name)
         return self
 
+    @_locked
     def replace(self, name: str, values: Mapping[int, np.ndarray]) -> "Hooks":
         """Replace the activation at given absolute positions (activation patching)."""
         site, short, _ = self._site(name)
@@ -305,12 +328,14 @@ class Hooks:
         self._push(name)
         return self
 
+    @_locked
     def clear(self) -> None:
         """Forget every capture request, intervention and record."""
         self._core.clear()
         self._sites.clear()
         self._cache = self._empty_cache()
 
+    @_locked
     def reset(self) -> None:
         """Forget the records, keep the requests and interventions."""
         self._core.clear_captures()
@@ -321,13 +346,23 @@ class Hooks:
         self._stale = True
         return self._core
 
+    @contextlib.contextmanager
+    def _running(self):
+        """Held around a forward pass with these hooks: a pass or change in another thread waits."""
+        with self._lock:
+            try:
+                yield self._core
+            finally:
+                self._stale = True
+
     @property
     def cache(self) -> ActivationCache:
         """Everything recorded so far, gathered from the core when first asked for."""
-        if self._stale:
-            self._cache = self._collect()
-            self._stale = False
-        return self._cache
+        with self._lock:
+            if self._stale:
+                self._cache = self._collect()
+                self._stale = False
+            return self._cache
 
     def _collect(self) -> ActivationCache:
         cache = self._empty_cache()

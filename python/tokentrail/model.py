@@ -271,6 +271,8 @@ class Model:
         with contextlib.ExitStack() as held:
             for session in sorted(sessions, key=id):
                 held.enter_context(session._lock)
+            for hk in sorted((h for h in hooks if h is not None), key=id):  # after every session lock
+                held.enter_context(hk._running())
             for i, (session, toks) in enumerate(zip(sessions, ids)):
                 session._check_room(toks.size, f"forward_batch: sequence {i}: ")  # fed meanwhile?
             self._apply_threads()
@@ -439,7 +441,7 @@ class Session:
 
             check_hooks(self.model, hooks)
         core_hooks = hooks._core_hooks() if hooks is not None else None
-        with self._lock:
+        with self._lock, (hooks._running() if hooks is not None else contextlib.nullcontext()):
             self._check_room(ids.size)  # another thread may have fed meanwhile
             self.model._apply_threads()
             out = self.model._core.forward(self._cache, ids, "all" if all_logits else "last", core_hooks)

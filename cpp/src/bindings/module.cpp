@@ -234,23 +234,42 @@ struct GuardedCache : KVCache {
   std::atomic<bool> busy{false};
 };
 
-// Marks a cache busy for one call; a second thread arriving meanwhile gets an error, not a race.
-class CacheInUse {
+// Hooks as Python holds them, with the same busy flag: a forward pass appends to their records,
+// so two threads must not run with one Hooks, nor change or read it while a pass runs.
+struct GuardedHooks : Hooks {
+  explicit GuardedHooks(int n_layers) : Hooks(n_layers) {}
+  std::atomic<bool> busy{false};
+};
+
+// Marks a cache (or hooks) busy for one call; a second thread arriving meanwhile gets an error, not a race.
+template <class Guarded>
+class InUse {
  public:
-  explicit CacheInUse(GuardedCache& c) : c_(c) {
-    if (c_.busy.exchange(true)) {
+  InUse(Guarded& g, const char* message) : g_(g) {
+    if (g_.busy.exchange(true)) {
       // tokentrail.errors.ConcurrentUseError (a RuntimeError); the GIL is held here.
       static py::object* error = new py::object(py::module_::import("tokentrail.errors").attr("ConcurrentUseError"));
-      PyErr_SetString(error->ptr(), "this KV cache is in use by another thread; give each thread its own session");
+      PyErr_SetString(error->ptr(), message);
       throw py::error_already_set();
     }
   }
-  ~CacheInUse() { c_.busy = false; }
-  CacheInUse(const CacheInUse&) = delete;
-  CacheInUse& operator=(const CacheInUse&) = delete;
+  ~InUse() { g_.busy = false; }
+  InUse(const InUse&) = delete;
+  InUse& operator=(const InUse&) = delete;
 
  private:
-  GuardedCache& c_;
+  Guarded& g_;
+};
+
+struct CacheInUse : InUse<GuardedCache> {
+  explicit CacheInUse(GuardedCache& c)
+      : InUse(c, "this KV cache is in use by another thread; give each thread its own session") {}
+};
+
+struct HooksInUse : InUse<GuardedHooks> {
+  explicit HooksInUse(GuardedHooks& h)
+      : InUse(h,
+              "these Hooks are in use by a forward pass in another thread; give each thread its own model.hooks()") {}
 };
 
 py::array_t<float> to_numpy(std::vector<float>&& v, std::vector<int64_t> shape) {
@@ -485,9 +504,10 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init(&make_model), py::arg("config"), py::arg("weights"))
       .def_property_readonly("n_layers", [](const ModelHandle& h) { return h.model->config().n_layers; })
       .def("forward", [](const ModelHandle& h, GuardedCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
-                         const std::string& mode, Hooks* hooks) {
+                         const std::string& mode, GuardedHooks* hooks) {
         const LogitsMode lm = logits_mode(mode);
         CacheInUse in_use(cache);
+        std::unique_ptr<HooksInUse> hooks_in_use(hooks ? new HooksInUse(*hooks) : nullptr);
         const int n = int(tokens.size());
         std::vector<float> logits;
         {
@@ -507,10 +527,11 @@ PYBIND11_MODULE(_core, m) {
         std::vector<IntArray> ids(count);
         std::vector<std::vector<float>> logits(count);
         std::vector<SequenceStep> batch(count);
+        std::vector<GuardedHooks*> guarded_hooks(count, nullptr);
         for (size_t i = 0; i < count; ++i) {
           const std::string who = "sequence " + std::to_string(i) + ": ";
           if (!py::isinstance<GuardedCache>(caches[i])) throw py::type_error(who + "expected a KVCache");
-          if (!hooks[i].is_none() && !py::isinstance<Hooks>(hooks[i]))
+          if (!hooks[i].is_none() && !py::isinstance<GuardedHooks>(hooks[i]))
             throw py::type_error(who + "hooks must be Hooks or None");
           ids[i] = IntArray::ensure(tokens[i]);
           if (!ids[i] || ids[i].ndim() != 1) throw py::value_error(who + "tokens must be a 1-D array of token ids");
@@ -521,7 +542,11 @@ PYBIND11_MODULE(_core, m) {
           batch[i].tokens = ids[i].data();
           batch[i].n = int(ids[i].size());
           batch[i].mode = logits_mode(modes[i].cast<std::string>());
-          batch[i].hooks = hooks[i].is_none() ? nullptr : hooks[i].cast<Hooks*>();
+          guarded_hooks[i] = hooks[i].is_none() ? nullptr : hooks[i].cast<GuardedHooks*>();
+          batch[i].hooks = guarded_hooks[i];
+          for (size_t j = 0; j < i && batch[i].hooks; ++j)
+            if (batch[j].hooks == batch[i].hooks)
+              throw py::value_error(who + "uses the same hooks as sequence " + std::to_string(j));
           batch[i].logits = &logits[i];
         }
         // Every cache is held for the whole step; a cache busy in another thread refuses the batch
@@ -530,6 +555,9 @@ PYBIND11_MODULE(_core, m) {
         in_use.reserve(count);
         for (size_t i = 0; i < count; ++i)
           in_use.push_back(std::make_unique<CacheInUse>(*static_cast<GuardedCache*>(batch[i].cache)));
+        std::vector<std::unique_ptr<HooksInUse>> hooks_in_use;
+        for (size_t i = 0; i < count; ++i)
+          if (guarded_hooks[i]) hooks_in_use.push_back(std::make_unique<HooksInUse>(*guarded_hooks[i]));
         {
           py::gil_scoped_release nogil;
           h.model->forward(batch.data(), int(count));
@@ -559,14 +587,15 @@ PYBIND11_MODULE(_core, m) {
         return std::make_unique<GuardedCache>(std::move(*c.clone()));
       });
 
-  py::class_<Hooks>(m, "Hooks")
+  py::class_<GuardedHooks>(m, "Hooks")
       .def(py::init([](int n_layers) {
              if (n_layers < 1 || n_layers > 1000000) throw py::value_error("Hooks needs a layer count within 1..1000000");
-             return std::make_unique<Hooks>(n_layers);
+             return std::make_unique<GuardedHooks>(n_layers);
            }), py::arg("n_layers"))
-      .def("set", [](Hooks& hk, int point, int layer, bool capture, std::vector<int> positions,
+      .def("set", [](GuardedHooks& hk, int point, int layer, bool capture, std::vector<int> positions,
                      std::vector<float> head_scale, std::vector<float> add,
                      std::unordered_map<int, std::vector<float>> replace) {
+        HooksInUse in_use(hk);
         Site& s = hk.at(point, layer);
         s.capture = capture;
         s.positions = std::move(positions);
@@ -576,10 +605,11 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("point"), py::arg("layer"), py::arg("capture") = false, py::arg("positions") = std::vector<int>{},
          py::arg("head_scale") = std::vector<float>{}, py::arg("add") = std::vector<float>{},
          py::arg("replace") = std::unordered_map<int, std::vector<float>>{})
-      .def("clear", &Hooks::clear)
-      .def("clear_captures", &Hooks::clear_captures)
-      .def("captured", [](Hooks& hk, int point, int layer) {
+      .def("clear", [](GuardedHooks& hk) { HooksInUse in_use(hk); hk.clear(); })
+      .def("clear_captures", [](GuardedHooks& hk) { HooksInUse in_use(hk); hk.clear_captures(); })
+      .def("captured", [](GuardedHooks& hk, int point, int layer) {
         // List of (array, positions), one per forward call that captured here.
+        HooksInUse in_use(hk);
         py::list out;
         Site* s = hk.find(point, layer);
         if (!s) return out;

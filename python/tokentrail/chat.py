@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ChatTemplateError, CheckpointError, InvalidArgumentError
+
 # Tokens that templates write to close a turn; each one that the template
 # uses and the vocabulary holds as a single token ends generation.
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
@@ -41,10 +43,6 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 # Older and newer names of a message's reasoning text, filled in from each other as transformers does.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
-
-
-class ChatTemplateError(ValueError):
-    """A template that cannot be compiled, or that refused the conversation (raise_exception)."""
 
 
 # ---------------------------------------------------------------- the Jinja environment
@@ -156,9 +154,9 @@ def _plain(value: Any) -> Any:
 def _messages(messages: Any) -> list[dict]:
     """Check and normalise a conversation: dicts, keys whose value is None dropped, reasoning aliased."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(f"messages: must be a list of {{'role': ..., 'content': ...}} dicts, got {messages!r}")
+        raise InvalidArgumentError(f"messages: must be a list of {{'role': ..., 'content': ...}} dicts, got {messages!r}")
     if not messages:
-        raise ValueError("messages: the conversation is empty")
+        raise InvalidArgumentError("messages: the conversation is empty")
     out = []
     for i, m in enumerate(messages):
         if dataclasses.is_dataclass(m) and not isinstance(m, type):
@@ -166,9 +164,9 @@ def _messages(messages: Any) -> list[dict]:
         elif callable(getattr(m, "model_dump", None)):
             m = m.model_dump()
         if not isinstance(m, Mapping):
-            raise ValueError(f"messages[{i}]: must be a dict with 'role' and 'content', got {m!r}")
+            raise InvalidArgumentError(f"messages[{i}]: must be a dict with 'role' and 'content', got {m!r}")
         if not isinstance(m.get("role"), str):
-            raise ValueError(f"messages[{i}].role: must be a string, got {m.get('role')!r}")
+            raise InvalidArgumentError(f"messages[{i}].role: must be a string, got {m.get('role')!r}")
         m = _plain({k: v for k, v in m.items() if v is not None})
         reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
         if reasoning is not None:
@@ -233,6 +231,8 @@ class ChatTemplate:
             except jinja2.TemplateSyntaxError as e:
                 raise ChatTemplateError(f"chat template {name!r} does not compile: {e.message} "
                                         f"(line {e.lineno})") from None
+            except (RecursionError, MemoryError, ValueError, OverflowError) as e:  # e.g. nested too deeply
+                raise ChatTemplateError(f"chat template {name!r} does not compile ({type(e).__name__})") from None
         return self._compiled[name]
 
     def render(self, messages, tools: Sequence[Mapping] | None = None, documents: Sequence[Mapping] | None = None,
@@ -251,19 +251,19 @@ class ChatTemplate:
 
         chat = _messages(messages)
         if continue_final_message and add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+            raise InvalidArgumentError("continue_final_message and add_generation_prompt cannot both be set")
         if tools is not None:
             if isinstance(tools, (str, Mapping)) or not isinstance(tools, Sequence):
-                raise ValueError(f"tools: must be a list of JSON schemas (dicts), got {tools!r}")
+                raise InvalidArgumentError(f"tools: must be a list of JSON schemas (dicts), got {tools!r}")
             for i, t in enumerate(tools):
                 if not isinstance(t, Mapping):
-                    raise ValueError(f"tools[{i}]: must be a JSON schema (a dict), got {t!r}")
+                    raise InvalidArgumentError(f"tools[{i}]: must be a JSON schema (a dict), got {t!r}")
         if documents is not None:
             if isinstance(documents, (str, Mapping)) or not isinstance(documents, Sequence):
-                raise ValueError(f"documents: must be a list of dicts, got {documents!r}")
+                raise InvalidArgumentError(f"documents: must be a list of dicts, got {documents!r}")
             for i, d in enumerate(documents):
                 if not isinstance(d, Mapping):
-                    raise ValueError(f"documents[{i}]: must be a dict (e.g. with 'title' and 'text'), got {d!r}")
+                    raise InvalidArgumentError(f"documents[{i}]: must be a dict (e.g. with 'title' and 'text'), got {d!r}")
         name = self.select(template_name, tools)
         template = self._compiled_template(name)
         final = None
@@ -271,7 +271,7 @@ class ChatTemplate:
             field = continue_final_message if isinstance(continue_final_message, str) else "content"
             final = chat[-1].get(field)
             if not isinstance(final, str):
-                raise ValueError(f"continue_final_message: the last message has no text {field!r} to continue")
+                raise InvalidArgumentError(f"continue_final_message: the last message has no text {field!r} to continue")
             chat[-1][field] = final + _CONTINUE_TAG
         context = {**self.special_tokens, **_plain(variables)}
         try:
@@ -280,14 +280,15 @@ class ChatTemplate:
                                    add_generation_prompt=bool(add_generation_prompt), **context)
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template {name!r}: {e}") from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+                RecursionError) as e:
             # Python errors raised while the template ran on this input (e.g. iterating absent tools).
             raise ChatTemplateError(f"chat template {name!r} failed on this conversation: "
                                     f"{type(e).__name__}: {e}") from None
         if final is not None:
             at = text.rfind(_CONTINUE_TAG.strip())
             if at < 0:
-                raise ValueError("continue_final_message: the template does not render the final message")
+                raise InvalidArgumentError("continue_final_message: the template does not render the final message")
             # Templates that keep spacing leave the tag whole; others trimmed the text after it.
             text = text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
         return text
@@ -318,22 +319,29 @@ def template_from_hf_directory(directory, tokenizer=None) -> ChatTemplate | None
     ``chat_template`` (as transformers decides); named templates
     (``[{"name": ..., "template": ...}]`` or ``chat_template.json``) are kept by name.
     """
+    from .loading.fields import MAX_JSON_BYTES, open_regular, read_json
+
     directory = Path(directory)
     config: dict = {}
     cfg_path = directory / "tokenizer_config.json"
     if cfg_path.exists():
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ChatTemplateError(f"{cfg_path}: not readable JSON ({e})") from None
+        config = read_json(cfg_path, "tokenizer_config.json")
     source: Any = None
+    where = cfg_path
     if (directory / "chat_template.jinja").exists():
-        source = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    elif (directory / "chat_template.json").exists():
+        where = directory / "chat_template.jinja"
+        with open_regular(where, "chat_template.jinja") as fh:
+            data = fh.read(MAX_JSON_BYTES + 1)
         try:
-            source = json.loads((directory / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-        except (OSError, ValueError, AttributeError) as e:
-            raise ChatTemplateError(f"{directory / 'chat_template.json'}: not a chat template ({e})") from None
+            if len(data) > MAX_JSON_BYTES:
+                raise InvalidArgumentError("too large")
+            source = data.decode("utf-8")
+        except ValueError:
+            raise CheckpointError(f"chat_template.jinja is not UTF-8 text of at most {MAX_JSON_BYTES} bytes",
+                                  path=where) from None
+    elif (directory / "chat_template.json").exists():
+        where = directory / "chat_template.json"
+        source = read_json(where, "chat_template.json").get("chat_template")
     else:
         source = config.get("chat_template")
     if source is None:
@@ -342,8 +350,12 @@ def template_from_hf_directory(directory, tokenizer=None) -> ChatTemplate | None
         try:
             source = {item["name"]: item["template"] for item in source}
         except (TypeError, KeyError):
-            raise ChatTemplateError(f"{cfg_path}: chat_template must be a string or a list of "
-                                    f"{{'name', 'template'}} entries") from None
+            raise CheckpointError("chat_template must be a string or a list of {'name', 'template'} entries",
+                                  path=where, field="chat_template") from None
+    if not (isinstance(source, str) or (isinstance(source, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in source.items()))):
+        raise CheckpointError(f"chat_template must be text or named texts, not {type(source).__name__}",
+                              path=where, field="chat_template")
     special = _special_tokens_from_ids(tokenizer)
     for key in SPECIAL_TOKEN_NAMES:
         text = _token_text(config.get(key))
@@ -408,7 +420,7 @@ def template_of(model, chat_template: str | Mapping[str, str] | ChatTemplate | N
     """The template to use: the one given, else the model's own; a clear error when there is none."""
     tok = model.tokenizer
     if tok is None:
-        raise ValueError("this model has no tokenizer, so it cannot chat")
+        raise InvalidArgumentError("this model has no tokenizer, so it cannot chat")
     if chat_template is None:
         found = getattr(tok, "chat_template", None)
         if found is None:
@@ -430,7 +442,7 @@ def prepare(model, messages, *, tools=None, documents=None, chat_template=None, 
                            template_name=template_name, **dict(template_kwargs or {}))
     ids = model.tokenizer.encode(text, special=False)
     if not ids:
-        raise ValueError("messages: the chat template rendered an empty prompt")
+        raise InvalidArgumentError("messages: the chat template rendered an empty prompt")
     return text, ids, end_of_turn_ids(model.tokenizer, template)
 
 

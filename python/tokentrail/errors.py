@@ -9,7 +9,8 @@ Every error tokentrail raises on purpose is a `TokentrailError`:
     │   ├── OptionError        an unknown option or a value of the wrong kind (also a TypeError)
     │   ├── OutOfRangeError    a position, layer or head outside its range (also an IndexError)
     │   └── UnknownNameError   a capture point or record that does not exist (also a KeyError)
-    └── ConcurrentUseError     one Session fed from two threads at once (also a RuntimeError)
+    ├── ChatTemplateError      a chat template that does not compile or refuses the conversation (also a ValueError)
+    └── ConcurrentUseError     core objects (a KV cache, Hooks) used by two threads at once (also a RuntimeError)
 
 Each also derives from the built-in exception code written before the hierarchy
 caught, so `except ValueError` keeps working.
@@ -74,8 +75,16 @@ class UnknownNameError(InvalidArgumentError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ChatTemplateError(TokentrailError, ValueError):
+    """A chat template that cannot be compiled, fails on a conversation, or refuses it (raise_exception)."""
+
+
 class ConcurrentUseError(TokentrailError, RuntimeError):
-    """A Session is already running a forward pass in another thread."""
+    """A KV cache or Hooks of the core is already in use by a forward pass in another thread.
+
+    Session and tokentrail.capture.Hooks take turns instead; this is what the raw
+    core objects (tokentrail._core) raise.
+    """
 
 
 # Names people bring from llama.cpp, OpenAI's API and elsewhere, and what they are called here.

@@ -32,7 +32,8 @@ import numpy as np
 
 from .errors import ContextFullError, InvalidArgumentError, OptionError, unknown_options
 from .progress import ProgressOption, Task, check_progress
-from .generation_config import SAMPLING_FIELDS, TRANSFORMERS_SAMPLING_TOP_K, GenerationDefaults
+from .generation_config import (MAX_LENGTH_PENALTY, SAMPLING_FIELDS, TRANSFORMERS_SAMPLING_TOP_K,
+                                GenerationDefaults)
 from .sampling import SAMPLING_OPTIONS, Processor, SamplingConfig, Sampler, Temperature, log_softmax
 from .tokenizer import StreamDecoder
 
@@ -921,8 +922,9 @@ def beam_search(model, prompt_ids, num_beams: int = 4, length_penalty: float = 1
         max_new_tokens = _new_tokens(model, len(_prompt_ids(model, prompt_ids, "prompt_ids")), None, None)
     max_new_tokens = _count("max_new_tokens", max_new_tokens, 1)
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
-            or not math.isfinite(length_penalty):
-        raise InvalidArgumentError(f"length_penalty: must be a finite number, got {length_penalty!r}")
+            or not abs(length_penalty) <= MAX_LENGTH_PENALTY:  # beyond it, length ** penalty overflows
+        raise InvalidArgumentError(f"length_penalty: must be a number within -{MAX_LENGTH_PENALTY:g}.."
+                                   f"{MAX_LENGTH_PENALTY:g}, got {length_penalty!r}")
     if early_stopping not in (True, False, "never"):
         raise InvalidArgumentError(f"early_stopping: must be True, False or 'never', got {early_stopping!r}")
     num_return = num_beams if num_return is None else _count("num_return", num_return, 1)

@@ -38,6 +38,12 @@ DEFAULT_MAX_NEW_TOKENS = 64
 # transformers' top_k when sampling with do_sample=True and no top_k anywhere.
 TRANSFORMERS_SAMPLING_TOP_K = 50
 
+# Most sequences a file may ask for (num_beams, num_return_sequences): each costs a KV cache, and a
+# hostile file asking for a billion would exhaust memory before anything else could fail.
+MAX_FILE_SEQUENCES = 1024
+# Beyond this the length term of beam scores, length ** length_penalty, leaves a double's range.
+MAX_LENGTH_PENALTY = 32.0
+
 # Fields of generation_config.json that act only when sampling.
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 # Keys that never change which tokens one sequence gets (bookkeeping, outputs, caches, padding).
@@ -132,7 +138,8 @@ def _check(path: Path, key: str, value: Any, kind: str) -> Any:
     }[kind]
     if not ok:
         wanted = {"bool": "true or false", "int": "an integer", "real": "a finite number"}[kind]
-        raise CheckpointError(f"generation_config.json: {key} must be {wanted}, got {value!r}", path=path)
+        raise CheckpointError(f"generation_config.json: {key} must be {wanted}, got {value!r:.60}", path=path,
+                              field=key)
     return value
 
 
@@ -142,8 +149,63 @@ _KINDS = {"do_sample": "bool", "temperature": "real", "top_k": "int", "top_p": "
           "length_penalty": "real", "num_return_sequences": "int", "pad_token_id": "int"}
 
 
-def read_generation_config(path: str | Path) -> GenerationDefaults:
+# What each count of the file must be within (beyond its kind).
+_COUNT_RANGES = {"top_k": (0, None), "no_repeat_ngram_size": (0, None), "max_new_tokens": (0, None),
+                 "max_length": (0, None), "num_beams": (1, MAX_FILE_SEQUENCES),
+                 "num_return_sequences": (1, MAX_FILE_SEQUENCES)}
+
+
+def _check_values(path: Path, values: dict[str, Any], vocab_size: int | None) -> None:
+    """Values of the right kind but outside their domain are refused at load, naming the file and field,
+    rather than failing at the first generation as if the caller had passed them."""
+    for key, (lo, hi) in _COUNT_RANGES.items():
+        v = values.get(key)
+        if v is not None and (v < lo or (hi is not None and v > hi)):
+            within = f"within {lo}..{hi}" if hi is not None else f"at least {lo}"
+            raise CheckpointError(f"generation_config.json: {key} must be {within}, got {str(v)[:24]}", path=path,
+                                  field=key)
+    beams, returned = values.get("num_beams") or 1, values.get("num_return_sequences") or 1
+    if beams > 1 and returned > beams:
+        raise CheckpointError(f"generation_config.json: num_return_sequences ({returned}) exceeds num_beams "
+                              f"({beams})", path=path, field="num_return_sequences")
+    lp = values.get("length_penalty")
+    if lp is not None and abs(lp) > MAX_LENGTH_PENALTY:
+        raise CheckpointError(f"generation_config.json: length_penalty must be within -{MAX_LENGTH_PENALTY:g}.."
+                              f"{MAX_LENGTH_PENALTY:g}, got {lp}", path=path, field="length_penalty")
+    for key in ("eos_token_ids", "suppress_tokens"):
+        bad = [t for t in values.get(key, ()) if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            raise CheckpointError(f"generation_config.json: {key.replace('_ids', '_id')} holds token id "
+                                  f"{str(bad[0])[:24]}, outside the vocabulary" + (f" (size {vocab_size})" if vocab_size else ""),
+                                  path=path, field=key.replace("_ids", "_id"))
+    # The sampling settings go through the sampler's own checks (the ranges a caller's values meet).
+    from .errors import InvalidArgumentError
+    from .sampling import SamplingConfig
+
+    sampling = {k: values[k] for k in SAMPLING_FIELDS + ("repetition_penalty", "no_repeat_ngram_size")
+                if k in values}
+    if "temperature" in sampling and sampling["temperature"] == 0:
+        sampling.pop("temperature")  # 0 is greedy decoding, valid here
+    try:
+        SamplingConfig(**sampling).build()
+    except InvalidArgumentError as e:
+        raise CheckpointError(f"generation_config.json: {e}", path=path) from None
+
+
+def _id_list(path: Path, key: str, value: Any) -> tuple[int, ...]:
+    """An id or a list of ids (suppress_tokens: a list) as a tuple of ints."""
+    items = value if isinstance(value, list) else [value] if key == "eos_token_id" else None
+    if items is None:
+        raise CheckpointError(f"generation_config.json: {key} must be a list of token ids, got "
+                              f"{type(value).__name__}", path=path, field=key)
+    return tuple(_check(path, key, t, "int") for t in items)
+
+
+def read_generation_config(path: str | Path, vocab_size: int | None = None) -> GenerationDefaults:
     """Read a generation_config.json (a file, or the directory holding one) as transformers reads it.
+
+    Values outside their domain are a CheckpointError naming the file and field (token ids
+    too, against `vocab_size` when it is given).
 
     Keys that change decoding in transformers but are not applied here are
     listed in ``ignored`` and named in a warning, never dropped silently.
@@ -158,18 +220,17 @@ def read_generation_config(path: str | Path) -> GenerationDefaults:
     for key, kind in _KINDS.items():
         if raw.get(key) is not None:
             values[key] = _check(path, key, raw[key], kind)
-    eos = raw.get("eos_token_id")
-    if eos is not None:
-        eos_list = eos if isinstance(eos, list) else [eos]
-        values["eos_token_ids"] = tuple(_check(path, "eos_token_id", e, "int") for e in eos_list)
+    if raw.get("eos_token_id") is not None:
+        values["eos_token_ids"] = _id_list(path, "eos_token_id", raw["eos_token_id"])
     if raw.get("suppress_tokens") is not None:
-        values["suppress_tokens"] = tuple(_check(path, "suppress_tokens", t, "int") for t in raw["suppress_tokens"])
+        values["suppress_tokens"] = _id_list(path, "suppress_tokens", raw["suppress_tokens"])
     early = raw.get("early_stopping")
     if early is not None:
         if early not in (True, False, "never"):
             raise CheckpointError(f"generation_config.json: early_stopping must be true, false or "
                                   f"\"never\", got {early!r}", path=path)
         values["early_stopping"] = early
+    _check_values(path, values, vocab_size)
     if values.get("do_sample") and values.get("top_k") is None:
         values["top_k"] = TRANSFORMERS_SAMPLING_TOP_K
     known = set(_KINDS) | {"eos_token_id", "suppress_tokens", "early_stopping"} | _INERT_KEYS
@@ -181,8 +242,8 @@ def read_generation_config(path: str | Path) -> GenerationDefaults:
     return GenerationDefaults(**values, source=str(path), ignored=ignored)
 
 
-def defaults_for(source: str | Path | None) -> GenerationDefaults:
+def defaults_for(source: str | Path | None, vocab_size: int | None = None) -> GenerationDefaults:
     """The defaults of the checkpoint at `source`: its generation_config.json if it has one."""
-    if source and Path(source).is_dir() and (Path(source) / "generation_config.json").is_file():
-        return read_generation_config(Path(source) / "generation_config.json")
+    if source and Path(source).is_dir() and (Path(source) / "generation_config.json").exists():
+        return read_generation_config(Path(source) / "generation_config.json", vocab_size)
     return GenerationDefaults()

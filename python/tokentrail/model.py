@@ -148,7 +148,7 @@ class Model:
         self.config: ModelConfig = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.source = checkpoint.source
-        self.generation_defaults: GenerationDefaults = defaults_for(checkpoint.source)
+        self.generation_defaults: GenerationDefaults = defaults_for(checkpoint.source, self.config.vocab_size)
         weights = {}
         label = f"converting weights to {dtype}" if dtype is not None else "loading weights"
         # Only a conversion takes long enough to show; memory-mapped weights load at once.

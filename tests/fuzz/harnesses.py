@@ -12,18 +12,28 @@ or a sanitizer report is a finding.
                         then written with correct framing: the parser's later stages are reached
     safetensors_config  a Hugging Face directory: config.json and model.safetensors
     llama2c             a llama2.c checkpoint and the tokenizer.bin beside it
+    tokenizer_json      a Hugging Face directory's tokenizer.json and tokenizer_config.json
+                        (its chat template is rendered), beside a fixed tiny model
+    generation_config   a Hugging Face directory's generation_config.json, beside a fixed tiny
+                        model; one generation runs on its defaults
+    sharded_index       model.safetensors.index.json and two shards, beside a fixed config.json,
+                        in a directory that also holds a FIFO, a directory and a symlink leading
+                        out, each named like a shard
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from tokentrail.errors import TokentrailError
+from tokentrail.generation import generate as generate_text
 from tokentrail.loading import read_checkpoint
 from tokentrail.model import Model
 
@@ -31,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
 REGRESSIONS = HERE / "regressions"
 
+# A file's ignored generation settings are named in a warning; thousands of inputs would repeat it.
+warnings.filterwarnings("ignore", module="tokentrail")
 _scratch = Path(tempfile.mkdtemp(prefix="tokentrail-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
 
 
@@ -47,17 +59,38 @@ def cleanup() -> None:
     shutil.rmtree(_scratch, ignore_errors=True)
 
 
-def load_and_run(path: Path) -> None:
-    """Read a checkpoint; if it loads, run a token through it and the tokenizer over a text."""
+# Whether the last input loaded (the seeds must: fuzzing starts from deep inside each reader).
+last_loaded = False
+
+
+def load_and_run(path: Path, generate: bool = False) -> bool:
+    """Read a checkpoint; if it loads, run a token through it, the tokenizer over a text (and the
+    ids it gives through the model), the chat template over a message, and with `generate` one
+    generation on the model's own defaults. True when the load succeeded."""
+    global last_loaded
+    last_loaded = False
     try:
         ckpt = read_checkpoint(path)
         model = Model(ckpt, context=4)
+    except TokentrailError:
+        return False
+    last_loaded = True
+    try:
         model.session().feed([0])
-        if model.tokenizer is not None:
-            ids = model.tokenizer.encode("Hello, wörld 12 <s>")
-            model.tokenizer.decode(ids)
+        tokenizer = model.tokenizer
+        if tokenizer is not None:
+            ids = tokenizer.encode("Hello, wörld 12 <s>")
+            tokenizer.decode(ids)
+            list(tokenizer.stream().feed(ids))
+            if ids:
+                model.session().feed(ids[:4])
+            if tokenizer.chat_template is not None:
+                tokenizer.chat_template.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+        if generate:
+            generate_text(model, [1], seed=0)
     except TokentrailError:
         pass
+    return True
 
 
 def split(data: bytes) -> tuple[bytes, bytes]:
@@ -109,8 +142,107 @@ def gguf_structured(data: bytes) -> None:
     load_and_run(d / "model.gguf")
 
 
+def tokenizer_json(data: bytes) -> None:
+    tokenizer, tokenizer_config = split(data)
+    d = tiny_hf_directory("tokenizer")
+    (d / "tokenizer.json").write_bytes(tokenizer)
+    if tokenizer_config:
+        (d / "tokenizer_config.json").write_bytes(tokenizer_config)
+    load_and_run(d)
+
+
+def generation_config(data: bytes) -> None:
+    d = tiny_hf_directory("generation")
+    (d / "generation_config.json").write_bytes(data)
+    load_and_run(d, generate=True)
+
+
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+# Names beside the shards that an index must not be able to use: none is a regular file inside.
+TRAPS = ("fifo.safetensors", "dir.safetensors", "link.safetensors")
+
+
+def sharded_index(data: bytes) -> None:
+    index, shards = split(data)
+    first, second = split(shards)
+    d = tiny_hf_directory("sharded", weights=False)
+    (d / "model.safetensors.index.json").write_bytes(index)
+    (d / SHARDS[0]).write_bytes(first)
+    (d / SHARDS[1]).write_bytes(second)
+    os.mkfifo(d / "fifo.safetensors")
+    (d / "dir.safetensors").mkdir()
+    outside = _scratch / "outside.safetensors"  # a valid file outside the model directory
+    if not outside.exists():
+        outside.write_bytes(safetensors_bytes(hf_tensors()))
+    (d / "link.safetensors").symlink_to(outside)
+    load_and_run(d)
+
+
 HARNESSES = {"gguf_bytes": gguf_bytes, "gguf_structured": gguf_structured,
-             "safetensors_config": safetensors_config, "llama2c": llama2c}
+             "safetensors_config": safetensors_config, "llama2c": llama2c, "tokenizer_json": tokenizer_json,
+             "generation_config": generation_config, "sharded_index": sharded_index}
+
+
+# ---------------------------------------------------------------- a fixed tiny Hugging Face model
+
+_HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "unembed": "lm_head.weight"}
+_HF_BLOCK = {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+             "v": "self_attn.v_proj", "o": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def hf_config(tied: bool = False, **changes) -> dict:
+    """config.json of the TINY model as a Llama checkpoint."""
+    t = TINY
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": t["vocab"],
+              "hidden_size": t["dim"], "num_hidden_layers": t["layers"], "num_attention_heads": t["heads"],
+              "num_key_value_heads": t["kv_heads"], "head_dim": t["head_dim"], "intermediate_size": t["ffn"],
+              "max_position_embeddings": t["context"], "rms_norm_eps": 1e-5, "hidden_act": "silu",
+              "rope_theta": 10000.0, "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2}
+    config.update(changes)
+    return config
+
+
+def hf_tensors(dtype=np.float32, tied: bool = False) -> dict[str, np.ndarray]:
+    """The TINY weights under their Hugging Face names (matrices in `dtype`)."""
+    tensors = {}
+    for name, x in tiny_weights().items():
+        if tied and name == "unembed":
+            continue
+        if "." in name:
+            layer, part = name.split(".")
+            hf = f"model.layers.{layer}.{_HF_BLOCK[part]}.weight"
+        else:
+            hf = _HF_TOP[name]
+        tensors[hf] = x.astype(dtype) if x.ndim == 2 else x
+    return tensors
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+    header, data = {}, b""
+    names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+    for name, x in tensors.items():
+        raw = np.ascontiguousarray(x).tobytes()
+        header[name] = {"dtype": names[x.dtype], "shape": list(x.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data
+
+
+_TINY_HF: dict[str, bytes] = {}
+
+
+def tiny_hf_directory(name: str, weights: bool = True) -> Path:
+    """A scratch directory holding the TINY model's config.json (and model.safetensors)."""
+    if not _TINY_HF:
+        _TINY_HF["config.json"] = json.dumps(hf_config()).encode()
+        _TINY_HF["model.safetensors"] = safetensors_bytes(hf_tensors())
+    d = scratch(name)
+    (d / "config.json").write_bytes(_TINY_HF["config.json"])
+    if weights:
+        (d / "model.safetensors").write_bytes(_TINY_HF["model.safetensors"])
+    return d
 
 
 # ---------------------------------------------------------------- choices from bytes

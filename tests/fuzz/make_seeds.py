@@ -16,46 +16,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harnesses import (CORPUS, REGRESSIONS, T_ARRAY, T_FLOAT32, T_INT32, T_STRING, T_UINT64, TINY,  # noqa: E402
-                       base_gguf, join, split, tiny_weights, write_gguf_bytes)
-
-_HF = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "unembed": "lm_head.weight"}
-_HF_BLOCK = {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
-             "v": "self_attn.v_proj", "o": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
-             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-
-
-def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
-    header, data = {}, b""
-    names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
-    for name, x in tensors.items():
-        raw = np.ascontiguousarray(x).tobytes()
-        header[name] = {"dtype": names[x.dtype], "shape": list(x.shape), "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data
-
+from harnesses import (CORPUS, REGRESSIONS, SHARDS, T_ARRAY, T_FLOAT32, T_INT32, T_STRING, T_UINT64,  # noqa: E402
+                       TINY, base_gguf, hf_config, hf_tensors, join, safetensors_bytes, split, tiny_weights,
+                       write_gguf_bytes)
 
 def hf_seed(dtype=np.float32, tied: bool = False, extra: dict | None = None) -> bytes:
-    t = TINY
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": t["vocab"],
-              "hidden_size": t["dim"], "num_hidden_layers": t["layers"], "num_attention_heads": t["heads"],
-              "num_key_value_heads": t["kv_heads"], "head_dim": t["head_dim"], "intermediate_size": t["ffn"],
-              "max_position_embeddings": t["context"], "rms_norm_eps": 1e-5, "hidden_act": "silu",
-              "rope_theta": 10000.0, "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2}
-    config.update(extra or {})
-    tensors = {}
-    for name, x in tiny_weights().items():
-        if tied and name == "unembed":
-            continue
-        if "." in name:
-            layer, part = name.split(".")
-            hf = f"model.layers.{layer}.{_HF_BLOCK[part]}.weight"
-        else:
-            hf = _HF[name]
-        tensors[hf] = x.astype(dtype) if x.ndim == 2 else x
-    return join(json.dumps(config).encode(), safetensors_bytes(tensors))
+    return join(json.dumps(hf_config(tied, **(extra or {}))).encode(), safetensors_bytes(hf_tensors(dtype, tied)))
 
 
 def llama2c_seed(tied: bool = True) -> bytes:
@@ -140,7 +106,81 @@ def audit_inputs() -> dict[str, dict[str, bytes]]:
     nan_score[4:8] = struct.pack("<f", float("nan"))
     llama2c_cases = {"audit-nan-score": join(checkpoint, bytes(nan_score)),
                      "audit-layers-huge": join(checkpoint[:8] + struct.pack("<i", 2**31 - 1) + checkpoint[12:], tokenizer)}
-    return {"safetensors_config": hf_cases, "gguf_bytes": gguf_cases, "llama2c": llama2c_cases}
+    generation_cases = {f"found-{k}": json.dumps(v).encode() for k, v in {
+        "sequences-1e9": {"do_sample": True, "num_return_sequences": 10**9},   # hung building a billion runs
+        "beams-1e9": {"num_beams": 10**9},
+        "suppress-tokens-int": {"suppress_tokens": 5},                         # TypeError
+        "length-penalty-1e308": {"num_beams": 2, "length_penalty": 1e308},     # OverflowError in beam scores
+        "temperature-negative": {"do_sample": True, "temperature": -1},        # refused only when generating
+        "suppress-outside-vocab": {"suppress_tokens": [10**9]}}.items()}
+    return {"safetensors_config": hf_cases, "gguf_bytes": gguf_cases, "llama2c": llama2c_cases,
+            "generation_config": generation_cases}
+
+
+def tokenizer_seeds() -> dict[str, bytes]:
+    """tokenizer.json files of each model kind the tokenizers library has (32 ids, as TINY's vocabulary),
+    with normalizers, pre-tokenizers, decoders and post-processors; one with a tokenizer_config.json
+    holding a chat template and special tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    letters = [chr(c) for c in range(ord("a"), ord("a") + 20)]
+    special = ["<unk>", "<s>", "</s>"]
+    bpe_vocab = {t: i for i, t in enumerate(special + letters + ["Ġ", "ab", "Ġa", "cd", "abc", "H", "W", "!", "1"])}
+    bpe = Tokenizer(models.BPE(bpe_vocab, [("a", "b"), ("Ġ", "a"), ("c", "d"), ("ab", "c")], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    bpe.add_special_tokens(["<s>", "</s>"])
+    unigram = Tokenizer(models.Unigram([(t, -float(i)) for i, t in enumerate(
+        special + ["▁", "▁a", "b", "c", "ab", "▁ab"] + [f"<0x{b:02X}>" for b in range(4)] + letters[3:22])], 0,
+        byte_fallback=True))
+    unigram.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" ", "▁")])
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    wordpiece_vocab = {t: i for i, t in enumerate(["[UNK]", "[CLS]", "[SEP]"] + letters + ["##a", "##b", "##c",
+                                                                                           "hello", ",", "!", "1",
+                                                                                           "2", "<s>"])}
+    wordpiece = Tokenizer(models.WordPiece(wordpiece_vocab, unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.decoder = decoders.WordPiece()
+    wordpiece.post_processor = processors.BertProcessing(("[SEP]", 2), ("[CLS]", 1))
+    wordlevel = Tokenizer(models.WordLevel({t: i for i, t in enumerate(special + letters + ["Hello", ",", "12", "!",
+                                                                                               "wörld", "x", "y"])},
+                                           unk_token="<unk>"))
+    wordlevel.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                       pre_tokenizers.Punctuation()])
+    chat = {"chat_template": "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                             "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+            "bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}, "add_bos_token": False}
+    return {"bpe": join(bpe.to_str().encode(), b""), "unigram": join(unigram.to_str().encode(), b""),
+            "wordpiece": join(wordpiece.to_str().encode(), b""),
+            "wordlevel-chat": join(wordlevel.to_str().encode(), json.dumps(chat).encode())}
+
+
+def generation_seeds() -> dict[str, bytes]:
+    """generation_config.json files as models ship them: greedy, sampling, lengths, penalties."""
+    files = {
+        "greedy": {"bos_token_id": 1, "eos_token_id": 2, "transformers_version": "4.46.0"},
+        "sampling": {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05,
+                     "eos_token_id": [2, 3], "max_new_tokens": 3},
+        "penalties": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "suppress_tokens": [4, 5],
+                      "max_length": 3, "pad_token_id": 0, "early_stopping": True},
+        "beams": {"num_beams": 2, "num_return_sequences": 2, "length_penalty": 1.0, "max_new_tokens": 2},
+    }
+    return {name: json.dumps(value).encode() for name, value in files.items()}
+
+
+def sharded_seeds() -> dict[str, bytes]:
+    """The TINY model split over two shards, with and without the index's metadata."""
+    tensors = hf_tensors()
+    names = sorted(tensors)
+    halves = (names[:len(names) // 2], names[len(names) // 2:])
+    shards = [safetensors_bytes({n: tensors[n] for n in half}) for half in halves]
+    weight_map = {n: SHARDS[i] for i, half in enumerate(halves) for n in half}
+    with_metadata = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())}, "weight_map": weight_map}
+    return {"two-shards": join(json.dumps(with_metadata).encode(), join(shards[0], shards[1])),
+            "no-metadata": join(json.dumps({"weight_map": weight_map}).encode(), join(shards[0], shards[1]))}
 
 
 def main() -> None:
@@ -155,8 +195,12 @@ def main() -> None:
                                                                               "original_max_position_embeddings": 8},
                                                              "sliding_window": 4})},
         "llama2c": {"tiny-tied": llama2c_seed(True), "tiny-untied": llama2c_seed(False)},
+        "tokenizer_json": tokenizer_seeds(),
+        "generation_config": generation_seeds(),
+        "sharded_index": sharded_seeds(),
     }
     for harness, files in audit_inputs().items():
+        (REGRESSIONS / harness).mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             (REGRESSIONS / harness / name).write_bytes(data)
     for harness, files in seeds.items():

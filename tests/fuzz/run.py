@@ -3,7 +3,8 @@ plain mutational fuzzer over the same harness and corpus.
 
     python tests/fuzz/run.py HARNESS [--seconds N] [--runs N] [--corpus DIR] [--artifacts DIR] [-- libFuzzer flags]
 
-HARNESS is one of gguf_bytes, gguf_structured, safetensors_config, llama2c. New inputs go to
+HARNESS is one of gguf_bytes, gguf_structured, safetensors_config, llama2c, tokenizer_json,
+generation_config, sharded_index. New inputs go to
 --corpus (default: a temporary directory), the seeds of tests/fuzz/corpus/HARNESS are read too.
 A failing input is written to --artifacts (default: the current directory) and the exit status is
 not 0; keep it under tests/fuzz/regressions/HARNESS/ once fixed. The output ends with libFuzzer's
@@ -58,6 +59,10 @@ def _atheris(atheris, args, corpus: Path, seeds: Path) -> int:
     import tokentrail.loading.quant  # noqa: F401
     import tokentrail.model  # noqa: F401
     import tokentrail.rope  # noqa: F401
+    import tokentrail.chat  # noqa: F401
+    import tokentrail.generation  # noqa: F401
+    import tokentrail.generation_config  # noqa: F401
+    import tokentrail.tokenizer  # noqa: F401
     _instrument_tokentrail(atheris)
     import harnesses
 

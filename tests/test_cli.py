@@ -314,3 +314,34 @@ def test_ctrl_c_exits_130_without_a_traceback():
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
+
+
+@pytest.fixture
+def hostile_checkpoints(tmp_path):
+    """Tiny Hugging Face directories, each with one hostile file, and a FIFO named like a checkpoint."""
+    sys.path.insert(0, str(REPO / "tests" / "fuzz"))
+    from harnesses import hf_config, hf_tensors, safetensors_bytes
+
+    def directory(name: str, config: dict | None = None, **files: str):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config or hf_config()))
+        (d / "model.safetensors").write_bytes(safetensors_bytes(hf_tensors()))
+        for file_name, text in files.items():
+            (d / file_name.replace("__", ".")).write_text(text)
+        return d
+
+    tokenizer = (tokentrail.model.DEMO_MODEL / "tokenizer.json").read_text()
+    os.mkfifo(tmp_path / "model.gguf")
+    return {"heads-0": (directory("heads", hf_config(num_attention_heads=0)), "num_attention_heads"),
+            "beams": (directory("beams", generation_config__json='{"num_beams": 1000000000}'), "num_beams"),
+            "tokenizer-config": (directory("tokcfg", tokenizer__json=tokenizer, tokenizer_config__json="{x"),
+                                 "tokenizer_config.json"),
+            "fifo": (tmp_path / "model.gguf", "not a regular file")}
+
+
+@pytest.mark.parametrize("command", [["generate", "x", "-n", "1"], ["chat"], ["serve"]])
+def test_hostile_checkpoints_are_one_line_errors(hostile_checkpoints, command):
+    """A checkpoint the loader refuses ends any command with its CheckpointError on one line, status 2."""
+    for path, words in hostile_checkpoints.values():
+        one_line_error(run(*command, "--model", str(path)), str(path.name), words)

@@ -133,9 +133,12 @@ def test_shard_symlink_out_of_the_directory(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json",
-                                  "generation_config.json"])
+                                  "generation_config.json", "tokenizer_config.json", "chat_template.jinja",
+                                  "chat_template.json"])
 def test_fifo_is_refused_not_read(model_dir, name):
     """A FIFO blocks whoever reads it: it is refused as not a regular file (the test would hang)."""
+    if name != "tokenizer.json":  # the chat template's files are read beside a tokenizer
+        shutil.copy(tokentrail.model.DEMO_MODEL / "tokenizer.json", model_dir / "tokenizer.json")
     target = model_dir / name
     if target.exists():
         target.unlink()
@@ -306,3 +309,106 @@ def test_gguf_metadata_key_twice(tmp_path):
     meta.append(("llama.block_count", T_UINT32, 7))
     (tmp_path / "twice.gguf").write_bytes(write_gguf_bytes(meta, tensors, alignment))
     refused(tmp_path / "twice.gguf", "appears twice", "llama.block_count")
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"do_sample": True, "num_return_sequences": 10**9}, "num_return_sequences"),  # built a billion runs
+    ({"num_beams": 10**9}, "num_beams"),
+    ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences"),
+    ({"num_beams": 2, "length_penalty": 1e308}, "length_penalty"),  # overflowed in the beam scores
+    ({"suppress_tokens": 5}, "suppress_tokens"),                      # a TypeError
+    ({"suppress_tokens": [10**9]}, "suppress_tokens"),
+    ({"eos_token_id": -3}, "eos_token_id"),
+    ({"do_sample": True, "temperature": -1}, "temperature"),          # refused only when generating
+    ({"do_sample": True, "top_p": 7.0}, "top_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"top_k": -5}, "top_k"),
+    ({"max_new_tokens": -1}, "max_new_tokens"),
+])
+def test_generation_settings_outside_their_domain_refused_at_load(model_dir, settings, field):
+    """generation_config.json is part of the checkpoint: a value no generation can use is a CheckpointError
+    at load naming the file and field, not an argument error at the first generate (nor a hang)."""
+    (model_dir / "generation_config.json").write_text(json.dumps(settings))
+    with pytest.raises(CheckpointError) as info:
+        tokentrail.load(model_dir)
+    assert "generation_config.json" in str(info.value) and field in str(info.value)
+
+
+def test_generation_settings_in_their_domain_load(model_dir):
+    settings = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "num_beams": 1,
+                "repetition_penalty": 1.1, "suppress_tokens": [3], "eos_token_id": [2], "length_penalty": -2.0}
+    (model_dir / "generation_config.json").write_text(json.dumps(settings))
+    model = tokentrail.load(model_dir)
+    assert model.generation_defaults.top_p == 0.9 and model.generation_defaults.suppress_tokens == (3,)
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("tokenizer_config.json", "{not json", "not valid JSON"),
+    ("tokenizer_config.json", "[1, 2]", "JSON object"),
+    ("tokenizer_config.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("tokenizer_config.json", json.dumps({"chat_template": 5}), "chat_template"),
+    ("tokenizer_config.json", json.dumps({"chat_template": [{"name": "x"}]}), "chat_template"),
+    ("chat_template.json", json.dumps([1]), "JSON object"),
+], ids=["not-json", "a-list", "nested", "template-a-number", "named-template-without-text", "template-file-a-list"])
+def test_malformed_chat_template_files(model_dir, name, content, needle):
+    """The files beside tokenizer.json that hold the chat template are checkpoint files like the others."""
+    shutil.copy(tokentrail.model.DEMO_MODEL / "tokenizer.json", model_dir / "tokenizer.json")
+    (model_dir / name).write_text(content)
+    refused(model_dir, name, needle)
+
+
+def test_chat_template_cannot_exhaust_memory():
+    """A template from the checkpoint that repeats a string ten billion times is refused, not run."""
+    from tokentrail.chat import ChatTemplate
+    from tokentrail.errors import ChatTemplateError, TokentrailError
+
+    hi = [{"role": "user", "content": "hi"}]
+    for source in ("{{ 'a' * 10**10 }}", "{{ 10**10 * [1] }}", "{{ 7 ** (10 ** 7) }}"):
+        with pytest.raises(ChatTemplateError, match="refused") as info:
+            ChatTemplate(source).render(hi)
+        assert isinstance(info.value, TokentrailError)
+    assert ChatTemplate("{{ 'ab' * 3 }}{{ 2 ** 10 }}{{ 2 * 3 }}").render(hi) == "ababab10246"
+
+
+@pytest.fixture(scope="module")
+def short_context_model():
+    return tokentrail.load(context=16)
+
+
+def _chat(model, text):
+    from tokentrail.chat import chat
+
+    return chat(model, [{"role": "user", "content": text}], max_new_tokens=1,
+                chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+LONG_IDS = [1] + [5] * 20
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.generate(LONG_IDS, max_new_tokens=1),
+    lambda m: m.generate("hello " * 40, max_new_tokens=1),
+    lambda m: m.generate([[1, 2], LONG_IDS], max_new_tokens=1),
+    lambda m: list(m.generate(LONG_IDS, max_new_tokens=1, stream=True)),
+    lambda m: m.generate(LONG_IDS, max_new_tokens=1, num_beams=2),
+    lambda m: m.generate(LONG_IDS, max_new_tokens=1, do_sample=True, num_return_sequences=2),
+    lambda m: tokentrail.generation.start_run(m, LONG_IDS, 1),
+    lambda m: tokentrail.generation.beam_search(m, LONG_IDS, num_beams=2, max_new_tokens=1),
+    lambda m: m.forward(LONG_IDS),
+    lambda m: m.session().feed(LONG_IDS),
+    lambda m: m.forward_batch([m.session(), m.session()], [[1], LONG_IDS]),
+    lambda m: m.run_with_cache(LONG_IDS),
+    lambda m: m.run_with_cache([LONG_IDS, [1]]),
+    lambda m: m.score(LONG_IDS),
+    lambda m: m.score([[1, 2], LONG_IDS]),
+    lambda m: m.journey(LONG_IDS),
+    lambda m: _chat(m, "hello " * 40),
+], ids=["generate", "generate-text", "generate-batch", "stream", "beams", "n-sequences", "start_run",
+        "beam_search", "forward", "feed", "forward_batch", "run_with_cache", "run_with_cache-batch", "score",
+        "score-batch", "journey", "chat"])
+def test_prompt_longer_than_the_context_from_every_entry_point(short_context_model, call):
+    """One error for one problem: a prompt that does not fit is a ContextFullError wherever it enters."""
+    from tokentrail.errors import ContextFullError
+
+    with pytest.raises(ContextFullError, match="context is full"):
+        call(short_context_model)

@@ -43,6 +43,9 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 # Older and newer names of a message's reasoning text, filled in from each other as transformers does.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+# The largest `str * n` or `list * n` a template may build, and the bits of the largest `a ** b`.
+MAX_TEMPLATE_ITEMS = 1_000_000
+MAX_TEMPLATE_POWER_BITS = 100_000
 
 
 # ---------------------------------------------------------------- the Jinja environment
@@ -115,8 +118,25 @@ def _environment():
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"templates cannot set the attribute {name!r} on a namespace")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox, refusing ``*`` and ``**`` whose result would be huge: a template comes from the
+        checkpoint, and ``'a' * 10**10`` in it must not exhaust the memory of whoever renders it."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for items, count in ((left, right), (right, left)):
+                    if isinstance(items, (str, list, tuple)) and isinstance(count, int) \
+                            and len(items) * count > MAX_TEMPLATE_ITEMS:
+                        raise jinja2.exceptions.SecurityError(
+                            f"a repetition of more than {MAX_TEMPLATE_ITEMS} items is refused")
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                    and right * abs(left).bit_length() > MAX_TEMPLATE_POWER_BITS:
+                raise jinja2.exceptions.SecurityError("a power this large is refused")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -281,7 +301,7 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template {name!r}: {e}") from None
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
-                RecursionError) as e:
+                RecursionError, MemoryError) as e:
             # Python errors raised while the template ran on this input (e.g. iterating absent tools).
             raise ChatTemplateError(f"chat template {name!r} failed on this conversation: "
                                     f"{type(e).__name__}: {e}") from None

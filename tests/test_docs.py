@@ -1,6 +1,8 @@
-"""The README's capture-point table is the core's table, with the aliases the code accepts."""
+"""The README's capture-point table is the core's table, with the aliases the code accepts; its table
+of errors is the exception hierarchy."""
 from __future__ import annotations
 
+import inspect
 import re
 
 from conftest import REPO
@@ -38,3 +40,20 @@ def test_readme_aliases_are_the_codes():
     for names, _, _, documented in readme_rows():
         in_code = {a.replace("{l}", "L") for a, short in TL_ALIASES.items() if short in names}
         assert documented == in_code, names
+
+
+def test_readme_lists_every_error_class():
+    """Every exception class of tokentrail.errors has a row in the README's Errors table, with its built-in base."""
+    import tokentrail.errors as errors
+
+    section = (REPO / "README.md").read_text().split("### Errors", 1)[1].split("\n### ", 1)[0]
+    rows = {re.findall(r"`(\w+)`", line)[0]: line for line in section.splitlines()
+            if line.startswith("| `")}
+    classes = {name: cls for name, cls in vars(errors).items()
+               if inspect.isclass(cls) and issubclass(cls, errors.TokentrailError) and cls is not errors.TokentrailError}
+    assert set(rows) == set(classes)
+    for name, cls in classes.items():
+        builtins = [b.__name__ for b in cls.__mro__ if b.__module__ == "builtins" and b not in (Exception, BaseException,
+                                                                                                object)]
+        documented = re.findall(r"`(\w+)`", rows[name].rsplit("|", 2)[-2])
+        assert documented and set(documented) <= set(builtins), (name, documented, builtins)

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidArgumentError, UnknownNameError
+
 POOLINGS = ("last", "mean")
 
 
@@ -41,7 +43,7 @@ def _objects(items: list) -> np.ndarray:
 
 def _texts(batch: Mapping[str, np.ndarray], column: str) -> list:
     if column not in batch:
-        raise KeyError(f"the dataset has no column {column!r} (columns: {sorted(batch)})")
+        raise UnknownNameError(f"the dataset has no column {column!r} (columns: {sorted(batch)})")
     return list(batch[column])
 
 
@@ -119,7 +121,7 @@ def _map(data, actor, args: tuple, concurrency: int, batch_size: int):
     import ray.data
 
     if concurrency < 1 or batch_size < 1:
-        raise ValueError("concurrency and batch_size must be at least 1")
+        raise InvalidArgumentError("concurrency and batch_size must be at least 1")
     return _dataset(data).map_batches(actor, fn_constructor_args=args,
                                       compute=ray.data.ActorPoolStrategy(size=concurrency),
                                       batch_size=batch_size, batch_format="numpy")
@@ -158,6 +160,6 @@ def capture(data, model, names: str | Sequence[str], *, column: str = "text", po
     `pooling`: "last" (the last position's row) or "mean" (the mean over positions).
     """
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        raise InvalidArgumentError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     names = [names] if isinstance(names, str) else list(names)
     return _map(data, Capturer, (model, load_options, column, names, pooling), concurrency, batch_size)

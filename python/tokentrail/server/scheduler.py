@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from ..generation import Run, Step
 from ..journey import TOKEN_JOURNEY_POINTS, token_journey
 
@@ -133,7 +134,7 @@ class Scheduler:
     def __init__(self, model, parallel: int = 4, max_queue: int = 64, prefill_chunk: int = 256,
                  step: Callable[[Sequence[Work]], list[np.ndarray]] = forward_step):
         if parallel < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise ValueError("parallel and prefill_chunk must be >= 1 and max_queue >= 0")
+            raise InvalidArgumentError("parallel and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model = model
         self.parallel = parallel
         self.max_queue = max_queue

@@ -106,15 +106,32 @@ def audit_inputs() -> dict[str, dict[str, bytes]]:
     nan_score[4:8] = struct.pack("<f", float("nan"))
     llama2c_cases = {"audit-nan-score": join(checkpoint, bytes(nan_score)),
                      "audit-layers-huge": join(checkpoint[:8] + struct.pack("<i", 2**31 - 1) + checkpoint[12:], tokenizer)}
-    generation_cases = {f"found-{k}": json.dumps(v).encode() for k, v in {
+    generation_cases = {f"audit-{k}": json.dumps(v).encode() for k, v in {
         "sequences-1e9": {"do_sample": True, "num_return_sequences": 10**9},   # hung building a billion runs
         "beams-1e9": {"num_beams": 10**9},
         "suppress-tokens-int": {"suppress_tokens": 5},                         # TypeError
         "length-penalty-1e308": {"num_beams": 2, "length_penalty": 1e308},     # OverflowError in beam scores
         "temperature-negative": {"do_sample": True, "temperature": -1},        # refused only when generating
         "suppress-outside-vocab": {"suppress_tokens": [10**9]}}.items()}
+    index, shards = split(sharded_seeds()["two-shards"])
+    weight_map = json.loads(index)["weight_map"]
+    first = next(iter(weight_map))
+    sharded_cases = {f"audit-{k}": join(json.dumps({"weight_map": {**weight_map, first: name}}).encode(), shards)
+                     for k, name in {"traversal": "../outside.safetensors", "absolute": "/etc/passwd",
+                                     "fifo": "fifo.safetensors", "directory": "dir.safetensors",
+                                     "symlink-out": "link.safetensors", "empty-name": "",
+                                     "nul-in-name": "a\0b.safetensors"}.items()}  # escaped as a ValueError
+    tokenizer, _ = split(tokenizer_seeds()["bpe"])
+    tokenizer_cases = {f"audit-{k}": join(tokenizer, config) for k, config in {
+        "config-a-list": b"[1]",                                                   # AttributeError
+        "config-nested": b"[" * 100_000 + b"]" * 100_000,                          # RecursionError
+        "template-a-number": json.dumps({"chat_template": 5}).encode(),
+        "template-repeats-1e10": json.dumps({"chat_template": "{{ 'a' * 10**10 }}"}).encode(),  # memory
+        "template-power": json.dumps({"chat_template": "{{ 7 ** (10 ** 7) }}"}).encode()}.items()}
+    tokenizer_cases["audit-tokenizer-nested"] = join(b"[" * 100_000 + b"]" * 100_000, b"")
+    tokenizer_cases["audit-tokenizer-not-utf8"] = join(b'{"model": "\xff\xfe"}', b"")
     return {"safetensors_config": hf_cases, "gguf_bytes": gguf_cases, "llama2c": llama2c_cases,
-            "generation_config": generation_cases}
+            "generation_config": generation_cases, "sharded_index": sharded_cases, "tokenizer_json": tokenizer_cases}
 
 
 def tokenizer_seeds() -> dict[str, bytes]:

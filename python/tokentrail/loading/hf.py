@@ -101,16 +101,18 @@ def _read_tensors(directory: Path) -> tuple[dict[str, Weight], dict[str, Path]]:
 
 def _inside(directory: Path, root: Path, name: str, index: Path) -> Path:
     """A shard named by the index, confined to the model directory and a regular file."""
+    if "\0" in name:  # no file name holds one; the OS would refuse it with a ValueError
+        raise CheckpointError(f"shard name {name[:80]!r} holds a NUL character", path=index)
     candidate = Path(name)
     if candidate.is_absolute() or ".." in candidate.parts or not name:
-        raise CheckpointError(f"shard name {name!r} points outside the model directory", path=index)
+        raise CheckpointError(f"shard name {name[:80]!r} points outside the model directory", path=index)
     fp = directory / candidate
     try:
         resolved = fp.resolve(strict=True)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):
         raise CheckpointError("shard listed in the index is missing", path=fp) from None
     if root not in resolved.parents:
-        raise CheckpointError(f"shard {name!r} resolves outside the model directory", path=index)
+        raise CheckpointError(f"shard {name[:80]!r} resolves outside the model directory", path=index)
     if not resolved.is_file():
         raise CheckpointError("shard is not a regular file", path=fp)
     return fp

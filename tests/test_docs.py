@@ -49,11 +49,11 @@ def test_readme_lists_every_error_class():
     section = (REPO / "README.md").read_text().split("### Errors", 1)[1].split("\n### ", 1)[0]
     rows = {re.findall(r"`(\w+)`", line)[0]: line for line in section.splitlines()
             if line.startswith("| `")}
-    classes = {name: cls for name, cls in vars(errors).items()
-               if inspect.isclass(cls) and issubclass(cls, errors.TokentrailError) and cls is not errors.TokentrailError}
+    classes = {name: cls for name, cls in vars(errors).items() if inspect.isclass(cls)
+               and issubclass(cls, errors.TokentrailError) and cls is not errors.TokentrailError}
     assert set(rows) == set(classes)
     for name, cls in classes.items():
-        builtins = [b.__name__ for b in cls.__mro__ if b.__module__ == "builtins" and b not in (Exception, BaseException,
-                                                                                                object)]
+        builtins = [b.__name__ for b in cls.__mro__
+                    if b.__module__ == "builtins" and b not in (Exception, BaseException, object)]
         documented = re.findall(r"`(\w+)`", rows[name].rsplit("|", 2)[-2])
         assert documented and set(documented) <= set(builtins), (name, documented, builtins)

@@ -174,7 +174,8 @@ def _plain(value: Any) -> Any:
 def _messages(messages: Any) -> list[dict]:
     """Check and normalise a conversation: dicts, keys whose value is None dropped, reasoning aliased."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise InvalidArgumentError(f"messages: must be a list of {{'role': ..., 'content': ...}} dicts, got {messages!r}")
+        raise InvalidArgumentError(f"messages: must be a list of {{'role': ..., 'content': ...}} dicts, "
+                                   f"got {messages!r}")
     if not messages:
         raise InvalidArgumentError("messages: the conversation is empty")
     out = []
@@ -283,7 +284,8 @@ class ChatTemplate:
                 raise InvalidArgumentError(f"documents: must be a list of dicts, got {documents!r}")
             for i, d in enumerate(documents):
                 if not isinstance(d, Mapping):
-                    raise InvalidArgumentError(f"documents[{i}]: must be a dict (e.g. with 'title' and 'text'), got {d!r}")
+                    raise InvalidArgumentError(f"documents[{i}]: must be a dict (e.g. with 'title' and 'text'), "
+                                               f"got {d!r}")
         name = self.select(template_name, tools)
         template = self._compiled_template(name)
         final = None
@@ -291,7 +293,8 @@ class ChatTemplate:
             field = continue_final_message if isinstance(continue_final_message, str) else "content"
             final = chat[-1].get(field)
             if not isinstance(final, str):
-                raise InvalidArgumentError(f"continue_final_message: the last message has no text {field!r} to continue")
+                raise InvalidArgumentError(f"continue_final_message: the last message has no text {field!r} "
+                                           f"to continue")
             chat[-1][field] = final + _CONTINUE_TAG
         context = {**self.special_tokens, **_plain(variables)}
         try:

@@ -9,7 +9,7 @@ Every error tokentrail raises on purpose is a `TokentrailError`:
     │   ├── OptionError        an unknown option or a value of the wrong kind (also a TypeError)
     │   ├── OutOfRangeError    a position, layer or head outside its range (also an IndexError)
     │   └── UnknownNameError   a capture point or record that does not exist (also a KeyError)
-    ├── ChatTemplateError      a chat template that does not compile or refuses the conversation (also a ValueError)
+    ├── ChatTemplateError      a chat template that does not compile or refuses a conversation (also a ValueError)
     └── ConcurrentUseError     core objects (a KV cache, Hooks) used by two threads at once (also a RuntimeError)
 
 Each also derives from the built-in exception code written before the hierarchy

@@ -175,9 +175,10 @@ def _check_values(path: Path, values: dict[str, Any], vocab_size: int | None) ->
     for key in ("eos_token_ids", "suppress_tokens"):
         bad = [t for t in values.get(key, ()) if t < 0 or (vocab_size is not None and t >= vocab_size)]
         if bad:
+            size = f" (size {vocab_size})" if vocab_size else ""
             raise CheckpointError(f"generation_config.json: {key.replace('_ids', '_id')} holds token id "
-                                  f"{str(bad[0])[:24]}, outside the vocabulary" + (f" (size {vocab_size})" if vocab_size else ""),
-                                  path=path, field=key.replace("_ids", "_id"))
+                                  f"{str(bad[0])[:24]}, outside the vocabulary{size}", path=path,
+                                  field=key.replace("_ids", "_id"))
     # The sampling settings go through the sampler's own checks (the ranges a caller's values meet).
     from .errors import InvalidArgumentError
     from .sampling import SamplingConfig

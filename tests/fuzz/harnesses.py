@@ -223,7 +223,8 @@ def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
     names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
     for name, x in tensors.items():
         raw = np.ascontiguousarray(x).tobytes()
-        header[name] = {"dtype": names[x.dtype], "shape": list(x.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        header[name] = {"dtype": names[x.dtype], "shape": list(x.shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
         data += raw
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)

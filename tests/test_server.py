@@ -366,6 +366,18 @@ def test_chat_without_a_template_is_refused_clearly():
         assert "chat template" in body["message"]
 
 
+def test_hostile_chat_templates_are_400s(model):
+    """A template that refuses the conversation, or would repeat a string ten billion times, answers 400
+    naming the messages (not a 500, not an exhausted server), and the server goes on answering."""
+    hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for template, words in (("{{ raise_exception('no users here') }}", "no users here"),
+                            ("{{ 'a' * 10**10 }}", "refused")):
+        with running(model, chat_template=template) as url:
+            body = _error(httpx.post(url + "/v1/chat/completions", json=hi), 400, "messages")
+            assert words in body["message"]
+            assert httpx.post(url + "/v1/completions", json={"prompt": STORY, "max_tokens": 2}).status_code == 200
+
+
 def test_serve_command_rejects_bad_flags():
     import subprocess
     import sys

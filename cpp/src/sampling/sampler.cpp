@@ -17,6 +17,10 @@
 #include <stdexcept>
 #include <utility>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>  // SSE2 is part of every x86-64 CPU: no run-time dispatch needed
+#endif
+
 namespace tokentrail {
 namespace {
 
@@ -68,12 +72,30 @@ double penalised(const SamplerStage& stage, double v, int64_t count) {
   return v - (static_cast<double>(count) * stage.b + stage.a);
 }
 
+constexpr int64_t kBlock = 16;
+
+// The largest of x[0..16): the scan skips a whole block when it is below the threshold.
+inline float block_max(const float* x) {
+#if defined(__SSE2__)
+  const __m128 m = _mm_max_ps(_mm_max_ps(_mm_loadu_ps(x), _mm_loadu_ps(x + 4)),
+                              _mm_max_ps(_mm_loadu_ps(x + 8), _mm_loadu_ps(x + 12)));
+  const __m128 h = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+#else
+  float m = x[0];
+  for (int j = 1; j < kBlock; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+#endif
+}
+
 // Every token whose float logit is finite and >= the m-th largest (all ties at the boundary kept).
+// The logits hold no NaN (checked before).
 std::vector<Candidate> scan_top(const float* x, int64_t n_vocab, int64_t m) {
   std::vector<std::pair<float, int64_t>> buf;
   size_t cap = static_cast<size_t>(std::max<int64_t>(2 * m, 64));
   buf.reserve(cap);
-  float threshold = -std::numeric_limits<float>::infinity();
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+  float threshold = kMasked;
   auto cut_to_m = [&]() {
     if (static_cast<int64_t>(buf.size()) <= m) return;
     std::nth_element(buf.begin(), buf.begin() + (m - 1), buf.end(),
@@ -82,16 +104,22 @@ std::vector<Candidate> scan_top(const float* x, int64_t n_vocab, int64_t m) {
     buf.erase(std::remove_if(buf.begin(), buf.end(), [&](const auto& e) { return e.first < threshold; }),
               buf.end());
   };
-  for (int64_t i = 0; i < n_vocab; ++i) {
+  auto visit = [&](int64_t i) {
     const float v = x[i];
-    if (v >= threshold && v > -std::numeric_limits<float>::infinity()) {
+    if (v >= threshold && v > kMasked) {
       buf.emplace_back(v, i);
       if (buf.size() >= cap) {
         cut_to_m();
         if (buf.size() * 2 > cap) cap *= 2;  // many ties at the boundary
       }
     }
+  };
+  int64_t i = 0;
+  for (; i + kBlock <= n_vocab; i += kBlock) {
+    if (block_max(x + i) < threshold) continue;
+    for (int64_t j = i; j < i + kBlock; ++j) visit(j);
   }
+  for (; i < n_vocab; ++i) visit(i);
   cut_to_m();
   std::vector<Candidate> out;
   out.reserve(buf.size());
@@ -240,19 +268,35 @@ class FullVocabulary {
 };
 
 LogitsProblem check(const float* x, int64_t n) {
-  bool bad = false;
-  float max = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  bool bad = false;  // a NaN or +inf somewhere: !(v < inf)
+  float max = -kInf;
+  int64_t i = 0;
+#if defined(__SSE2__)
+  const __m128 inf = _mm_set1_ps(kInf);
+  __m128 bad4 = _mm_setzero_ps();
+  __m128 max4 = _mm_set1_ps(-kInf);
+  for (; i + 4 <= n; i += 4) {
+    const __m128 v = _mm_loadu_ps(x + i);
+    bad4 = _mm_or_ps(bad4, _mm_cmpnlt_ps(v, inf));
+    max4 = _mm_max_ps(v, max4);  // NaN lanes are caught by bad4
+  }
+  bad = _mm_movemask_ps(bad4) != 0;
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, max4);
+  for (float v : lanes) max = v > max ? v : max;
+#endif
+  for (; i < n; ++i) {
     const float v = x[i];
-    bad |= !(v < std::numeric_limits<float>::infinity());  // NaN or +inf
+    bad |= !(v < kInf);
     max = v > max ? v : max;
   }
   if (bad) {
-    for (int64_t i = 0; i < n; ++i)
-      if (std::isnan(x[i])) return LogitsProblem::kNaN;
+    for (int64_t j = 0; j < n; ++j)
+      if (std::isnan(x[j])) return LogitsProblem::kNaN;
     return LogitsProblem::kPosInf;
   }
-  return max > -std::numeric_limits<float>::infinity() ? LogitsProblem::kNone : LogitsProblem::kAllMasked;
+  return max > -kInf ? LogitsProblem::kNone : LogitsProblem::kAllMasked;
 }
 
 void fail(const std::string& message) { throw std::invalid_argument(message); }

@@ -225,3 +225,21 @@ def test_any_order_of_the_hot_stages(order):
     for _ in range(5):
         x = logits_for(rng, 500, "plain")
         assert_same_step(core.step(x, history), ref.step(x, history))
+
+
+@pytest.mark.parametrize("kind", ["plain", "ties", "masked", "flat"])
+@pytest.mark.parametrize("options", [
+    dict(min_p=0.05), dict(min_p=0.3, min_keep=5, temperature=0.7, repetition_penalty=1.5),
+    dict(top_p=0.9), dict(top_p=0.999, temperature=1.7, presence_penalty=0.5, frequency_penalty=0.1),
+    dict(temperature=0.9), dict(min_p=0.01, order="llama.cpp", temperature=0.5, repetition_penalty=0.8),
+])
+def test_first_truncation_without_top_k_on_a_large_vocabulary(options, kind):
+    # Without top-k the first truncation is top-p or min-p over the whole vocabulary (or none at all).
+    rng = np.random.default_rng(11)
+    core, ref = S.Sampler(seed=3, core=True, **options), S.Sampler(seed=3, core=False, **options)
+    history = rng.integers(0, 40000, 100).tolist()
+    for _ in range(3):
+        x = logits_for(rng, 40000, kind)
+        a, b = core.step(x, history), ref.step(x, history)
+        assert_same_step(a, b)
+        history.append(a.token)

@@ -636,13 +636,14 @@ PYBIND11_MODULE(_core, m) {
           case LogitsProblem::kAllMasked: throw py::value_error("every token is masked (-inf)");
           default: break;
         }
-        auto as_array = [](const auto& v) {
-          using T = typename std::decay_t<decltype(v)>::value_type;
-          py::array_t<T> a(static_cast<py::ssize_t>(v.size()));
-          std::copy(v.begin(), v.end(), a.mutable_data());
-          return a;
+        auto as_array = [](auto&& v) {  // hands the vector's buffer to numpy without copying it
+          using V = std::decay_t<decltype(v)>;
+          auto* owned = new V(std::move(v));
+          py::capsule free_when_done(owned, [](void* p) { delete static_cast<V*>(p); });
+          return py::array_t<typename V::value_type>(static_cast<py::ssize_t>(owned->size()), owned->data(),
+                                                     free_when_done);
         };
-        return py::make_tuple(as_array(r.ids), as_array(r.logits), as_array(r.probs));
+        return py::make_tuple(as_array(std::move(r.ids)), as_array(std::move(r.logits)), as_array(std::move(r.probs)));
       }, py::arg("logits"), py::arg("history"),
          "(kept ids ascending, their logits after the chain, their probabilities) for one logit vector");
   m.def("draw_token", [](py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids,

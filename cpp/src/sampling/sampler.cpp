@@ -155,23 +155,34 @@ void top_k(std::vector<Candidate>& c, const SamplerStage& s, int64_t n_vocab) {
 
 void top_p(std::vector<Candidate>& c, const SamplerStage& s) {
   if (s.a >= 1.0 || c.empty()) return;
-  std::vector<Candidate> order(c);
-  std::sort(order.begin(), order.end(), by_rank);
-  const double max = order.front().value;
-  std::vector<double> e(order.size());
+  double max = kNegInf;
+  for (const Candidate& e : c) max = std::max(max, e.value);
   double total = 0.0;
-  for (size_t i = 0; i < order.size(); ++i) {
-    e[i] = std::exp(order[i].value - max);
-    total += e[i];
-  }
-  // Token i is kept iff the mass before it is < p (or it is among the min_keep first).
+  for (const Candidate& e : c) total += std::exp(e.value - max);
+  // The kept tokens are a prefix of the ranking: rank only as far as needed, in growing steps.
+  // Token i is kept iff the mass before it is < p (or it is among the min_keep first). Once
+  // the whole list is ranked every token is tested, as the reference does.
+  std::vector<Candidate> order(c);
   std::vector<Candidate> kept;
   double cumulative = 0.0;
-  for (size_t i = 0; i < order.size(); ++i) {
-    const double p = e[i] / total;
-    cumulative += p;
-    const double before = cumulative - p;
-    if (before < s.a || static_cast<int64_t>(i) < s.min_keep) kept.push_back(order[i]);
+  size_t ranked = 0;
+  size_t i = 0;
+  bool done = false;
+  while (!done && ranked < order.size()) {
+    const size_t next = std::min(order.size(), std::max<size_t>(256, ranked * 4));
+    std::partial_sort(order.begin() + ranked, order.begin() + next, order.end(), by_rank);
+    ranked = next;
+    for (; i < ranked; ++i) {
+      const double p = std::exp(order[i].value - max) / total;
+      cumulative += p;
+      const double before = cumulative - p;
+      if (before < s.a || static_cast<int64_t>(i) < s.min_keep) {
+        kept.push_back(order[i]);
+      } else if (ranked < order.size()) {
+        done = true;  // every later token has at least this much mass before it
+        break;
+      }
+    }
   }
   std::sort(kept.begin(), kept.end(), by_id);
   c.swap(kept);
@@ -238,6 +249,39 @@ class FullVocabulary {
     return out;
   }
 
+  // The live tokens min-p keeps, found without visiting the blocks of logits that cannot hold one.
+  std::vector<Candidate> min_p_candidates(const SamplerStage& s) const {
+    const int64_t k = std::min(s.min_keep, n_vocab_);
+    // The k highest current values (and the maximum) are among these candidates.
+    const std::vector<Candidate> top = top_candidates(k);
+    double max = kNegInf;
+    for (const Candidate& e : top) max = std::max(max, e.value);
+    const double keep_from = static_cast<int64_t>(top.size()) >= k ? kth_largest(top, k) : kNegInf;
+    const double log_p = std::log(s.a);
+    // Removal is monotone in the value, and the value in the float logit: a block whose
+    // largest logit is removed is removed whole.
+    auto removed = [&](double v) { return (v - max) < log_p && v < keep_from; };
+    std::vector<Candidate> out;
+    size_t o = 0;
+    auto visit = [&](int64_t id) {
+      while (o < overrides_.size() && overrides_[o].id < id) ++o;
+      if (o < overrides_.size() && overrides_[o].id == id) return;  // added with the overrides below
+      const double v = base(id);
+      if (v > kNegInf && !removed(v)) out.push_back({id, v});
+    };
+    int64_t i = 0;
+    for (; i + kBlock <= n_vocab_; i += kBlock) {
+      const float largest = block_max(x_ + i);
+      if (largest == -std::numeric_limits<float>::infinity() || removed(base_of(largest))) continue;
+      for (int64_t j = i; j < i + kBlock; ++j) visit(j);
+    }
+    for (; i < n_vocab_; ++i) visit(i);
+    for (const Candidate& e : overrides_)
+      if (e.value > kNegInf && !removed(e.value)) out.push_back(e);
+    std::sort(out.begin(), out.end(), by_id);
+    return out;
+  }
+
   // Every live token with its current value.
   std::vector<Candidate> all() const {
     std::vector<Candidate> out;
@@ -256,8 +300,11 @@ class FullVocabulary {
   }
 
  private:
-  double base(int64_t id) const {
-    const double v = static_cast<double>(x_[id]);
+  double base(int64_t id) const { return base_of(x_[id]); }
+
+  // A logit's current value when no penalty touched its token.
+  double base_of(float logit) const {
+    const double v = static_cast<double>(logit);
     return temperature_ > 0.0 ? v / temperature_ : v;
   }
 
@@ -361,6 +408,11 @@ KeptTokens SamplerChain::keep(const float* logits, int64_t n_vocab, const int64_
         const int64_t k = std::max(s.k, s.min_keep);
         if (s.k == 0 || k >= n_vocab) continue;  // a no-op: stay on the whole vocabulary
         c = full.top_candidates(k);
+      } else if (s.kind == StageKind::kMinP) {
+        if (s.a == 0.0) continue;  // a no-op
+        c = full.min_p_candidates(s);
+        truncated = true;
+        continue;  // min-p is done: applying it again to its own survivors changes nothing
       } else {
         c = full.all();
       }

@@ -414,6 +414,7 @@ KeptTokens SamplerChain::keep(const float* logits, int64_t n_vocab, const int64_
         truncated = true;
         continue;  // min-p is done: applying it again to its own survivors changes nothing
       } else {
+        if (s.a >= 1.0) continue;  // top-p 1: a no-op
         c = full.all();
       }
       truncated = true;

@@ -8,6 +8,10 @@ SHAPES = {
     "smollm": dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                    tie_word_embeddings=True),
+    # Qwen2.5-0.5B: 24 layers, width 896, 14 heads (2 KV), vocabulary 151936 (q/k/v biases)
+    "qwen2.5-0.5b": dict(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=2048, rope_theta=1000000.0, tie_word_embeddings=True),
     "tinyllama": dict(family="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                       num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                       max_position_embeddings=2048),
@@ -53,7 +57,8 @@ def make_model(shape: str, directory: Path, seed: int = 0):
     torch.manual_seed(seed)
     spec = dict(SHAPES[shape])
     family = spec.pop("family")
-    cfg = tf.GPT2Config(**spec) if family == "gpt2" else tf.LlamaConfig(**spec)
+    config_class = {"gpt2": tf.GPT2Config, "llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config}[family]
+    cfg = config_class(**spec)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     model.save_pretrained(directory)
     synthetic_tokenizer(cfg.vocab_size, seed).save(str(Path(directory) / "tokenizer.json"))

@@ -15,6 +15,7 @@
 
 #include "tokentrail/kernels.h"
 #include "tokentrail/model.h"
+#include "tokentrail/sampler.h"
 
 namespace py = pybind11;
 using namespace tokentrail;
@@ -617,4 +618,70 @@ PYBIND11_MODULE(_core, m) {
           out.append(py::make_tuple(to_numpy(std::vector<float>(c.data), c.shape), c.positions));
         return out;
       });
+
+  // ---- sampling: the hot stages of the sampler chain (tokentrail/sampler.h) ------------------
+  // The Python layer (tokentrail.sampling.core) compiles an eligible chain into these stages;
+  // every argument is checked here as well, so a direct call cannot crash the process.
+  py::class_<SamplerChain>(m, "SamplerChain")
+      .def(py::init([](const std::vector<std::tuple<int, double, double, int64_t, int64_t, int64_t, bool>>& spec) {
+             std::vector<SamplerStage> stages;
+             for (const auto& t : spec) {
+               const int kind = std::get<0>(t);
+               if (kind < 0 || kind > static_cast<int>(StageKind::kMinP))
+                 throw py::value_error("unknown sampler stage kind " + std::to_string(kind));
+               SamplerStage s;
+               s.kind = static_cast<StageKind>(kind);
+               s.a = std::get<1>(t);
+               s.b = std::get<2>(t);
+               s.k = std::get<3>(t);
+               s.min_keep = std::get<4>(t);
+               s.window = std::get<5>(t);
+               s.flag = std::get<6>(t);
+               stages.push_back(s);
+             }
+             return std::make_unique<SamplerChain>(std::move(stages));  // validates the parameters
+           }),
+           py::arg("stages"),
+           "Stages as (kind, a, b, k, min_keep, window, flag) tuples; see tokentrail/sampler.h")
+      .def("keep", [](const SamplerChain& chain, py::array logits,
+                      py::array_t<int64_t, py::array::c_style | py::array::forcecast> history) {
+        if (!logits.dtype().is(py::dtype::of<float>()))
+          throw py::type_error("logits must be a float32 array, got " + std::string(py::str(logits.dtype())));
+        if (logits.ndim() != 1 || logits.shape(0) < 1)
+          throw py::value_error("logits must be a non-empty 1-D array over the vocabulary");
+        if (!(logits.flags() & py::array::c_style)) throw py::value_error("logits must be C-contiguous");
+        if (history.ndim() != 1) throw py::value_error("history must be a 1-D array of token ids");
+        const float* x = static_cast<const float*>(logits.data());
+        const int64_t n_vocab = logits.shape(0);
+        const int64_t* h = history.data();
+        const int64_t n_history = history.shape(0);
+        KeptTokens r;
+        {
+          py::gil_scoped_release release;
+          r = chain.keep(x, n_vocab, h, n_history);
+        }
+        switch (r.problem) {
+          case LogitsProblem::kNaN: throw py::value_error("logits contain NaN");
+          case LogitsProblem::kPosInf: throw py::value_error("logits contain +inf");
+          case LogitsProblem::kAllMasked: throw py::value_error("every token is masked (-inf)");
+          default: break;
+        }
+        auto as_array = [](auto&& v) {  // hands the vector's buffer to numpy without copying it
+          using V = std::decay_t<decltype(v)>;
+          auto* owned = new V(std::move(v));
+          py::capsule free_when_done(owned, [](void* p) { delete static_cast<V*>(p); });
+          return py::array_t<typename V::value_type>(static_cast<py::ssize_t>(owned->size()), owned->data(),
+                                                     free_when_done);
+        };
+        return py::make_tuple(as_array(std::move(r.ids)), as_array(std::move(r.logits)), as_array(std::move(r.probs)));
+      }, py::arg("logits"), py::arg("history"),
+         "(kept ids ascending, their logits after the chain, their probabilities) for one logit vector");
+  m.def("draw_token", [](py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids,
+                         py::array_t<double, py::array::c_style | py::array::forcecast> probs, double u) {
+    if (ids.ndim() != 1 || probs.ndim() != 1 || ids.shape(0) != probs.shape(0) || ids.shape(0) < 1)
+      throw py::value_error("draw_token needs 1-D ids and probabilities of the same non-zero length");
+    return draw_token(ids.data(), probs.data(), ids.shape(0), u);
+  }, py::arg("ids"), py::arg("probs"), py::arg("u"),
+     "The token at u (in [0, 1)) of the cumulative distribution, summed in the given order");
+  // ---- end of sampling ------------------------------------------------------------------------
 }

@@ -203,8 +203,8 @@ void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const At
       r.tables.pattern = r.pattern.data();
     }
   }
-#pragma omp parallel for schedule(dynamic) if (spread)
-  for (int i = 0; i < count; ++i) {
+  parallel_for_if(spread, count, 1, Split::Even, [&](int64_t i0, int64_t i1) {
+   for (int i = int(i0); i < int(i1); ++i) {
     const Rows& s = seqs[i];
     KVCache& cache = *s.step->cache;
     AttentionShape mine = shape;
@@ -214,7 +214,8 @@ void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const At
     const AttentionCapture& t = records[i].tables;
     kernels().attention(q + size_t(s.row0) * qs, cache.k(l), cache.v(l), cache.type(), mine,
                         z + size_t(s.row0) * qs, (t.scores || t.pattern) ? &t : nullptr);
-  }
+   }
+  });
   for (int i = 0; i < count; ++i) {
     const Rows& s = seqs[i];
     const int ctx = s.pos0 + s.n, row = c.n_heads * ctx;

@@ -33,6 +33,11 @@ constexpr auto WORKER_SPIN = std::chrono::microseconds(200);
 // How long the caller polls for a chunk still running on another thread before it sleeps
 // (which lets the scheduler run that thread on the caller's core, if it was descheduled).
 constexpr auto CALLER_SPIN = std::chrono::microseconds(50);
+// A caller that waited this long for chunks in progress elsewhere, and longer than half its own
+// share of the job took, was held up by a thread the scheduler had set aside (another process
+// has its core). The pool then asks fewer threads for BACKOFF, and tries all of them again after.
+constexpr auto STALL = std::chrono::microseconds(250);
+constexpr auto BACKOFF = std::chrono::milliseconds(100);
 // A guided claim takes this fraction of the remaining items per thread.
 constexpr int GUIDED_DIVISOR = 2;
 // Even splits: chunks per thread, so that a slow thread leaves its share to the others.
@@ -84,6 +89,11 @@ class Pool {
   void run(int64_t n, int64_t grain, Split split, int threads, detail::ChunkFn fn, void* ctx) {
     std::unique_lock<std::mutex> hold(busy_, std::try_to_lock);
     if (!hold.owns_lock()) return fn(ctx, 0, n);  // another OS thread's job is running: no waiting for it
+    using Clock = std::chrono::steady_clock;
+    const Clock::time_point start = Clock::now();
+    if (backoff_threads_ && start >= backoff_until_) backoff_threads_ = 0;
+    if (backoff_threads_) threads = std::min(threads, backoff_threads_);
+    if (threads <= 1) return fn(ctx, 0, n);
     grow(threads - 1);
     const uint32_t gen = ++generation_;
     // Close the ticket under the new generation before the fields change: a worker still
@@ -105,9 +115,16 @@ class Pool {
     tls_in_parallel = false;
     const uint32_t total = uint32_t(n);
     if (!spin_until([&] { return done_.load(std::memory_order_acquire) == total; }, CALLER_SPIN)) {
+      const Clock::time_point own_done = Clock::now();
       caller_sleeping_.store(1);
       for (uint32_t d; (d = done_.load(std::memory_order_acquire)) != total;) wait_on(done_, d);
       caller_sleeping_.store(0);
+      const Clock::time_point finish = Clock::now();
+      const auto waited = finish - own_done + CALLER_SPIN, own = own_done - start - CALLER_SPIN;
+      if (waited > STALL && waited > own / 2) {
+        backoff_threads_ = std::max(1, threads / 2);
+        backoff_until_ = finish + BACKOFF;
+      }
     }
     if (error_) {
       std::exception_ptr e = nullptr;
@@ -184,6 +201,8 @@ class Pool {
   std::mutex error_mutex_;
   std::exception_ptr error_ = nullptr;  // the first exception a chunk of the running job threw
   std::mutex busy_;  // held by the caller of the running job
+  int backoff_threads_ = 0;  // > 0: at most this many threads until backoff_until_
+  std::chrono::steady_clock::time_point backoff_until_;
   uint32_t generation_ = 0;
   int started_ = 0;
   std::atomic<uint64_t> ticket_{CLOSED};  // generation << 32 | next item to claim

@@ -318,17 +318,40 @@ static void layernorm(const float* x, const float* w, const float* b, int rows, 
   });
 }
 
+// The cos and sin of every (position, frequency) of a call, remembered by the calling thread:
+// the next calls of a step (k after q, then every layer) rotate by the same angles, so the
+// table is computed once per step instead of twice per layer.
+struct RopeAngles {
+  std::vector<int> positions;
+  std::vector<float> inv_freq, cs, sn;  // cs, sn: [n][half]
+  float factor = 0.0f;
+
+  bool same(int n, const int* pos, int half, const float* freq, float f) const {
+    return factor == f && int(positions.size()) == n && int(inv_freq.size()) == half &&
+           std::equal(pos, pos + n, positions.begin()) && std::equal(freq, freq + half, inv_freq.begin());
+  }
+};
+
 static void rope(float* x, int n, int heads, int head_dim, int rotary_dim, const int* positions,
                  const float* inv_freq, float attn_factor, bool adjacent) {
   const int half = rotary_dim / 2;
-  float* cs = thread_scratch(SCRATCH_SCORES, size_t(2) * half);  // rope never runs inside attention
-  float* sn = cs + half;
+  static thread_local RopeAngles angles;
+  if (!angles.same(n, positions, half, inv_freq, attn_factor)) {
+    angles.positions.assign(positions, positions + n);
+    angles.inv_freq.assign(inv_freq, inv_freq + half);
+    angles.factor = attn_factor;
+    angles.cs.resize(size_t(n) * half);
+    angles.sn.resize(size_t(n) * half);
+    for (int t = 0; t < n; ++t)
+      for (int i = 0; i < half; ++i) {
+        const double a = double(positions[t]) * inv_freq[i];
+        angles.cs[size_t(t) * half + i] = float(std::cos(a)) * attn_factor;
+        angles.sn[size_t(t) * half + i] = float(std::sin(a)) * attn_factor;
+      }
+  }
   for (int t = 0; t < n; ++t) {
-    for (int i = 0; i < half; ++i) {
-      const double a = double(positions[t]) * inv_freq[i];
-      cs[i] = float(std::cos(a)) * attn_factor;
-      sn[i] = float(std::sin(a)) * attn_factor;
-    }
+    const float* cs = angles.cs.data() + size_t(t) * half;
+    const float* sn = angles.sn.data() + size_t(t) * half;
     for (int h = 0; h < heads; ++h) {
       float* v = x + (size_t(t) * heads + h) * head_dim;
       for (int i = 0; i < half; ++i) {

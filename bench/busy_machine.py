@@ -44,7 +44,7 @@ def use_core(path: str) -> None:
     sys.modules["tokentrail._core"] = module
 
 
-def decode_rate(model, new: int, limit: float = 4.0) -> float:
+def decode_rate(model, new: int, limit: float = 3.0) -> float:
     """Tokens/s of greedy decoding up to `new` tokens after a one-token prompt (one warm-up run
     first), stopping early after `limit` seconds (a collapsed configuration would take minutes)."""
     import numpy as np

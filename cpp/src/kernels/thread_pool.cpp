@@ -93,7 +93,17 @@ class Pool {
     const Clock::time_point start = Clock::now();
     if (backoff_threads_ && start >= backoff_until_) backoff_threads_ = 0;
     if (backoff_threads_) threads = std::min(threads, backoff_threads_);
-    if (threads <= 1) return fn(ctx, 0, n);
+    if (threads <= 1) {  // backing off: the caller alone, still marked as inside (the pool is held)
+      tls_in_parallel = true;
+      try {
+        fn(ctx, 0, n);
+      } catch (...) {
+        tls_in_parallel = false;
+        throw;
+      }
+      tls_in_parallel = false;
+      return;
+    }
     grow(threads - 1);
     const uint32_t gen = ++generation_;
     // Close the ticket under the new generation before the fields change: a worker still

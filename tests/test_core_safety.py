@@ -69,7 +69,7 @@ def test_session_model_is_fixed(model):
 
 
 def test_threads_honoured_from_another_python_thread():
-    """OpenMP's count is per OS thread: a model of 1 thread runs 1 from any thread."""
+    """The core keeps a thread count per OS thread: a model of 1 thread runs 1 from any thread."""
     m = tokentrail.load(threads=1)
     seen = []
 

@@ -498,13 +498,6 @@ def cmd_serve(args) -> int:
     if not math.isfinite(args.timeout) or args.timeout < 0:
         raise UsageError(f"--timeout: must be a number of seconds >= 0, got {args.timeout}")
     template = read_chat_template(args)
-    if getattr(args, "as_program", False) and "OMP_WAIT_POLICY" not in os.environ:
-        # OpenMP threads that spin between steps starve the server's HTTP thread (on two
-        # cores, one client got 8 instead of 69 tokens/s). The policy is read when the
-        # core loads, so the command starts again with sleeping threads.
-        os.environ["OMP_WAIT_POLICY"] = "passive"
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "tokentrail.cli", *sys.argv[1:]])
     model = load_model(args)
     name = args.model_name or (Path(args.model).name if args.model else "tokentrail-demo")
     serve(model, host=args.host, port=args.port, model_name=name, parallel=args.parallel, max_queue=args.max_queue,
@@ -746,7 +739,6 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as done:  # --help, --version, or a flag argparse refused (its one line is printed)
             return done.code if isinstance(done.code, int) else 0
-        args.as_program = argv is None  # run as the command, not called from Python with arguments
         check_isa_setting()
         return args.func(args)
     except KeyboardInterrupt:

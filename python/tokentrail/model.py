@@ -29,8 +29,9 @@ DEMO_MODEL = Path(__file__).parent / "models" / "demo"
 DEFAULT_CONTEXT_CAP = 8192
 # More threads than this is a mistake, not a machine.
 MAX_THREADS = 1024
-# OpenMP's count when the process started (every core, or OMP_NUM_THREADS): a model of threads=None
-# uses it whatever another model set before on the same thread.
+# The core's count when the process started (the CPUs it may run on, or TOKENTRAIL_THREADS /
+# OMP_NUM_THREADS when set): a model of threads=None uses it whatever another model set before on
+# the same thread.
 DEFAULT_THREADS = min(_core.get_threads(), MAX_THREADS)
 
 
@@ -176,9 +177,9 @@ class Model:
 
     @property
     def threads(self) -> int | None:
-        """Threads each core call of this model uses (None: OpenMP's default at start, every core).
+        """Threads each core call of this model uses (None: the core's default at start, every CPU).
 
-        OpenMP keeps its thread count per OS thread, so it is set again at every
+        The core keeps its thread count per OS thread, so it is set again at every
         core call: the count holds whichever Python thread runs the model."""
         return self._threads
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "tokentrail/tensor.h"
+#include "tokentrail/thread_pool.h"  // set_threads, get_threads, parallel_for
 
 namespace tokentrail {
 
@@ -74,10 +75,6 @@ const KernelTable& kernels();
 // Select a variant by name ("scalar", "avx2", "avx512"); throws if this CPU lacks it.
 void set_isa(const std::string& name);
 std::vector<std::string> available_isas();
-
-// Thread count for every parallel loop (OpenMP when built with it).
-void set_threads(int n);
-int get_threads();
 
 // Weight rows of any type (float or block-quantized) widened to float32.
 void row_to_f32(const WeightView& w, int64_t row, float* out);

@@ -66,6 +66,13 @@ struct Weights {
   std::vector<LayerWeights> layers;
 };
 
+// The working buffers of a forward step (activations of every row, logits), kept with the
+// KV cache that ran it so that the next decode step reuses them instead of allocating.
+struct ForwardBuffers {
+  std::vector<float> x, h, m, out, q, k, v, z, a, u, normed, unembed_in, logits;
+  std::vector<int> positions;
+};
+
 // Keys and values of every layer, laid out [layer][kv_head][position][head_dim]
 // so attention reads each head's history contiguously. Grows on demand up to
 // `limit`. Elements are float32 (exact) or f16 (half the memory and the bytes
@@ -87,6 +94,8 @@ class KVCache {
   // Rows [n][n_kv * head_dim] of float32 stored at positions pos0.. of a layer.
   void store(int layer, int pos0, int n, const float* k, const float* v);
   void advance(int n) { length_ += n; }
+  // Scratch for the forward pass; never part of the cache's contents (a clone starts without).
+  ForwardBuffers& buffers() { return buffers_; }
 
  private:
   size_t elem() const { return type_ == DType::F16 ? 2 : 4; }
@@ -99,6 +108,7 @@ class KVCache {
   // One buffer per layer and kind: growing replaces them one at a time, so a
   // resize holds the new cache plus a single old layer, not two whole caches.
   std::vector<std::vector<uint8_t>> k_, v_;
+  ForwardBuffers buffers_;
 };
 
 // Capture points: named places on the journey where a tensor can be copied out

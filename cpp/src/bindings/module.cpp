@@ -313,7 +313,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_threads", [](int64_t n) {
     if (n < 1 || n > MAX_THREADS) throw py::value_error("threads must be within 1.." + std::to_string(MAX_THREADS));
     set_threads(int(n));
-  }, py::arg("n"), "The thread count of core calls made from the calling OS thread (OpenMP's is per thread)");
+  }, py::arg("n"), "The thread count of core calls made from the calling OS thread (each OS thread keeps its own)");
   m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;
   m.def("get_threads", &get_threads);
 

@@ -1,12 +1,9 @@
-// Chooses the kernel variant at run time and owns the thread count.
+// Chooses the kernel variant at run time.
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
 #include "tokentrail/kernels.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace tokentrail {
 
@@ -92,21 +89,6 @@ void row_to_f32(const WeightView& w, int64_t row, float* out) {
       return;
     default: kernels().dequant_row(w, row, out);
   }
-}
-
-void set_threads(int n) {
-  if (n < 1) throw std::invalid_argument("threads must be at least 1");
-#ifdef _OPENMP
-  omp_set_num_threads(n);
-#endif
-}
-
-int get_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
 }
 
 }  // namespace tokentrail

@@ -4,8 +4,10 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
 
 #include "tokentrail/kernels.h"
+#include "tokentrail/thread_pool.h"

@@ -14,6 +14,16 @@ static inline float to_f32(float v) { return v; }
 static inline float to_f32(F16 v) { return f16_to_f32(v.bits); }
 static inline float to_f32(BF16 v) { return bf16_to_f32(v.bits); }
 
+// Working memory of the calling thread that keeps its size between calls, so that a
+// product or an attention call allocates nothing once warm. One buffer per use:
+enum ScratchSlot { SCRATCH_PACKED, SCRATCH_WIDENED, SCRATCH_SCORES, SCRATCH_XSUM, SCRATCH_SLOTS };
+static inline float* thread_scratch(ScratchSlot slot, size_t count) {
+  static thread_local std::vector<float> buffers[SCRATCH_SLOTS];
+  std::vector<float>& b = buffers[slot];
+  if (b.size() < count) b.resize(count);
+  return b.data();
+}
+
 // Decode-sized products ask for weight rows this far ahead: the hardware
 // prefetchers alone leave too few loads in flight to fill DRAM's pipe.
 // At least this many bytes ahead, too: short quantized rows need more rows in
@@ -56,11 +66,11 @@ static inline void micro_tile(const T* w, size_t ldw, const float* x, size_t ldx
 // Every GEMV shares this driver: rows split among threads in blocks of 16, each
 // block streaming its weights once while the few token vectors stay in L1;
 // inside a block, register tiles of R rows x C tokens, smaller at the edges.
-// Guided scheduling: each thread first takes a long contiguous run of blocks
-// (one sequential stream, prefetched within itself), then shrinking chunks
-// even out the end. One block at a time (dynamic, 1) measured 1.2-2x slower
-// decode: a shared counter bounced between cores per block, and streams
-// broken every 16 rows. `tile(Rows, Cols, r, t)` computes rows r.. for tokens t..,
+// Guided chunks (Split::Guided): each thread first takes a long contiguous run
+// of blocks (one sequential stream, prefetched within itself), then shrinking
+// chunks even out the end, and whichever thread is free takes the next one.
+// One block at a time measured 1.2-2x slower decode: a shared counter bounced
+// between cores per block, and streams broken every 16 rows. `tile(Rows, Cols, r, t)` computes rows r.. for tokens t..,
 // with Rows/Cols as std::integral_constant so the tile sizes stay compile-time.
 template <int R, class Tile>
 static void gemv_rows(int rows, int K, int n, Tile tile) {
@@ -69,8 +79,8 @@ static void gemv_rows(int rows, int K, int n, Tile tile) {
   using CT = std::integral_constant<int, C>;
   using One = std::integral_constant<int, 1>;
   const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for schedule(guided) if (double(rows) * K * n > 200000.0)
-  for (int b = 0; b < n_blocks; ++b) {
+  parallel_for_if(double(rows) * K * n > 200000.0, n_blocks, 1, Split::Guided, [&](int64_t b0, int64_t b1) {
+   for (int b = int(b0); b < int(b1); ++b) {
     const int r0 = b * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
     int t = 0;
     for (; t + C <= n; t += C) {
@@ -83,7 +93,8 @@ static void gemv_rows(int rows, int K, int n, Tile tile) {
       for (; r + R <= r1; r += R) tile(RT{}, One{}, r, t);
       for (; r < r1; ++r) tile(One{}, One{}, r, t);
     }
-  }
+   }
+  });
 }
 
 template <class T>
@@ -173,29 +184,28 @@ static void gemm(const WeightView& wv, const float* x, int n, float* y) {
   // A group of panels shares each pass over the tokens, so x is read from
   // the outer caches once per group instead of once per panel; the group is
   // sized to stay in L2 (about 512 KiB of packed weights).
-  // At least four groups per thread, so that dynamic scheduling can even out the load.
+  // At least four groups per thread, so that whoever is free takes the next and the load evens out.
   const int by_cache = std::max(1, std::min(8, int((512 * 1024) / (size_t(K) * NR * 4))));
   const int group = std::max(1, std::min(by_cache, panels / (4 * get_threads())));
   const int groups = (panels + group - 1) / group;
-#pragma omp parallel
-  {
-    std::vector<float> packed(size_t(group) * K * NR), scratch(size_t(NR) * K);
+  parallel_for(groups, 1, Split::Even, get_threads(), [&](int64_t g0, int64_t g1) {
+    float* packed = thread_scratch(SCRATCH_PACKED, size_t(group) * K * NR);
+    float* scratch = thread_scratch(SCRATCH_WIDENED, size_t(NR) * K);
     alignas(64) float out[MR * NR];
-#pragma omp for schedule(dynamic, 1)
-    for (int gi = 0; gi < groups; ++gi) {
+    for (int gi = int(g0); gi < int(g1); ++gi) {
       const int p0 = gi * group, pc = std::min(group, panels - p0);
-      for (int p = 0; p < pc; ++p) pack_panel(wv, (p0 + p) * NR, packed.data() + size_t(p) * K * NR, scratch.data());
+      for (int p = 0; p < pc; ++p) pack_panel(wv, (p0 + p) * NR, packed + size_t(p) * K * NR, scratch);
       for (int t = 0; t < n; t += MR) {
         const int mc = std::min(MR, n - t);
         for (int p = 0; p < pc; ++p) {
           const int n0 = (p0 + p) * NR, nr = std::min(NR, rows - n0);
-          gemm_rows<MR>(x + size_t(t) * K, K, packed.data() + size_t(p) * K * NR, mc, out);
+          gemm_rows<MR>(x + size_t(t) * K, K, packed + size_t(p) * K * NR, mc, out);
           for (int m = 0; m < mc; ++m)
             std::copy(out + m * NR, out + m * NR + nr, y + size_t(t + m) * rows + n0);
         }
       }
     }
-  }
+  });
 }
 
 static void add_bias(const float* bias, int rows, int n, float* y) {
@@ -273,21 +283,27 @@ static void softmax(float* x, int rows, int n, float temperature) {
   for (int r = 0; r < rows; ++r) softmax_row(x + size_t(r) * n, n, temperature);
 }
 
+// Row-wise loops (norms) spread their rows over the threads when the tensor is large (prefill).
+template <class F>
+static inline void for_rows(int rows, int n, F row) {
+  parallel_for_if(double(rows) * n > 65536.0, rows, 1, Split::Even, [&](int64_t r0, int64_t r1) {
+    for (int r = int(r0); r < int(r1); ++r) row(r);
+  });
+}
+
 static void rmsnorm(const float* x, const float* w, int rows, int n, float eps, float* y) {
-#pragma omp parallel for schedule(static) if (double(rows) * n > 65536.0)
-  for (int r = 0; r < rows; ++r) {
+  for_rows(rows, n, [&](int r) {
     const float* xr = x + size_t(r) * n;
     float* yr = y + size_t(r) * n;
     double ss = 0.0;
     for (int i = 0; i < n; ++i) ss += double(xr[i]) * xr[i];
     const float scale = float(1.0 / std::sqrt(ss / n + eps));
     for (int i = 0; i < n; ++i) yr[i] = xr[i] * scale * w[i];
-  }
+  });
 }
 
 static void layernorm(const float* x, const float* w, const float* b, int rows, int n, float eps, float* y) {
-#pragma omp parallel for schedule(static) if (double(rows) * n > 65536.0)
-  for (int r = 0; r < rows; ++r) {
+  for_rows(rows, n, [&](int r) {
     const float* xr = x + size_t(r) * n;
     float* yr = y + size_t(r) * n;
     double mean = 0.0;
@@ -299,19 +315,43 @@ static void layernorm(const float* x, const float* w, const float* b, int rows, 
     const float scale = float(1.0 / std::sqrt(var + eps));
     const float mu = float(mean);
     for (int i = 0; i < n; ++i) yr[i] = (xr[i] - mu) * scale * w[i] + (b ? b[i] : 0.0f);
-  }
+  });
 }
+
+// The cos and sin of every (position, frequency) of a call, remembered by the calling thread:
+// the next calls of a step (k after q, then every layer) rotate by the same angles, so the
+// table is computed once per step instead of twice per layer.
+struct RopeAngles {
+  std::vector<int> positions;
+  std::vector<float> inv_freq, cs, sn;  // cs, sn: [n][half]
+  float factor = 0.0f;
+
+  bool same(int n, const int* pos, int half, const float* freq, float f) const {
+    return factor == f && int(positions.size()) == n && int(inv_freq.size()) == half &&
+           std::equal(pos, pos + n, positions.begin()) && std::equal(freq, freq + half, inv_freq.begin());
+  }
+};
 
 static void rope(float* x, int n, int heads, int head_dim, int rotary_dim, const int* positions,
                  const float* inv_freq, float attn_factor, bool adjacent) {
   const int half = rotary_dim / 2;
-  std::vector<float> cs(half), sn(half);
+  static thread_local RopeAngles angles;
+  if (!angles.same(n, positions, half, inv_freq, attn_factor)) {
+    angles.positions.assign(positions, positions + n);
+    angles.inv_freq.assign(inv_freq, inv_freq + half);
+    angles.factor = attn_factor;
+    angles.cs.resize(size_t(n) * half);
+    angles.sn.resize(size_t(n) * half);
+    for (int t = 0; t < n; ++t)
+      for (int i = 0; i < half; ++i) {
+        const double a = double(positions[t]) * inv_freq[i];
+        angles.cs[size_t(t) * half + i] = float(std::cos(a)) * attn_factor;
+        angles.sn[size_t(t) * half + i] = float(std::sin(a)) * attn_factor;
+      }
+  }
   for (int t = 0; t < n; ++t) {
-    for (int i = 0; i < half; ++i) {
-      const double a = double(positions[t]) * inv_freq[i];
-      cs[i] = float(std::cos(a)) * attn_factor;
-      sn[i] = float(std::sin(a)) * attn_factor;
-    }
+    const float* cs = angles.cs.data() + size_t(t) * half;
+    const float* sn = angles.sn.data() + size_t(t) * half;
     for (int h = 0; h < heads; ++h) {
       float* v = x + (size_t(t) * heads + h) * head_dim;
       for (int i = 0; i < half; ++i) {
@@ -330,8 +370,8 @@ static void rope(float* x, int n, int heads, int head_dim, int rotary_dim, const
 template <class F>
 static inline void map_vectors(float* x, size_t n, F f) {
   const long long chunks = (long long)((n + 4095) / 4096);
-#pragma omp parallel for schedule(static) if (n > 65536)
-  for (long long c = 0; c < chunks; ++c) {
+  parallel_for_if(n > 65536, chunks, 1, Split::Even, [&](int64_t c0, int64_t c1) {
+   for (int64_t c = c0; c < c1; ++c) {
     const size_t begin = size_t(c) * 4096, end = std::min(n, begin + 4096);
     size_t i = begin;
     for (; i + V::W <= end; i += V::W) V::store(x + i, f(V::load(x + i)));
@@ -341,7 +381,8 @@ static inline void map_vectors(float* x, size_t n, F f) {
       V::store(tail, f(V::load(tail)));
       std::copy(tail, tail + (end - i), x + i);
     }
-  }
+   }
+  });
 }
 
 static void gelu_tanh(float* x, size_t n) {
@@ -442,36 +483,37 @@ static void attention_typed(const float* q, const T* k, const T* v, const Attent
   const int group = n_heads / a.n_kv;
   const size_t qstride = size_t(n_heads) * head_dim;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-#pragma omp parallel if (attention_work(n, n_heads, ctx, head_dim) > ATTENTION_PARALLEL_WORK)
-  {
-    std::vector<float> s(ctx);
-#pragma omp for collapse(2) schedule(static, 1)  // round robin: causal rows grow with i
-    for (int i = 0; i < n; ++i)
-      for (int h = 0; h < n_heads; ++h) {
+  // One item per (query, head), the last queries (the longest causal rows) handed out first,
+  // so that the short ones even out the finish.
+  const bool parallel = attention_work(n, n_heads, ctx, head_dim) > ATTENTION_PARALLEL_WORK;
+  parallel_for_if(parallel, int64_t(n) * n_heads, 1, Split::Even, [&](int64_t item0, int64_t item1) {
+    float* s = thread_scratch(SCRATCH_SCORES, size_t(ctx));
+    for (int64_t item = item0; item < item1; ++item) {
+        const int i = n - 1 - int(item / n_heads), h = int(item % n_heads);
         const int end = pos0 + i + 1;  // causal: keys up to and including this position
         const int first = a.window > 0 ? std::max(0, end - a.window) : 0;
         const int len = end - first;
         const float* qv = q + i * qstride + size_t(h) * head_dim;
         const T* kh = k + (size_t(h / group) * cap + first) * head_dim;
         const T* vh = v + (size_t(h / group) * cap + first) * head_dim;
-        attention_scores(qv, kh, len, head_dim, a.scale, s.data());
+        attention_scores(qv, kh, len, head_dim, a.scale, s);
         if (a.softcap > 0.0f)
           for (int j = 0; j < len; ++j) s[j] = a.softcap * std::tanh(s[j] / a.softcap);
         const size_t crow = (size_t(i) * n_heads + h) * ctx;
         if (capture && capture->scores) {
           std::fill(capture->scores + crow, capture->scores + crow + first, neg_inf);
-          std::copy(s.begin(), s.begin() + len, capture->scores + crow + first);
+          std::copy(s, s + len, capture->scores + crow + first);
           std::fill(capture->scores + crow + end, capture->scores + crow + ctx, neg_inf);
         }
-        softmax_row(s.data(), len, 1.0f);
+        softmax_row(s, len, 1.0f);
         if (capture && capture->pattern) {
           std::fill(capture->pattern + crow, capture->pattern + crow + first, 0.0f);
-          std::copy(s.begin(), s.begin() + len, capture->pattern + crow + first);
+          std::copy(s, s + len, capture->pattern + crow + first);
           std::fill(capture->pattern + crow + end, capture->pattern + crow + ctx, 0.0f);
         }
-        attention_mix(s.data(), vh, len, head_dim, z + i * qstride + size_t(h) * head_dim);
-      }
-  }
+        attention_mix(s, vh, len, head_dim, z + i * qstride + size_t(h) * head_dim);
+    }
+  });
 }
 
 static void attention(const float* q, const void* k, const void* v, DType kv_type, const AttentionShape& a, float* z,
@@ -607,9 +649,9 @@ static inline void deq_q6_k(const uint8_t* __restrict b, float* __restrict y) { 
 // Sums of x over each 32-value run, per token: the part of a product that a
 // block's offset (Q4_1, Q5_1 min; Q4_K, Q5_K dmin * min) multiplies. Computed
 // once per product and shared by every row.
-static std::vector<float> sums_of_32(const float* x, int n, int K) {
+static const float* sums_of_32(const float* x, int n, int K) {
   const int nsub = K / 32;
-  std::vector<float> xsum(size_t(n) * nsub);
+  float* xsum = thread_scratch(SCRATCH_XSUM, size_t(n) * nsub);
   for (int t = 0; t < n; ++t)
     for (int sb = 0; sb < nsub; ++sb) {
       float acc = 0.0f;
@@ -702,10 +744,10 @@ template <DType T>
 static void gemv_q_blocks(const WeightView& wv, const float* x, int n, float* y) {
   const int rows = int(wv.rows), K = int(wv.cols), nsub = K / 32;
   constexpr bool WITH_MIN = T == DType::Q4_1 || T == DType::Q5_1;
-  const std::vector<float> xsum = WITH_MIN ? sums_of_32(x, n, K) : std::vector<float>();
+  const float* xsum = WITH_MIN ? sums_of_32(x, n, K) : nullptr;
   gemv_rows<4>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
     q_block_tile<T, decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
-                                                              xsum.data() + (WITH_MIN ? size_t(t) * nsub : 0), nsub,
+                                                              WITH_MIN ? xsum + size_t(t) * nsub : nullptr, nsub,
                                                               y + size_t(t) * rows + r, rows);
   });
 }
@@ -822,10 +864,10 @@ static void gemv_q6_k(const WeightView& wv, const float* x, int n, float* y) {
 template <DType T>
 static void gemv_k_quant(const WeightView& wv, const float* x, int n, float* y) {
   const int rows = int(wv.rows), K = int(wv.cols), nsub = K / 32;
-  const std::vector<float> xsum = sums_of_32(x, n, K);
+  const float* xsum = sums_of_32(x, n, K);
   gemv_rows<2>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
     k_quant_tile<T, decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
-                                                              xsum.data() + size_t(t) * nsub, nsub,
+                                                              xsum + size_t(t) * nsub, nsub,
                                                               y + size_t(t) * rows + r, rows);
   });
 }
@@ -903,34 +945,37 @@ static void widen_row(const WeightView& w, int64_t r, float* out) {
 // an FMA loop on registers only (the shape of a GEMM's inner loop).
 static double probe_read(const float* p, size_t n) {
   double total = 0.0;
-#pragma omp parallel reduction(+ : total)
-  {
+  std::mutex total_mutex;
+  parallel_for(int64_t(n / (4 * V::W)), 4096, Split::Even, get_threads(), [&](int64_t i0, int64_t i1) {
     typename V::R a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
-#pragma omp for schedule(static)
-    for (long long i = 0; i < (long long)(n / (4 * V::W)); ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       const float* q = p + size_t(i) * 4 * V::W;
       a0 = V::fma(V::load(q), V::set1(1.0f), a0);
       a1 = V::fma(V::load(q + V::W), V::set1(1.0f), a1);
       a2 = V::fma(V::load(q + 2 * V::W), V::set1(1.0f), a2);
       a3 = V::fma(V::load(q + 3 * V::W), V::set1(1.0f), a3);
     }
+    std::lock_guard<std::mutex> lock(total_mutex);
     total += V::sum(a0) + V::sum(a1) + V::sum(a2) + V::sum(a3);
-  }
+  });
   return total;
 }
 
 static double probe_fma(long long iters) {
+  // One item per thread, each the whole loop.
   double total = 0.0;
-#pragma omp parallel reduction(+ : total)
-  {
+  std::mutex total_mutex;
+  const int threads = get_threads();
+  parallel_for(threads, 1, Split::Even, threads, [&](int64_t item0, int64_t item1) {
     constexpr int A = 12;  // independent chains hide the FMA latency on two ports
     typename V::R acc[A];
     for (int j = 0; j < A; ++j) acc[j] = V::set1(float(j) * 1e-3f);
     const typename V::R m = V::set1(0.999999f), c = V::set1(1e-7f);
-    for (long long i = 0; i < iters; ++i)
+    for (long long i = 0; i < iters * (item1 - item0); ++i)
       for (int j = 0; j < A; ++j) acc[j] = V::fma(acc[j], m, c);
+    std::lock_guard<std::mutex> lock(total_mutex);
     for (int j = 0; j < A; ++j) total += V::sum(acc[j]);
-  }
+  });
   return total;
 }
 

@@ -203,8 +203,8 @@ void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const At
       r.tables.pattern = r.pattern.data();
     }
   }
-#pragma omp parallel for schedule(dynamic) if (spread)
-  for (int i = 0; i < count; ++i) {
+  parallel_for_if(spread, count, 1, Split::Even, [&](int64_t i0, int64_t i1) {
+   for (int i = int(i0); i < int(i1); ++i) {
     const Rows& s = seqs[i];
     KVCache& cache = *s.step->cache;
     AttentionShape mine = shape;
@@ -214,7 +214,8 @@ void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const At
     const AttentionCapture& t = records[i].tables;
     kernels().attention(q + size_t(s.row0) * qs, cache.k(l), cache.v(l), cache.type(), mine,
                         z + size_t(s.row0) * qs, (t.scores || t.pattern) ? &t : nullptr);
-  }
+   }
+  });
   for (int i = 0; i < count; ++i) {
     const Rows& s = seqs[i];
     const int ctx = s.pos0 + s.n, row = c.n_heads * ctx;
@@ -226,17 +227,22 @@ void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const At
   }
 }
 
+// Steps of more rows than this give their buffers back when they end.
+constexpr int KEEP_BUFFERS_ROWS = 64;
+
 // Final norm and unembedding for the rows someone needs: every row of a sequence that
 // wants all logits or records there, else its last row, else (no logits, no hooks) none.
 // The rows of all sequences go through the unembedding together.
-void final_norm_and_unembed(const Config& c, const Weights& w, const std::vector<Rows>& seqs, const float* x) {
+void final_norm_and_unembed(const Config& c, const Weights& w, const std::vector<Rows>& seqs, const float* x,
+                            ForwardBuffers& B) {
   struct Tail {
     int first = 0, rows = 0;  // its rows from `first` on
     int normed_at = 0, logits_at = 0;  // where they sit among the normalised rows and among the logits rows
     bool logits = false;
   };
   const int d = c.dim, vocab = c.vocab;
-  std::vector<Tail> tails(seqs.size());
+  static thread_local std::vector<Tail> tails;
+  tails.assign(seqs.size(), Tail{});
   int normed = 0, unembedded = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const Rows& s = seqs[i];
@@ -255,7 +261,8 @@ void final_norm_and_unembed(const Config& c, const Weights& w, const std::vector
       unembedded += t.rows;
     }
   }
-  std::vector<float> hn(size_t(normed) * d);
+  std::vector<float>& hn = B.normed;
+  hn.resize(size_t(normed) * d);
   for (size_t i = 0; i < seqs.size(); ++i)
     if (tails[i].rows)
       std::copy(x + size_t(seqs[i].row0 + tails[i].first) * d, x + size_t(seqs[i].row0 + seqs[i].n) * d,
@@ -266,7 +273,7 @@ void final_norm_and_unembed(const Config& c, const Weights& w, const std::vector
       apply_site(seqs[i].step->hooks, P_FINAL_NORM, -1, hn.data() + size_t(tails[i].normed_at) * d, tails[i].rows,
                  d, seqs[i].pos0 + tails[i].first, 0);
   // The unembedding's input: the normalised rows of the sequences that want logits.
-  std::vector<float> hl;
+  std::vector<float>& hl = B.unembed_in;
   const float* rows_in = hn.data();
   if (unembedded < normed) {
     hl.resize(size_t(unembedded) * d);
@@ -276,7 +283,8 @@ void final_norm_and_unembed(const Config& c, const Weights& w, const std::vector
                   hl.data() + size_t(t.logits_at) * d);
     rows_in = hl.data();
   }
-  std::vector<float> out(size_t(unembedded) * vocab);
+  std::vector<float>& out = B.logits;
+  out.resize(size_t(unembedded) * vocab);
   if (unembedded) {
     const WeightView& un = w.unembed.empty() ? w.embed : w.unembed;
     kernels().matmul(un, rows_in, unembedded, out.data(), nullptr);
@@ -313,7 +321,11 @@ void Model::forward(KVCache& cache, const int* tokens, int n, LogitsMode mode, H
 void Model::forward(const SequenceStep* batch, int count) const {
   const Config& c = cfg_;
   check_batch(c, this, batch, count);
-  std::vector<Rows> seqs;
+  // Bookkeeping of the step, kept by the calling thread between steps (forward never runs
+  // inside itself on one thread); the activations live with the first sequence's cache.
+  static thread_local std::vector<Rows> seqs;
+  static thread_local std::vector<AttentionRecord> records;
+  seqs.clear();
   int n = 0;  // rows of the whole batch
   for (int i = 0; i < count; ++i) {
     const SequenceStep& s = batch[i];
@@ -328,10 +340,22 @@ void Model::forward(const SequenceStep* batch, int count) const {
   const size_t nd = size_t(n) * d;
 
   // x: the residual stream; h: a block's input or output; m: the MLP's input in parallel blocks.
-  std::vector<float> x(nd), h(nd), m(c.parallel_residual ? nd : 0), out(nd), q(size_t(n) * qs),
-      k(size_t(n) * kvs), v(size_t(n) * kvs), z(size_t(n) * qs);
-  std::vector<float> a(size_t(n) * c.ffn), u(c.gated_mlp ? size_t(n) * c.ffn : 0);
-  std::vector<int> positions(n);
+  // Resizing keeps each buffer's memory, so a decode step after the first allocates nothing.
+  ForwardBuffers& B = batch[0].cache->buffers();
+  std::vector<float>&x = B.x, &h = B.h, &m = B.m, &out = B.out, &q = B.q, &k = B.k, &v = B.v, &z = B.z, &a = B.a,
+      &u = B.u;
+  x.resize(nd);
+  h.resize(nd);
+  m.resize(c.parallel_residual ? nd : 0);
+  out.resize(nd);
+  q.resize(size_t(n) * qs);
+  k.resize(size_t(n) * kvs);
+  v.resize(size_t(n) * kvs);
+  z.resize(size_t(n) * qs);
+  a.resize(size_t(n) * c.ffn);
+  u.resize(c.gated_mlp ? size_t(n) * c.ffn : 0);
+  std::vector<int>& positions = B.positions;
+  positions.resize(n);
   for (const Rows& s : seqs)
     for (int i = 0; i < s.n; ++i) positions[s.row0 + i] = s.pos0 + i;
 
@@ -347,7 +371,7 @@ void Model::forward(const SequenceStep* batch, int count) const {
     add_into(x.data(), h.data(), nd);
   }
 
-  std::vector<AttentionRecord> records(seqs.size());
+  records.resize(seqs.size());
   AttentionShape shape;
   shape.n_heads = c.n_heads;
   shape.n_kv = c.n_kv_heads;
@@ -422,7 +446,11 @@ void Model::forward(const SequenceStep* batch, int count) const {
     hooks.apply(P_RESID_POST, l, x.data(), d);
   }
   for (const Rows& s : seqs) s.step->cache->advance(s.n);
-  final_norm_and_unembed(c, w_, seqs, x.data());
+  final_norm_and_unembed(c, w_, seqs, x.data(), B);
+  // Prefill-sized buffers are not worth keeping: a step that large costs far more than its allocations.
+  if (n > KEEP_BUFFERS_ROWS) B = ForwardBuffers{};
+  for (AttentionRecord& r : records)
+    if (r.scores.size() + r.pattern.size() > 0) r = AttentionRecord{};  // captured tables: freed, as before
 }
 
 }  // namespace tokentrail

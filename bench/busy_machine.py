@@ -1,0 +1,207 @@
+"""Decode speed on a busy machine: 1 and 2 threads, idle, next to a process holding a core, and
+next to numpy's BLAS threads in the same process.
+
+    python bench/busy_machine.py [--shape smollm] [--types f32,f16,q4_0] [--threads 1,2]
+                                 [--loads idle,busy,numpy] [--new 48] [--rounds 3]
+                                 [--core NAME=path/to/_core.so ...]
+
+A random-weight model in the shape of a real one (bench/shapes.py) is written once as a GGUF
+file per type. Each round runs one child process per core build (`--core`, default: the
+installed one), the builds taking turns, so other work on the machine slows them alike. A
+child decodes greedily from a one-token prompt for every (type, threads, load) and prints tokens/s;
+the table shows the median over rounds. Loads:
+
+- idle: nothing else of ours runs;
+- busy: another process spins (`while True: pass`) for the whole measurement, holding one core;
+- numpy: a thread of this process multiplies 512 x 512 float32 matrices in a loop (numpy's
+  BLAS runs its own threads) while the model decodes.
+
+Swapping builds: `--core omp=/tmp/core_openmp.so --core pool=...` loads each file as
+`tokentrail._core` in its child, so two builds of the core compare in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def use_core(path: str) -> None:
+    """Make `path` the `tokentrail._core` that importing tokentrail picks up."""
+    spec = importlib.util.spec_from_file_location("tokentrail._core", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["tokentrail._core"] = module
+
+
+def decode_rate(model, new: int, limit: float = 3.0) -> float:
+    """Tokens/s of greedy decoding up to `new` tokens after a one-token prompt (one warm-up run
+    first), stopping early after `limit` seconds (a collapsed configuration would take minutes)."""
+    import numpy as np
+
+    def run(count):
+        t = time.perf_counter()
+        s = model.session()
+        logits = s.feed([1])
+        steps = 1
+        while steps <= count and time.perf_counter() - t < limit:
+            logits = s.feed([int(np.argmax(logits))])
+            steps += 1
+        return steps / (time.perf_counter() - t)
+
+    run(4)
+    return run(new)
+
+
+class NumpyLoop:
+    """A thread multiplying matrices with numpy (its BLAS threads included) until stopped."""
+
+    def __init__(self):
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        self.a = rng.standard_normal((512, 512), dtype=np.float32)
+        self.b = rng.standard_normal((512, 512), dtype=np.float32)
+        self.stop = threading.Event()
+        self.products = 0
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self.stop.is_set():
+            self.a @ self.b
+            self.products += 1
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+class SpinningProcess:
+    """Another process holding one core for as long as the block lasts."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def child(args) -> None:
+    if args.core_path:
+        use_core(args.core_path)
+    import contextlib
+
+    import tokentrail
+
+    results = []
+    for dtype in args.types.split(","):
+        model = tokentrail.load(Path(args.files) / f"{dtype}.gguf", threads=1)
+        for threads in map(int, args.threads.split(",")):
+            model.threads = threads
+            for load in args.loads.split(","):
+                ctx = {"idle": contextlib.nullcontext, "busy": SpinningProcess, "numpy": NumpyLoop}[load]()
+                with ctx:
+                    rate = decode_rate(model, args.new)
+                results.append({"type": dtype, "threads": threads, "load": load, "tok_s": rate})
+        del model
+    print(json.dumps(results))
+
+
+def write_models(shape: str, types: list[str], directory: Path) -> None:
+    sys.path.insert(0, str(HERE))
+    from decode_by_type import placeholder_tokenizer
+    from shapes import make_model
+
+    from tokentrail.loading import Checkpoint, read_checkpoint
+    from tokentrail.loading.gguf_writer import write_gguf
+
+    hf = directory / "hf"
+    make_model(shape, hf)
+    ck = read_checkpoint(hf)
+    if ck.tokenizer is None:
+        ck = Checkpoint(ck.config, ck.weights, placeholder_tokenizer(ck.config.vocab_size), ck.source)
+    for dtype in types:
+        write_gguf(ck, directory / f"{dtype}.gguf", dtype)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="smollm")
+    ap.add_argument("--types", default="f32,f16,q4_0")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--loads", default="idle,busy,numpy")
+    ap.add_argument("--new", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--core", action="append", default=[], help="NAME=path of a _core build (repeatable)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--files", help=argparse.SUPPRESS)
+    ap.add_argument("--core-path", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    cores = [tuple(c.split("=", 1)) for c in args.core] or [("installed", "")]
+    load_before = os.getloadavg()
+    samples: dict[tuple, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_models(args.shape, args.types.split(","), Path(tmp))
+        for _ in range(args.rounds):
+            for name, path in cores:
+                cmd = [sys.executable, __file__, "--child", "--files", tmp, "--types", args.types, "--threads",
+                       args.threads, "--loads", args.loads, "--new", str(args.new)]
+                if path:
+                    cmd += ["--core-path", path]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                for r in json.loads(out.strip().splitlines()[-1]):
+                    samples.setdefault((name, r["type"], r["threads"], r["load"]), []).append(r["tok_s"])
+    load_after = os.getloadavg()
+
+    import tokentrail
+
+    print(f"shape={args.shape} decode={args.new + 1} tokens rounds={args.rounds} isa={tokentrail._core.isa()} "
+          f"cpus={os.cpu_count()} load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    loads = args.loads.split(",")
+    head = f"{'build':<10}{'type':<6}{'threads':>8}" + "".join(f"{load + ' tok/s':>14}" for load in loads)
+    head += "".join(f"{load + '/idle':>12}" for load in loads if load != "idle")
+    print(head)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    for name, _ in cores:
+        for dtype in args.types.split(","):
+            for threads in map(int, args.threads.split(",")):
+                row = [med[(name, dtype, threads, load)] for load in loads]
+                line = f"{name:<10}{dtype:<6}{threads:>8}" + "".join(f"{r:>14.1f}" for r in row)
+                if "idle" in loads:
+                    idle = med[(name, dtype, threads, "idle")]
+                    line += "".join(f"{med[(name, dtype, threads, load)] / idle:>11.2f}x" for load in loads if load != "idle")
+                print(line)
+    if len(cores) > 1:
+        base = cores[0][0]
+        for name, _ in cores[1:]:
+            print(f"{name} / {base}: " + ", ".join(
+                f"{d} {t}t {load} {med[(name, d, t, load)] / med[(base, d, t, load)]:.2f}x"
+                for d in args.types.split(",") for t in map(int, args.threads.split(",")) for load in loads))
+    print("spread over rounds, (max - min) / median: " + ", ".join(
+        f"{k[0]} {k[1]} {k[2]}t {k[3]} {(max(v) - min(v)) / statistics.median(v):.0%}" for k, v in samples.items()
+        if len(v) > 1 and (max(v) - min(v)) / statistics.median(v) > 0.25) + " (only those above 25%)")
+
+
+if __name__ == "__main__":
+    main()

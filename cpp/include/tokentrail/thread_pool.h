@@ -1,0 +1,61 @@
+// The core's own thread pool: every parallel loop of the kernels and the forward pass runs here.
+//
+// Why not OpenMP: its regions end in a barrier that waits for every thread, and its idle
+// threads spin for long stretches. On a machine where another process holds a core, a
+// thread descheduled inside a region holds everyone up, and spinning threads take time
+// from whoever else runs (numpy's BLAS threads, other processes). Here:
+//  - work is split into chunks claimed from one atomic counter; the calling thread
+//    takes part, and a thread that arrives late (or not at all) claims nothing, so only a
+//    chunk already in progress is ever waited for;
+//  - idle workers spin briefly (the next region of a forward pass follows within
+//    microseconds), then sleep on a futex, so an idle pool burns no core;
+//  - the caller, once no chunk is left to claim, also spins briefly and then sleeps, which
+//    frees its core for the scheduler to run a straggler there.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+namespace tokentrail {
+
+// Thread count for every parallel loop of core calls made from the calling OS thread
+// (each OS thread keeps its own, so a model's count holds whichever thread runs it).
+void set_threads(int n);
+int get_threads();
+// The process default: OMP_NUM_THREADS or TOKENTRAIL_THREADS when set, else the CPUs this
+// process may run on.
+int default_threads();
+
+// How a range is cut into chunks.
+enum class Split {
+  // Equal chunks of at least `grain` items, several per thread, handed out in turn.
+  Even,
+  // Shrinking chunks: each claim takes a share of what is left (never below `grain`), so a
+  // thread starts with one long contiguous run and the small chunks at the end even out
+  // the finish. For streaming products, where a long run keeps one prefetched stream.
+  Guided,
+};
+
+namespace detail {
+using ChunkFn = void (*)(void* ctx, int64_t begin, int64_t end);
+void run_parallel(int64_t n, int64_t grain, Split split, int threads, ChunkFn fn, void* ctx);
+}  // namespace detail
+
+// Calls body(begin, end) over chunks covering [0, n) exactly once, on up to `threads`
+// threads (the caller is one of them), and returns when every chunk is done. Runs inline
+// on the caller when threads <= 1, n is one chunk, or the caller is already inside a
+// parallel loop (nested loops run serially) or another OS thread holds the pool.
+template <class F>
+void parallel_for(int64_t n, int64_t grain, Split split, int threads, F&& body) {
+  if (n <= 0) return;
+  auto call = [](void* ctx, int64_t begin, int64_t end) { (*static_cast<std::remove_reference_t<F>*>(ctx))(begin, end); };
+  detail::run_parallel(n, grain < 1 ? 1 : grain, split, threads, call, const_cast<void*>(static_cast<const void*>(&body)));
+}
+
+// The common case: the calling thread's count, or one thread when `parallel` is false.
+template <class F>
+void parallel_for_if(bool parallel, int64_t n, int64_t grain, Split split, F&& body) {
+  parallel_for(n, grain, split, parallel ? get_threads() : 1, std::forward<F>(body));
+}
+
+}  // namespace tokentrail

@@ -1,0 +1,282 @@
+// The thread pool behind parallel_for (thread_pool.h says why it is not OpenMP).
+//
+// One job at a time. The job's claim counter and its generation share one 64-bit word
+// (`ticket_`), so a claim made with a stale generation fails instead of taking items of
+// the next job; a job is complete when the items finished (`done_`) reach its size, and
+// only then may the caller write the next one.
+#include "tokentrail/thread_pool.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+
+#ifdef __linux__
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace tokentrail {
+namespace {
+
+// How long an idle worker polls for the next job before it sleeps: the regions of one
+// forward pass follow each other within microseconds, the gap between tokens is longer.
+constexpr auto WORKER_SPIN = std::chrono::microseconds(200);
+// How long the caller polls for a chunk still running on another thread before it sleeps
+// (which lets the scheduler run that thread on the caller's core, if it was descheduled).
+constexpr auto CALLER_SPIN = std::chrono::microseconds(50);
+// A caller that waited this long for chunks in progress elsewhere, and longer than half its own
+// share of the job took, was held up by a thread the scheduler had set aside (another process
+// has its core). The pool then asks fewer threads for BACKOFF, and tries all of them again after.
+constexpr auto STALL = std::chrono::microseconds(250);
+constexpr auto BACKOFF = std::chrono::milliseconds(100);
+// A guided claim takes this fraction of the remaining items per thread.
+constexpr int GUIDED_DIVISOR = 2;
+// Even splits: chunks per thread, so that a slow thread leaves its share to the others.
+constexpr int EVEN_CHUNKS_PER_THREAD = 4;
+constexpr uint32_t CLOSED = 0xFFFFFFFFu;  // a ticket's item index meaning "nothing to claim"
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Sleep while *word == expected (returns early on a wake or a change); wake sleepers on it.
+void wait_on(std::atomic<uint32_t>& word, uint32_t expected) {
+#ifdef __linux__
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, expected, nullptr, nullptr, 0);
+#else
+  if (word.load() == expected) std::this_thread::sleep_for(std::chrono::microseconds(50));
+#endif
+}
+
+void wake_on(std::atomic<uint32_t>& word, int count) {
+#ifdef __linux__
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, count, nullptr, nullptr, 0);
+#else
+  (void)word;
+  (void)count;
+#endif
+}
+
+// Polls `ready` for `limit`, checking the clock only every 64 polls.
+template <class Ready>
+bool spin_until(Ready ready, std::chrono::microseconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  for (int i = 1;; ++i) {
+    if (ready()) return true;
+    cpu_relax();
+    if (i % 64 == 0 && std::chrono::steady_clock::now() >= deadline) return ready();
+  }
+}
+
+thread_local bool tls_in_parallel = false;  // inside a chunk: nested loops run inline
+thread_local int tls_threads = 0;           // 0: the process default
+
+class Pool {
+ public:
+  void run(int64_t n, int64_t grain, Split split, int threads, detail::ChunkFn fn, void* ctx) {
+    std::unique_lock<std::mutex> hold(busy_, std::try_to_lock);
+    if (!hold.owns_lock()) return fn(ctx, 0, n);  // another OS thread's job is running: no waiting for it
+    using Clock = std::chrono::steady_clock;
+    const Clock::time_point start = Clock::now();
+    if (backoff_threads_ && start >= backoff_until_) backoff_threads_ = 0;
+    if (backoff_threads_) threads = std::min(threads, backoff_threads_);
+    if (threads <= 1) {  // backing off: the caller alone, still marked as inside (the pool is held)
+      tls_in_parallel = true;
+      try {
+        fn(ctx, 0, n);
+      } catch (...) {
+        tls_in_parallel = false;
+        throw;
+      }
+      tls_in_parallel = false;
+      return;
+    }
+    grow(threads - 1);
+    const uint32_t gen = ++generation_;
+    // Close the ticket under the new generation before the fields change: a worker still
+    // holding the previous ticket can no longer claim with it.
+    ticket_.store(uint64_t(gen) << 32 | CLOSED);
+    fn_.store(fn, std::memory_order_relaxed);
+    ctx_.store(ctx, std::memory_order_relaxed);
+    n_.store(n, std::memory_order_relaxed);
+    grain_.store(grain, std::memory_order_relaxed);
+    split_.store(split, std::memory_order_relaxed);
+    threads_.store(threads, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    ticket_.store(uint64_t(gen) << 32, std::memory_order_release);
+    job_word_.store(gen);
+    if (sleepers_.load() > 0) wake_on(job_word_, INT_MAX);
+
+    tls_in_parallel = true;
+    work(gen);
+    tls_in_parallel = false;
+    const uint32_t total = uint32_t(n);
+    if (!spin_until([&] { return done_.load(std::memory_order_acquire) == total; }, CALLER_SPIN)) {
+      const Clock::time_point own_done = Clock::now();
+      caller_sleeping_.store(1);
+      for (uint32_t d; (d = done_.load(std::memory_order_acquire)) != total;) wait_on(done_, d);
+      caller_sleeping_.store(0);
+      const Clock::time_point finish = Clock::now();
+      const auto waited = finish - own_done + CALLER_SPIN, own = own_done - start - CALLER_SPIN;
+      if (waited > STALL && waited > own / 2) {
+        backoff_threads_ = std::max(1, threads / 2);
+        backoff_until_ = finish + BACKOFF;
+      }
+    }
+    if (error_) {
+      std::exception_ptr e = nullptr;
+      std::swap(e, error_);
+      std::rethrow_exception(e);
+    }
+  }
+
+ private:
+  // Claims and runs chunks of generation `gen` until none is left.
+  void work(uint32_t gen) {
+    int64_t begin, end;
+    while (claim(gen, begin, end)) {
+      const uint32_t total = uint32_t(n_.load(std::memory_order_relaxed));  // read while the job is still open
+      try {
+        fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), begin, end);
+      } catch (...) {  // kept for the caller to rethrow; the chunk still counts as done
+        std::lock_guard<std::mutex> lock(error_mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+      const uint32_t d = done_.fetch_add(uint32_t(end - begin), std::memory_order_acq_rel) + uint32_t(end - begin);
+      if (d == total && caller_sleeping_.load()) wake_on(done_, 1);
+    }
+  }
+
+  bool claim(uint32_t gen, int64_t& begin, int64_t& end) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    for (;;) {
+      if (uint32_t(t >> 32) != gen) return false;
+      const int64_t next = int64_t(uint32_t(t)), n = n_.load(std::memory_order_relaxed);
+      if (uint32_t(t) == CLOSED || next >= n) return false;
+      const int64_t grain = grain_.load(std::memory_order_relaxed);
+      const int threads = threads_.load(std::memory_order_relaxed);
+      int64_t size;
+      if (split_.load(std::memory_order_relaxed) == Split::Guided)
+        size = std::max(grain, (n - next) / (int64_t(threads) * GUIDED_DIVISOR));
+      else
+        size = std::max(grain, (n + int64_t(threads) * EVEN_CHUNKS_PER_THREAD - 1) /
+                                   (int64_t(threads) * EVEN_CHUNKS_PER_THREAD));
+      const int64_t stop = std::min(n, next + size);
+      if (ticket_.compare_exchange_weak(t, uint64_t(gen) << 32 | uint64_t(stop), std::memory_order_acq_rel,
+                                        std::memory_order_acquire)) {
+        begin = next;
+        end = stop;
+        return true;
+      }
+    }
+  }
+
+  void worker_main(int index) {
+    uint32_t seen = job_word_.load();
+    for (;;) {
+      if (!spin_until([&] { return job_word_.load(std::memory_order_acquire) != seen; }, WORKER_SPIN)) {
+        sleepers_.fetch_add(1);
+        while (job_word_.load() == seen) wait_on(job_word_, seen);
+        sleepers_.fetch_sub(1);
+      }
+      seen = job_word_.load(std::memory_order_acquire);
+      if (index + 1 >= threads_.load(std::memory_order_relaxed)) continue;  // not asked to help with this one
+      tls_in_parallel = true;
+      work(seen);
+      tls_in_parallel = false;
+    }
+  }
+
+  // Workers start on first need and live as long as the process (they sleep when idle).
+  void grow(int workers) {
+    while (started_ < workers) {
+      const int index = started_++;
+      std::thread([this, index] { worker_main(index); }).detach();
+    }
+  }
+
+  std::mutex error_mutex_;
+  std::exception_ptr error_ = nullptr;  // the first exception a chunk of the running job threw
+  std::mutex busy_;  // held by the caller of the running job
+  int backoff_threads_ = 0;  // > 0: at most this many threads until backoff_until_
+  std::chrono::steady_clock::time_point backoff_until_;
+  uint32_t generation_ = 0;
+  int started_ = 0;
+  std::atomic<uint64_t> ticket_{CLOSED};  // generation << 32 | next item to claim
+  std::atomic<uint32_t> done_{0};         // items finished in the current job
+  std::atomic<uint32_t> job_word_{0};     // the latest generation: workers sleep on it
+  std::atomic<uint32_t> caller_sleeping_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<detail::ChunkFn> fn_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  std::atomic<int64_t> n_{0}, grain_{1};
+  std::atomic<Split> split_{Split::Even};
+  std::atomic<int> threads_{1};
+};
+
+Pool* g_pool = nullptr;
+std::once_flag g_pool_once;
+
+Pool& pool() {
+  std::call_once(g_pool_once, [] {
+    g_pool = new Pool();  // never destroyed: workers may still be asleep in it at exit
+#ifdef __linux__
+    // A forked child has none of the parent's workers: it starts a pool of its own.
+    pthread_atfork(nullptr, nullptr, [] { g_pool = new Pool(); });
+#endif
+  });
+  return *g_pool;
+}
+
+int env_threads(const char* name) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return 0;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  return (end && *end == '\0' && n >= 1 && n <= 1024) ? int(n) : 0;  // a malformed value is ignored
+}
+
+}  // namespace
+
+int default_threads() {
+  static const int count = [] {
+    for (const char* name : {"TOKENTRAIL_THREADS", "OMP_NUM_THREADS"})
+      if (const int n = env_threads(name)) return n;
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return int(CPU_COUNT(&set));
+#endif
+    return int(std::max(1u, std::thread::hardware_concurrency()));
+  }();
+  return count;
+}
+
+void set_threads(int n) {
+  if (n < 1) throw std::invalid_argument("threads must be at least 1");
+  tls_threads = n;
+}
+
+int get_threads() { return tls_threads > 0 ? tls_threads : default_threads(); }
+
+namespace detail {
+
+void run_parallel(int64_t n, int64_t grain, Split split, int threads, ChunkFn fn, void* ctx) {
+  if (threads <= 1 || n <= grain || tls_in_parallel || n >= int64_t(CLOSED >> 1)) return fn(ctx, 0, n);
+  pool().run(n, grain, split, threads, fn, ctx);
+}
+
+}  // namespace detail
+}  // namespace tokentrail

@@ -1,0 +1,158 @@
+"""The core's thread pool: every threaded kernel gives the same bits on any thread count and agrees
+with numpy at sizes large enough to be split; the pool works when several Python threads call it at
+once and in a forked child; a model's logits do not depend on its thread count."""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import check_attention, random_blocks, require_stories
+from tokentrail import _core
+
+THREAD_COUNTS = (1, 2, 3, 5)
+
+
+@pytest.fixture
+def restore_threads():
+    before = _core.get_threads()
+    yield
+    _core.set_threads(before)
+
+
+def on_each_thread_count(fn):
+    """fn() under every count of THREAD_COUNTS: the results, which must be bitwise equal."""
+    results = []
+    for t in THREAD_COUNTS:
+        _core.set_threads(t)
+        results.append(fn())
+    def arrays(r):
+        return r if isinstance(r, tuple) else (r,)
+
+    for t, r in zip(THREAD_COUNTS[1:], results[1:]):
+        for got, want in zip(arrays(r), arrays(results[0])):
+            assert np.array_equal(got, want), f"{t} threads differ from 1"
+    return results[0]
+
+
+@pytest.mark.parametrize("n", [1, 4, _core.GEMM_MIN_ROWS + 5])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q4_0", "q4_k", "q6_k"])
+def test_threaded_matmul_same_bits_and_right(restore_threads, dtype, n):
+    """Sizes past the threshold where products split over threads (rows x cols x n > 200000),
+    with a row count that leaves a partial block of rows at the end."""
+    from tokentrail.loading.quant import dequantize
+
+    rows, cols = 1037, 512
+    rng = np.random.default_rng(n)
+    if dtype in ("f32", "f16"):
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        stored = w.astype(np.float16) if dtype == "f16" else w
+        exact = stored.astype(np.float64)
+    else:
+        stored = random_blocks(rng, dtype, rows, cols, scale=0.05)
+        exact = dequantize(stored, dtype, (rows, cols)).astype(np.float64)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    got = on_each_thread_count(lambda: _core.matmul(stored, dtype, rows, cols, x))
+    np.testing.assert_allclose(got, x @ exact.T, rtol=1e-5, atol=1e-4 * math.sqrt(cols))
+
+
+def test_threaded_norms_activations_and_attention(restore_threads):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 700)).astype(np.float32)  # rows x width > 65536: split over threads
+    w = rng.standard_normal(700).astype(np.float32)
+    b = rng.standard_normal(700).astype(np.float32)
+    xd = x.astype(np.float64)
+    rms = on_each_thread_count(lambda: _core.rmsnorm(x, w, 1e-5))
+    np.testing.assert_allclose(rms, xd / np.sqrt((xd ** 2).mean(1, keepdims=True) + 1e-5) * w, rtol=1e-5, atol=1e-6)
+    ln = on_each_thread_count(lambda: _core.layernorm(x, w, b, 1e-5))
+    centred = xd - xd.mean(1, keepdims=True)
+    np.testing.assert_allclose(ln, centred / np.sqrt((centred ** 2).mean(1, keepdims=True) + 1e-5) * w + b,
+                               rtol=1e-5, atol=1e-5)
+    big = x.ravel()[:200_003]
+    silu = on_each_thread_count(lambda: _core.silu(big))
+    bd = big.astype(np.float64)
+    np.testing.assert_allclose(silu, bd / (1 + np.exp(-bd)), atol=1e-6, rtol=1e-6)
+
+    # queries x heads x keys x head_dim well past the size that runs on one thread
+    n, heads, kv, hd, pos0 = 40, 4, 2, 32, 60
+    q = rng.standard_normal((n, heads, hd)).astype(np.float32)
+    k = rng.standard_normal((kv, pos0 + n, hd)).astype(np.float32)
+    v = rng.standard_normal((kv, pos0 + n, hd)).astype(np.float32)
+    z, pattern = on_each_thread_count(lambda: _core.attention(q, k, v, pos0, 1 / math.sqrt(hd)))
+    check_attention(q, k, v, pos0, 1 / math.sqrt(hd), z, pattern)
+
+
+def test_many_python_threads_calling_at_once(restore_threads):
+    """Calls from several OS threads at the same time: each either gets the pool or runs alone; all
+    finish, all right."""
+    rng = np.random.default_rng(2)
+    rows, cols = 900, 384
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    xs = [rng.standard_normal((3, cols)).astype(np.float32) for _ in range(6)]
+    want = [x.astype(np.float64) @ w.astype(np.float64).T for x in xs]
+    errors = []
+
+    def work(i):
+        try:
+            _core.set_threads(2 + i % 2)
+            for _ in range(40):
+                got = _core.matmul(w, "f32", rows, cols, xs[i])
+                np.testing.assert_allclose(got, want[i], rtol=1e-5, atol=1e-3)
+        except Exception as e:  # reported below, from the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a call never returned"
+    assert not errors, errors[0]
+
+
+def _product_in_child(queue):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((800, 300)).astype(np.float32)
+    x = rng.standard_normal((2, 300)).astype(np.float32)
+    _core.set_threads(2)
+    got = _core.matmul(w, "f32", 800, 300, x)
+    queue.put(float(np.abs(got - x.astype(np.float64) @ w.astype(np.float64).T).max()))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_forked_child_runs_threaded_products(restore_threads):
+    """The parent's workers do not exist in a forked child: the child starts its own and finishes."""
+    _core.set_threads(2)
+    w = np.ones((800, 300), np.float32)
+    _core.matmul(w, "f32", 800, 300, np.ones((2, 300), np.float32))  # the parent's pool is running
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_product_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0, "the forked child did not finish"
+    assert queue.get(timeout=5) < 1e-3
+
+
+def test_model_logits_do_not_depend_on_thread_count():
+    """Prefill long enough for the packed GEMM and threaded attention, then decode steps: the logits
+    are bitwise equal for every thread count."""
+    import tokentrail
+
+    model = tokentrail.load(require_stories() / "stories260K.bin", threads=1)
+    prompt = [1] + [(7 * i) % 500 + 3 for i in range(_core.GEMM_MIN_ROWS + 30)]
+    runs = []
+    for t in THREAD_COUNTS:
+        model.threads = t
+        s = model.session()
+        steps = [s.feed(prompt, all_logits=True)]
+        steps.append(s.feed([int(np.argmax(steps[0][-1]))]))
+        for _ in range(3):
+            steps.append(s.feed([int(np.argmax(steps[-1]))]))
+        runs.append(steps)
+    for t, steps in zip(THREAD_COUNTS[1:], runs[1:]):
+        for got, want in zip(steps, runs[0]):
+            assert np.array_equal(got, want), f"{t} threads differ from 1"

@@ -257,8 +257,8 @@ def plan(target: "Model", draft: Any, k: Any, adaptive: Any, config: SamplingCon
 
 @dataclass
 class SpeculationStats:
-    """What speculation did in one run: verification rounds of the target (after the prompt),
-    proposals tested and accepted (those after a refusal, or after the end, are not tested), tokens
+    """What speculation did in one run: steps of the target (each verifies a round of proposals and
+    chooses at least one token; a short prompt goes with the first round), proposals tested and accepted (those after a refusal, or after the end, are not tested), tokens
     emitted, and the seconds spent proposing and verifying."""
 
     proposer: str
@@ -341,21 +341,28 @@ def _speculate(model: "Model", run: "Run") -> Iterator["Step"]:
         stats.emitted += 1
         return run.take(token, row, p, position=len(prompt) + len(run.made))
 
-    logits = session.feed(prompt)
-    run.timings.prompt_seconds = time.perf_counter() - start
-    p = _distribution(chain, logits, run.history)
-    step = emit(draw(p, rng), logits, p)
-    yield step
     k = spec.k
+    pending = list(prompt)  # what the next step feeds before its proposals: the prompt, then the last token
+    if len(prompt) + min(k, run.max_new_tokens - 1) >= _core.GEMM_MIN_ROWS:
+        # A long prompt goes alone, as plain decoding feeds it (with the proposals its rows could take
+        # another kernel path and round differently); a short one goes with the first proposals.
+        logits = session.feed(prompt)
+        run.timings.prompt_seconds = time.perf_counter() - start
+        p = _distribution(chain, logits, run.history)
+        step = emit(draw(p, rng), logits, p)
+        yield step
+        pending = [step.token]
     while not run.done:
-        base = session.pos  # everything but the last token chosen
-        room = min(run.max_new_tokens - len(run.made) - 1, session.limit - base - 1)
+        base = session.pos  # everything before `pending`
+        want = min(k, run.max_new_tokens - len(run.made) - 1, session.limit - base - len(pending))
         clock = time.perf_counter()
-        proposal = proposing.propose(run.history, min(k, room)) if min(k, room) > 0 else _NOTHING
+        proposal = proposing.propose(run.history, want) if want > 0 else _NOTHING
         fed = time.perf_counter()
-        rows = session.feed([step.token] + proposal.tokens, all_logits=True)
+        rows = session.feed(pending + proposal.tokens, all_logits=True)[len(pending) - 1:]
         stats.propose_seconds += fed - clock
         stats.verify_seconds += time.perf_counter() - fed
+        if base == 0:
+            run.timings.prompt_seconds = time.perf_counter() - start
         stats.rounds += 1
         kept = 0
         for j, proposed in enumerate(proposal.tokens):
@@ -377,6 +384,7 @@ def _speculate(model: "Model", run: "Run") -> Iterator["Step"]:
         stats.accepted += kept
         if run.done:
             break
-        session.rewind(base + 1 + kept)
+        session.rewind(base + len(pending) + kept)
+        pending = [step.token]
         if spec.adaptive and proposal.tokens:
             k = min(k + ADAPTIVE_STEP_UP, MAX_K) if kept == len(proposal.tokens) else max(1, k - 1)

@@ -162,6 +162,9 @@ def test_streaming_lists_and_several_sequences(demo):
     plain = target.generate(prompts, 20, temperature=0)
     together = target.generate(prompts, 20, temperature=0, draft="prompt-lookup", speculative_k=3)
     assert [g.token_ids for g in together] == [g.token_ids for g in plain]
+    mixed = target.generate(prompts, 20, temperature=0, per_prompt=[{"draft": draft}, {}, {"draft": target}])
+    assert [g.token_ids for g in mixed] == [g.token_ids for g in plain]
+    assert [g.speculation is None for g in mixed] == [False, True, False]
     # Sampled sequences: reproducible from the seed, each with its own speculation.
     first = target.generate(DEMO_PROMPT, 20, temperature=0.9, seed=5, num_return_sequences=3, draft=draft)
     again = target.generate(DEMO_PROMPT, 20, temperature=0.9, seed=5, num_return_sequences=3, draft=draft)
@@ -240,6 +243,8 @@ def test_prompt_lookup_proposes_the_latest_continuation():
     assert lookup.propose([5, 6, 7, 8, 4, 6, 7], 4).tokens == [8, 4, 6, 7]  # 6 7 matched
     assert lookup.propose([1, 2, 3, 4], 2).tokens == []
     assert lookup.propose([1, 2, 1], 5).tokens == [2, 1]  # up to the end of the text
+    assert lookup.propose([3, 3, 3, 3, 3], 3).tokens == [3, 3]  # a short cycle: the longest continuation
+    assert lookup.propose([4, 1, 2, 9, 9, 9, 1, 2, 7, 1, 2], 4).tokens == [9, 9, 9, 1]  # the latest with 4
     assert PromptLookup(max_ngram=2, min_ngram=2).propose([3, 1, 4, 1], 2).tokens == []
     with pytest.raises(InvalidArgumentError, match="min_ngram"):
         PromptLookup(max_ngram=1, min_ngram=2)

@@ -102,7 +102,8 @@ def check_vocabulary(target: "Model", draft: "Model") -> None:
 
 
 class PromptLookup:
-    """Proposes the continuation of the latest earlier occurrence of the text's last n tokens.
+    """Proposes the continuation of the latest earlier occurrence of the text's last n tokens
+    (the latest that k tokens follow, else the earliest).
 
     The text is the prompt and everything generated so far; n goes from
     `max_ngram` down to `min_ngram`, the first (longest) match wins. Costs
@@ -135,7 +136,10 @@ class PromptLookup:
             windows = np.lib.stride_tricks.sliding_window_view(text[:size - 1], n)
             hits = np.flatnonzero((windows == key).all(axis=1))
             if hits.size:
-                after = int(hits[-1]) + n
+                # The latest match followed by k tokens; else the earliest (the longest continuation:
+                # in text that repeats a short cycle the latest match is followed by little).
+                full = hits[hits + n + k <= size]
+                after = int(full[-1] if full.size else hits[0]) + n
                 return Proposal([int(t) for t in text[after:after + k]])
         return _NOTHING
 
@@ -316,12 +320,13 @@ def _residual(p: np.ndarray, q: np.ndarray | None, token: int) -> np.ndarray:
 
 
 def advance(model: "Model", runs: Sequence["Run"]) -> Iterator[tuple["Run", "Step"]]:
-    """Every run to its end, one after another, yielding (run, step) as steps are made."""
+    """Every run to its end, one after another, yielding (run, step) as steps are made
+    (a run without speculation, given its own options in a list of prompts, decodes plainly)."""
     for run in runs:
         if run.max_new_tokens == 0:
             run.done = True
             continue
-        for step in _speculate(model, run):
+        for step in _speculate(model, run) if run.speculation is not None else run.steps():
             yield run, step
 
 

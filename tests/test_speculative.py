@@ -66,7 +66,8 @@ def tiny(tmp_path_factory):
 def test_verification_rows_are_bitwise_single_steps(stories, demo):
     """The core's logits for a position are the same bits whether the position is fed alone or
     with up to MAX_K others: the ground greedy identity stands on."""
-    for models, prompt in ((stories, STORY_PROMPT), (demo, DEMO_PROMPT)):
+    f16_cache = {"kv f16": tokentrail.load(kv_dtype="f16")}
+    for models, prompt in ((stories, STORY_PROMPT), (demo, DEMO_PROMPT), (f16_cache, DEMO_PROMPT)):
         for model in models.values():
             ids = model.encode(prompt)
             cont = [int(t) for t in np.random.default_rng(0).integers(3, model.config.vocab_size, MAX_K + 1)]

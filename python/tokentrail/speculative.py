@@ -36,7 +36,7 @@ import numbers
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
@@ -208,7 +208,7 @@ class _Drafting:
         return Proposal(tokens, probs)
 
 
-Proposer = DraftModel | PromptLookup
+Proposer = Union[DraftModel, PromptLookup]
 
 
 def as_proposer(draft: Any) -> Proposer:

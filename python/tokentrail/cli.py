@@ -223,6 +223,51 @@ def add_sequence_options(p: argparse.ArgumentParser) -> None:
                    help="this many beams or independent samples (default: 1)")
 
 
+def add_speculative_options(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding: -md/--model-draft or --prompt-lookup, --draft-max, --draft-dtype, --draft-adaptive."""
+    g = p.add_argument_group("speculative decoding", "a draft proposes tokens that the model checks in one step; "
+                                                     "the output is exactly that of plain decoding")
+    g.add_argument("-md", "--model-draft", dest="model_draft", default=None, metavar="PATH",
+                   help="draft model with the same tokenizer (a checkpoint path; with --draft-dtype and no path, "
+                        "the model itself converted)")
+    g.add_argument("--draft-dtype", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="convert the draft's weights to this type when loading (e.g. q4_0: the model drafts "
+                        "for itself through quantization)")
+    g.add_argument("--prompt-lookup", action="store_true",
+                   help="propose the continuation of the latest earlier occurrence of the last tokens "
+                        "(no draft model)")
+    g.add_argument("--draft-max", "--draft", "--draft-n", dest="draft_max", type=_positive_int, default=None,
+                   help="tokens proposed per step (default: 4)")
+    g.add_argument("--draft-adaptive", action="store_true",
+                   help="raise the proposals per step after a step whose proposals were all kept, lower them after "
+                        "a refusal")
+
+
+def speculative_options(args, model) -> dict:
+    """Keyword options of Model.generate from the flags of add_speculative_options (none when unset)."""
+    if args.prompt_lookup and (args.model_draft or args.draft_dtype):
+        raise UsageError("--prompt-lookup: proposes without a draft model; leave out -md/--model-draft and "
+                         "--draft-dtype")
+    if args.model_draft is None and args.draft_dtype is None:
+        if not args.prompt_lookup:
+            for flag, value in (("--draft-max", args.draft_max), ("--draft-adaptive", args.draft_adaptive or None)):
+                if value is not None:
+                    raise UsageError(f"{flag}: sets the proposals of a draft; give -md/--model-draft, --draft-dtype "
+                                     f"or --prompt-lookup too")
+            return {}
+        draft = "prompt-lookup"
+    else:
+        import tokentrail
+
+        path = args.model_draft if args.model_draft is not None else args.model
+        draft = tokentrail.load(path, dtype=args.draft_dtype, threads=args.threads, context=args.ctx_size,
+                                kv_dtype=args.kv_dtype, progress=args.progress)
+    opts = {"draft": draft, "speculative_adaptive": args.draft_adaptive}
+    if args.draft_max is not None:
+        opts["speculative_k"] = args.draft_max
+    return opts
+
+
 _SAMPLING_DESTS = ("do_sample", "temperature", "top_k", "top_k_ties", "top_p", "min_p", "typical_p",
                    "epsilon_cutoff", "eta_cutoff", "top_n_sigma", "dynatemp_range", "dynatemp_exponent",
                    "xtc_probability", "xtc_threshold", "dry_multiplier", "dry_base", "dry_allowed_length",
@@ -286,9 +331,14 @@ def add_generate(sub) -> None:
     add_length_options(g)
     add_sampling_options(g)
     add_sequence_options(g)
+    add_speculative_options(g)
     o = g.add_argument_group("output")
     o.add_argument("--show-probs", action="store_true",
-                   help="print each step's alternatives before and after the chain")
+                   help="print each step's alternatives before and after the chain (and, when speculating, "
+                        "which proposals were kept)")
+    o.add_argument("--show-draft", action="store_true",
+                   help="when speculating, colour the text: green where the target kept a proposal, red where it "
+                        "replaced one")
     add_top_n_option(o, 5, "alternatives shown per step with --show-probs")
     o.add_argument("--no-perf", action="store_true", help="do not print the timing summary on stderr")
     g.set_defaults(func=cmd_generate)
@@ -303,13 +353,19 @@ def cmd_generate(args) -> int:
     if model.tokenizer is None:
         raise UsageError("this checkpoint has no tokenizer, so it cannot generate from text")
     options = sampling_options(args, model)
+    options.update(speculative_options(args, model))
+    if args.show_draft and "draft" not in options:
+        raise UsageError("--show-draft: shows the proposals of a draft; give -md/--model-draft, --draft-dtype or "
+                         "--prompt-lookup too")
     several = (options.get("num_beams") or 1) > 1 or (options.get("num_return_sequences") or 1) > 1
     common = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, seed=args.seed,
                   stop=args.stop or (), eos_token_id=args.eos_token_id, ignore_eos=args.ignore_eos, **options)
     out = sys.stdout
     if several:
-        if args.show_probs:
-            raise UsageError("--show-probs follows one sequence; leave out --num-beams/--num-return-sequences")
+        for flag in ("show_probs", "show_draft"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} follows one sequence; leave out "
+                                 f"--num-beams/--num-return-sequences")
         start = time.perf_counter()
         results = model.generate(prompt, **common)
         seconds = time.perf_counter() - start
@@ -331,9 +387,16 @@ def cmd_generate(args) -> int:
             model_top = "  ".join(f"{a.text!r} {a.prob:.2f}" for a in s.top_model)
             sampled_top = "  ".join(f"{a.text!r} {a.prob:.2f}" for a in s.top_sampled)
             console.print(f"{s.index:>3} [bold green]{model.tokenizer.display(s.token)!r}[/bold green] "
-                          f"p={math.exp(s.logprob):.3f} rank {s.rank}")
+                          f"p={math.exp(s.logprob):.3f} rank {s.rank}{_proposal_note(model, s)}")
             console.print(f"    model:   {model_top}", style="dim", markup=False)
             console.print(f"    sampled: {sampled_top}", style="dim", markup=False)
+    elif args.show_draft:
+        console = Console(highlight=False)
+        console.print(prompt, end="", markup=False)
+        for s in stream:
+            style = None if s.accepted is None else "green" if s.accepted else "red"
+            console.print(s.text, end="", style=style, markup=False)
+        console.print()
     else:
         out.write(prompt)
         out.flush()
@@ -345,7 +408,19 @@ def cmd_generate(args) -> int:
     if not args.no_perf:
         seed = "greedy" if stream.greedy else f"seed {stream.seed}"
         print(f"{stream.timings.summary()} | {seed} | finish: {stream.finish_reason}", file=sys.stderr)
+        if stream.speculation is not None:
+            print(stream.speculation.summary(), file=sys.stderr)
     return 0
+
+
+def _proposal_note(model, step) -> str:
+    """What happened to the proposal at this step, for --show-probs ('' without one)."""
+    if step.proposed_by is None:
+        return ""
+    if step.accepted:
+        return f"  [cyan]{step.proposed_by}: proposed, kept[/cyan]"
+    proposed = model.tokenizer.display(step.proposed).replace("[", "\\[")
+    return f"  [red]{step.proposed_by}: proposed {proposed!r}, replaced[/red]"
 
 
 # ---------------------------------------------------------------- chat and serve

@@ -34,6 +34,7 @@ from .errors import ContextFullError, InvalidArgumentError, OptionError, unknown
 from .progress import ProgressOption, Task, check_progress
 from .generation_config import (MAX_LENGTH_PENALTY, SAMPLING_FIELDS, TRANSFORMERS_SAMPLING_TOP_K,
                                 GenerationDefaults)
+from . import speculative
 from .sampling import SAMPLING_OPTIONS, Processor, SamplingConfig, Sampler, Temperature, log_softmax
 from .tokenizer import StreamDecoder
 
@@ -68,7 +69,11 @@ class Step:
     likely) are under the model's own distribution, ``sampled_logprob`` under
     the distribution actually sampled from (after the processor chain);
     ``top_model`` and ``top_sampled`` are the ``top_n`` most likely tokens
-    under each.
+    under each. With speculative decoding, ``proposed_by`` names the proposer
+    ("draft" or "prompt-lookup") when a proposal was tested at this position,
+    ``proposed`` is that token and ``accepted`` whether the target kept it
+    (when not, ``token`` is the target's own choice); all three are None where
+    the target chose without a proposal.
     """
 
     index: int
@@ -80,6 +85,9 @@ class Step:
     top_model: list[Alternative] = field(default_factory=list)
     top_sampled: list[Alternative] = field(default_factory=list)
     finish_reason: str | None = None
+    proposed_by: str | None = None
+    proposed: int | None = None
+    accepted: bool | None = None
 
 
 @dataclass(repr=False)
@@ -89,7 +97,8 @@ class Generation:
     ``finish_reason``: "eos" (an end-of-sequence token was sampled; it is the
     last of ``token_ids`` and adds no text), "stop" (``stop_string`` appeared;
     the text is cut before it), "length" (``max_new_tokens``) or "context"
-    (the session is full). ``seed`` reproduces the run.
+    (the session is full). ``seed`` reproduces the run. ``speculation``
+    counts proposals and acceptances when a draft was given.
     """
 
     prompt_ids: list[int]
@@ -100,6 +109,7 @@ class Generation:
     seed: int
     stop_string: str | None = None
     timings: Timings | None = None
+    speculation: speculative.SpeculationStats | None = None
 
     def __repr__(self) -> str:
         return (f"Generation(text={self.text!r:.80}, {len(self.token_ids)} tokens after a prompt of "
@@ -251,6 +261,11 @@ class Stream:
     @property
     def prompt_ids(self) -> list[int]:
         return list(self._run.prompt_ids)
+
+    @property
+    def speculation(self) -> speculative.SpeculationStats | None:
+        """Proposals and acceptances so far, when a draft was given."""
+        return self._run.speculation_stats
 
     def __repr__(self) -> str:
         return f"Stream(prompt of {len(self._run.prompt_ids)} tokens, seed={self.seed})"
@@ -440,6 +455,9 @@ def generate(model, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
              logprobs: bool = False,
              top_n: int = 0,
              hooks: Hooks | None = None,
+             draft: Any = None,
+             speculative_k: int | None = None,
+             speculative_adaptive: bool = False,
              per_prompt: Sequence[Mapping[str, Any]] | None = None,
              **unexpected: Any) -> "Generation | list[Generation] | Stream | list":
     """Continue `prompt` (text or token ids), or each prompt of a list of them.
@@ -481,6 +499,14 @@ def generate(model, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
     `logprobs=True` / `top_n` > 0 fill each step's log-probability, rank and
     top alternatives before and after the chain. `hooks` (from
     model.hooks()) records and intervenes during every forward pass of the run.
+
+    Speculative decoding (see tokentrail.speculative): `draft` is a model
+    with the same tokenizer (e.g. a q4_0 copy of this one) or "prompt-lookup";
+    it proposes up to `speculative_k` tokens (default 4) that the model checks
+    in one step. The output is exactly plain decoding's: the same tokens when
+    greedy, the same distribution when sampling (not the same draws for a
+    seed). `speculative_adaptive=True` raises k after a step whose proposals
+    were all kept and lowers it after a refusal.
 
     Many prompts: a list of prompts (texts or id lists) is generated
     together, every step of the core advancing all of them at once (see
@@ -535,6 +561,9 @@ def start_run(model, prompt: str | Sequence[int], max_new_tokens: int | None = N
     for name in ("stream", "per_prompt", "num_beams", "num_return_sequences"):
         if known.get(name) not in (None, False, 1):
             raise OptionError(f"{name}: a run is one sequence generated step by step")
+    for name in ("draft", "speculative_k", "speculative_adaptive"):
+        if known.get(name) not in (None, False):
+            raise OptionError(f"{name}: speculative decoding runs inside generate; a run is fed one step at a time")
     o = dict(_SIGNATURE_DEFAULTS)
     o.update(known, max_new_tokens=max_new_tokens)
     o["num_beams"] = o["num_return_sequences"] = 1  # not the model file's: a run is one sequence
@@ -632,7 +661,12 @@ def _prepare(model, prompt, o: dict[str, Any]) -> _Plan:
     n_return = o["num_return_sequences"] if o["num_return_sequences"] is not None \
         else (file.num_return_sequences or 1)
     n_return = _count("num_return_sequences", n_return, 1)
+    speculation = speculative.plan(model, o["draft"], o["speculative_k"], o["speculative_adaptive"], config,
+                                   o["hooks"])
     if num_beams > 1:
+        if speculation is not None:
+            raise InvalidArgumentError("draft: speculative decoding samples one sequence; not with beam search "
+                                       "(num_beams > 1)")
         beams = _beams(model, prompt_ids, config, do_sample, num_beams, n_return, max_new_tokens, eos, o, file)
         return _Plan(prompt_ids, [], n_return, beams)
     if n_return > 1:
@@ -644,6 +678,8 @@ def _prepare(model, prompt, o: dict[str, Any]) -> _Plan:
     seeds = [o["seed"]] if n_return == 1 else _seeds(o["seed"], n_return)
     runs = [Run(model, prompt_ids, max_new_tokens, Sampler(config.build(), seed=seed), stops, eos, o["logprobs"],
                  top_n, o["hooks"]) for seed in seeds]
+    for run in runs:
+        run.speculation = speculation
     return _Plan(prompt_ids, runs, n_return)
 
 
@@ -703,8 +739,12 @@ def _advance_together(model, runs: Sequence["Run"]) -> Iterator[tuple["Run", Ste
     its last token and every joining one its whole prompt. Runs join in
     order while the step has room (BATCH_TOKENS) and leave when they finish.
     Runs that share one Hooks object go one after another, so that its
-    records come in the order separate calls would give.
+    records come in the order separate calls would give. Runs that speculate
+    go one after another through tokentrail.speculative.
     """
+    if any(run.speculation is not None for run in runs):
+        yield from speculative.advance(model, runs)
+        return
     waiting = [run for run in runs]
     active: list[tuple[Run, list[int]]] = []  # each run and the tokens it feeds next
     while waiting or active:
@@ -775,6 +815,8 @@ class Run:
         self.timings = Timings(prompt_tokens=len(prompt_ids))
         self.done = False
         self.made: list[Step] = []
+        self.speculation: speculative.Speculation | None = None
+        self.speculation_stats: speculative.SpeculationStats | None = None
 
     def steps(self) -> Iterator[Step]:
         """The steps of this run alone (a batch of one), as they are made."""
@@ -784,7 +826,7 @@ class Run:
     def generation(self) -> Generation:
         return Generation(self.prompt_ids, [s.token for s in self.made], self.text[: self.released],
                           self.finish_reason, list(self.made), int(self.sampler.seed), self.stop_string,
-                          self.timings)
+                          self.timings, self.speculation_stats)
 
     def begin(self, session, start: float) -> list[int]:
         """Take `session` (empty) for this run, started at `start`; the prompt ids to feed it."""
@@ -799,13 +841,18 @@ class Run:
 
     def advance(self, logits: np.ndarray) -> Step:
         """Choose the next token from the logits of the last position fed, and make its Step."""
-        tok, decoder, i = self.model.tokenizer, self.decoder, len(self.made)
         draw = self.sampler.step(logits, self.history)
-        token = draw.token
+        return self.take(draw.token, logits, draw.probs)
+
+    def take(self, token: int, logits: np.ndarray, probs: np.ndarray, position: int | None = None) -> Step:
+        """Make the Step of `token`, chosen from `logits` (the model's) through `probs` (the
+        distribution after the chain); `position` is the positions cached when it was chosen
+        (default: the session's, which is that when the session is fed one token per step)."""
+        tok, decoder, i = self.model.tokenizer, self.decoder, len(self.made)
         self.history.append(token)
         step = Step(i, token, "")
         if self.logprobs or self.top_n:
-            self._details(step, logits, draw.probs)
+            self._details(step, logits, probs)
         finish, cut = None, 0
         if token in self.eos:
             finish = "eos"
@@ -817,7 +864,7 @@ class Run:
                     finish, cut, self.stop_string = "stop", at, s
         if finish is None and i == self.max_new_tokens - 1:
             finish = "length"
-        if finish is None and self.session.pos >= self.limit:
+        if finish is None and (self.session.pos if position is None else position) >= self.limit:
             finish = "context"
         if finish == "stop":
             end = cut

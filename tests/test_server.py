@@ -111,6 +111,35 @@ def test_seeded_sampling_and_n_equal_generate_with_the_same_options(client, mode
     assert len(set(expected)) > 1  # the choices are different draws
 
 
+@pytest.mark.parametrize("parallel", [4, 1])
+def test_n_choices_share_one_prefill_and_equal_independent_runs(model, parallel):
+    # parallel=1: the forked choices wait for the slot with their copied caches.
+    prompts = [STORY, "Once upon a time there was"]
+    opts = dict(temperature=0.9, top_k=40)
+    with running(model, parallel=parallel) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = client.completions.create(model="demo-chat", prompt=prompts, max_tokens=12, seed=11, n=3, logprobs=2,
+                                      temperature=opts["temperature"], extra_body={"top_k": 40, "logit_bias": NO_END})
+        prompt_tokens = _metric(url, "tokentrail_prompt_tokens")
+        forked = _metric(url, "tokentrail_forked_sequences")
+        stream = client.completions.create(model="demo-chat", prompt=STORY, max_tokens=12, seed=11, n=3, stream=True,
+                                           temperature=opts["temperature"], extra_body={"top_k": 40})
+        streamed = ["", "", ""]
+        for chunk in stream:
+            streamed[chunk.choices[0].index] += chunk.choices[0].text
+    # Each prompt ran once; its other two choices started from copies of its cache.
+    assert prompt_tokens == sum(len(model.encode(p)) for p in prompts) and forked == 4
+    choices = sorted(r.choices, key=lambda c: c.index)
+    for i, c in enumerate(choices):
+        alone = model.generate(prompts[i // 3], max_new_tokens=12, seed=11 + i, logprobs=True, top_n=2,
+                               logit_bias={2: -100.0, 3: -100.0}, **opts)
+        assert c.text == alone.text
+        assert c.logprobs.token_logprobs == pytest.approx([s.logprob for s in alone.steps], rel=1e-5, abs=1e-6)
+        assert [list(d) for d in c.logprobs.top_logprobs] == [[a.text for a in s.top_model] for s in alone.steps]
+    assert len({c.text for c in choices[:3]}) > 1  # different draws from one prefill
+    assert streamed == [model.generate(STORY, max_new_tokens=12, seed=11 + i, **opts).text for i in range(3)]
+
+
 def test_stop_strings_and_logprobs_equal_generate(client, model):
     r = client.completions.create(model="demo-chat", prompt=STORY, max_tokens=40, temperature=0, stop=[" farm"],
                                   logprobs=3)

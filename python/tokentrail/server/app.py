@@ -93,7 +93,8 @@ class Server:
                 runs.append(run)
         return runs
 
-    def _submit(self, runs: list[Run], journey_top: int):
+    def _submit(self, runs: list[Run], journey_top: int, choices: int = 1):
+        """Queue the runs (`choices` consecutive runs per prompt); their events come on the returned queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[SequenceEvent] = asyncio.Queue()
 
@@ -103,6 +104,11 @@ class Server:
         deadline = time.monotonic() + self.timeout if self.timeout else None
         seqs = [GenerationRequest(run, i, emit, journey_top=journey_top, deadline=deadline)
                 for i, run in enumerate(runs)]
+        if choices > 1 and not journey_top:
+            # The prompt is prefilled once per prompt; its other choices start from a copy of that cache.
+            # (A journey needs the prompt's last position captured for each choice: those run it themselves.)
+            for first in range(0, len(seqs), choices):
+                seqs[first].followers = seqs[first + 1: first + choices]
         try:
             self.scheduler.submit(seqs)
         except QueueFull as e:
@@ -110,9 +116,9 @@ class Server:
         return queue, seqs
 
     # -- answering -------------------------------------------------------------------
-    async def collect(self, request: Request, runs: list[Run], journey_top: int):
+    async def collect(self, request: Request, runs: list[Run], journey_top: int, choices: int = 1):
         """Every choice's steps (and journeys), or None when the client went away."""
-        queue, seqs = self._submit(runs, journey_top)
+        queue, seqs = self._submit(runs, journey_top, choices)
         steps: list[list[Step]] = [[] for _ in runs]
         journeys: list[list[dict]] = [[] for _ in runs]
         remaining = len(runs)
@@ -141,9 +147,9 @@ class Server:
                 s.cancel()
         return steps, journeys
 
-    async def events(self, runs: list[Run], journey_top: int) -> AsyncIterator[SequenceEvent]:
+    async def events(self, runs: list[Run], journey_top: int, choices: int = 1) -> AsyncIterator[SequenceEvent]:
         """Events of every choice as they come; leaving early cancels the sequences."""
-        queue, seqs = self._submit(runs, journey_top)
+        queue, seqs = self._submit(runs, journey_top, choices)
         remaining = len(runs)
         try:
             while remaining:
@@ -202,6 +208,8 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
         lambda: sched.stats.prompt_tokens)
     Gauge("tokentrail_cancelled_sequences", "Sequences whose client went away before the end",
           registry=registry).set_function(lambda: sched.stats.cancelled)
+    Gauge("tokentrail_forked_sequences", "Choices started from a copy of another choice's prefilled prompt",
+          registry=registry).set_function(lambda: sched.stats.forked)
     Gauge("tokentrail_timed_out_sequences", "Sequences stopped by the per-request time limit",
           registry=registry).set_function(lambda: sched.stats.timed_out)
     ttft = Histogram("tokentrail_time_to_first_token_seconds", "From arrival to the first generated token",
@@ -258,7 +266,7 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
         if req.stream:
             async def stream():
                 completion_tokens = 0
-                async for ev in server.events(runs, journey_top):
+                async for ev in server.events(runs, journey_top, req.n):
                     if ev.kind == "error":
                         yield _sse(error_body(ev.error, "server_error" if ev.code >= 500 else "invalid_request_error"))
                         break
@@ -271,7 +279,7 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
                 requests_total.labels(route, "200").inc()
 
             return StreamingResponse(stream(), media_type="text/event-stream")
-        got = await server.collect(request, runs, journey_top)
+        got = await server.collect(request, runs, journey_top, req.n)
         if got is None:  # the client went away; nobody reads this
             requests_total.labels(route, "499").inc()
             return PlainTextResponse("", status_code=499)

@@ -1,6 +1,7 @@
 """Load on `tokentrail serve`: many concurrent streaming clients on loopback.
 
     python bench/serve_load.py --shape smollm --dtype q8_0 --levels 1,4,16,64 --out bench/results/serve_load.json
+    python bench/serve_load.py --levels 1,4,16,64 --llama-server /path/to/llama-server   # both, level by level
 
 Starts the real server (`tokentrail serve`, a subprocess on 127.0.0.1), then
 for each concurrency level runs that many asyncio clients, each sending
@@ -133,6 +134,18 @@ def _wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
     raise SystemExit("the server did not become ready")
 
 
+def _start(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="smollm", help="model shape from bench/shapes.py (random weights)")
@@ -148,10 +161,14 @@ def main() -> None:
     ap.add_argument("--omp-wait-policy", default="passive", choices=["active", "passive"],
                     help="OMP_WAIT_POLICY of the server: passive threads sleep between steps instead of spinning, "
                          "which leaves the cores to the HTTP side of the server and to the clients")
+    ap.add_argument("--serve-args", default="", help="more flags for `tokentrail serve` (e.g. '--prefill-chunk 64')")
     ap.add_argument("--root", default=str(HERE / "results" / "models"))
     ap.add_argument("--llama-server", default=None,
-                    help="path of llama.cpp's llama-server binary: load it instead (same model as GGUF of --dtype, "
-                         "--parallel slots, continuous batching); its responses are compared with tokentrail's")
+                    help="path of llama.cpp's llama-server binary: run it too (same model as GGUF of --dtype, "
+                         "--parallel slots, continuous batching), level by level back to back with tokentrail, "
+                         "which goes first at odd levels and second at even ones; its responses are compared "
+                         "with tokentrail's")
+    ap.add_argument("--only-llama-server", action="store_true", help="with --llama-server: do not run tokentrail")
     ap.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -170,14 +187,16 @@ def main() -> None:
     model = tokentrail.load(path, dtype=args.dtype, threads=args.threads)
     counts = [args.requests or max(8, 2 * c) for c in levels]
     prompts = _prompts(max(counts), model.config.vocab_size)
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tokentrail.cli", "serve", "--model", str(path), "--dtype", args.dtype,
-           "--host", "127.0.0.1", "--port", str(port), "--parallel", str(args.parallel),
-           "--max-queue", str(max(levels) * 2), "--threads", str(args.threads)]
     env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy.upper())
-    engine = "tokentrail"
+
+    commands: dict[str, list[str]] = {}
+    ports: dict[str, int] = {}
+    if not args.only_llama_server:
+        ports["tokentrail"] = _free_port()
+        commands["tokentrail"] = [
+            sys.executable, "-m", "tokentrail.cli", "serve", "--model", str(path), "--dtype", args.dtype,
+            "--host", "127.0.0.1", "--port", str(ports["tokentrail"]), "--parallel", str(args.parallel),
+            "--max-queue", str(max(levels) * 2), "--threads", str(args.threads), *args.serve_args.split()]
     if args.llama_server:
         from tokentrail.loading import read_checkpoint
         from tokentrail.loading.gguf_writer import write_gguf
@@ -186,29 +205,36 @@ def main() -> None:
         if not gguf.exists():
             write_gguf(read_checkpoint(path), gguf, dtype=args.dtype)
         ctx = 2048
+        ports["llama.cpp"] = _free_port()
         # -np slots share -c: give each slot the context a request needs (prompt + new tokens).
-        cmd = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np",
-               str(args.parallel), "-c", str(ctx * args.parallel // 8), "-t", str(args.threads), "-cb"]
-        engine = "llama.cpp"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        commands["llama.cpp"] = [
+            args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(ports["llama.cpp"]), "-np",
+            str(args.parallel), "-c", str(ctx * args.parallel // 8), "-t", str(args.threads), "-cb"]
+    if not commands:
+        raise SystemExit("nothing to run: --only-llama-server needs --llama-server")
+    # Both servers are up for the whole run (an idle one sleeps); each level runs on one, then the other.
+    procs = {engine: _start(cmd, env) for engine, cmd in commands.items()}
     rows = []
     try:
-        _wait_ready(url, proc)
-        for clients, count in zip(levels, counts):
-            row = asyncio.run(_level(url, clients, prompts[:count], args.max_tokens, args.seconds))
-            rows.append(row)
-            print(f"{clients:>3} clients: {row['requests']} requests, {row['errors']} errors, "
-                  f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms "
-                  f"p95 {row['ttft_p95_ms']:.0f} ms, ITL p50 {row['itl_p50_ms']:.1f} ms "
-                  f"p95 {row['itl_p95_ms']:.1f} ms", flush=True)
+        for engine, proc in procs.items():
+            _wait_ready(f"http://127.0.0.1:{ports[engine]}", proc)
+        for k, (clients, count) in enumerate(zip(levels, counts)):
+            order = list(procs) if k % 2 == 0 else list(reversed(procs))
+            for engine in order:
+                load = os.getloadavg()[0]
+                row = asyncio.run(_level(f"http://127.0.0.1:{ports[engine]}", clients, prompts[:count],
+                                         args.max_tokens, args.seconds))
+                row["engine"], row["load_average"] = engine, round((load + os.getloadavg()[0]) / 2, 1)
+                rows.append(row)
+                print(f"{engine:>10} {clients:>3} clients: {row['requests']} requests, {row['errors']} errors, "
+                      f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms'] or 0:.0f} ms "
+                      f"p95 {row['ttft_p95_ms'] or 0:.0f} ms, ITL p50 {row['itl_p50_ms'] or 0:.1f} ms "
+                      f"p95 {row['itl_p95_ms'] or 0:.1f} ms, load {row['load_average']}", flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc in procs.values():
+            _stop(proc)
 
-    # Every greedy response must equal its prompt run alone.
+    # Every greedy response must equal its prompt run alone (for llama.cpp: how many differ from tokentrail's).
     alone: dict[int, str] = {}
     for row in rows:
         wrong = 0
@@ -216,20 +242,26 @@ def main() -> None:
             if i not in alone:
                 alone[i] = model.generate(prompts[i], max_new_tokens=args.max_tokens, temperature=0).text
             wrong += text != alone[i]
-        row["mismatches"] = wrong  # for llama.cpp: responses that differ from tokentrail's
+        row["mismatches"] = wrong
         row["lost"] = (args.requests or max(8, 2 * row["clients"])) - row["requests"]
-    base = rows[0]["tokens_per_s"] if rows else 0.0
-    print("\n| clients | requests | errors | lost | mismatches | tokens/s | x one client | TTFT p50 / p95 ms "
-          "| ITL p50 / p95 ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['mismatches']} "
-              f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f} | {r['ttft_p50_ms']:.0f} / "
-              f"{r['ttft_p95_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} |")
+    base = {r["engine"]: r["tokens_per_s"] for r in reversed(rows)}  # each engine's first level
+    by_level = {(r["engine"], r["clients"]): r for r in rows}
+    print("\n| engine | clients | requests | errors | lost | mismatches | tokens/s | x one client "
+          "| x llama.cpp | TTFT p50 / p95 ms | ITL p50 / p95 ms | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in sorted(rows, key=lambda r: (r["engine"] != "tokentrail", r["clients"])):
+        other = by_level.get(("llama.cpp", r["clients"]))
+        vs = f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}" \
+            if other and r["engine"] == "tokentrail" and other["tokens_per_s"] else ""
+        print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['mismatches']} "
+              f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[r['engine']]:.2f} | {vs} "
+              f"| {r['ttft_p50_ms'] or 0:.0f} / {r['ttft_p95_ms'] or 0:.0f} "
+              f"| {r['itl_p50_ms'] or 0:.1f} / {r['itl_p95_ms'] or 0:.1f} | {r['load_average']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"engine": engine, "model": str(path), "dtype": args.dtype, "parallel": args.parallel,
-                               "max_tokens": args.max_tokens, "threads": args.threads, "levels": rows,
+    out.write_text(json.dumps({"engines": list(commands), "model": str(path), "dtype": args.dtype,
+                               "parallel": args.parallel, "max_tokens": args.max_tokens, "threads": args.threads,
+                               "serve_args": args.serve_args, "levels": rows,
                                "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
     print(f"wrote {out}")
 

@@ -5,7 +5,9 @@ sequences (up to `parallel` running), drops those whose client went away or
 whose time ran out, and advances every running sequence by one step through
 :func:`forward_step`: a prefilling sequence by its next chunk of prompt
 (so a long prompt never stalls the others for more than a chunk), a
-decoding one by its last token. Each sequence then chooses its next token
+decoding one by its last token. The prompt tokens of a step are capped
+(`prefill_chunk`, shared in order of arrival), so that a burst of new
+prompts never stalls the decoding sequences for more than one chunk. Each sequence then chooses its next token
 with its own :class:`~tokentrail.generation.Run` (the same Sampler, chain,
 stop strings and end-of-sequence rules as ``model.generate``) and leaves the
 batch when it finishes. The choices of one prompt (a request's ``n``) share
@@ -103,6 +105,9 @@ class Stats:
         self.cancelled = 0
         self.timed_out = 0
         self.forked = 0
+        self.rows = 0                # tokens run through the model (prompt chunks and decode tokens)
+        self.forward_seconds = 0.0   # inside the forward pass (the core; the GIL is released)
+        self.step_seconds = 0.0      # whole steps: building the batch, the forward pass, sampling, events
         self.ttft: list[float] = []  # drained by the metrics side
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
@@ -114,6 +119,12 @@ class Stats:
             self._recent.append((now, n))
             while self._recent and self._recent[0][0] < now - self.window:
                 self._recent.popleft()
+
+    def step_time(self, rows: int, forward: float, total: float) -> None:
+        self.steps += 1
+        self.rows += rows
+        self.forward_seconds += forward
+        self.step_seconds += total
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last `window` seconds."""
@@ -190,8 +201,9 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     break
+            self._drop_finished_early()  # first, so that the slots it frees are filled at once
+            with self._wake:
                 self._admit()
-            self._drop_finished_early()
             if self._active:
                 self._advance()
         for seq in list(self._waiting) + self._active:
@@ -221,26 +233,37 @@ class Scheduler:
             self._active.append(seq)
 
     def _drop_finished_early(self) -> None:
+        """Drop running and waiting sequences whose client went away or whose time ran out."""
         now = time.monotonic()
-        keep = []
-        for seq in self._active:
-            if seq.cancelled:
-                self.stats.cancelled += 1 + len(seq.followers)
-            elif seq.deadline is not None and now > seq.deadline:
-                self.stats.timed_out += 1 + len(seq.followers)
-                self._fail([seq], "the request ran past the server's time limit", 408)
-            else:
-                keep.append(seq)
-        self._active = keep  # dropped sequences release their sessions (KV caches) here
+        self._active = [seq for seq in self._active if self._still_wanted(seq, now)]
+        # (dropped sequences release their sessions, their KV caches, here)
+        if any(seq.cancelled or (seq.deadline is not None and now > seq.deadline) for seq in self._waiting):
+            with self._wake:
+                self._waiting = deque(seq for seq in self._waiting if self._still_wanted(seq, now))
+
+    def _still_wanted(self, seq: GenerationRequest, now: float) -> bool:
+        if seq.cancelled:
+            self.stats.cancelled += 1 + len(seq.followers)
+            return False
+        if seq.deadline is not None and now > seq.deadline:
+            self.stats.timed_out += 1 + len(seq.followers)
+            self._fail([seq], "the request ran past the server's time limit", 408)
+            return False
+        return True
 
     def _advance(self) -> None:
-        batch = list(self._active)
-        work = []
-        for seq in batch:
+        started = time.perf_counter()
+        batch, work = [], []
+        budget = self.prefill_chunk  # prompt tokens this step, shared in order of arrival
+        for seq in self._active:
             if seq.pending:
-                ids, seq.pending = seq.pending[: self.prefill_chunk], seq.pending[self.prefill_chunk:]
+                if budget == 0:
+                    continue  # sits this step out; the decoding sequences go on without waiting for it
+                ids, seq.pending = seq.pending[:budget], seq.pending[budget:]
+                budget -= len(ids)
             else:
                 ids = [seq.next_token]
+            batch.append(seq)
             work.append(Work(seq.session, ids, seq.hooks))
         try:
             logits = self.step(work)
@@ -248,7 +271,7 @@ class Scheduler:
             self._fail(batch, f"the forward pass failed: {e}", 500)
             self._active = [s for s in self._active if s not in batch]
             return
-        self.stats.steps += 1
+        forward_done = time.perf_counter()
         done = []
         for seq, lg in zip(batch, logits):
             if seq.pending:
@@ -259,6 +282,7 @@ class Scheduler:
                 done.append(seq)
         if done:
             self._active = [s for s in self._active if s not in done]
+        self.stats.step_time(sum(len(w.ids) for w in work), forward_done - started, time.perf_counter() - started)
 
     def _fail(self, seqs: Sequence[GenerationRequest], message: str, code: int) -> None:
         """Report an error to each sequence and to the choices still waiting for its prefill."""

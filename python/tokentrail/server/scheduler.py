@@ -1,19 +1,20 @@
 """Continuous batching: many sequences advanced together, one step at a time.
 
-One engine thread owns the model. At every step it admits waiting
-sequences (up to `parallel` running), drops those whose client went away or
-whose time ran out, and advances every running sequence by one step through
-:func:`forward_step`: a prefilling sequence by its next chunk of prompt
-(so a long prompt never stalls the others for more than a chunk), a
-decoding one by its last token. The prompt tokens of a step are capped
-(`prefill_chunk`, shared in order of arrival), so that a burst of new
-prompts never stalls the decoding sequences for more than one chunk. Each sequence then chooses its next token
-with its own :class:`~tokentrail.generation.Run` (the same Sampler, chain,
-stop strings and end-of-sequence rules as ``model.generate``) and leaves the
-batch when it finishes. The choices of one prompt (a request's ``n``) share
-its prefill: the first choice runs the prompt, and the others start from
-copies of its KV cache (Session.fork) and the same last-position logits. Events go back to the asyncio side through a
-callback that is safe to call from the engine thread.
+One engine thread owns the model. At every step it drops the sequences
+(running or queued) whose client went away or whose time ran out, admits
+waiting ones (up to `parallel` running), and advances every running
+sequence by one step through :func:`forward_step`: a prefilling sequence by
+its next chunk of prompt, a decoding one by its last token. The prompt
+tokens of a step are capped (`prefill_chunk`, shared in order of arrival),
+so that a burst of new prompts never stalls the decoding sequences for more
+than one chunk. Each sequence then chooses its next token with its own
+:class:`~tokentrail.generation.Run` (the same Sampler, chain, stop strings
+and end-of-sequence rules as ``model.generate``) and leaves the batch when
+it finishes. The choices of one prompt (a request's ``n``) share its
+prefill: the first choice runs the prompt, and the others start from copies
+of its KV cache (Session.fork) and the same last-position logits. Events go
+back to the asyncio side through a callback that is safe to call from the
+engine thread.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@
 Starts the real server (`tokentrail serve`, a subprocess on 127.0.0.1), then
 for each concurrency level runs that many asyncio clients, each sending
 streaming /v1/completions requests one after another (greedy, a fixed
-number of new tokens, prompts of 16-64 token ids) until the level's request
-count is reached or its time runs out. Reports aggregate generated tokens/s,
+number of new tokens, prompts of 16-64 token ids, new ones at every level)
+until the level's request count is reached or its time runs out. Reports aggregate generated tokens/s,
 time to first token and inter-token latency (p50/p95), and errors; then
 checks every response against the same prompt run alone through
 `model.generate` in this process: no request may be lost, duplicated or
@@ -118,6 +118,38 @@ async def _level(url: str, clients: int, prompts: list[list[int]], max_tokens: i
             "texts": {i: r["text"] for i, r in results.items() if "error" not in r}}
 
 
+ENGINE_METRICS = ("steps", "step_tokens", "forward_seconds", "step_seconds")
+
+
+def _engine_metrics(url: str) -> dict[str, float]:
+    """tokentrail's own step counters from /metrics (an empty dict for another server)."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("tokentrail_") and name[len("tokentrail_"):] in ENGINE_METRICS:
+            values[name[len("tokentrail_"):]] = float(value)
+    return values if len(values) == len(ENGINE_METRICS) else {}
+
+
+def _engine_share(before: dict, after: dict, wall: float) -> dict:
+    """Where the engine's time went during a level: steps, rows per step, and the forward pass's share."""
+    if not before or not after:
+        return {}
+    d = {k: after[k] - before[k] for k in ENGINE_METRICS}
+    if not d["steps"]:
+        return {}
+    return {"steps": int(d["steps"]), "tokens_per_step": d["step_tokens"] / d["steps"],
+            "forward_ms_per_step": 1e3 * d["forward_seconds"] / d["steps"],
+            "other_ms_per_step": 1e3 * (d["step_seconds"] - d["forward_seconds"]) / d["steps"],
+            "engine_busy": d["step_seconds"] / wall}
+
+
 def _wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
     import httpx
 
@@ -186,7 +218,10 @@ def main() -> None:
             make_model(args.shape, path)
     model = tokentrail.load(path, dtype=args.dtype, threads=args.threads)
     counts = [args.requests or max(8, 2 * c) for c in levels]
-    prompts = _prompts(max(counts), model.config.vocab_size)
+    # Each level has prompts of its own (both engines get the same ones): a prompt seen at an earlier
+    # level would let a server with a prompt cache (llama-server's cache_prompt) skip its prefill.
+    prompts = _prompts(sum(counts), model.config.vocab_size)
+    first = [sum(counts[:k]) for k in range(len(counts))]
     env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy.upper())
 
     commands: dict[str, list[str]] = {}
@@ -218,31 +253,37 @@ def main() -> None:
     try:
         for engine, proc in procs.items():
             _wait_ready(f"http://127.0.0.1:{ports[engine]}", proc)
-        for k, (clients, count) in enumerate(zip(levels, counts)):
+        for k, (clients, count, start) in enumerate(zip(levels, counts, first)):
             order = list(procs) if k % 2 == 0 else list(reversed(procs))
             for engine in order:
                 load = os.getloadavg()[0]
-                row = asyncio.run(_level(f"http://127.0.0.1:{ports[engine]}", clients, prompts[:count],
-                                         args.max_tokens, args.seconds))
+                url = f"http://127.0.0.1:{ports[engine]}"
+                before = _engine_metrics(url)
+                row = asyncio.run(_level(url, clients, prompts[start: start + count], args.max_tokens, args.seconds))
+                row["first_prompt"] = start
+                row["engine_time"] = _engine_share(before, _engine_metrics(url), row["wall_s"])
                 row["engine"], row["load_average"] = engine, round((load + os.getloadavg()[0]) / 2, 1)
                 rows.append(row)
                 print(f"{engine:>10} {clients:>3} clients: {row['requests']} requests, {row['errors']} errors, "
                       f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms'] or 0:.0f} ms "
                       f"p95 {row['ttft_p95_ms'] or 0:.0f} ms, ITL p50 {row['itl_p50_ms'] or 0:.1f} ms "
                       f"p95 {row['itl_p95_ms'] or 0:.1f} ms, load {row['load_average']}", flush=True)
+                if row["engine_time"]:
+                    e = row["engine_time"]
+                    print(f"{'':>10} engine: {e['steps']} steps of {e['tokens_per_step']:.1f} tokens, "
+                          f"forward {e['forward_ms_per_step']:.1f} ms + other {e['other_ms_per_step']:.2f} ms "
+                          f"per step, busy {100 * e['engine_busy']:.0f}% of the wall time", flush=True)
     finally:
         for proc in procs.values():
             _stop(proc)
 
     # Every greedy response must equal its prompt run alone (for llama.cpp: how many differ from tokentrail's).
-    alone: dict[int, str] = {}
+    # The references come from one batched model.generate, whose greedy results equal single runs (tests/test_batch.py).
+    wanted = sorted({row["first_prompt"] + j for row in rows for j in row["texts"]})
+    alone = dict(zip(wanted, (g.text for g in model.generate([prompts[i] for i in wanted],
+                                                             max_new_tokens=args.max_tokens, temperature=0))))
     for row in rows:
-        wrong = 0
-        for i, text in row.pop("texts").items():
-            if i not in alone:
-                alone[i] = model.generate(prompts[i], max_new_tokens=args.max_tokens, temperature=0).text
-            wrong += text != alone[i]
-        row["mismatches"] = wrong
+        row["mismatches"] = sum(text != alone[row["first_prompt"] + j] for j, text in row.pop("texts").items())
         row["lost"] = (args.requests or max(8, 2 * row["clients"])) - row["requests"]
     base = {r["engine"]: r["tokens_per_s"] for r in reversed(rows)}  # each engine's first level
     by_level = {(r["engine"], r["clients"]): r for r in rows}

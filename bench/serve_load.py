@@ -166,6 +166,12 @@ def _wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
     raise SystemExit("the server did not become ready")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _start(cmd: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
@@ -258,8 +264,11 @@ def main() -> None:
             for engine in order:
                 load = os.getloadavg()[0]
                 url = f"http://127.0.0.1:{ports[engine]}"
-                before = _engine_metrics(url)
+                before, cpu = _engine_metrics(url), _cpu_seconds(procs[engine].pid)
                 row = asyncio.run(_level(url, clients, prompts[start: start + count], args.max_tokens, args.seconds))
+                # Tokens per CPU-second of the server process: what the work cost, whatever else ran meanwhile.
+                row["cpu_s"] = _cpu_seconds(procs[engine].pid) - cpu
+                row["tokens_per_cpu_s"] = row["tokens"] / row["cpu_s"] if row["cpu_s"] else 0.0
                 row["first_prompt"] = start
                 row["engine_time"] = _engine_share(before, _engine_metrics(url), row["wall_s"])
                 row["engine"], row["load_average"] = engine, round((load + os.getloadavg()[0]) / 2, 1)
@@ -267,7 +276,8 @@ def main() -> None:
                 print(f"{engine:>10} {clients:>3} clients: {row['requests']} requests, {row['errors']} errors, "
                       f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms'] or 0:.0f} ms "
                       f"p95 {row['ttft_p95_ms'] or 0:.0f} ms, ITL p50 {row['itl_p50_ms'] or 0:.1f} ms "
-                      f"p95 {row['itl_p95_ms'] or 0:.1f} ms, load {row['load_average']}", flush=True)
+                      f"p95 {row['itl_p95_ms'] or 0:.1f} ms, {row['tokens_per_cpu_s']:.1f} tok/CPU-s, "
+                      f"load {row['load_average']}", flush=True)
                 if row["engine_time"]:
                     e = row["engine_time"]
                     print(f"{'':>10} engine: {e['steps']} steps of {e['tokens_per_step']:.1f} tokens, "
@@ -288,14 +298,17 @@ def main() -> None:
     base = {r["engine"]: r["tokens_per_s"] for r in reversed(rows)}  # each engine's first level
     by_level = {(r["engine"], r["clients"]): r for r in rows}
     print("\n| engine | clients | requests | errors | lost | mismatches | tokens/s | x one client "
-          "| x llama.cpp | TTFT p50 / p95 ms | ITL p50 / p95 ms | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| x llama.cpp | tokens per CPU-s | x llama.cpp | TTFT p50 / p95 ms | ITL p50 / p95 ms | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: (r["engine"] != "tokentrail", r["clients"])):
         other = by_level.get(("llama.cpp", r["clients"]))
-        vs = f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}" \
-            if other and r["engine"] == "tokentrail" and other["tokens_per_s"] else ""
+        mine = other and r["engine"] == "tokentrail"
+        vs = f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}" if mine and other["tokens_per_s"] else ""
+        vs_cpu = f"{r['tokens_per_cpu_s'] / other['tokens_per_cpu_s']:.2f}" \
+            if mine and other["tokens_per_cpu_s"] else ""
         print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['mismatches']} "
               f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[r['engine']]:.2f} | {vs} "
+              f"| {r['tokens_per_cpu_s']:.1f} | {vs_cpu} "
               f"| {r['ttft_p50_ms'] or 0:.0f} / {r['ttft_p95_ms'] or 0:.0f} "
               f"| {r['itl_p50_ms'] or 0:.1f} / {r['itl_p95_ms'] or 0:.1f} | {r['load_average']} |")
     out = Path(args.out)

@@ -296,6 +296,7 @@ class Scheduler:
         """The prompt is in `leader`'s cache: every other choice of it starts from a copy of that cache
         and chooses its first token from the same logits; it runs on when a slot is free."""
         followers, leader.followers = leader.followers, []
+        queued = []
         for seq in followers:
             if seq.cancelled:
                 self.stats.cancelled += 1
@@ -308,13 +309,15 @@ class Scheduler:
                 seq.emit(SequenceEvent(seq.index, "error", error=str(e), code=500))
                 continue
             self.stats.forked += 1
-            if self._choose(seq, logits):
+            if self._choose(seq, logits.copy()):  # a copy: each choice's sampler is on its own logits
                 continue
             if len(self._active) < self.parallel:
                 self._active.append(seq)
             else:
-                with self._wake:
-                    self._waiting.appendleft(seq)
+                queued.append(seq)
+        if queued:  # ahead of the queue, in the order of their choices
+            with self._wake:
+                self._waiting.extendleft(reversed(queued))
 
     def _choose(self, seq: GenerationRequest, lg: np.ndarray) -> bool:
         """Sample `seq`'s next token from the logits of its last position and report it; True when it ends."""

@@ -1,12 +1,13 @@
 """Load on `tokentrail serve`: many concurrent streaming clients on loopback.
 
     python bench/serve_load.py --shape smollm --dtype q8_0 --levels 1,4,16,64 --out bench/results/serve_load.json
+    python bench/serve_load.py --levels 1,4,16,64 --llama-server /path/to/llama-server   # both, level by level
 
 Starts the real server (`tokentrail serve`, a subprocess on 127.0.0.1), then
 for each concurrency level runs that many asyncio clients, each sending
 streaming /v1/completions requests one after another (greedy, a fixed
-number of new tokens, prompts of 16-64 token ids) until the level's request
-count is reached or its time runs out. Reports aggregate generated tokens/s,
+number of new tokens, prompts of 16-64 token ids, new ones at every level)
+until the level's request count is reached or its time runs out. Reports aggregate generated tokens/s,
 time to first token and inter-token latency (p50/p95), and errors; then
 checks every response against the same prompt run alone through
 `model.generate` in this process: no request may be lost, duplicated or
@@ -117,6 +118,38 @@ async def _level(url: str, clients: int, prompts: list[list[int]], max_tokens: i
             "texts": {i: r["text"] for i, r in results.items() if "error" not in r}}
 
 
+ENGINE_METRICS = ("steps", "step_tokens", "forward_seconds", "step_seconds")
+
+
+def _engine_metrics(url: str) -> dict[str, float]:
+    """tokentrail's own step counters from /metrics (an empty dict for another server)."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("tokentrail_") and name[len("tokentrail_"):] in ENGINE_METRICS:
+            values[name[len("tokentrail_"):]] = float(value)
+    return values if len(values) == len(ENGINE_METRICS) else {}
+
+
+def _engine_share(before: dict, after: dict, wall: float) -> dict:
+    """Where the engine's time went during a level: steps, rows per step, and the forward pass's share."""
+    if not before or not after:
+        return {}
+    d = {k: after[k] - before[k] for k in ENGINE_METRICS}
+    if not d["steps"]:
+        return {}
+    return {"steps": int(d["steps"]), "tokens_per_step": d["step_tokens"] / d["steps"],
+            "forward_ms_per_step": 1e3 * d["forward_seconds"] / d["steps"],
+            "other_ms_per_step": 1e3 * (d["step_seconds"] - d["forward_seconds"]) / d["steps"],
+            "engine_busy": d["step_seconds"] / wall}
+
+
 def _wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
     import httpx
 
@@ -131,6 +164,24 @@ def _wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
             pass
         time.sleep(0.5)
     raise SystemExit("the server did not become ready")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _start(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def main() -> None:
@@ -148,10 +199,14 @@ def main() -> None:
     ap.add_argument("--omp-wait-policy", default="passive", choices=["active", "passive"],
                     help="OMP_WAIT_POLICY of the server: passive threads sleep between steps instead of spinning, "
                          "which leaves the cores to the HTTP side of the server and to the clients")
+    ap.add_argument("--serve-args", default="", help="more flags for `tokentrail serve` (e.g. '--prefill-chunk 64')")
     ap.add_argument("--root", default=str(HERE / "results" / "models"))
     ap.add_argument("--llama-server", default=None,
-                    help="path of llama.cpp's llama-server binary: load it instead (same model as GGUF of --dtype, "
-                         "--parallel slots, continuous batching); its responses are compared with tokentrail's")
+                    help="path of llama.cpp's llama-server binary: run it too (same model as GGUF of --dtype, "
+                         "--parallel slots, continuous batching), level by level back to back with tokentrail, "
+                         "which goes first at odd levels and second at even ones; its responses are compared "
+                         "with tokentrail's")
+    ap.add_argument("--only-llama-server", action="store_true", help="with --llama-server: do not run tokentrail")
     ap.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -169,15 +224,20 @@ def main() -> None:
             make_model(args.shape, path)
     model = tokentrail.load(path, dtype=args.dtype, threads=args.threads)
     counts = [args.requests or max(8, 2 * c) for c in levels]
-    prompts = _prompts(max(counts), model.config.vocab_size)
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tokentrail.cli", "serve", "--model", str(path), "--dtype", args.dtype,
-           "--host", "127.0.0.1", "--port", str(port), "--parallel", str(args.parallel),
-           "--max-queue", str(max(levels) * 2), "--threads", str(args.threads)]
+    # Each level has prompts of its own (both engines get the same ones): a prompt seen at an earlier
+    # level would let a server with a prompt cache (llama-server's cache_prompt) skip its prefill.
+    prompts = _prompts(sum(counts), model.config.vocab_size)
+    first = [sum(counts[:k]) for k in range(len(counts))]
     env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy.upper())
-    engine = "tokentrail"
+
+    commands: dict[str, list[str]] = {}
+    ports: dict[str, int] = {}
+    if not args.only_llama_server:
+        ports["tokentrail"] = _free_port()
+        commands["tokentrail"] = [
+            sys.executable, "-m", "tokentrail.cli", "serve", "--model", str(path), "--dtype", args.dtype,
+            "--host", "127.0.0.1", "--port", str(ports["tokentrail"]), "--parallel", str(args.parallel),
+            "--max-queue", str(max(levels) * 2), "--threads", str(args.threads), *args.serve_args.split()]
     if args.llama_server:
         from tokentrail.loading import read_checkpoint
         from tokentrail.loading.gguf_writer import write_gguf
@@ -186,50 +246,76 @@ def main() -> None:
         if not gguf.exists():
             write_gguf(read_checkpoint(path), gguf, dtype=args.dtype)
         ctx = 2048
+        ports["llama.cpp"] = _free_port()
         # -np slots share -c: give each slot the context a request needs (prompt + new tokens).
-        cmd = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np",
-               str(args.parallel), "-c", str(ctx * args.parallel // 8), "-t", str(args.threads), "-cb"]
-        engine = "llama.cpp"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        commands["llama.cpp"] = [
+            args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(ports["llama.cpp"]), "-np",
+            str(args.parallel), "-c", str(ctx * args.parallel // 8), "-t", str(args.threads), "-cb"]
+    if not commands:
+        raise SystemExit("nothing to run: --only-llama-server needs --llama-server")
+    # Both servers are up for the whole run (an idle one sleeps); each level runs on one, then the other.
+    procs = {engine: _start(cmd, env) for engine, cmd in commands.items()}
     rows = []
     try:
-        _wait_ready(url, proc)
-        for clients, count in zip(levels, counts):
-            row = asyncio.run(_level(url, clients, prompts[:count], args.max_tokens, args.seconds))
-            rows.append(row)
-            print(f"{clients:>3} clients: {row['requests']} requests, {row['errors']} errors, "
-                  f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms "
-                  f"p95 {row['ttft_p95_ms']:.0f} ms, ITL p50 {row['itl_p50_ms']:.1f} ms "
-                  f"p95 {row['itl_p95_ms']:.1f} ms", flush=True)
+        for engine, proc in procs.items():
+            _wait_ready(f"http://127.0.0.1:{ports[engine]}", proc)
+        for k, (clients, count, start) in enumerate(zip(levels, counts, first)):
+            order = list(procs) if k % 2 == 0 else list(reversed(procs))
+            for engine in order:
+                load = os.getloadavg()[0]
+                url = f"http://127.0.0.1:{ports[engine]}"
+                before, cpu = _engine_metrics(url), _cpu_seconds(procs[engine].pid)
+                row = asyncio.run(_level(url, clients, prompts[start: start + count], args.max_tokens, args.seconds))
+                # Tokens per CPU-second of the server process: what the work cost, whatever else ran meanwhile.
+                row["cpu_s"] = _cpu_seconds(procs[engine].pid) - cpu
+                row["tokens_per_cpu_s"] = row["tokens"] / row["cpu_s"] if row["cpu_s"] else 0.0
+                row["first_prompt"] = start
+                row["engine_time"] = _engine_share(before, _engine_metrics(url), row["wall_s"])
+                row["engine"], row["load_average"] = engine, round((load + os.getloadavg()[0]) / 2, 1)
+                rows.append(row)
+                print(f"{engine:>10} {clients:>3} clients: {row['requests']} requests, {row['errors']} errors, "
+                      f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms'] or 0:.0f} ms "
+                      f"p95 {row['ttft_p95_ms'] or 0:.0f} ms, ITL p50 {row['itl_p50_ms'] or 0:.1f} ms "
+                      f"p95 {row['itl_p95_ms'] or 0:.1f} ms, {row['tokens_per_cpu_s']:.1f} tok/CPU-s, "
+                      f"load {row['load_average']}", flush=True)
+                if row["engine_time"]:
+                    e = row["engine_time"]
+                    print(f"{'':>10} engine: {e['steps']} steps of {e['tokens_per_step']:.1f} tokens, "
+                          f"forward {e['forward_ms_per_step']:.1f} ms + other {e['other_ms_per_step']:.2f} ms "
+                          f"per step, busy {100 * e['engine_busy']:.0f}% of the wall time", flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc in procs.values():
+            _stop(proc)
 
-    # Every greedy response must equal its prompt run alone.
-    alone: dict[int, str] = {}
+    # Every greedy response must equal its prompt run alone (for llama.cpp: how many differ from tokentrail's).
+    # The references come from one batched model.generate, whose greedy results equal single runs (tests/test_batch.py).
+    wanted = sorted({row["first_prompt"] + j for row in rows for j in row["texts"]})
+    alone = dict(zip(wanted, (g.text for g in model.generate([prompts[i] for i in wanted],
+                                                             max_new_tokens=args.max_tokens, temperature=0))))
     for row in rows:
-        wrong = 0
-        for i, text in row.pop("texts").items():
-            if i not in alone:
-                alone[i] = model.generate(prompts[i], max_new_tokens=args.max_tokens, temperature=0).text
-            wrong += text != alone[i]
-        row["mismatches"] = wrong  # for llama.cpp: responses that differ from tokentrail's
+        row["mismatches"] = sum(text != alone[row["first_prompt"] + j] for j, text in row.pop("texts").items())
         row["lost"] = (args.requests or max(8, 2 * row["clients"])) - row["requests"]
-    base = rows[0]["tokens_per_s"] if rows else 0.0
-    print("\n| clients | requests | errors | lost | mismatches | tokens/s | x one client | TTFT p50 / p95 ms "
-          "| ITL p50 / p95 ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['mismatches']} "
-              f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f} | {r['ttft_p50_ms']:.0f} / "
-              f"{r['ttft_p95_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} |")
+    base = {r["engine"]: r["tokens_per_s"] for r in reversed(rows)}  # each engine's first level
+    by_level = {(r["engine"], r["clients"]): r for r in rows}
+    print("\n| engine | clients | requests | errors | lost | mismatches | tokens/s | x one client "
+          "| x llama.cpp | tokens per CPU-s | x llama.cpp | TTFT p50 / p95 ms | ITL p50 / p95 ms | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in sorted(rows, key=lambda r: (r["engine"] != "tokentrail", r["clients"])):
+        other = by_level.get(("llama.cpp", r["clients"]))
+        mine = other and r["engine"] == "tokentrail"
+        vs = f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}" if mine and other["tokens_per_s"] else ""
+        vs_cpu = f"{r['tokens_per_cpu_s'] / other['tokens_per_cpu_s']:.2f}" \
+            if mine and other["tokens_per_cpu_s"] else ""
+        print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['mismatches']} "
+              f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[r['engine']]:.2f} | {vs} "
+              f"| {r['tokens_per_cpu_s']:.1f} | {vs_cpu} "
+              f"| {r['ttft_p50_ms'] or 0:.0f} / {r['ttft_p95_ms'] or 0:.0f} "
+              f"| {r['itl_p50_ms'] or 0:.1f} / {r['itl_p95_ms'] or 0:.1f} | {r['load_average']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"engine": engine, "model": str(path), "dtype": args.dtype, "parallel": args.parallel,
-                               "max_tokens": args.max_tokens, "threads": args.threads, "levels": rows,
+    out.write_text(json.dumps({"engines": list(commands), "model": str(path), "dtype": args.dtype,
+                               "parallel": args.parallel, "max_tokens": args.max_tokens, "threads": args.threads,
+                               "serve_args": args.serve_args, "levels": rows,
                                "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
     print(f"wrote {out}")
 

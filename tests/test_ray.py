@@ -70,6 +70,21 @@ def test_score_and_capture_equal_the_model_alone(local_ray, model):
                 np.testing.assert_allclose(r[n], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_token_id_rows_of_different_lengths_in_one_batch(local_ray, model):
+    # One batch of 7 rows of ids (greedy, per-row seeds ignored by greedy): the rows advance together
+    # through model.generate([...]) / model.score([...]) and each equals the row run alone.
+    ids = [model.encode(p) for p in PROMPTS]
+    ds = ray.data.from_items([{"prompt": i, "id": n} for n, i in enumerate(ids)])
+    rows = ttray.generate(ds, DEMO, max_new_tokens=9, temperature=0, concurrency=1, batch_size=len(ids)).take_all()
+    assert sorted(r["id"] for r in rows) == list(range(len(ids)))
+    for r in rows:
+        alone = model.generate(ids[r["id"]], max_new_tokens=9, temperature=0)
+        assert list(r["text_token_ids"]) == alone.token_ids and r["text"] == alone.text
+    scored = ttray.score(ds, DEMO, column="prompt", concurrency=1, batch_size=len(ids)).take_all()
+    for r in scored:
+        assert r["sum_logprob"] == pytest.approx(model.score(ids[r["id"]]).sum_logprob, rel=1e-6)
+
+
 def test_bad_options_fail_before_any_actor_starts():
     with pytest.raises(ValueError, match="unknown sampling option"):
         ttray.generate(ray.data.from_items([{"prompt": "x"}]), DEMO, temprature=0.5)

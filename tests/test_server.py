@@ -32,13 +32,26 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running(model, **options):
-    """A real uvicorn server on a free loopback port, for the duration of the block."""
+def running(model, step_delay: float = 0.0, **options):
+    """A real uvicorn server on a free loopback port, for the duration of the block.
+
+    `step_delay` adds that many seconds to every engine step (the real forward pass, then a sleep), so
+    that the tiny test model's requests last long enough to be cancelled or to expire in the queue."""
     import uvicorn
 
     port = _free_port()
-    config = uvicorn.Config(create_app(model, model_name="demo-chat", **options), host="127.0.0.1", port=port,
-                            log_level="warning", lifespan="on")
+    app = create_app(model, model_name="demo-chat", **options)
+    if step_delay:
+        sched = app.state.server.scheduler
+        real_step = sched.step
+
+        def slow_step(work):
+            out = real_step(work)
+            time.sleep(step_delay)
+            return out
+
+        sched.step = slow_step
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -111,6 +124,35 @@ def test_seeded_sampling_and_n_equal_generate_with_the_same_options(client, mode
     assert len(set(expected)) > 1  # the choices are different draws
 
 
+@pytest.mark.parametrize("parallel", [4, 1])
+def test_n_choices_share_one_prefill_and_equal_independent_runs(model, parallel):
+    # parallel=1: the forked choices wait for the slot with their copied caches.
+    prompts = [STORY, "Once upon a time there was"]
+    opts = dict(temperature=0.9, top_k=40)
+    with running(model, parallel=parallel) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = client.completions.create(model="demo-chat", prompt=prompts, max_tokens=12, seed=11, n=3, logprobs=2,
+                                      temperature=opts["temperature"], extra_body={"top_k": 40, "logit_bias": NO_END})
+        prompt_tokens = _metric(url, "tokentrail_prompt_tokens")
+        forked = _metric(url, "tokentrail_forked_sequences")
+        stream = client.completions.create(model="demo-chat", prompt=STORY, max_tokens=12, seed=11, n=3, stream=True,
+                                           temperature=opts["temperature"], extra_body={"top_k": 40})
+        streamed = ["", "", ""]
+        for chunk in stream:
+            streamed[chunk.choices[0].index] += chunk.choices[0].text
+    # Each prompt ran once; its other two choices started from copies of its cache.
+    assert prompt_tokens == sum(len(model.encode(p)) for p in prompts) and forked == 4
+    choices = sorted(r.choices, key=lambda c: c.index)
+    for i, c in enumerate(choices):
+        alone = model.generate(prompts[i // 3], max_new_tokens=12, seed=11 + i, logprobs=True, top_n=2,
+                               logit_bias={2: -100.0, 3: -100.0}, **opts)
+        assert c.text == alone.text
+        assert c.logprobs.token_logprobs == pytest.approx([s.logprob for s in alone.steps], rel=1e-5, abs=1e-6)
+        assert [list(d) for d in c.logprobs.top_logprobs] == [[a.text for a in s.top_model] for s in alone.steps]
+    assert len({c.text for c in choices[:3]}) > 1  # different draws from one prefill
+    assert streamed == [model.generate(STORY, max_new_tokens=12, seed=11 + i, **opts).text for i in range(3)]
+
+
 def test_stop_strings_and_logprobs_equal_generate(client, model):
     r = client.completions.create(model="demo-chat", prompt=STORY, max_tokens=40, temperature=0, stop=[" farm"],
                                   logprobs=3)
@@ -169,6 +211,7 @@ def test_chat_end_of_turn_stops_generation(client, model):
 
 
 def test_models_health_and_metrics(client, base_url):
+    client.completions.create(model="demo-chat", prompt=STORY, max_tokens=2)
     assert [m.id for m in client.models.list().data] == ["demo-chat"]
     assert httpx.get(base_url + "/health").json()["status"] == "ok"
     text = httpx.get(base_url + "/metrics").text
@@ -205,11 +248,14 @@ def test_simultaneous_requests_each_equal_running_alone(base_url, model):
 
 
 def test_long_prompts_are_prefilled_in_chunks(model):
-    ids = model.encode("The storm is near the farm. The sky is gray over the farm. " * 4)[:100]
+    ids = model.encode("The storm is near the farm. The sky is gray over the farm. " * 8)[:100]
     with running(model, parallel=2, prefill_chunk=7) as url:
-        r = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 20, "temperature": 0},
-                       timeout=60).json()
-    alone = model.generate(ids, max_new_tokens=20, temperature=0)
+        r = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 20, "temperature": 0,
+                                                      "logit_bias": NO_END}, timeout=60).json()
+        steps, tokens = _metric(url, "tokentrail_steps"), _metric(url, "tokentrail_step_tokens")
+    # The prompt in steps of at most 7 tokens, then 19 steps feeding back a generated token.
+    assert (steps, tokens) == (-(-len(ids) // 7) + 19, len(ids) + 19)
+    alone = model.generate(ids, max_new_tokens=20, temperature=0, logit_bias={2: -100.0, 3: -100.0})
     # Chunks of 7 run through the same GEMV products as one-token steps, not the prefill GEMM,
     # so the logits may differ in the last bits; the greedy tokens agree.
     assert r["choices"][0]["text"] == alone.text
@@ -347,6 +393,80 @@ def test_client_disconnect_cancels_and_frees_the_slots(model, stream):
         # The freed slot serves the next request.
         r = httpx.post(url + "/v1/completions", json={"prompt": STORY, "max_tokens": 5, "temperature": 0}, timeout=60)
         assert r.json()["choices"][0]["text"] == model.generate(STORY, max_new_tokens=5, temperature=0).text
+
+
+def test_prefill_budget_is_shared_and_decoding_goes_on(model):
+    # One sequence decodes while two long prompts arrive: each step prefills at most 8 prompt tokens in all,
+    # and the decoding sequence advances at every step meanwhile.
+    ids = model.encode("The storm is near the farm. The sky is gray over the farm. " * 3)[:40]
+    with running(model, parallel=3, prefill_chunk=8, step_delay=0.01) as url:
+        async def main():
+            aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+            first = asyncio.create_task(aclient.completions.create(model="m", prompt=STORY, max_tokens=60,
+                                                                   temperature=0, extra_body={"logit_bias": NO_END}))
+            while _metric(url, "tokentrail_generated_tokens") < 2:
+                await asyncio.sleep(0.01)
+            others = [aclient.completions.create(model="m", prompt=ids, max_tokens=5, temperature=0) for _ in "ab"]
+            return await asyncio.gather(first, *others)
+
+        first, a, b = asyncio.run(main())
+        steps, tokens = _metric(url, "tokentrail_steps"), _metric(url, "tokentrail_step_tokens")
+        forward, total = _metric(url, "tokentrail_forward_seconds"), _metric(url, "tokentrail_step_seconds")
+    # The 60 tokens of the first request took 60 steps (its prompt, then 59 fed back), and the two
+    # prompts of 40 fitted in those steps 8 tokens at a time: no step was added for them.
+    assert steps == 60
+    assert tokens == len(model.encode(STORY)) + 59 + 2 * (40 + 4)
+    assert 0 < forward < total
+    assert first.choices[0].text == model.generate(STORY, max_new_tokens=60, temperature=0,
+                                                   logit_bias={2: -100.0, 3: -100.0}).text
+    assert a.choices[0].text == b.choices[0].text == model.generate(ids, max_new_tokens=5, temperature=0).text
+
+
+def test_a_client_that_leaves_while_queued_leaves_the_queue(model):
+    # One slot, held by a long request; a queued request goes as soon as its client does.
+    body = {"prompt": STORY, "max_tokens": 100, "temperature": 0, "logit_bias": NO_END}
+    with running(model, parallel=1, step_delay=0.05) as url:  # the holder takes 5 s
+        with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions",
+                                                           json={**body, "stream": True}) as holder:
+            lines = holder.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)  # the long request holds the slot
+            with pytest.raises(httpx.ReadTimeout):  # a queued client that gives up
+                httpx.post(url + "/v1/completions", json=body, timeout=0.3)
+            deadline = time.monotonic() + 1.0
+            while _metric(url, "tokentrail_queue_depth") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _metric(url, "tokentrail_queue_depth") == 0 and _metric(url, "tokentrail_active_sequences") == 1
+            assert _metric(url, "tokentrail_cancelled_sequences") == 1
+
+
+def test_a_queued_sequence_expires_at_its_deadline_while_the_slot_stays_busy(model):
+    # The scheduler alone, on the real model: one slot held by a sequence without a time limit.
+    from tokentrail.generation import start_run
+    from tokentrail.server.scheduler import GenerationRequest, Scheduler, forward_step
+
+    def slow_step(work):
+        out = forward_step(work)
+        time.sleep(0.01)
+        return out
+
+    events = {0: [], 1: []}
+    sched = Scheduler(model, parallel=1, step=slow_step)
+    holder = GenerationRequest(start_run(model, STORY, 200, temperature=0, logit_bias={2: -100.0, 3: -100.0}), 0,
+                               events[0].append)
+    queued = GenerationRequest(start_run(model, STORY, 5, temperature=0), 1, events[1].append,
+                               deadline=time.monotonic() + 0.3)
+    sched.start()
+    try:
+        sched.submit([holder])
+        sched.submit([queued])
+        deadline = time.monotonic() + 30
+        while not events[1] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [(e.kind, e.code) for e in events[1]] == [("error", 408)]
+        assert sched.active == 1 and sched.queue_depth == 0 and sched.stats.timed_out == 1
+        assert events[0][-1].step.finish_reason is None  # the holder is still running
+    finally:
+        sched.stop()
 
 
 def test_per_request_timeout(model):

@@ -555,8 +555,8 @@ def add_serve(sub) -> None:
     h.add_argument("--max-queue", type=_count, default=64,
                    help="sequences that may wait for a slot; beyond it requests get 429 (default: %(default)s)")
     h.add_argument("--prefill-chunk", type=_positive_int, default=256,
-                   help="prompt tokens a sequence prefills per step, so long prompts do not stall others "
-                        "(default: %(default)s)")
+                   help="prompt tokens prefilled per step, shared by the sequences prefilling, so that prompts "
+                        "do not stall the decoding ones (default: %(default)s)")
     h.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a request may take (0: no limit; default: %(default)s)")
     h.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: the path's name)")

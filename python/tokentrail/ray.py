@@ -7,7 +7,10 @@
 
 Each function maps the dataset's batches (`map_batches`) through `concurrency`
 actors that each load the model once and keep it; rows keep their other
-columns. A row's own sampling seed can come from a `seed` column. Captured
+columns. An actor runs each batch through the batched API
+(``model.generate([...])``, ``model.score([...])``, ``model.run_with_cache([...])``),
+so the rows of a batch advance together, every weight read once per step
+for all of them; each row's result equals the row run alone. A row's own sampling seed can come from a `seed` column. Captured
 activations are fixed-shape float32 arrays per row (the last position, or
 the mean over positions), which Ray writes to Parquet as tensor columns.
 
@@ -41,10 +44,11 @@ def _objects(items: list) -> np.ndarray:
     return out
 
 
-def _texts(batch: Mapping[str, np.ndarray], column: str) -> list:
+def _texts(batch: Mapping[str, np.ndarray], column: str) -> list[str | list[int]]:
+    """The batch's `column` as a list of prompts for the batched API: texts, or token ids as lists of ints."""
     if column not in batch:
         raise UnknownNameError(f"the dataset has no column {column!r} (columns: {sorted(batch)})")
-    return list(batch[column])
+    return [t if isinstance(t, str) else [int(i) for i in t] for t in batch[column]]
 
 
 class _ModelActor:
@@ -62,20 +66,14 @@ class Generator(_ModelActor):
         self.column, self.output, self.options = column, output, dict(options)
 
     def __call__(self, batch: dict) -> dict:
-        texts, tokens, finish = [], [], []
+        prompts = _texts(batch, self.column)
         seeds = batch.get("seed")
-        for i, prompt in enumerate(_texts(batch, self.column)):
-            opts = dict(self.options)
-            if seeds is not None:
-                opts["seed"] = int(seeds[i])
-            g = self.model.generate(prompt if isinstance(prompt, str) else [int(t) for t in prompt], **opts)
-            texts.append(g.text)
-            tokens.append([int(t) for t in g.token_ids])
-            finish.append(g.finish_reason)
+        per_prompt = None if seeds is None else [{"seed": int(s)} for s in seeds]
+        generations = self.model.generate(prompts, per_prompt=per_prompt, **self.options) if prompts else []
         out = dict(batch)
-        out[self.output] = _objects(texts)
-        out[self.output + "_token_ids"] = _objects(tokens)
-        out["finish_reason"] = _objects(finish)
+        out[self.output] = _objects([g.text for g in generations])
+        out[self.output + "_token_ids"] = _objects([[int(t) for t in g.token_ids] for g in generations])
+        out["finish_reason"] = _objects([g.finish_reason for g in generations])
         return out
 
 
@@ -85,7 +83,8 @@ class Scorer(_ModelActor):
         self.column = column
 
     def __call__(self, batch: dict) -> dict:
-        scores = [self.model.score(t, top_n=0) for t in _texts(batch, self.column)]
+        texts = _texts(batch, self.column)
+        scores = self.model.score(texts, top_n=0, progress=False) if texts else []
         out = dict(batch)
         out["sum_logprob"] = np.array([s.sum_logprob for s in scores])
         out["mean_logprob"] = np.array([s.mean_logprob for s in scores])
@@ -103,17 +102,16 @@ class Capturer(_ModelActor):
         self.names = expand(names, self.model.config.n_layers)
 
     def __call__(self, batch: dict) -> dict:
-        rows: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
-        for text in _texts(batch, self.column):
-            ids = self.model.encode(text) if isinstance(text, str) else [int(t) for t in text]
-            positions = [len(ids) - 1] if self.pooling == "last" else None
-            _, cache = self.model.run_with_cache(ids, names=self.names, positions=positions)
-            for n in self.names:
-                a = cache[n]
-                rows[n].append((a[-1] if self.pooling == "last" else a.mean(axis=0)).astype(np.float32))
+        texts = _texts(batch, self.column)
         out = dict(batch)
+        if not texts:
+            return out
+        # "last" records only each prompt's own last position (-1 counts from each prompt's end).
+        positions = [-1] if self.pooling == "last" else None
+        _, caches = self.model.run_with_cache(texts, names=self.names, positions=positions)
         for n in self.names:
-            out[n] = np.stack(rows[n])
+            out[n] = np.stack([(c[n][-1] if self.pooling == "last" else c[n].mean(axis=0)).astype(np.float32)
+                               for c in caches])
         return out
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -43,6 +44,37 @@ def _field_error(e: ValueError, default_param: str) -> ApiError:
     return ApiError(400, text, param=param)
 
 
+class Mailbox:
+    """Carries events from the engine thread to the requests' asyncio queues.
+
+    Every step reports one event per running sequence; handing each over
+    with its own ``call_soon_threadsafe`` would wake the event loop (a write
+    to its self-pipe) once per sequence per step. Events posted while a
+    delivery is pending join it, so a step's events arrive in one wake-up.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, SequenceEvent]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, event: SequenceEvent) -> None:
+        """Called from the engine thread."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class Server:
     """A model, its scheduler and what the routes need to answer."""
 
@@ -53,6 +85,7 @@ class Server:
         self.timeout = timeout
         self.created = int(time.time())
         self.scheduler = Scheduler(model, parallel=parallel, max_queue=max_queue, prefill_chunk=prefill_chunk)
+        self.mailbox: Mailbox | None = None  # made on the event loop, at the first request
         self.chat_template = None
         if model.tokenizer is not None and (chat_template is not None
                                             or getattr(model.tokenizer, "chat_template", None) is not None):
@@ -93,16 +126,25 @@ class Server:
                 runs.append(run)
         return runs
 
-    def _submit(self, runs: list[Run], journey_top: int):
+    def _submit(self, runs: list[Run], journey_top: int, choices: int = 1):
+        """Queue the runs (`choices` consecutive runs per prompt); their events come on the returned queue."""
         loop = asyncio.get_running_loop()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = Mailbox(loop)
+        mailbox = self.mailbox
         queue: asyncio.Queue[SequenceEvent] = asyncio.Queue()
 
         def emit(event: SequenceEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            mailbox.post(queue, event)
 
         deadline = time.monotonic() + self.timeout if self.timeout else None
         seqs = [GenerationRequest(run, i, emit, journey_top=journey_top, deadline=deadline)
                 for i, run in enumerate(runs)]
+        if choices > 1 and not journey_top:
+            # The prompt is prefilled once per prompt; its other choices start from a copy of that cache.
+            # (A journey needs the prompt's last position captured for each choice: those run it themselves.)
+            for first in range(0, len(seqs), choices):
+                seqs[first].followers = seqs[first + 1: first + choices]
         try:
             self.scheduler.submit(seqs)
         except QueueFull as e:
@@ -110,9 +152,9 @@ class Server:
         return queue, seqs
 
     # -- answering -------------------------------------------------------------------
-    async def collect(self, request: Request, runs: list[Run], journey_top: int):
+    async def collect(self, request: Request, runs: list[Run], journey_top: int, choices: int = 1):
         """Every choice's steps (and journeys), or None when the client went away."""
-        queue, seqs = self._submit(runs, journey_top)
+        queue, seqs = self._submit(runs, journey_top, choices)
         steps: list[list[Step]] = [[] for _ in runs]
         journeys: list[list[dict]] = [[] for _ in runs]
         remaining = len(runs)
@@ -141,9 +183,9 @@ class Server:
                 s.cancel()
         return steps, journeys
 
-    async def events(self, runs: list[Run], journey_top: int) -> AsyncIterator[SequenceEvent]:
+    async def events(self, runs: list[Run], journey_top: int, choices: int = 1) -> AsyncIterator[SequenceEvent]:
         """Events of every choice as they come; leaving early cancels the sequences."""
-        queue, seqs = self._submit(runs, journey_top)
+        queue, seqs = self._submit(runs, journey_top, choices)
         remaining = len(runs)
         try:
             while remaining:
@@ -190,20 +232,26 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
     sched = server.scheduler
 
     registry = CollectorRegistry()
-    Gauge("tokentrail_queue_depth", "Sequences waiting for a slot", registry=registry).set_function(
-        lambda: sched.queue_depth)
-    Gauge("tokentrail_active_sequences", "Sequences in the running batch", registry=registry).set_function(
-        lambda: sched.active)
-    Gauge("tokentrail_tokens_per_second", "Generated tokens per second over the last 10 s",
-          registry=registry).set_function(sched.stats.tokens_per_second)
-    Gauge("tokentrail_generated_tokens", "Tokens generated since the start", registry=registry).set_function(
-        lambda: sched.stats.generated)
-    Gauge("tokentrail_prompt_tokens", "Prompt tokens prefilled since the start", registry=registry).set_function(
-        lambda: sched.stats.prompt_tokens)
-    Gauge("tokentrail_cancelled_sequences", "Sequences whose client went away before the end",
-          registry=registry).set_function(lambda: sched.stats.cancelled)
-    Gauge("tokentrail_timed_out_sequences", "Sequences stopped by the per-request time limit",
-          registry=registry).set_function(lambda: sched.stats.timed_out)
+    stats = sched.stats
+    gauges = {  # name: (help, how to read it)
+        "queue_depth": ("Sequences waiting for a slot", lambda: sched.queue_depth),
+        "active_sequences": ("Sequences in the running batch", lambda: sched.active),
+        "tokens_per_second": ("Generated tokens per second over the last 10 s", stats.tokens_per_second),
+        "generated_tokens": ("Tokens generated since the start", lambda: stats.generated),
+        "prompt_tokens": ("Prompt tokens prefilled since the start", lambda: stats.prompt_tokens),
+        "cancelled_sequences": ("Sequences whose client went away before the end", lambda: stats.cancelled),
+        "timed_out_sequences": ("Sequences stopped by the per-request time limit", lambda: stats.timed_out),
+        "forked_sequences": ("Choices started from a copy of another choice's prefilled prompt",
+                             lambda: stats.forked),
+        "steps": ("Steps of the engine (each one forward pass of the running batch)", lambda: stats.steps),
+        "step_tokens": ("Tokens run through the model by the steps (prompt chunks and decode tokens)",
+                        lambda: stats.rows),
+        "forward_seconds": ("Seconds the steps spent in the forward pass", lambda: stats.forward_seconds),
+        "step_seconds": ("Seconds the steps took in all (forward pass, sampling, events)",
+                         lambda: stats.step_seconds),
+    }
+    for name, (text, read) in gauges.items():
+        Gauge(f"tokentrail_{name}", text, registry=registry).set_function(read)
     ttft = Histogram("tokentrail_time_to_first_token_seconds", "From arrival to the first generated token",
                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
     requests_total = Counter("tokentrail_requests", "Requests answered, by route and status",
@@ -258,7 +306,7 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
         if req.stream:
             async def stream():
                 completion_tokens = 0
-                async for ev in server.events(runs, journey_top):
+                async for ev in server.events(runs, journey_top, req.n):
                     if ev.kind == "error":
                         yield _sse(error_body(ev.error, "server_error" if ev.code >= 500 else "invalid_request_error"))
                         break
@@ -271,7 +319,7 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
                 requests_total.labels(route, "200").inc()
 
             return StreamingResponse(stream(), media_type="text/event-stream")
-        got = await server.collect(request, runs, journey_top)
+        got = await server.collect(request, runs, journey_top, req.n)
         if got is None:  # the client went away; nobody reads this
             requests_total.labels(route, "499").inc()
             return PlainTextResponse("", status_code=499)

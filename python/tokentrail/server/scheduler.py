@@ -1,15 +1,20 @@
 """Continuous batching: many sequences advanced together, one step at a time.
 
-One engine thread owns the model. At every step it admits waiting
-sequences (up to `parallel` running), drops those whose client went away or
-whose time ran out, and advances every running sequence by one step through
-:func:`forward_step`: a prefilling sequence by its next chunk of prompt
-(so a long prompt never stalls the others for more than a chunk), a
-decoding one by its last token. Each sequence then chooses its next token
-with its own :class:`~tokentrail.generation.Run` (the same Sampler, chain,
-stop strings and end-of-sequence rules as ``model.generate``) and leaves the
-batch when it finishes. Events go back to the asyncio side through a
-callback that is safe to call from the engine thread.
+One engine thread owns the model. At every step it drops the sequences
+(running or queued) whose client went away or whose time ran out, admits
+waiting ones (up to `parallel` running), and advances every running
+sequence by one step through :func:`forward_step`: a prefilling sequence by
+its next chunk of prompt, a decoding one by its last token. The prompt
+tokens of a step are capped (`prefill_chunk`, shared in order of arrival),
+so that a burst of new prompts never stalls the decoding sequences for more
+than one chunk. Each sequence then chooses its next token with its own
+:class:`~tokentrail.generation.Run` (the same Sampler, chain, stop strings
+and end-of-sequence rules as ``model.generate``) and leaves the batch when
+it finishes. The choices of one prompt (a request's ``n``) share its
+prefill: the first choice runs the prompt, and the others start from copies
+of its KV cache (Session.fork) and the same last-position logits. Events go
+back to the asyncio side through a callback that is safe to call from the
+engine thread.
 """
 from __future__ import annotations
 
@@ -75,6 +80,9 @@ class GenerationRequest:
     deadline: float | None = None
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    # Choices of the same prompt that start from this sequence's prefill (a copy of its KV cache)
+    # instead of running the prompt again; they are submitted with it but never queued themselves.
+    followers: list["GenerationRequest"] = field(default_factory=list)
     # Engine-side state.
     session: Any = None
     hooks: Any = None
@@ -98,6 +106,10 @@ class Stats:
         self.finished = 0
         self.cancelled = 0
         self.timed_out = 0
+        self.forked = 0
+        self.rows = 0                # tokens run through the model (prompt chunks and decode tokens)
+        self.forward_seconds = 0.0   # inside the forward pass (the core; the GIL is released)
+        self.step_seconds = 0.0      # whole steps: building the batch, the forward pass, sampling, events
         self.ttft: list[float] = []  # drained by the metrics side
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
@@ -109,6 +121,12 @@ class Stats:
             self._recent.append((now, n))
             while self._recent and self._recent[0][0] < now - self.window:
                 self._recent.popleft()
+
+    def step_time(self, rows: int, forward: float, total: float) -> None:
+        self.steps += 1
+        self.rows += rows
+        self.forward_seconds += forward
+        self.step_seconds += total
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last `window` seconds."""
@@ -162,7 +180,8 @@ class Scheduler:
             free = self.max_queue + max(0, self.parallel - len(self._active)) - len(self._waiting)
             if len(sequences) > free:
                 raise QueueFull(f"the server is busy: {len(self._waiting)} sequences are waiting")
-            self._waiting.extend(sequences)
+            following = {id(f) for seq in sequences for f in seq.followers}
+            self._waiting.extend(seq for seq in sequences if id(seq) not in following)
             self._wake.notify()
 
     def start(self) -> None:
@@ -184,24 +203,29 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     break
+            self._drop_finished_early()  # first, so that the slots it frees are filled at once
+            with self._wake:
                 self._admit()
-            self._drop_finished_early()
             if self._active:
                 self._advance()
         for seq in list(self._waiting) + self._active:
-            seq.emit(SequenceEvent(seq.index, "error", error="the server is shutting down", code=503))
+            for s in [seq] + seq.followers:
+                s.emit(SequenceEvent(s.index, "error", error="the server is shutting down", code=503))
 
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.parallel:
             seq = self._waiting.popleft()
             if seq.cancelled:
-                self.stats.cancelled += 1
+                self.stats.cancelled += 1 + len(seq.followers)
+                continue
+            if seq.session is not None:  # a forked choice that waited for a free slot
+                self._active.append(seq)
                 continue
             try:
                 seq.session = self.model.session()
                 seq.pending = seq.run.begin(seq.session, time.perf_counter())
             except Exception as e:  # noqa: BLE001 - reported to the request, the engine goes on
-                seq.emit(SequenceEvent(seq.index, "error", error=str(e), code=400))
+                self._fail([seq], str(e), 400)
                 continue
             self.stats.prompt_tokens += len(seq.pending)
             if seq.journey_top:
@@ -211,59 +235,110 @@ class Scheduler:
             self._active.append(seq)
 
     def _drop_finished_early(self) -> None:
+        """Drop running and waiting sequences whose client went away or whose time ran out."""
         now = time.monotonic()
-        keep = []
-        for seq in self._active:
-            if seq.cancelled:
-                self.stats.cancelled += 1
-            elif seq.deadline is not None and now > seq.deadline:
-                self.stats.timed_out += 1
-                seq.emit(SequenceEvent(seq.index, "error", error="the request ran past the server's time limit",
-                                       code=408))
-            else:
-                keep.append(seq)
-        self._active = keep  # dropped sequences release their sessions (KV caches) here
+        self._active = [seq for seq in self._active if self._still_wanted(seq, now)]
+        # (dropped sequences release their sessions, their KV caches, here)
+        if any(seq.cancelled or (seq.deadline is not None and now > seq.deadline) for seq in self._waiting):
+            with self._wake:
+                self._waiting = deque(seq for seq in self._waiting if self._still_wanted(seq, now))
+
+    def _still_wanted(self, seq: GenerationRequest, now: float) -> bool:
+        if seq.cancelled:
+            self.stats.cancelled += 1 + len(seq.followers)
+            return False
+        if seq.deadline is not None and now > seq.deadline:
+            self.stats.timed_out += 1 + len(seq.followers)
+            self._fail([seq], "the request ran past the server's time limit", 408)
+            return False
+        return True
 
     def _advance(self) -> None:
-        batch = list(self._active)
-        work = []
-        for seq in batch:
+        started = time.perf_counter()
+        batch, work = [], []
+        budget = self.prefill_chunk  # prompt tokens this step, shared in order of arrival
+        for seq in self._active:
             if seq.pending:
-                ids, seq.pending = seq.pending[: self.prefill_chunk], seq.pending[self.prefill_chunk:]
+                if budget == 0:
+                    continue  # sits this step out; the decoding sequences go on without waiting for it
+                ids, seq.pending = seq.pending[:budget], seq.pending[budget:]
+                budget -= len(ids)
             else:
                 ids = [seq.next_token]
+            batch.append(seq)
             work.append(Work(seq.session, ids, seq.hooks))
         try:
             logits = self.step(work)
         except Exception as e:  # noqa: BLE001 - a failed step ends its sequences, not the server
-            for seq in batch:
-                seq.emit(SequenceEvent(seq.index, "error", error=f"the forward pass failed: {e}", code=500))
+            self._fail(batch, f"the forward pass failed: {e}", 500)
             self._active = [s for s in self._active if s not in batch]
             return
-        self.stats.steps += 1
+        forward_done = time.perf_counter()
         done = []
         for seq, lg in zip(batch, logits):
             if seq.pending:
                 continue  # still prefilling: these logits are of a prompt position
-            try:
-                step = seq.run.advance(lg)
-                journey = None
-                if seq.hooks is not None:
-                    journey = token_journey(self.model, seq.hooks.cache, seq.session.pos - 1, seq.session.tokens,
-                                            step.token, top=seq.journey_top)
-                    seq.hooks.reset()
-            except Exception as e:  # noqa: BLE001
-                seq.emit(SequenceEvent(seq.index, "error", error=str(e), code=500))
-                done.append(seq)
-                continue
-            if seq.first_token_at is None:
-                seq.first_token_at = time.monotonic()
-                self.stats.first_token(seq.first_token_at - seq.submitted)
-            self.stats.tokens(1)
-            seq.next_token = step.token
-            seq.emit(SequenceEvent(seq.index, "step", step=step, journey=journey))
-            if step.finish_reason is not None:
-                self.stats.finished += 1
+            if seq.followers:
+                self._fork_followers(seq, lg)
+            if self._choose(seq, lg):
                 done.append(seq)
         if done:
             self._active = [s for s in self._active if s not in done]
+        self.stats.step_time(sum(len(w.ids) for w in work), forward_done - started, time.perf_counter() - started)
+
+    def _fail(self, seqs: Sequence[GenerationRequest], message: str, code: int) -> None:
+        """Report an error to each sequence and to the choices still waiting for its prefill."""
+        for seq in seqs:
+            for s in [seq] + seq.followers:
+                s.emit(SequenceEvent(s.index, "error", error=message, code=code))
+            seq.followers = []
+
+    def _fork_followers(self, leader: GenerationRequest, logits: np.ndarray) -> None:
+        """The prompt is in `leader`'s cache: every other choice of it starts from a copy of that cache
+        and chooses its first token from the same logits; it runs on when a slot is free."""
+        followers, leader.followers = leader.followers, []
+        queued = []
+        for seq in followers:
+            if seq.cancelled:
+                self.stats.cancelled += 1
+                continue
+            try:
+                seq.session = leader.session.fork()
+                seq.run.begin(seq.session, time.perf_counter())
+                seq.pending = []
+            except Exception as e:  # noqa: BLE001
+                seq.emit(SequenceEvent(seq.index, "error", error=str(e), code=500))
+                continue
+            self.stats.forked += 1
+            if self._choose(seq, logits.copy()):  # a copy: each choice's sampler is on its own logits
+                continue
+            if len(self._active) < self.parallel:
+                self._active.append(seq)
+            else:
+                queued.append(seq)
+        if queued:  # ahead of the queue, in the order of their choices
+            with self._wake:
+                self._waiting.extendleft(reversed(queued))
+
+    def _choose(self, seq: GenerationRequest, lg: np.ndarray) -> bool:
+        """Sample `seq`'s next token from the logits of its last position and report it; True when it ends."""
+        try:
+            step = seq.run.advance(lg)
+            journey = None
+            if seq.hooks is not None:
+                journey = token_journey(self.model, seq.hooks.cache, seq.session.pos - 1, seq.session.tokens,
+                                        step.token, top=seq.journey_top)
+                seq.hooks.reset()
+        except Exception as e:  # noqa: BLE001
+            seq.emit(SequenceEvent(seq.index, "error", error=str(e), code=500))
+            return True
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+            self.stats.first_token(seq.first_token_at - seq.submitted)
+        self.stats.tokens(1)
+        seq.next_token = step.token
+        seq.emit(SequenceEvent(seq.index, "step", step=step, journey=journey))
+        if step.finish_reason is not None:
+            self.stats.finished += 1
+            return True
+        return False

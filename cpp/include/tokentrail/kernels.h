@@ -70,7 +70,27 @@ struct KernelTable {
   int lanes;  // floats per vector
 };
 
+// Products of block-quantized weights with activations rounded to int8 per
+// 32-value block (llama.cpp's way): integer dot products, float scales per block.
+// Used for matrices marked WeightView::int8_activations, from INT8_MIN_ROWS tokens.
+struct Int8KernelTable {
+  const char* name;
+  // y[n][w.rows] = x[n][w.cols] . w^T, w of a type int8_supported() accepts.
+  void (*matmul)(const WeightView& w, const float* x, int n, float* y);
+  // The activation rounding alone: q[n][K], scales[n][K / 32].
+  void (*quantize)(const float* x, int n, int K, int8_t* q, float* scales);
+  int lanes;  // tokens per vector
+};
+
+// Fewer tokens than this keep the float product even when int8 activations are
+// asked for: the integer kernel's lanes run over tokens (measured, bench/int8_prefill.py).
+constexpr int INT8_MIN_ROWS = 2;
+
+bool int8_supported(DType t);
+
 const KernelTable& kernels();
+// The int8-activation variant that goes with kernels(): AVX-512 VNNI where the CPU has it.
+const Int8KernelTable& int8_kernels();
 // Select a variant by name ("scalar", "avx2", "avx512"); throws if this CPU lacks it.
 void set_isa(const std::string& name);
 std::vector<std::string> available_isas();
@@ -83,9 +103,12 @@ int get_threads();
 void row_to_f32(const WeightView& w, int64_t row, float* out);
 
 namespace isa_scalar { extern const KernelTable table; }
+namespace int8_scalar { extern const Int8KernelTable table; }
 #ifdef TOKENTRAIL_X86
 namespace isa_avx2 { extern const KernelTable table; }
 namespace isa_avx512 { extern const KernelTable table; }
+namespace int8_avx2 { extern const Int8KernelTable table; }
+namespace int8_avx512vnni { extern const Int8KernelTable table; }
 #endif
 
 }  // namespace tokentrail

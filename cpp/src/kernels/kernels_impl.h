@@ -835,7 +835,9 @@ static void gemv_k_quant(const WeightView& wv, const float* x, int n, float* y) 
 // tokens or more, see kernels.h) through the packed GEMM, decode-sized ones
 // through the GEMV of the weight's type.
 static void matmul(const WeightView& w, const float* x, int n, float* y, const float* bias) {
-  if (n >= GEMM_MIN_ROWS) {
+  if (w.int8_activations && n >= INT8_MIN_ROWS && int8_supported(w.type)) {
+    int8_kernels().matmul(w, x, n, y);
+  } else if (n >= GEMM_MIN_ROWS) {
     gemm(w, x, n, y);
   } else {
     switch (w.type) {

@@ -1,0 +1,34 @@
+// Portable int8-activation products: one token per "vector", the reference
+// the vector variants are tested against (the same operations in the same order).
+#include "kernels_common.h"
+
+namespace tokentrail {
+namespace int8_scalar {
+
+struct IV {
+  using I = int32_t;
+  using F = float;
+  static constexpr int LANES = 1, ROWS = 4, TILES = 1;
+  static I iset1(int32_t v) { return v; }
+  static I load_a(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return int32_t(v); }
+  template <bool WIDE>
+  static I dot4(I acc, I a, int32_t w4) {
+    for (int j = 0; j < 4; ++j) acc += int((uint32_t(a) >> (8 * j)) & 0xFF) * int(int8_t(uint32_t(w4) >> (8 * j)));
+    return acc;
+  }
+  static F cvt(I v) { return float(v); }
+  static F fzero() { return 0.0f; }
+  static F fset1(float v) { return v; }
+  static F fload(const float* p) { return *p; }
+  static F fmul(F a, F b) { return a * b; }
+  static F ffma(F a, F b, F c) { return std::fma(a, b, c); }
+  static void fstore(float* p, F v) { *p = v; }
+  static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
+};
+
+#include "int8_impl.h"
+
+const Int8KernelTable table = make_int8_table("scalar");
+
+}  // namespace int8_scalar
+}  // namespace tokentrail

@@ -2,12 +2,13 @@
 // by s8 weights into int16 pair sums, madd adds the pairs into int32 lanes.
 #include <immintrin.h>
 
+#include "int8_x86.h"
 #include "kernels_common.h"
 
 namespace tokentrail {
 namespace int8_avx2 {
 
-struct IV {
+struct IV : Int8UnpackX86 {
   using I = __m256i;
   using F = __m256;
   // 2 weight rows x 2 tiles of 8 tokens fit the 16 registers.

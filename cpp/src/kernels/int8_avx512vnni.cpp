@@ -2,12 +2,13 @@
 // activation bytes by four s8 weights and adds them into each int32 lane.
 #include <immintrin.h>
 
+#include "int8_x86.h"
 #include "kernels_common.h"
 
 namespace tokentrail {
 namespace int8_avx512vnni {
 
-struct IV {
+struct IV : Int8UnpackX86 {
   using I = __m512i;
   using F = __m512;
   // 4 weight rows x 2 tiles of 16 tokens: 8 int and 8 float accumulators.

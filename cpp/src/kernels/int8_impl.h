@@ -26,7 +26,9 @@
 // rows x token vectors); types I (int32 lanes) and F (float lanes); izero,
 // iset1, load_a (LANES*4 bytes), dot4<WIDE>(acc, a, w4) (acc + per lane the sum
 // of 4 u8*s8 products; WIDE: any s8 weight, else |w| <= 64), cvt, fzero,
-// fset1, fload, fmul, ffma, fstore; half(const uint8_t*) (an f16 to float).
+// fset1, fload, fmul, ffma, fstore; half(const uint8_t*) (an f16 to float);
+// and the weight unpacking helpers nibbles, nibbles_lookup, fifth_bits and
+// sum_bytes (int8_x86.h says what each does).
 
 // Activations of n tokens, quantized and laid out in tiles of IV::LANES tokens:
 // bytes [tile][K/4][LANES][4] (q + 128), scales [tile][K/32][LANES], and the
@@ -118,38 +120,26 @@ alignas(16) static constexpr int8_t INT8_IQ4_NL_LEVELS[16] = {-127, -104, -83, -
 
 // Row `row` of w: its values as int8 (before scales), with each sub-block's scale, min and starting value.
 template <DType T>
-static void unpack_row(const uint8_t* row, int K, const UnpackedRow& u) {
+static void unpack_row(const uint8_t* __restrict row, int K, const UnpackedRow& u) {
   constexpr int VALUES = weight_type(T).values, BYTES = weight_type(T).bytes;
   for (int b = 0; b < K / VALUES; ++b) {
-    const uint8_t* blk = row + size_t(b) * BYTES;
-    int8_t* w = u.w + size_t(b) * VALUES;
+    const uint8_t* __restrict blk = row + size_t(b) * BYTES;
+    int8_t* __restrict w = u.w + size_t(b) * VALUES;
     if constexpr (VALUES == 32) {
       float d = IV::half(blk), m = 0.0f;
       if constexpr (T == DType::Q8_0) {
         std::memcpy(w, blk + 2, 32);
-      } else if constexpr (T == DType::Q4_0 || T == DType::Q4_1 || T == DType::IQ4_NL) {
-        const uint8_t* q = blk + (T == DType::Q4_1 ? 4 : 2);
-        for (int j = 0; j < 16; ++j) {
-          const int lo = q[j] & 0xF, hi = q[j] >> 4;
-          if constexpr (T == DType::IQ4_NL) {
-            w[j] = INT8_IQ4_NL_LEVELS[lo];
-            w[j + 16] = INT8_IQ4_NL_LEVELS[hi];
-          } else {
-            const int off = T == DType::Q4_0 ? 8 : 0;
-            w[j] = int8_t(lo - off);
-            w[j + 16] = int8_t(hi - off);
-          }
-        }
-        if constexpr (T == DType::Q4_1) m = IV::half(blk + 2);
+      } else if constexpr (T == DType::Q4_0) {
+        IV::nibbles(blk + 2, w, 8);
+      } else if constexpr (T == DType::Q4_1) {
+        IV::nibbles(blk + 4, w, 0);
+        m = IV::half(blk + 2);
+      } else if constexpr (T == DType::IQ4_NL) {
+        IV::nibbles_lookup(blk + 2, w, INT8_IQ4_NL_LEVELS);
       } else {  // Q5_0, Q5_1: the fifth bits in a 32-bit word
         constexpr bool ONE = T == DType::Q5_1;
-        const uint32_t qh = u32_le(blk + (ONE ? 4 : 2));
-        const uint8_t* q = blk + (ONE ? 8 : 6);
-        const int off = ONE ? 0 : 16;
-        for (int j = 0; j < 16; ++j) {
-          w[j] = int8_t(((q[j] & 0xF) | (((qh >> j) & 1) << 4)) - off);
-          w[j + 16] = int8_t(((q[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off);
-        }
+        IV::nibbles(blk + (ONE ? 8 : 6), w, 0);
+        IV::fifth_bits(u32_le(blk + (ONE ? 4 : 2)), w, ONE ? 0 : 16);
         if constexpr (ONE) m = IV::half(blk + 2);
       }
       u.scale[b] = d;
@@ -199,11 +189,7 @@ static void unpack_row(const uint8_t* row, int K, const UnpackedRow& u) {
     }
   }
   constexpr int SUB = Int8Layout<T>::SUB;
-  for (int s = 0; s < K / SUB; ++s) {
-    int sum = 0;
-    for (int i = 0; i < SUB; ++i) sum += u.w[s * SUB + i];
-    u.start[s] = -128 * sum;
-  }
+  for (int s = 0; s < K / SUB; ++s) u.start[s] = -128 * IV::sum_bytes(u.w + s * SUB, SUB);
 }
 
 // R unpacked rows times C token tiles, every sub-block: out[r][c * LANES + lane].

@@ -24,6 +24,27 @@ struct IV {
   static F ffma(F a, F b, F c) { return std::fma(a, b, c); }
   static void fstore(float* p, F v) { *p = v; }
   static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
+  // Weight unpacking (int8_x86.h says what each does).
+  static void nibbles(const uint8_t* q, int8_t* out, int offset) {
+    for (int j = 0; j < 16; ++j) {
+      out[j] = int8_t((q[j] & 0xF) - offset);
+      out[j + 16] = int8_t((q[j] >> 4) - offset);
+    }
+  }
+  static void nibbles_lookup(const uint8_t* q, int8_t* out, const int8_t* table) {
+    for (int j = 0; j < 16; ++j) {
+      out[j] = table[q[j] & 0xF];
+      out[j + 16] = table[q[j] >> 4];
+    }
+  }
+  static void fifth_bits(uint32_t bits, int8_t* out, int offset) {
+    for (int j = 0; j < 32; ++j) out[j] = int8_t(out[j] + 16 * int((bits >> j) & 1) - offset);
+  }
+  static int32_t sum_bytes(const int8_t* p, int n) {
+    int32_t s = 0;
+    for (int i = 0; i < n; ++i) s += p[i];
+    return s;
+  }
 };
 
 #include "int8_impl.h"

@@ -70,15 +70,15 @@ struct KernelTable {
   int lanes;  // floats per vector
 };
 
-// Products of block-quantized weights with activations rounded to int8 per
-// 32-value block (llama.cpp's way): integer dot products, float scales per block.
+// Products of block-quantized weights with activations rounded to int8 as
+// llama.cpp rounds them: integer dot products, float scales per block.
 // Used for matrices marked WeightView::int8_activations, from INT8_MIN_ROWS tokens.
 struct Int8KernelTable {
   const char* name;
   // y[n][w.rows] = x[n][w.cols] . w^T, w of a type int8_supported() accepts.
   void (*matmul)(const WeightView& w, const float* x, int n, float* y);
-  // The activation rounding alone: q[n][K], scales[n][K / 32].
-  void (*quantize)(const float* x, int n, int K, int8_t* q, float* scales);
+  // The activation rounding alone: q[n][K], scales[n][K / block]; block 32 (Q8_0's) or 256 (Q8_K's).
+  void (*quantize)(const float* x, int n, int K, int block, int8_t* q, float* scales);
   int lanes;  // tokens per vector
 };
 
@@ -87,6 +87,8 @@ struct Int8KernelTable {
 constexpr int INT8_MIN_ROWS = 2;
 
 bool int8_supported(DType t);
+// Values per activation block in products with weights of type t: 256 for the k-quants, else 32.
+inline int activation_block(DType t) { return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K ? 256 : 32; }
 
 const KernelTable& kernels();
 // The int8-activation variant that goes with kernels(): AVX-512 VNNI where the CPU has it.

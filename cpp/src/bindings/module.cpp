@@ -378,17 +378,18 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("w"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("bias") = py::none(),
      py::arg("int8_activations") = false);
 
-  m.def("int8_quantize", [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {
-    if (x.ndim() != 2 || x.shape(1) % 32) throw py::value_error("x must be [n, K] with K a multiple of 32");
+  m.def("int8_quantize", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int block) {
+    if (block != 32 && block != 256) throw py::value_error("block must be 32 or 256");
+    if (x.ndim() != 2 || x.shape(1) % block) throw py::value_error("x must be [n, K] with K a multiple of the block");
     const int n = int(x.shape(0)), K = int(x.shape(1));
     py::array_t<int8_t> q({n, K});
-    py::array_t<float> scales({n, K / 32});
+    py::array_t<float> scales({n, K / block});
     {
       py::gil_scoped_release nogil;
-      int8_kernels().quantize(x.data(), n, K, q.mutable_data(), scales.mutable_data());
+      int8_kernels().quantize(x.data(), n, K, block, q.mutable_data(), scales.mutable_data());
     }
     return py::make_tuple(q, scales);
-  }, py::arg("x"));
+  }, py::arg("x"), py::arg("block") = 32);
   m.def("int8_isa", []() { return std::string(int8_kernels().name); });
 
   m.def("softmax", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, float temperature) {

@@ -3,9 +3,10 @@
 // set (int8_scalar.cpp, int8_avx2.cpp, int8_avx512vnni.cpp include this file
 // inside their own namespace).
 //
-// Activations are rounded per 32-value block to int8 with a float scale
-// (da = max|x| / 127, q = round-half-even(x * 127 / max|x|)), as llama.cpp
-// does for its Q8_0 activation blocks. Weights keep their own blocks: each
+// Activations are rounded to int8 exactly as llama.cpp rounds them, so that
+// the two engines agree: per 32-value block with a half-precision scale
+// (Q8_0) for the 32-value weight types, per 256-value block with a float
+// scale (Q8_K) for the k-quants (quantize_block_32 / _256). Weights keep their own blocks: each
 // sub-block (32 values, 16 for Q6_K) is unpacked to int8 w with a float scale
 // and, for the types with an offset, a float min. Then
 //
@@ -42,7 +43,8 @@ struct QuantizedActs {
   const float* block_sum(int tile, int b) const { return scaled_sum.data() + (size_t(tile) * (K / 32) + b) * IV::LANES; }
 };
 
-// One 32-value block to int8: q = round-half-even(x * 127 / amax), returns the scale amax / 127.
+// One 32-value block to int8 as llama.cpp rounds Q8_0 inputs: q = round-half-even(x * 127 / amax),
+// the scale amax / 127 rounded to half precision. `sum` receives the sum of q.
 static inline float quantize_block_32(const float* x, int8_t* q, int& sum) {
   float amax = 0.0f;
   for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
@@ -56,10 +58,40 @@ static inline float quantize_block_32(const float* x, int8_t* q, int& sum) {
     s += q[i];
   }
   sum = s;
-  return amax / 127.0f;
+  return f16_to_f32(f32_to_f16(amax / 127.0f));
 }
 
-static void quantize_acts(const float* x, int n, int K, QuantizedActs& a) {
+// One 256-value block as llama.cpp rounds the inputs of k-quant products (Q8_K): the value of
+// largest magnitude (the first, on ties) becomes -127, iscale = -127 / that value,
+// q = min(127, round-half-even(x * iscale)), scale 1 / iscale. `sums` receives the sum of q per 32.
+static inline float quantize_block_256(const float* x, int8_t* q, int* sums) {
+  float amax = 0.0f, extreme = 0.0f;
+  for (int i = 0; i < 256; ++i)
+    if (std::fabs(x[i]) > amax) {
+      amax = std::fabs(x[i]);
+      extreme = x[i];
+    }
+  if (amax == 0.0f) {
+    std::fill(q, q + 256, int8_t(0));
+    std::fill(sums, sums + 8, 0);
+    return 0.0f;
+  }
+  const float iscale = -127.0f / extreme;
+  for (int j = 0; j < 8; ++j) {
+    int s = 0;
+    for (int i = 32 * j; i < 32 * j + 32; ++i) {
+      float v = std::min(127.0f, std::max(-128.0f, x[i] * iscale));
+      v = (v + 12582912.0f) - 12582912.0f;
+      q[i] = int8_t(int(std::min(127.0f, v)));
+      s += q[i];
+    }
+    sums[j] = s;
+  }
+  return 1.0f / iscale;
+}
+
+// Rounds x [n][K] in blocks of `block` values (32: Q8_0's rounding; 256: Q8_K's) into `a`.
+static void quantize_acts(const float* x, int n, int K, int block, QuantizedActs& a) {
   constexpr int L = IV::LANES;
   a.n = n;
   a.K = K;
@@ -71,15 +103,23 @@ static void quantize_acts(const float* x, int n, int K, QuantizedActs& a) {
 #pragma omp parallel for schedule(static) if (double(n) * K > 262144.0)
   for (int t = 0; t < n; ++t) {
     const int tile = t / L, lane = t % L;
-    alignas(64) int8_t q[32];
+    alignas(64) int8_t q[256];
+    int sums[8];
+    float d = 0.0f;
     for (int b = 0; b < nb; ++b) {
-      int sum;
-      const float d = quantize_block_32(x + size_t(t) * K + size_t(b) * 32, q, sum);
+      const float* xb = x + size_t(t) * K + size_t(b) * 32;
+      if (block == 32) {
+        d = quantize_block_32(xb, q, sums[0]);
+      } else if (b % 8 == 0) {
+        d = quantize_block_256(xb, q, sums);
+      }
+      const int8_t* qb = block == 32 ? q : q + 32 * (b % 8);
+      const int sum = block == 32 ? sums[0] : sums[b % 8];
       a.scale[(size_t(tile) * nb + b) * L + lane] = d;
       a.scaled_sum[(size_t(tile) * nb + b) * L + lane] = d * float(sum);
       for (int g = 0; g < 8; ++g) {
         uint8_t* dst = a.q.data() + ((size_t(tile) * (K / 4) + b * 8 + g) * L + lane) * 4;
-        for (int j = 0; j < 4; ++j) dst[j] = uint8_t(q[4 * g + j] + 128);
+        for (int j = 0; j < 4; ++j) dst[j] = uint8_t(qb[4 * g + j] + 128);
       }
     }
   }
@@ -284,7 +324,7 @@ static void int8_matmul_typed(const WeightView& wv, const QuantizedActs& a, floa
 // y[n][w.rows] = x[n][w.cols] . w^T through int8 activations (w of a supported type).
 static void int8_matmul(const WeightView& w, const float* x, int n, float* y) {
   QuantizedActs a;
-  quantize_acts(x, n, int(w.cols), a);
+  quantize_acts(x, n, int(w.cols), activation_block(w.type), a);
   switch (w.type) {
     case DType::Q8_0: return int8_matmul_typed<DType::Q8_0>(w, a, y);
     case DType::Q4_0: return int8_matmul_typed<DType::Q4_0>(w, a, y);
@@ -299,12 +339,14 @@ static void int8_matmul(const WeightView& w, const float* x, int n, float* y) {
   }
 }
 
-// The activation rounding alone, for tests: q[n][K] and scales[n][K/32].
-static void int8_quantize(const float* x, int n, int K, int8_t* q, float* scales) {
+// The activation rounding alone, for tests: q[n][K] and scales[n][K / block].
+static void int8_quantize(const float* x, int n, int K, int block, int8_t* q, float* scales) {
   for (int t = 0; t < n; ++t)
-    for (int b = 0; b < K / 32; ++b) {
-      int sum;
-      scales[size_t(t) * (K / 32) + b] = quantize_block_32(x + size_t(t) * K + size_t(b) * 32, q + size_t(t) * K + b * 32, sum);
+    for (int b = 0; b < K / block; ++b) {
+      const float* xb = x + size_t(t) * K + size_t(b) * block;
+      int8_t* qb = q + size_t(t) * K + size_t(b) * block;
+      int sums[8];
+      scales[size_t(t) * (K / block) + b] = block == 32 ? quantize_block_32(xb, qb, sums[0]) : quantize_block_256(xb, qb, sums);
     }
 }
 

@@ -5,8 +5,8 @@
 //
 // V provides: type R; int W (lanes); zero(); load(const float*); loadw(const T*)
 // for T in float, F16, BF16; fma(a, b, acc); sum(R); set1(float); mul(a, b); store(float*, R);
-// and the widening of packed quants: cvt_i8, cvt_bits, cvt_nibble, cvt_bit,
-// lookup_nibbles, nibbles_minus8 (see kernels_avx2.cpp for what each returns).
+// and the widening of packed quants: cvt_i8, cvt_bits, cvt_nibble,
+// lookup_nibbles, nibbles_minus8, nibbles_fifth_bit (see kernels_avx2.cpp for what each returns).
 
 // Standard headers are included by kernels_common.h before the namespace opens.
 
@@ -631,15 +631,7 @@ static inline void widen_halves(const uint8_t* blk, int k, typename V::R& lo, ty
     hi = V::cvt_nibble(blk + 4 + k, 4);
   } else if constexpr (T == DType::Q5_0 || T == DType::Q5_1) {
     constexpr int QH = T == DType::Q5_1 ? 4 : 2;
-    const uint32_t qh = u32_at(blk + QH);
-    const uint8_t* q = blk + QH + 4;
-    const typename V::R sixteen = V::set1(16.0f);
-    lo = V::fma(V::cvt_bit(qh, k), sixteen, V::cvt_nibble(q + k, 0));
-    hi = V::fma(V::cvt_bit(qh, k + 16), sixteen, V::cvt_nibble(q + k, 4));
-    if constexpr (T == DType::Q5_0) {
-      lo = V::sub(lo, sixteen);
-      hi = V::sub(hi, sixteen);
-    }
+    V::template nibbles_fifth_bit<T == DType::Q5_0>(blk + QH + 4 + k, u32_at(blk + QH) >> k, lo, hi);
   } else {
     static_assert(T == DType::IQ4_NL, "not a 32-value nibble type");
     lo = V::lookup_nibbles(blk + 2 + k, 0, IQ4_NL_LEVELS);

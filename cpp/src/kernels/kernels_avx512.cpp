@@ -64,20 +64,18 @@ struct V {
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
   }
   // Q5_0 / Q5_1: lanes i of lo and hi are nibbles i of p (low, high) with bits i and 16 + i of qh
-  // as their fifth bit (a masked or), minus 16 for Q5_0: integer work, one conversion each.
+  // as their fifth bit (a masked or), minus 16 for Q5_0: the 5-bit index picks the float from a
+  // 32-entry table, as nibbles_minus8 does for 4 bits.
   template <bool MINUS16>
   static void nibbles_fifth_bit(const uint8_t* p, uint32_t qh, R& lo, R& hi) {
+    const float o = MINUS16 ? -16.0f : 0.0f;
+    const __m512 t0 = _mm512_add_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_ps(o));
+    const __m512 t1 = _mm512_add_ps(t0, _mm512_set1_ps(16.0f));
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m512i sixteen = _mm512_set1_epi32(16), nlo = _mm512_and_si512(b, _mm512_set1_epi32(0xF)),
                   nhi = _mm512_srli_epi32(b, 4);
-    __m512i ilo = _mm512_mask_or_epi32(nlo, __mmask16(qh), nlo, sixteen);
-    __m512i ihi = _mm512_mask_or_epi32(nhi, __mmask16(qh >> 16), nhi, sixteen);
-    if constexpr (MINUS16) {
-      ilo = _mm512_sub_epi32(ilo, sixteen);
-      ihi = _mm512_sub_epi32(ihi, sixteen);
-    }
-    lo = _mm512_cvtepi32_ps(ilo);
-    hi = _mm512_cvtepi32_ps(ihi);
+    lo = _mm512_permutex2var_ps(t0, _mm512_mask_or_epi32(nlo, __mmask16(qh), nlo, sixteen), t1);
+    hi = _mm512_permutex2var_ps(t0, _mm512_mask_or_epi32(nhi, __mmask16(qh >> 16), nhi, sixteen), t1);
   }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(R a) { return _mm512_reduce_add_ps(a); }

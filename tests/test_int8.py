@@ -118,7 +118,8 @@ def test_a_model_with_int8_activations_matches_the_float_path_given_the_same_rou
     fast = tokentrail.load(dtype="q8_0", exact=False)
     exact = tokentrail.load(dtype="q8_0")
     assert not fast.exact and exact.exact and "int8" in repr(fast)
-    ids = fast.encode("The storm is coming over the hills and the")
+    ids = fast.encode("The storm is coming over the hills and the river is rising fast in the valley below")
+    assert len(ids) >= 16  # a prefill the int8 path takes (from INT8_MIN_ROWS tokens)
     ours = fast.forward(ids)
     modelled = with_rounded_inputs(exact, ids)
     plain = exact.forward(ids)
@@ -128,11 +129,13 @@ def test_a_model_with_int8_activations_matches_the_float_path_given_the_same_rou
 
 
 def test_cli_no_exact_is_the_apis():
-    args = ["generate", "The storm is", "-n", "8", "--dtype", "q8_0", "--no-exact"]
+    prompt = "The storm is coming over the hills and the river is rising fast"  # a prefill the int8 path takes
+    args = ["generate", prompt, "-n", "8", "--dtype", "q8_0", "--no-exact"]
     out = subprocess.run([sys.executable, "-m", "tokentrail.cli", *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     model = tokentrail.load(dtype="q8_0", exact=False)
-    want = "The storm is" + model.generate("The storm is", max_new_tokens=8, temperature=0).text
+    assert len(model.encode(prompt)) >= 8
+    want = prompt + model.generate(prompt, max_new_tokens=8, temperature=0).text
     assert out.stdout.strip() == want.strip()
 
 

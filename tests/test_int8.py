@@ -141,7 +141,8 @@ def test_cli_no_exact_is_the_apis():
 
 # llama.cpp's files: with exact=False tokentrail rounds as llama.cpp does, so on the prompt
 # (one batch of several tokens, where the int8 path runs) the two agree far more closely.
-LLAMA_MIXES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+LLAMA_MIXES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+               "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
 PROMPT = [1, 17, 200, 5, 99, 42, 42, 7, 250, 3, 77, 300, 12, 14, 400, 401, 8, 9, 10, 11]
 
 

@@ -146,27 +146,6 @@ LLAMA_MIXES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_
 PROMPT = [1, 17, 200, 5, 99, 42, 42, 7, 250, 3, 77, 300, 12, 14, 400, 401, 8, 9, 10, 11]
 
 
-@pytest.fixture(scope="module")
-def llama256_f32(tmp_path_factory):
-    """A tiny Llama (hidden 256, MLP 512) as an f32 GGUF (rows of 256: every k-quant applies)."""
-    require("torch")
-    transformers = require("transformers")
-    import torch
-
-    from tokentrail.loading import read_checkpoint
-    from tokentrail.loading.gguf_writer import write_gguf
-
-    d = tmp_path_factory.mktemp("llama256-int8")
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d, safe_serialization=True)
-    ck = read_checkpoint(d)
-    ck.tokenizer = None
-    return write_gguf(ck, d / "llama256-f32.gguf", "f32")
-
-
 @pytest.mark.parametrize("mix", list(LLAMA_MIXES))
 def test_int8_path_agrees_with_llama_cpp_more_closely(llama256_f32, tmp_path, mix):
     llama_cpp = require("llama_cpp")

@@ -145,19 +145,6 @@ struct UnpackedRow {
 
 static inline uint32_t u32_le(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
 
-static inline void k4_scale_min(int j, const uint8_t* s, int& sc, int& m) {
-  if (j < 4) {
-    sc = s[j] & 63;
-    m = s[j + 4] & 63;
-  } else {
-    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-  }
-}
-
-alignas(16) static constexpr int8_t INT8_IQ4_NL_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                                              1,    13,   25,  38,  53,  69,  89,  113};
-
 // Row `row` of w: its values as int8 (before scales), with each sub-block's scale, min and starting value.
 template <DType T>
 static void unpack_row(const uint8_t* __restrict row, int K, const UnpackedRow& u) {
@@ -175,7 +162,7 @@ static void unpack_row(const uint8_t* __restrict row, int K, const UnpackedRow& 
         IV::nibbles(blk + 4, w, 0);
         m = IV::half(blk + 2);
       } else if constexpr (T == DType::IQ4_NL) {
-        IV::nibbles_lookup(blk + 2, w, INT8_IQ4_NL_LEVELS);
+        IV::nibbles_lookup(blk + 2, w, IQ4_NL_LEVELS);
       } else {  // Q5_0, Q5_1: the fifth bits in a 32-bit word
         constexpr bool ONE = T == DType::Q5_1;
         IV::nibbles(blk + (ONE ? 8 : 6), w, 0);
@@ -202,7 +189,7 @@ static void unpack_row(const uint8_t* __restrict row, int K, const UnpackedRow& 
         }
         for (int h = 0; h < 2; ++h) {
           int sc, mn;
-          k4_scale_min(2 * j + h, scales, sc, mn);
+          scale_min_k4(2 * j + h, scales, sc, mn);
           u.scale[b * 8 + 2 * j + h] = d * float(sc);
           u.min[b * 8 + 2 * j + h] = -dmin * float(mn);
         }

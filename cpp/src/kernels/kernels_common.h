@@ -8,4 +8,5 @@
 #include <type_traits>
 #include <vector>
 
+#include "block_formats.h"
 #include "tokentrail/kernels.h"

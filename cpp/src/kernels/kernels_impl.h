@@ -536,27 +536,13 @@ static inline void deq_q5(const uint8_t* __restrict b, float* __restrict y) {
   }
 }
 
-// IQ4_NL: the nibbles index a fixed non-uniform table of levels; x = d * level.
-alignas(16) static constexpr int8_t IQ4_NL_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                                         1,    13,   25,  38,  53,  69,  89,  113};
-
+// IQ4_NL: x = d * IQ4_NL_LEVELS[nibble] (block_formats.h).
 static inline void deq_iq4_nl(const uint8_t* __restrict b, float* __restrict y) {  // d: f16; qs[16]
   const float d = half_at(b);
   const uint8_t* q = b + 2;
   for (int i = 0; i < 16; ++i) {
     y[i] = d * float(IQ4_NL_LEVELS[q[i] & 0xF]);
     y[i + 16] = d * float(IQ4_NL_LEVELS[q[i] >> 4]);
-  }
-}
-
-// 6-bit scale and min of sub-block j, packed into 12 bytes.
-static inline void scale_min_k4(int j, const uint8_t* s, int& sc, int& m) {
-  if (j < 4) {
-    sc = s[j] & 63;
-    m = s[j + 4] & 63;
-  } else {
-    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
   }
 }
 

@@ -144,3 +144,25 @@ def llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama")
     build("llama", d)
     return d
+
+
+@pytest.fixture(scope="module")
+def llama256_f32(tmp_path_factory):
+    """A tiny Llama (hidden 256, MLP 512; rows of 256 and 512 values, so that every matrix can take
+    the 256-value k-quants) built by transformers and written as an f32 GGUF without a tokenizer."""
+    require("torch")
+    transformers = require("transformers")
+    import torch
+
+    from tokentrail.loading import read_checkpoint
+    from tokentrail.loading.gguf_writer import write_gguf
+
+    d = tmp_path_factory.mktemp("llama256")
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d, safe_serialization=True)
+    ck = read_checkpoint(d)
+    ck.tokenizer = None
+    return write_gguf(ck, d / "llama256-f32.gguf", "f32")

@@ -20,9 +20,7 @@ import pytest
 import tokentrail
 from conftest import require
 from test_llamacpp import HF_PROMPT, compare
-from tokentrail.loading import read_checkpoint
 from tokentrail.loading.gguf import GGUFFile
-from tokentrail.loading.gguf_writer import write_gguf
 
 llama_cpp = require("llama_cpp")
 
@@ -46,22 +44,9 @@ def llama_quantize(src, dst, ftype_name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def float_file(tmp_path_factory):
-    """A tiny Llama (hidden 256, MLP 512) as an f32 GGUF without a tokenizer, and tokentrail's model of it."""
-    require("torch")
-    transformers = require("transformers")
-    d = tmp_path_factory.mktemp("llama256")
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
-    import torch
-
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d, safe_serialization=True)
-    ck = read_checkpoint(d)
-    ck.tokenizer = None
-    path = write_gguf(ck, d / "llama256-f32.gguf", "f32")
-    return path, tokentrail.load(path)
+def float_file(llama256_f32):
+    """The tiny Llama's f32 GGUF (conftest.llama256_f32), and tokentrail's model of it."""
+    return llama256_f32, tokentrail.load(llama256_f32)
 
 
 @pytest.mark.parametrize("mix", list(MIXES))

@@ -55,7 +55,7 @@ def _count(text: str) -> int:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """Which checkpoint and how to run it: -m, -t, --dtype, -c, --kv-dtype, --progress."""
+    """Which checkpoint and how to run it: -m, -t, --dtype, -c, --kv-dtype, --exact, --progress."""
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default=None,
                    help="Hugging Face directory, .gguf file or llama2.c .bin (default: the bundled demo model)")
@@ -68,6 +68,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"],
                    help="element type of the KV cache (f16: half the memory, keys and values rounded; "
                         "default: %(default)s)")
+    g.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                   help="float32 activations in quantized products; --no-exact rounds them to int8 per block "
+                        "as llama.cpp does (faster prefill, logits differ by that rounding; default: exact)")
     add_progress_option(g)
 
 
@@ -317,7 +320,7 @@ def load_model(args):
     import tokentrail
 
     return tokentrail.load(args.model, dtype=args.dtype, threads=args.threads, context=args.ctx_size,
-                           kv_dtype=args.kv_dtype, progress=args.progress)
+                           kv_dtype=args.kv_dtype, progress=args.progress, exact=args.exact)
 
 
 # ---------------------------------------------------------------- generate

@@ -68,7 +68,7 @@ def _check_count(name: str, value, minimum: int, maximum: int) -> int:
 
 def load(path: str | os.PathLike | None = None, dtype: str | None = None, threads: int | None = None,
          context: int | None = None, kv_dtype: str = "f32", progress: ProgressOption = None,
-         check_finite: bool = True) -> "Model":
+         check_finite: bool = True, exact: bool = True) -> "Model":
     """Load a checkpoint (Hugging Face directory, .gguf, or llama2.c .bin).
 
     With no path, the demo model bundled with tokentrail. `dtype` converts the
@@ -82,6 +82,12 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, thread
     (see tokentrail.progress: None = a bar when stderr is a terminal).
     `check_finite` scans every weight for NaN and infinities at load (about
     a second per few GB); pass False to skip it for very large files.
+    `exact=False` multiplies block-quantized weights (q8_0, q4_0, q4_k, q6_k
+    and the other block types) by activations rounded to int8 per 32 values,
+    as llama.cpp does, in products over several tokens (prefill, batched
+    steps): faster, with logits that differ from the float path by that
+    rounding (docs/benchmarks.md has the measured difference). True keeps
+    float32 activations.
 
     Errors: CheckpointError for a file that cannot be read as a model,
     InvalidArgumentError for a bad argument (see tokentrail.errors).
@@ -89,7 +95,8 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, thread
     if not isinstance(check_finite, bool):
         raise InvalidArgumentError(f"check_finite must be True or False, got {check_finite!r}")
     ckpt = read_checkpoint(DEMO_MODEL if path is None else path, check_finite=check_finite)
-    return Model(ckpt, dtype=dtype, threads=threads, context=context, kv_dtype=kv_dtype, progress=progress)
+    return Model(ckpt, dtype=dtype, threads=threads, context=context, kv_dtype=kv_dtype, progress=progress,
+                 exact=exact)
 
 
 WEIGHT_DTYPES = ("f32", "f16", "bf16") + tuple(BLOCK_TYPES)
@@ -133,12 +140,17 @@ class Model:
     Methods follow a token's path: `encode`, `forward` (logits), `session`
     (a KV cache to feed yourself), `generate`, `score`, `run_with_cache` and
     `hooks` (capture and intervene), `journey` (one token followed through
-    the model). Make one with tokentrail.load().
+    the model). Make one with tokentrail.load(). `exact` is False when
+    quantized products round activations to int8 (see load).
     """
 
     def __init__(self, checkpoint: Checkpoint, dtype: str | None = None, threads: int | None = None,
-                 context: int | None = None, kv_dtype: str = "f32", progress: ProgressOption = None):
+                 context: int | None = None, kv_dtype: str = "f32", progress: ProgressOption = None,
+                 exact: bool = True):
         check_isa_setting()
+        if not isinstance(exact, bool):
+            raise InvalidArgumentError(f"exact must be True or False, got {exact!r}")
+        self.exact = exact
         self.kv_dtype = _check_kv_dtype(kv_dtype)
         self.threads = threads
         self._apply_threads()
@@ -164,7 +176,8 @@ class Model:
                 task.advance()
         self.weights = weights
         self._core = _core.Model(self.config.core_dict(),
-                                 {n: (np.ascontiguousarray(w.data), w.dtype) for n, w in weights.items()})
+                                 {n: (np.ascontiguousarray(w.data), w.dtype) for n, w in weights.items()},
+                                 int8_activations=not exact)
         cap = DEFAULT_CONTEXT_CAP if context is None else context
         self.context_limit = min(cap, self.config.max_seq_len)
 
@@ -173,7 +186,8 @@ class Model:
         types = ",".join(sorted({w.dtype for w in self.weights.values() if len(w.shape) > 1}))
         return (f"Model({self.source!r}, {c.architecture or 'model'}, layers={c.n_layers}, d_model={c.hidden_size}, "
                 f"heads={c.n_heads}/{c.n_kv_heads}, vocab={c.vocab_size}, context={self.context_limit}, "
-                f"weights={types}, kv={self.kv_dtype}, decoding: {self.generation_defaults})")
+                f"weights={types}, kv={self.kv_dtype}{'' if self.exact else ', int8 activations'}, "
+                f"decoding: {self.generation_defaults})")
 
     @property
     def threads(self) -> int | None:

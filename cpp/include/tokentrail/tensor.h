@@ -59,6 +59,9 @@ struct WeightView {
   int64_t rows = 0;
   int64_t cols = 0;
   size_t row_bytes = 0;
+  // Products over several tokens round the activations to int8 per block and
+  // multiply in integers (block-quantized types only; see Int8KernelTable).
+  bool int8_activations = false;
   bool empty() const { return data == nullptr; }
   const uint8_t* row(int64_t r) const { return static_cast<const uint8_t*>(data) + r * row_bytes; }
 };

@@ -166,7 +166,7 @@ Config config_from(const py::dict& d) {
   return c;
 }
 
-std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd) {
+std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd, bool int8_activations) {
   auto h = std::make_unique<ModelHandle>();
   Config c = config_from(cfgd);
   Weights w;
@@ -221,6 +221,16 @@ std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd
     L.down = matrix(*h, wd, p + "mlp.down.weight", d, f);
     L.down_b = vec(*h, wd, p + "mlp.down.bias", d, false);
     w.layers.push_back(L);
+  }
+  if (int8_activations) {
+    // Every matrix a token's hidden state meets (the embedding is only looked up).
+    auto mark = [](WeightView& v) { v.int8_activations = int8_supported(v.type); };
+    mark(w.unembed);
+    for (LayerWeights& L : w.layers) {
+      for (WeightView* v : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.router}) mark(*v);
+      for (auto* group : {&L.expert_gate, &L.expert_up, &L.expert_down})
+        for (WeightView& v : *group) mark(v);
+    }
   }
   h->model = std::make_unique<Model>(c, std::move(w));
   return h;
@@ -359,11 +369,14 @@ PYBIND11_MODULE(_core, m) {
   // Kernels, exposed for tests and benchmarks against numpy.
   m.def("matmul", [](py::array w, const std::string& dtype, int64_t rows, int64_t cols,
                      py::array_t<float, py::array::c_style | py::array::forcecast> x,
-                     std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>> bias) {
+                     std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>> bias,
+                     bool int8_activations) {
     ModelHandle keep;
     py::dict wd;
     wd["w"] = py::make_tuple(w, dtype);
     WeightView view = matrix(keep, wd, "w", rows, cols);
+    if (int8_activations && !int8_supported(view.type))
+      throw py::value_error("int8 activations need a block-quantized weight type, not " + dtype);
     if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error("x must be [n, cols]");
     if (bias && bias->size() != rows) throw py::value_error("bias must have one value per row");
     check_aligned(x.data(), 4, "x");
@@ -373,10 +386,31 @@ PYBIND11_MODULE(_core, m) {
     const float* b = bias ? bias->data() : nullptr;
     {
       py::gil_scoped_release nogil;
-      kernels().matmul(view, x.data(), n, y.data(), b);
+      if (int8_activations) {  // the int8 kernel itself, whatever n (a model uses it from INT8_MIN_ROWS)
+        int8_kernels().matmul(view, x.data(), n, y.data());
+        for (int t = 0; b && t < n; ++t)
+          for (int64_t r = 0; r < rows; ++r) y[size_t(t) * rows + r] += b[r];
+      } else {
+        kernels().matmul(view, x.data(), n, y.data(), b);
+      }
     }
     return to_numpy(std::move(y), {n, rows});
-  }, py::arg("w"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("bias") = py::none());
+  }, py::arg("w"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("bias") = py::none(),
+     py::arg("int8_activations") = false);
+
+  m.def("int8_quantize", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int block) {
+    if (block != 32 && block != 256) throw py::value_error("block must be 32 or 256");
+    if (x.ndim() != 2 || x.shape(1) % block) throw py::value_error("x must be [n, K] with K a multiple of the block");
+    const int n = int(x.shape(0)), K = int(x.shape(1));
+    py::array_t<int8_t> q({n, K});
+    py::array_t<float> scales({n, K / block});
+    {
+      py::gil_scoped_release nogil;
+      int8_kernels().quantize(x.data(), n, K, block, q.mutable_data(), scales.mutable_data());
+    }
+    return py::make_tuple(q, scales);
+  }, py::arg("x"), py::arg("block") = 32);
+  m.def("int8_isa", []() { return std::string(int8_kernels().name); });
 
   m.def("softmax", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, float temperature) {
     if (!(temperature > 0)) throw py::value_error("temperature must be positive");
@@ -502,7 +536,7 @@ PYBIND11_MODULE(_core, m) {
   });
 
   py::class_<ModelHandle>(m, "Model")
-      .def(py::init(&make_model), py::arg("config"), py::arg("weights"))
+      .def(py::init(&make_model), py::arg("config"), py::arg("weights"), py::arg("int8_activations") = false)
       .def_property_readonly("n_layers", [](const ModelHandle& h) { return h.model->config().n_layers; })
       .def("forward", [](const ModelHandle& h, GuardedCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
                          const std::string& mode, GuardedHooks* hooks) {

@@ -26,6 +26,7 @@ bool cpu_has(const char* isa) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (!std::strcmp(isa, "avx512vnni")) return cpu_has("avx512") && __builtin_cpu_supports("avx512vnni");
 #endif
   return !std::strcmp(isa, "scalar");
 }
@@ -53,12 +54,36 @@ const KernelTable* choose_default() {
 }
 
 const KernelTable* g_table = nullptr;
+const Int8KernelTable* g_int8 = nullptr;
+
+// The int8 variant for a kernel variant: the same instruction set, VNNI when present.
+const Int8KernelTable* int8_for(const KernelTable* t) {
+#ifdef TOKENTRAIL_X86
+  if (t == &isa_avx512::table && cpu_has("avx512vnni")) return &int8_avx512vnni::table;
+  if (t == &isa_avx512::table || t == &isa_avx2::table) return &int8_avx2::table;
+#endif
+  return &int8_scalar::table;
+}
 
 }  // namespace
 
 const KernelTable& kernels() {
   if (!g_table) g_table = choose_default();
   return *g_table;
+}
+
+const Int8KernelTable& int8_kernels() {
+  const KernelTable& t = kernels();
+  if (!g_int8) g_int8 = int8_for(&t);
+  return *g_int8;
+}
+
+bool int8_supported(DType t) {
+  switch (t) {
+    case DType::Q8_0: case DType::Q4_0: case DType::Q4_1: case DType::Q5_0: case DType::Q5_1:
+    case DType::IQ4_NL: case DType::Q4_K: case DType::Q5_K: case DType::Q6_K: return true;
+    default: return false;
+  }
 }
 
 std::vector<std::string> available_isas() {
@@ -73,6 +98,7 @@ void set_isa(const std::string& name) {
   if (!t) throw std::invalid_argument("kernel variant '" + name + "' is not built into this binary");
   if (!cpu_has(name.c_str())) throw std::invalid_argument("this CPU does not support kernel variant '" + name + "'");
   g_table = t;
+  g_int8 = int8_for(t);
 }
 
 void row_to_f32(const WeightView& w, int64_t row, float* out) {

@@ -30,11 +30,6 @@ struct V {
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(b, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(mask)));
   }
   static R cvt_nibble(const uint8_t* p, int shift) { return cvt_bits(p, shift, 0xF); }
-  // Lane i: bit (first + i) of `bits`, as 0.0 or 1.0.
-  static R cvt_bit(uint32_t bits, int first) {
-    const __m256i b = _mm256_srlv_epi32(_mm256_set1_epi32(int(bits >> first)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    return _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(1)));
-  }
   // Lane i: table[(p[i] >> shift) & 0xF] (a byte shuffle, then widened).
   static R lookup_nibbles(const uint8_t* p, int shift, const int8_t* table) {
     const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
@@ -66,6 +61,23 @@ struct V {
     const R eight = _mm256_set1_ps(8.0f);
     lo = _mm256_sub_ps(cvt_nibble(p, 0), eight);
     hi = _mm256_sub_ps(cvt_nibble(p, 4), eight);
+  }
+  // Q5_0 / Q5_1: lanes i of lo and hi are nibbles i of p (low, high) with bits i and 16 + i of qh
+  // as their fifth bit, minus 16 for Q5_0: integer work, one conversion each.
+  template <bool MINUS16>
+  static void nibbles_fifth_bit(const uint8_t* p, uint32_t qh, R& lo, R& hi) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), one = _mm256_set1_epi32(1);
+    const __m256i blo = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(qh)), lanes), one), 4);
+    const __m256i bhi = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(qh >> 16)), lanes), one), 4);
+    __m256i ilo = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), blo);
+    __m256i ihi = _mm256_or_si256(_mm256_srli_epi32(b, 4), bhi);
+    if constexpr (MINUS16) {
+      ilo = _mm256_sub_epi32(ilo, _mm256_set1_epi32(16));
+      ihi = _mm256_sub_epi32(ihi, _mm256_set1_epi32(16));
+    }
+    lo = _mm256_cvtepi32_ps(ilo);
+    hi = _mm256_cvtepi32_ps(ihi);
   }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static float sum(R a) {

@@ -30,12 +30,6 @@ struct V {
     return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(b, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(mask)));
   }
   static R cvt_nibble(const uint8_t* p, int shift) { return cvt_bits(p, shift, 0xF); }
-  // Lane i: bit (first + i) of `bits`, as 0.0 or 1.0.
-  static R cvt_bit(uint32_t bits, int first) {
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i b = _mm512_srlv_epi32(_mm512_set1_epi32(int(bits >> first)), lanes);
-    return _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(1)));
-  }
   // Lane i: table[(p[i] >> shift) & 0xF] (a byte shuffle, then widened).
   static R lookup_nibbles(const uint8_t* p, int shift, const int8_t* table) {
     const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
@@ -68,6 +62,20 @@ struct V {
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     lo = _mm512_permutexvar_ps(b, table);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+  }
+  // Q5_0 / Q5_1: lanes i of lo and hi are nibbles i of p (low, high) with bits i and 16 + i of qh
+  // as their fifth bit (a masked or), minus 16 for Q5_0: the 5-bit index picks the float from a
+  // 32-entry table, as nibbles_minus8 does for 4 bits.
+  template <bool MINUS16>
+  static void nibbles_fifth_bit(const uint8_t* p, uint32_t qh, R& lo, R& hi) {
+    const float o = MINUS16 ? -16.0f : 0.0f;
+    const __m512 t0 = _mm512_add_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_ps(o));
+    const __m512 t1 = _mm512_add_ps(t0, _mm512_set1_ps(16.0f));
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i sixteen = _mm512_set1_epi32(16), nlo = _mm512_and_si512(b, _mm512_set1_epi32(0xF)),
+                  nhi = _mm512_srli_epi32(b, 4);
+    lo = _mm512_permutex2var_ps(t0, _mm512_mask_or_epi32(nlo, __mmask16(qh), nlo, sixteen), t1);
+    hi = _mm512_permutex2var_ps(t0, _mm512_mask_or_epi32(nhi, __mmask16(qh >> 16), nhi, sixteen), t1);
   }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(R a) { return _mm512_reduce_add_ps(a); }

@@ -9,5 +9,6 @@
 #include <type_traits>
 #include <vector>
 
+#include "block_formats.h"
 #include "tokentrail/kernels.h"
 #include "tokentrail/thread_pool.h"

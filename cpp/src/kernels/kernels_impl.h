@@ -5,8 +5,8 @@
 //
 // V provides: type R; int W (lanes); zero(); load(const float*); loadw(const T*)
 // for T in float, F16, BF16; fma(a, b, acc); sum(R); set1(float); mul(a, b); store(float*, R);
-// and the widening of packed quants: cvt_i8, cvt_bits, cvt_nibble, cvt_bit,
-// lookup_nibbles, nibbles_minus8 (see kernels_avx2.cpp for what each returns).
+// and the widening of packed quants: cvt_i8, cvt_bits, cvt_nibble,
+// lookup_nibbles, nibbles_minus8, nibbles_fifth_bit (see kernels_avx2.cpp for what each returns).
 
 // Standard headers are included by kernels_common.h before the namespace opens.
 
@@ -578,27 +578,13 @@ static inline void deq_q5(const uint8_t* __restrict b, float* __restrict y) {
   }
 }
 
-// IQ4_NL: the nibbles index a fixed non-uniform table of levels; x = d * level.
-alignas(16) static constexpr int8_t IQ4_NL_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                                         1,    13,   25,  38,  53,  69,  89,  113};
-
+// IQ4_NL: x = d * IQ4_NL_LEVELS[nibble] (block_formats.h).
 static inline void deq_iq4_nl(const uint8_t* __restrict b, float* __restrict y) {  // d: f16; qs[16]
   const float d = half_at(b);
   const uint8_t* q = b + 2;
   for (int i = 0; i < 16; ++i) {
     y[i] = d * float(IQ4_NL_LEVELS[q[i] & 0xF]);
     y[i + 16] = d * float(IQ4_NL_LEVELS[q[i] >> 4]);
-  }
-}
-
-// 6-bit scale and min of sub-block j, packed into 12 bytes.
-static inline void scale_min_k4(int j, const uint8_t* s, int& sc, int& m) {
-  if (j < 4) {
-    sc = s[j] & 63;
-    m = s[j + 4] & 63;
-  } else {
-    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
   }
 }
 
@@ -673,15 +659,7 @@ static inline void widen_halves(const uint8_t* blk, int k, typename V::R& lo, ty
     hi = V::cvt_nibble(blk + 4 + k, 4);
   } else if constexpr (T == DType::Q5_0 || T == DType::Q5_1) {
     constexpr int QH = T == DType::Q5_1 ? 4 : 2;
-    const uint32_t qh = u32_at(blk + QH);
-    const uint8_t* q = blk + QH + 4;
-    const typename V::R sixteen = V::set1(16.0f);
-    lo = V::fma(V::cvt_bit(qh, k), sixteen, V::cvt_nibble(q + k, 0));
-    hi = V::fma(V::cvt_bit(qh, k + 16), sixteen, V::cvt_nibble(q + k, 4));
-    if constexpr (T == DType::Q5_0) {
-      lo = V::sub(lo, sixteen);
-      hi = V::sub(hi, sixteen);
-    }
+    V::template nibbles_fifth_bit<T == DType::Q5_0>(blk + QH + 4 + k, u32_at(blk + QH) >> k, lo, hi);
   } else {
     static_assert(T == DType::IQ4_NL, "not a 32-value nibble type");
     lo = V::lookup_nibbles(blk + 2 + k, 0, IQ4_NL_LEVELS);
@@ -877,7 +855,9 @@ static void gemv_k_quant(const WeightView& wv, const float* x, int n, float* y) 
 // tokens or more, see kernels.h) through the packed GEMM, decode-sized ones
 // through the GEMV of the weight's type.
 static void matmul(const WeightView& w, const float* x, int n, float* y, const float* bias) {
-  if (n >= GEMM_MIN_ROWS) {
+  if (w.int8_activations && n >= INT8_MIN_ROWS && int8_supported(w.type)) {
+    int8_kernels().matmul(w, x, n, y);
+  } else if (n >= GEMM_MIN_ROWS) {
     gemm(w, x, n, y);
   } else {
     switch (w.type) {

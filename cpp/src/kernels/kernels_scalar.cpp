@@ -18,7 +18,6 @@ struct V {
   static R cvt_i8(const int8_t* p) { return float(*p); }
   static R cvt_bits(const uint8_t* p, int shift, int mask) { return float((*p >> shift) & mask); }
   static R cvt_nibble(const uint8_t* p, int shift) { return cvt_bits(p, shift, 0xF); }
-  static R cvt_bit(uint32_t bits, int first) { return float((bits >> first) & 1); }
   static R lookup_nibbles(const uint8_t* p, int shift, const int8_t* table) { return float(table[(*p >> shift) & 0xF]); }
   static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
   static R add(R a, R b) { return a + b; }
@@ -29,6 +28,11 @@ struct V {
   static void nibbles_minus8(const uint8_t* p, R& lo, R& hi) {
     lo = float(int(*p & 0xF) - 8);
     hi = float(int(*p >> 4) - 8);
+  }
+  template <bool MINUS16>
+  static void nibbles_fifth_bit(const uint8_t* p, uint32_t qh, R& lo, R& hi) {
+    lo = float(int((*p & 0xF) | ((qh & 1) << 4)) - (MINUS16 ? 16 : 0));
+    hi = float(int((*p >> 4) | (((qh >> 16) & 1) << 4)) - (MINUS16 ? 16 : 0));
   }
   static R fma(R a, R b, R c) { return a * b + c; }
   static float sum(R a) { return a; }

@@ -1,0 +1,166 @@
+"""Quantized products with int8 activations (load(exact=False)), against the numpy reference and llama.cpp.
+
+The kernels round each token's activations as llama.cpp does and multiply in
+integers; tests/int8_reference.py computes the same in numpy (the rounding bit
+for bit, the product in float64). Every kernel variant is checked across odd
+shapes, and the variants against each other: they run the same float
+operations in the same order per token, so they agree bit for bit.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tokentrail
+from conftest import require
+from int8_reference import error_bound, int8_matmul, quantize_activations
+from tokentrail import _core
+from tokentrail.errors import InvalidArgumentError
+from tokentrail.loading.quant import quantize
+
+TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "q6_k")
+K_QUANTS = ("q4_k", "q5_k", "q6_k")
+ISAS = _core.available_isas()
+
+
+@pytest.fixture
+def each_isa():
+    """Runs the test body once per kernel variant, restoring the default after."""
+    default = _core.isa()
+    yield ISAS
+    _core.set_isa(default)
+
+
+def activations(rng, n: int, k: int) -> np.ndarray:
+    """Activations with the awkward cases: a zero block, a block with one large outlier, ties at .5."""
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    x[0, :32] = 0.0
+    if n > 1:
+        x[1, k - 3] = -50.0
+    if n > 2:  # largest magnitude 127, so x * 127 / max is x itself: exact ties at .5, rounded to even
+        x[2, :32] = np.arange(32, dtype=np.float32) - 15.5
+        x[2, 0] = 127.0
+    return x
+
+
+@pytest.mark.parametrize("block", [32, 256])
+def test_activation_rounding_is_numpys_bit_for_bit(each_isa, block):
+    rng = np.random.default_rng(block)
+    x = activations(rng, 9, 512)
+    want_q, want_s = quantize_activations(x, block)
+    for isa in each_isa:
+        _core.set_isa(isa)
+        q, s = _core.int8_quantize(x, block)
+        np.testing.assert_array_equal(q, want_q, err_msg=isa)
+        np.testing.assert_array_equal(s, want_s, err_msg=isa)
+    assert np.abs(want_q).max() == 127 and (want_q[0, :32] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", TYPES)
+def test_products_match_the_numpy_reference_on_every_variant(each_isa, dtype):
+    rng = np.random.default_rng(len(dtype))
+    widths = (256, 768) if dtype in K_QUANTS else (32, 96, 160)  # K not a multiple of 256 where allowed
+    for k in widths:
+        for rows in (1, 5, 37):  # not multiples of the register tile
+            w = quantize(rng.standard_normal((rows, k)).astype(np.float32), dtype)
+            for n in (1, 2, 3, 15, 16, 17, 31, 33):  # token tiles of 16 (AVX-512) and 8 (AVX2), and their edges
+                x = activations(rng, n, k)
+                want = int8_matmul(w, dtype, rows, k, x)
+                bound = error_bound(w, dtype, rows, k, x)
+                results = []
+                for isa in each_isa:
+                    _core.set_isa(isa)
+                    y = _core.matmul(w, dtype, rows, k, x, int8_activations=True)
+                    assert np.all(np.abs(y - want) <= bound), f"{isa} {dtype} k={k} rows={rows} n={n}"
+                    results.append(y)
+                for isa, y in zip(each_isa[1:], results[1:]):
+                    np.testing.assert_array_equal(y, results[0], err_msg=f"{isa} vs {each_isa[0]}: {dtype} n={n}")
+
+
+def test_int8_products_differ_from_float_by_the_rounding_only():
+    """Sanity of the reference itself: the float path is off by int8 rounding, far more than float rounding."""
+    rng = np.random.default_rng(1)
+    w = quantize(rng.standard_normal((64, 256)).astype(np.float32), "q4_0")
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    exact = _core.matmul(w, "q4_0", 64, 256, x)
+    fast = _core.matmul(w, "q4_0", 64, 256, x, int8_activations=True)
+    bound = error_bound(w, "q4_0", 64, 256, x)
+    assert np.abs(exact - fast).max() > 100 * bound.max()
+    assert np.abs(exact - fast).max() < 0.05 * np.abs(exact).max()
+
+
+def test_bias_and_bad_arguments():
+    rng = np.random.default_rng(2)
+    w = quantize(rng.standard_normal((8, 64)).astype(np.float32), "q8_0")
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    y = _core.matmul(w, "q8_0", 8, 64, x, bias, int8_activations=True)
+    np.testing.assert_allclose(y, _core.matmul(w, "q8_0", 8, 64, x, int8_activations=True) + bias, rtol=1e-6)
+    with pytest.raises(ValueError, match="block-quantized"):
+        _core.matmul(rng.standard_normal((8, 64)).astype(np.float32), "f32", 8, 64, x, int8_activations=True)
+    with pytest.raises(ValueError, match="block"):
+        _core.int8_quantize(x, 64)
+    with pytest.raises(InvalidArgumentError, match="exact"):
+        tokentrail.load(exact="no")
+
+
+# --------------------------------------------------------------------------
+# Whole models
+# --------------------------------------------------------------------------
+
+def test_a_model_with_int8_activations_matches_the_float_path_given_the_same_rounding():
+    """The demo model as q8_0: exact=False equals the float path fed the rounded inputs of each product."""
+    from test_llamacpp import with_rounded_inputs
+
+    fast = tokentrail.load(dtype="q8_0", exact=False)
+    exact = tokentrail.load(dtype="q8_0")
+    assert not fast.exact and exact.exact and "int8" in repr(fast)
+    ids = fast.encode("The storm is coming over the hills and the river is rising fast in the valley below")
+    assert len(ids) >= 16  # a prefill the int8 path takes (from INT8_MIN_ROWS tokens)
+    ours = fast.forward(ids)
+    modelled = with_rounded_inputs(exact, ids)
+    plain = exact.forward(ids)
+    spread = plain.std(axis=1)
+    assert (np.abs(ours - modelled).max(axis=1) / spread).max() < 1e-4
+    assert (np.abs(ours - plain).max(axis=1) / spread).max() > 1e-3  # the rounding is really there
+
+
+def test_cli_no_exact_is_the_apis():
+    prompt = "The storm is coming over the hills and the river is rising fast"  # a prefill the int8 path takes
+    args = ["generate", prompt, "-n", "8", "--dtype", "q8_0", "--no-exact"]
+    out = subprocess.run([sys.executable, "-m", "tokentrail.cli", *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    model = tokentrail.load(dtype="q8_0", exact=False)
+    assert len(model.encode(prompt)) >= 8
+    want = prompt + model.generate(prompt, max_new_tokens=8, temperature=0).text
+    assert out.stdout.strip() == want.strip()
+
+
+# llama.cpp's files: with exact=False tokentrail rounds as llama.cpp does, so on the prompt
+# (one batch of several tokens, where the int8 path runs) the two agree far more closely.
+LLAMA_MIXES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+               "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
+PROMPT = [1, 17, 200, 5, 99, 42, 42, 7, 250, 3, 77, 300, 12, 14, 400, 401, 8, 9, 10, 11]
+
+
+@pytest.mark.parametrize("mix", list(LLAMA_MIXES))
+def test_int8_path_agrees_with_llama_cpp_more_closely(llama256_f32, tmp_path, mix):
+    llama_cpp = require("llama_cpp")
+    from test_quantized_files import llama_quantize
+
+    path = tmp_path / f"llama256-{mix}.gguf"
+    llama_quantize(llama256_f32, path, LLAMA_MIXES[mix])
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True,
+                          type_k=0, type_v=0, verbose=False)
+    llm.eval(PROMPT)
+    theirs = np.array(llm.scores[:len(PROMPT)], np.float32)
+    exact = tokentrail.load(path).forward(PROMPT)
+    fast = tokentrail.load(path, exact=False).forward(PROMPT)
+    spread = exact.std(axis=1)
+    d_exact = (np.abs(theirs - exact).max(axis=1) / spread).max()
+    d_fast = (np.abs(theirs - fast).max(axis=1) / spread).max()
+    print(f"{mix}: llama.cpp vs tokentrail, float activations {d_exact:.2e}, int8 activations {d_fast:.2e} of the spread")
+    assert d_fast < 0.25 * d_exact

@@ -100,8 +100,8 @@ static void quantize_acts(const float* x, int n, int K, int block, QuantizedActs
   a.q.assign(size_t(a.tiles) * K * L, 128);  // padding lanes: q = 0
   a.scale.assign(size_t(a.tiles) * nb * L, 0.0f);
   a.scaled_sum.assign(size_t(a.tiles) * nb * L, 0.0f);
-#pragma omp parallel for schedule(static) if (double(n) * K > 262144.0)
-  for (int t = 0; t < n; ++t) {
+  parallel_for_if(double(n) * K > 262144.0, n, 1, Split::Even, [&](int64_t t0, int64_t t1) {
+  for (int t = int(t0); t < int(t1); ++t) {
     const int tile = t / L, lane = t % L;
     alignas(64) int8_t q[256];
     int sums[8];
@@ -123,6 +123,7 @@ static void quantize_acts(const float* x, int n, int K, int block, QuantizedActs
       }
     }
   }
+  });
 }
 
 // ---- Weight rows unpacked to int8 ----------------------------------------------
@@ -288,24 +289,29 @@ static void int8_matmul_typed(const WeightView& wv, const QuantizedActs& a, floa
   constexpr int SUB = Int8Layout<T>::SUB, ROW_BLOCK = 16, R = IV::ROWS;
   const int rows = int(wv.rows), K = int(wv.cols), nsub = K / SUB;
   const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel if (double(rows) * K * a.n > 200000.0)
-  {
-    std::vector<int8_t> w(size_t(ROW_BLOCK) * K);
-    std::vector<float> scale(size_t(ROW_BLOCK) * nsub), mins(size_t(ROW_BLOCK) * nsub);
-    std::vector<int32_t> start(size_t(ROW_BLOCK) * nsub);
+  parallel_for_if(double(rows) * K * a.n > 200000.0, n_blocks, 1, Split::Guided, [&](int64_t b0, int64_t b1) {
+    // Unpacked rows of one block, kept by the calling thread between calls.
+    static thread_local std::vector<int8_t> w;
+    static thread_local std::vector<float> scale, mins;
+    static thread_local std::vector<int32_t> start;
+    if (w.size() < size_t(ROW_BLOCK) * K) w.resize(size_t(ROW_BLOCK) * K);
+    if (scale.size() < size_t(ROW_BLOCK) * nsub) {
+      scale.resize(size_t(ROW_BLOCK) * nsub);
+      mins.resize(size_t(ROW_BLOCK) * nsub);
+      start.resize(size_t(ROW_BLOCK) * nsub);
+    }
     UnpackedRow u[ROW_BLOCK];
     for (int i = 0; i < ROW_BLOCK; ++i)
       u[i] = {w.data() + size_t(i) * K, scale.data() + size_t(i) * nsub, mins.data() + size_t(i) * nsub,
               start.data() + size_t(i) * nsub};
-#pragma omp for schedule(guided)
-    for (int blk = 0; blk < n_blocks; ++blk) {
+    for (int blk = int(b0); blk < int(b1); ++blk) {
       const int r0 = blk * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
       for (int r = r0; r < r1; ++r) unpack_row<T>(wv.row(r), K, u[r - r0]);
       int r = r0;
       for (; r + R <= r1; r += R) int8_rows<T, R>(u + (r - r0), a, r, rows, y);
       for (; r < r1; ++r) int8_rows<T, 1>(u + (r - r0), a, r, rows, y);
     }
-  }
+  });
 }
 
 // y[n][w.rows] = x[n][w.cols] . w^T through int8 activations (w of a supported type).

@@ -69,7 +69,7 @@ def test_session_model_is_fixed(model):
 
 
 def test_threads_honoured_from_another_python_thread():
-    """The core keeps a thread count per OS thread: a model of 1 thread runs 1 from any thread."""
+    """OpenMP's count is per OS thread: a model of 1 thread runs 1 from any thread."""
     m = tokentrail.load(threads=1)
     seen = []
 
@@ -329,42 +329,46 @@ def test_hooks_shared_by_two_threads_serialise(model):
 
 
 def test_raw_core_hooks_used_by_two_threads_raise(model):
-    """Below the Hooks lock, the core's hooks refuse a second thread (another pass, a read, a change)."""
+    """Below the Hooks lock, the core's hooks refuse a second thread (a read, another pass) during a pass."""
     capture = tokentrail.capture.POINTS["resid_post"].id
     seen = []
     for _ in range(50):
         hooks = _core.Hooks(model.config.n_layers)
         hooks.set(capture, 0, capture=True)
         done = threading.Event()
-        refused_first = []  # the long pass itself may be the one refused, when the short one got in first
 
         def work():
-            try:
-                model._core.forward(_core.KVCache(model._core, 256), np.arange(200, dtype=np.int32) % 50, "none", hooks)
-            except ConcurrentUseError as e:
-                refused_first.append(e)
-            finally:
-                done.set()
+            while True:  # the probing read below may hold the hooks for a moment
+                try:
+                    model._core.forward(_core.KVCache(model._core, 256), np.arange(200, dtype=np.int32) % 50,
+                                        "none", hooks)
+                    break
+                except ConcurrentUseError:
+                    continue
+            done.set()
 
         t = threading.Thread(target=work)
         t.start()
+        second = 0
         while not done.is_set():
             try:
-                model._core.forward(_core.KVCache(model._core, 8), np.array([1], np.int32), "none", hooks)
                 hooks.captured(capture, 0)
+                continue
+            except ConcurrentUseError as e:
+                seen.append(e)  # the other thread is inside: now a pass of this one
+            try:
+                model._core.forward(_core.KVCache(model._core, 8), np.array([1], np.int32), "none", hooks)
+                second = 1  # the other thread finished in between
             except ConcurrentUseError as e:
                 seen.append(e)
-                break
-        t.join()
-        if refused_first:
-            seen.extend(refused_first)
             break
+        t.join()
         records = hooks.captured(capture, 0)
-        assert sum(len(positions) for _, positions in records) in (200, 201)  # the first pass's record is whole
-        assert any(len(positions) == 200 and positions == list(range(200)) for _, positions in records)
+        assert sum(len(positions) for _, positions in records) == 200 + second
+        assert any(positions == list(range(200)) for _, positions in records)  # the pass's record is whole
         if seen:
             break
-    assert seen and "another thread" in str(seen[0])
+    assert seen and all("another thread" in str(e) for e in seen)
     with pytest.raises(ValueError, match="same hooks"):
         model._core.forward_batch([_core.KVCache(model._core, 8), _core.KVCache(model._core, 8)],
                                   [np.array([1], np.int32)] * 2, ["last"] * 2, [hooks, hooks])

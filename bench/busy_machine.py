@@ -192,6 +192,15 @@ def main() -> None:
                     idle = med[(name, dtype, threads, "idle")]
                     line += "".join(f"{med[(name, dtype, threads, load)] / idle:>11.2f}x" for load in loads if load != "idle")
                 print(line)
+    counts = list(map(int, args.threads.split(",")))
+    if "busy" in loads and "idle" in loads and 1 in counts and max(counts) > 1:
+        most = max(counts)
+        print(f"targets: {most} threads with a busy core >= 0.6x their idle rate and >= 1 thread with a busy core")
+        for name, _ in cores:
+            print(f"  {name}: " + ", ".join(
+                f"{d} {med[(name, d, most, 'busy')] / med[(name, d, most, 'idle')]:.2f}x idle, "
+                f"{med[(name, d, most, 'busy')] / med[(name, d, 1, 'busy')]:.2f}x 1 thread"
+                for d in args.types.split(",")))
     if len(cores) > 1:
         base = cores[0][0]
         for name, _ in cores[1:]:

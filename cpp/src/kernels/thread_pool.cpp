@@ -127,7 +127,7 @@ class Pool {
     if (!spin_until([&] { return done_.load(std::memory_order_acquire) == total; }, CALLER_SPIN)) {
       const Clock::time_point own_done = Clock::now();
       caller_sleeping_.store(1);
-      for (uint32_t d; (d = done_.load(std::memory_order_acquire)) != total;) wait_on(done_, d);
+      for (uint32_t d; (d = done_.load()) != total;) wait_on(done_, d);
       caller_sleeping_.store(0);
       const Clock::time_point finish = Clock::now();
       const auto waited = finish - own_done + CALLER_SPIN, own = own_done - start - CALLER_SPIN;
@@ -155,7 +155,9 @@ class Pool {
         std::lock_guard<std::mutex> lock(error_mutex_);
         if (!error_) error_ = std::current_exception();
       }
-      const uint32_t d = done_.fetch_add(uint32_t(end - begin), std::memory_order_acq_rel) + uint32_t(end - begin);
+      // Sequentially consistent, with the caller's caller_sleeping_ store and done_ load: one of
+      // the two sides always sees the other, so a sleeping caller is always woken.
+      const uint32_t d = done_.fetch_add(uint32_t(end - begin)) + uint32_t(end - begin);
       if (d == total && caller_sleeping_.load()) wake_on(done_, 1);
     }
   }

@@ -22,6 +22,7 @@ or a sanitizer report is a finding.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -57,6 +58,9 @@ def scratch(name: str) -> Path:
 
 def cleanup() -> None:
     shutil.rmtree(_scratch, ignore_errors=True)
+
+
+atexit.register(cleanup)  # libFuzzer may end the process without it; pytest and plain runs do not
 
 
 # Whether the last input loaded (the seeds must: fuzzing starts from deep inside each reader).

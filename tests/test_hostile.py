@@ -370,6 +370,28 @@ def test_chat_template_cannot_exhaust_memory():
     assert ChatTemplate("{{ 'ab' * 3 }}{{ 2 ** 10 }}{{ 2 * 3 }}").render(hi) == "ababab10246"
 
 
+@pytest.mark.parametrize("source", [
+    "{{ 'a'|center(10**10) }}", "{{ 'a'|indent(10**10, true) }}", "{{ 'a b'|wordwrap(10**10) }}",
+    "{{ 'x'.ljust(10**10) }}", "{{ 'x'.zfill(10**10) }}",
+    "{{ '%10000000000s' % 1 }}", "{{ '%*s' % (10**10, 1) }}", "{{ '%10000000000s'|format(1) }}",
+    "{{ '%*s'|format(10**10, 1) }}", "{{ '{:>10000000000}'.format(1) }}", "{{ '{:>{w}}'.format(1, w=10**10) }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+])
+def test_chat_template_sizes_are_bounded(source):
+    """Widths, counts and values that grow across loop iterations are bounded too (each of these asks
+    for gigabytes); ordinary widths and joins still render as Python renders them."""
+    from tokentrail.chat import ChatTemplate
+    from tokentrail.errors import ChatTemplateError
+
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ChatTemplateError, match="refused"):
+        ChatTemplate(source).render(hi)
+    ordinary = ("{{ '%5s|%d' % ('a', 3) }}{{ 'ab'|center(6) }}{{ '{:>4}'.format(1) }}{{ 'x' + 'y' }}"
+                "{{ messages[0]['content']|indent(2) }}{{ 'time: 12345678 %s' % 1 }}{{ '%s'|format(5) }}")
+    assert ChatTemplate(ordinary).render(hi) == "    a|3" + "ab".center(6) + "   1" + "xy" + "hi" + "time: 12345678 1" + "5"
+
+
 @pytest.fixture(scope="module")
 def short_context_model():
     return tokentrail.load(context=16)

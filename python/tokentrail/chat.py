@@ -25,7 +25,9 @@ plus the end-of-turn markers the template writes (``<|im_end|>``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +48,24 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # The largest `str * n` or `list * n` a template may build, and the bits of the largest `a ** b`.
 MAX_TEMPLATE_ITEMS = 1_000_000
 MAX_TEMPLATE_POWER_BITS = 100_000
+# A field width in a format string ('%10000000000s', '{:>10000000000}'): seven digits or more.
+_HUGE_WIDTH = re.compile(r"%[-+ #0]*(\*|\d{7,})|\{[^{}]*:[^{}]*\d{7,}[^{}]*\}")
+
+
+def _refuse_huge_sizes(args: tuple, kwargs: dict) -> None:
+    """Refuse a call or filter given an integer beyond MAX_TEMPLATE_ITEMS (a width, a count)."""
+    import jinja2
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_ITEMS:
+            raise jinja2.exceptions.SecurityError(f"a size of more than {MAX_TEMPLATE_ITEMS} is refused")
+
+
+def _refuse_huge_widths(fmt: str) -> None:
+    import jinja2
+
+    if _HUGE_WIDTH.search(fmt):
+        raise jinja2.exceptions.SecurityError("a field width of a million or more is refused")
 
 
 # ---------------------------------------------------------------- the Jinja environment
@@ -111,6 +131,10 @@ def _environment():
 
         def __setitem__(self, name, value):
             SafeNamespace._check(name)
+            # The one place state crosses loop iterations: `ns.s = ns.s ~ ns.s` must not double forever.
+            if isinstance(value, (str, list, tuple)) and len(value) > MAX_TEMPLATE_ITEMS:
+                raise jinja2.exceptions.SecurityError(
+                    f"a value of more than {MAX_TEMPLATE_ITEMS} items is refused")
             jinja2.utils.Namespace.__setitem__(self, name, value)
 
         @staticmethod
@@ -118,14 +142,50 @@ def _environment():
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"templates cannot set the attribute {name!r} on a namespace")
 
-    class BoundedSandbox(ImmutableSandboxedEnvironment):
-        """The sandbox, refusing ``*`` and ``**`` whose result would be huge: a template comes from the
-        checkpoint, and ``'a' * 10**10`` in it must not exhaust the memory of whoever renders it."""
+    def bounded_filter(name, f):
+        """A filter whose parameters (after the value) may not ask for a huge size: `center(10**10)`;
+        `format`'s value is a format string, whose field widths are bounded too."""
+        skip = 2 if getattr(f, "jinja_pass_arg", None) else 1  # the context or environment, then the value
 
-        intercepted_binops = frozenset({"*", "**"})
+        @functools.wraps(f)
+        def bounded(*args, **kwargs):
+            _refuse_huge_sizes(args[skip:], kwargs)
+            if name == "format" and len(args) >= skip and isinstance(args[skip - 1], str):
+                _refuse_huge_widths(args[skip - 1])
+            return f(*args, **kwargs)
+        return bounded
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox, refusing operations whose result would be huge: a template comes from the
+        checkpoint, and ``'a' * 10**10`` (or ``'x'.ljust(10**10)``, ``'%10000000000s' % 1``) in it must not
+        exhaust the memory of whoever renders it."""
+
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            _refuse_huge_sizes(args, kwargs)
+            owner = getattr(__obj, "__self__", None)
+            if isinstance(owner, str) and getattr(__obj, "__name__", "") in ("format", "format_map"):
+                _refuse_huge_widths(owner)
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def wrap_str_format(self, value):
+            # Since jinja2 3.1.5 `'...'.format` is wrapped at attribute access, before `call` sees it.
+            owner = getattr(value, "__self__", None)
+            if isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map"):
+                _refuse_huge_widths(owner)
+            return super().wrap_str_format(value)
 
         def call_binop(self, context, operator, left, right):
-            if operator == "*":
+            if operator == "+":
+                if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) \
+                        and len(left) + len(right) > MAX_TEMPLATE_ITEMS:
+                    raise jinja2.exceptions.SecurityError(
+                        f"a value of more than {MAX_TEMPLATE_ITEMS} items is refused")
+            elif operator == "%":
+                if isinstance(left, str):
+                    _refuse_huge_widths(left)
+            elif operator == "*":
                 for items, count in ((left, right), (right, left)):
                     if isinstance(items, (str, list, tuple)) and isinstance(count, int) \
                             and len(items) * count > MAX_TEMPLATE_ITEMS:
@@ -137,6 +197,7 @@ def _environment():
             return super().call_binop(context, operator, left, right)
 
     env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters = {name: bounded_filter(name, f) for name, f in env.filters.items()}
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

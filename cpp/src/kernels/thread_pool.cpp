@@ -20,6 +20,7 @@
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -204,10 +205,21 @@ class Pool {
 
   // Workers start on first need and live as long as the process (they sleep when idle).
   void grow(int workers) {
+#ifdef __linux__
+    // Workers block every signal (a new thread inherits the creator's mask), so that Ctrl-C and
+    // the like reach the Python main thread, which alone runs the handlers, and interrupt
+    // whatever it is blocked in (a read of stdin) instead of landing on a sleeping worker.
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &previous);
+#endif
     while (started_ < workers) {
       const int index = started_++;
       std::thread([this, index] { worker_main(index); }).detach();
     }
+#ifdef __linux__
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+#endif
   }
 
   std::mutex error_mutex_;

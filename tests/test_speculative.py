@@ -82,6 +82,24 @@ def test_verification_rows_are_bitwise_single_steps(stories, demo):
                                           alone[:len(short) + 1])
 
 
+def test_int8_activation_targets_verify_below_the_int8_path(stories):
+    """A target with int8 activations (exact=False) takes another kernel from INT8_MIN_ROWS rows: its
+    verifications stay below that, so greedy output is still its plain greedy output."""
+    from tokentrail import _core
+    from tokentrail.speculative import max_k_for
+
+    path = require_stories() / "stories260K.bin"
+    target = tokentrail.load(path, dtype="q8_0", exact=False)
+    assert max_k_for(target) == int(_core.INT8_MIN_ROWS) - 2 < MAX_K
+    plain = target.generate(STORY_PROMPT, 60, temperature=0, ignore_eos=True)
+    for k, adaptive in ((max_k_for(target), False), (2, True)):
+        gen = target.generate(STORY_PROMPT, 60, temperature=0, ignore_eos=True, draft=target,
+                              speculative_k=k, speculative_adaptive=adaptive)
+        assert gen.token_ids == plain.token_ids and gen.speculation.accepted == gen.speculation.proposed
+    with pytest.raises(InvalidArgumentError, match="int8 activations"):
+        target.generate(STORY_PROMPT, 4, draft=target, speculative_k=max_k_for(target) + 1)
+
+
 def _check_steps(gen, proposer: str) -> None:
     """Per-token fields: a kept proposal is the token; a replaced one differs from it."""
     for step in gen.steps:

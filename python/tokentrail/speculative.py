@@ -17,7 +17,8 @@ The result is exactly what plain decoding gives:
 * greedy: the target's argmax at every position, token for token. This
   rests on the core computing a position's logits identically whether it is
   fed alone or with a few others (products of fewer than GEMM_MIN_ROWS rows
-  take the same kernel path); ``MAX_K`` keeps every verification below that.
+  take the same kernel path); ``MAX_K`` keeps every verification below that,
+  and below INT8_MIN_ROWS for a model with int8 activations (``exact=False``).
 * sampling: the standard rejection rule. With p the target's distribution
   and q the proposer's (both after the same processor chain, evaluated for
   each position with the tokens before it, so penalties see what plain
@@ -233,6 +234,15 @@ class Speculation:
     k: int
     adaptive: bool
     config: SamplingConfig
+    max_k: int = MAX_K
+
+
+def max_k_for(target: "Model") -> int:
+    """The most proposals one verification of `target` may hold: its k+1 rows must take the kernel path
+    of a single row (below GEMM_MIN_ROWS; below INT8_MIN_ROWS when its products round activations to int8)."""
+    if getattr(target, "exact", True):
+        return MAX_K
+    return min(MAX_K, int(_core.INT8_MIN_ROWS) - 2)
 
 
 def plan(target: "Model", draft: Any, k: Any, adaptive: Any, config: SamplingConfig,
@@ -249,14 +259,16 @@ def plan(target: "Model", draft: Any, k: Any, adaptive: Any, config: SamplingCon
     proposer.check(target)
     if k is None:
         k = DEFAULT_K
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_K:
-        raise InvalidArgumentError(f"speculative_k: must be an integer within 1..{MAX_K}, got {k!r}")
+    max_k = max_k_for(target)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= max_k:
+        why = "" if max_k == MAX_K else " (a model with int8 activations verifies at most this many at once)"
+        raise InvalidArgumentError(f"speculative_k: must be an integer within 1..{max_k}{why}, got {k!r}")
     if not isinstance(adaptive, (bool, np.bool_)):
         raise InvalidArgumentError(f"speculative_adaptive: must be True or False, got {adaptive!r}")
     if hooks is not None:
         raise InvalidArgumentError("hooks: not available with speculative decoding (the target also runs the "
                                    "proposals it then refuses, and the records would include them)")
-    return Speculation(proposer, int(k), bool(adaptive), config)
+    return Speculation(proposer, int(k), bool(adaptive), config, max_k)
 
 
 @dataclass
@@ -392,4 +404,4 @@ def _speculate(model: "Model", run: "Run") -> Iterator["Step"]:
         session.rewind(base + len(pending) + kept)
         pending = [step.token]
         if spec.adaptive and proposal.tokens:
-            k = min(k + ADAPTIVE_STEP_UP, MAX_K) if kept == len(proposal.tokens) else max(1, k - 1)
+            k = min(k + ADAPTIVE_STEP_UP, spec.max_k) if kept == len(proposal.tokens) else max(1, k - 1)

@@ -325,6 +325,7 @@ PYBIND11_MODULE(_core, m) {
     set_threads(int(n));
   }, py::arg("n"), "The thread count of core calls made from the calling OS thread (each OS thread keeps its own)");
   m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;
+  m.attr("INT8_MIN_ROWS") = INT8_MIN_ROWS;
   m.def("get_threads", &get_threads);
 
   m.def("probe_bandwidth", [](double megabytes, int repeats) {

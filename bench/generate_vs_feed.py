@@ -1,6 +1,6 @@
 """`model.generate` with sampling against raw `Session.feed` decoding, same model, same tokens, one run.
 
-    OMP_WAIT_POLICY=passive python bench/generate_vs_feed.py [--shapes smollm,qwen2.5-0.5b] [--types f16,q8_0]
+    python bench/generate_vs_feed.py [--shapes smollm,qwen2.5-0.5b] [--types f16,q8_0]
 
 Random weights in the shape of a real model (bench/shapes.py). For every
 shape and weight type, `generate` samples `--new` tokens (temperature 0.8,
@@ -10,8 +10,7 @@ first, per second after the first) is divided by the rate of the bare feeds.
 The two are interleaved repeat by repeat (ABBA); reported are the ratio of
 the fastest runs of each (the least disturbed by other work), the median of
 the pairs' ratios, the median ratio in CPU time of the process (less disturbed by
-other work on a busy machine; run with OMP_WAIT_POLICY=passive so that idle
-threads do not spin) and the time one sampler step takes alone on the core
+other work on a busy machine; the core's idle threads sleep instead of spinning) and the time one sampler step takes alone on the core
 path and on the Python reference path (`Sampler(core=False)`).
 """
 from __future__ import annotations

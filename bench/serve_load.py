@@ -196,9 +196,6 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=300, help="time bound of each level")
     ap.add_argument("--parallel", type=int, default=16, help="the server's --parallel")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--omp-wait-policy", default="passive", choices=["active", "passive"],
-                    help="OMP_WAIT_POLICY of the server: passive threads sleep between steps instead of spinning, "
-                         "which leaves the cores to the HTTP side of the server and to the clients")
     ap.add_argument("--serve-args", default="", help="more flags for `tokentrail serve` (e.g. '--prefill-chunk 64')")
     ap.add_argument("--root", default=str(HERE / "results" / "models"))
     ap.add_argument("--llama-server", default=None,
@@ -228,7 +225,7 @@ def main() -> None:
     # level would let a server with a prompt cache (llama-server's cache_prompt) skip its prefill.
     prompts = _prompts(sum(counts), model.config.vocab_size)
     first = [sum(counts[:k]) for k in range(len(counts))]
-    env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy.upper())
+    env = dict(os.environ)
 
     commands: dict[str, list[str]] = {}
     ports: dict[str, int] = {}

@@ -164,3 +164,44 @@ def test_int8_path_agrees_with_llama_cpp_more_closely(llama256_f32, tmp_path, mi
     d_fast = (np.abs(theirs - fast).max(axis=1) / spread).max()
     print(f"{mix}: llama.cpp vs tokentrail, float activations {d_exact:.2e}, int8 activations {d_fast:.2e} of the spread")
     assert d_fast < 0.25 * d_exact
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_product_group_equals_its_products_one_by_one(each_isa, int8):
+    """matmul_group (q/k/v, gate/up in the forward pass) shares x and one parallel region among
+    several weights; each output must be bit for bit the product of its weight alone, also when
+    the weights differ in type (a Q4_K_M file's q/k/v mix Q4_K and Q6_K), in activation block
+    (32 for Q8_0, 256 for the k-quants) and in kind (a float weight beside quantized ones)."""
+    rng = np.random.default_rng(7)
+    k = 512
+    group = [("q4_k", 64), ("q6_k", 37), ("q8_0", 16), ("f16", 21)]
+    weights = []
+    for dtype, rows in group:
+        w = rng.standard_normal((rows, k)).astype(np.float32)
+        weights.append((w.astype(np.float16) if dtype == "f16" else quantize(w, dtype), dtype, rows))
+    for isa in each_isa:
+        _core.set_isa(isa)
+        for n in (1, 7, 8, 16, 17, 47, 48, 70):  # GEMV, int8 from INT8_MIN_ROWS, GEMM from GEMM_MIN_ROWS
+            x = rng.standard_normal((n, k)).astype(np.float32)
+            together = _core.matmul_group(weights, k, x, int8)
+            assert len(together) == len(group)
+            for (w, dtype, rows), y in zip(weights, together):
+                # (the single-product binding runs the int8 kernel at any n; a model, from INT8_MIN_ROWS)
+                rounded = int8 and dtype != "f16" and n >= _core.INT8_MIN_ROWS
+                alone = _core.matmul(w, dtype, rows, k, x, None, rounded)
+                assert y.shape == (n, rows)
+                np.testing.assert_array_equal(y, alone, err_msg=f"{isa} {dtype} n={n} int8={int8}")
+
+
+def test_a_product_group_refuses_bad_groups():
+    rng = np.random.default_rng(8)
+    w = quantize(rng.standard_normal((32, 256)).astype(np.float32), "q8_0")
+    x = np.ones((4, 256), np.float32)
+    with pytest.raises(ValueError, match="1..8"):
+        _core.matmul_group([], 256, x, False)
+    with pytest.raises(ValueError, match="1..8"):
+        _core.matmul_group([(w, "q8_0", 32)] * 9, 256, x, False)
+    with pytest.raises(ValueError, match=r"x must be \[n, cols\]"):
+        _core.matmul_group([(w, "q8_0", 32)], 256, np.ones((4, 128), np.float32), False)
+    with pytest.raises(ValueError, match="holds"):
+        _core.matmul_group([(w, "q8_0", 33)], 256, x, False)

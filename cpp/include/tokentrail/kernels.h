@@ -41,10 +41,20 @@ inline double attention_work(int n, int n_heads, int ctx, int head_dim) {
   return double(n) * n_heads * ctx * head_dim;
 }
 
+// One product of a group that shares its input: y[n][w->rows] = x . w^T (+ bias).
+struct MatmulJob {
+  const WeightView* w;
+  float* y;
+  const float* bias;  // may be null
+};
+
 struct KernelTable {
   const char* name;
   // y[n][w.rows] = x[n][w.cols] . w^T (+ bias), for every weight type.
   void (*matmul)(const WeightView& w, const float* x, int n, float* y, const float* bias);
+  // Several products of the same x (q/k/v, gate/up) in one parallel region: the rows of all
+  // the weights are shared among the threads together, and int8 activations are rounded once.
+  void (*matmul_group)(const MatmulJob* jobs, int count, const float* x, int n);
   // One row of a block-quantized matrix widened to float32.
   void (*dequant_row)(const WeightView& w, int64_t row, float* out);
   // In place over `rows` rows of length `n`: softmax(x / temperature).
@@ -78,6 +88,9 @@ struct Int8KernelTable {
   const char* name;
   // y[n][w.rows] = x[n][w.cols] . w^T, w of a type int8_supported() accepts.
   void (*matmul)(const WeightView& w, const float* x, int n, float* y);
+  // The same for several weights sharing x (biases are the caller's): x is rounded once per
+  // activation block size, and one parallel region covers the rows of every weight.
+  void (*matmul_group)(const MatmulJob* jobs, int count, const float* x, int n);
   // The activation rounding alone: q[n][K], scales[n][K / block]; block 32 (Q8_0's) or 256 (Q8_K's).
   void (*quantize)(const float* x, int n, int K, int block, int8_t* q, float* scales);
   int lanes;  // tokens per vector

@@ -223,9 +223,10 @@ std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd
     w.layers.push_back(L);
   }
   if (int8_activations) {
-    // Every matrix a token's hidden state meets (the embedding is only looked up).
+    // Every matrix a token's hidden state meets: the unembedding (the embedding itself when
+    // tied; its lookups read rows and ignore the mark).
     auto mark = [](WeightView& v) { v.int8_activations = int8_supported(v.type); };
-    mark(w.unembed);
+    mark(w.unembed.empty() ? w.embed : w.unembed);
     for (LayerWeights& L : w.layers) {
       for (WeightView* v : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.router}) mark(*v);
       for (auto* group : {&L.expert_gate, &L.expert_up, &L.expert_down})
@@ -398,6 +399,38 @@ PYBIND11_MODULE(_core, m) {
     return to_numpy(std::move(y), {n, rows});
   }, py::arg("w"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("bias") = py::none(),
      py::arg("int8_activations") = false);
+
+  m.def("matmul_group", [](py::list weights, int64_t cols,
+                           py::array_t<float, py::array::c_style | py::array::forcecast> x, bool int8_activations) {
+    // Several products of one x in one call, as the forward pass runs q/k/v and gate/up.
+    const size_t count = weights.size();
+    if (count < 1 || count > 8) throw py::value_error("matmul_group takes 1..8 weights");
+    if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error("x must be [n, cols]");
+    check_aligned(x.data(), 4, "x");
+    const int n = int(x.shape(0));
+    ModelHandle keep;
+    std::vector<WeightView> views(count);
+    std::vector<std::vector<float>> ys(count);
+    std::vector<MatmulJob> jobs(count);
+    for (size_t j = 0; j < count; ++j) {
+      const py::tuple t = weights[j].cast<py::tuple>();
+      if (t.size() != 3) throw py::value_error("each weight is (array, dtype, rows)");
+      py::dict wd;
+      const std::string name = "w" + std::to_string(j);
+      wd[name.c_str()] = py::make_tuple(t[0], t[1]);
+      views[j] = matrix(keep, wd, name, t[2].cast<int64_t>(), cols);
+      views[j].int8_activations = int8_activations && int8_supported(views[j].type);
+      ys[j].resize(size_t(n) * views[j].rows);
+      jobs[j] = MatmulJob{&views[j], ys[j].data(), nullptr};
+    }
+    {
+      py::gil_scoped_release nogil;
+      kernels().matmul_group(jobs.data(), int(count), x.data(), n);
+    }
+    py::list out;
+    for (size_t j = 0; j < count; ++j) out.append(to_numpy(std::move(ys[j]), {n, views[j].rows}));
+    return out;
+  }, py::arg("weights"), py::arg("cols"), py::arg("x"), py::arg("int8_activations") = false);
 
   m.def("int8_quantize", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int block) {
     if (block != 32 && block != 256) throw py::value_error("block must be 32 or 256");

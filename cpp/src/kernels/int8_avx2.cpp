@@ -12,12 +12,18 @@ struct IV : Int8UnpackX86 {
   using I = __m256i;
   using F = __m256;
   // 2 weight rows x 2 tiles of 8 tokens fit the 16 registers.
-  static constexpr int LANES = 8, ROWS = 2, TILES = 2;
+  static constexpr int LANES = 8, ROWS = 2, TILES = 2, ROWS_ONE_TILE = 4;
+  static constexpr bool UNSIGNED_WEIGHTS = false;
+  static I iload(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
+  static void add_128(int8_t*, int) {}
   static I iset1(int32_t v) { return _mm256_set1_epi32(v); }
   static I load_a(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   // Two u8 * s8 products fit int16 only for |w| <= 64; WIDE splits w into 2 * (w >> 1) + (w & 1).
   template <bool WIDE>
-  static I dot4(I acc, I a, int32_t w4) {
+  static I dot4(I acc, I a, const uint8_t* w) {
+    int32_t w4;
+    std::memcpy(&w4, w, 4);
     const __m256i ones = _mm256_set1_epi16(1);
     if constexpr (!WIDE) {
       return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_set1_epi32(w4)), ones));

@@ -19,9 +19,14 @@
 // is broadcast and multiplied with the same 4 k-positions of IV::LANES tokens
 // (vpdpbusd, or maddubs + madd), so every per-sub-block scale is one float
 // per row and one vector per token tile, and weights are read in their own
-// layout with no packing. The activation bytes are stored as q + 128 (the
-// unsigned operand of vpdpbusd / maddubs); the 128 * sum(w) this adds is
-// taken off through each sub-block's starting value.
+// layout with no packing. One operand of these instructions is unsigned:
+// - IV::UNSIGNED_WEIGHTS (VNNI): weights are stored as w + 128 and the
+//   activations stay signed; the 128 * sum(q) this adds is one vector per
+//   token tile and 16 values (QuantizedActs::corr), shared by every row, so a
+//   row is unpacked with one xor and no sums.
+// - otherwise (maddubs, whose int16 pairs must not saturate): the activation
+//   bytes are stored as q + 128 and the 128 * sum(w) this adds is taken off
+//   through each weight sub-block's starting value.
 //
 // IV provides: LANES (tokens per vector), ROWS x TILES (register tile: weight
 // rows x token vectors); types I (int32 lanes) and F (float lanes); izero,
@@ -32,15 +37,21 @@
 // sum_bytes (int8_x86.h says what each does).
 
 // Activations of n tokens, quantized and laid out in tiles of IV::LANES tokens:
-// bytes [tile][K/4][LANES][4] (q + 128), scales [tile][K/32][LANES], and the
-// block sums times the scale, da * sum(q), [tile][K/32][LANES] (for the offset types).
+// bytes [tile][K/4][LANES][4] (q, or q + 128 without UNSIGNED_WEIGHTS), scales
+// [tile][K/32][LANES], the block sums times the scale, da * sum(q), [tile][K/32][LANES]
+// (for the offset types), and with UNSIGNED_WEIGHTS the corrections -128 * sum(q)
+// over each 16 values, [tile][K/16][LANES].
+constexpr int ACT_OFFSET = IV::UNSIGNED_WEIGHTS ? 0 : 128;
+
 struct QuantizedActs {
   int n = 0, K = 0, tiles = 0;
   std::vector<uint8_t> q;
   std::vector<float> scale, scaled_sum;
+  std::vector<int32_t> corr;
   const uint8_t* group(int tile, int g) const { return q.data() + (size_t(tile) * (K / 4) + g) * IV::LANES * 4; }
   const float* block_scale(int tile, int b) const { return scale.data() + (size_t(tile) * (K / 32) + b) * IV::LANES; }
   const float* block_sum(int tile, int b) const { return scaled_sum.data() + (size_t(tile) * (K / 32) + b) * IV::LANES; }
+  const int32_t* correction(int tile, int j) const { return corr.data() + (size_t(tile) * (K / 16) + j) * IV::LANES; }
 };
 
 // One 32-value block to int8 as llama.cpp rounds Q8_0 inputs: q = round-half-even(x * 127 / amax),
@@ -97,9 +108,10 @@ static void quantize_acts(const float* x, int n, int K, int block, QuantizedActs
   a.K = K;
   a.tiles = (n + L - 1) / L;
   const int nb = K / 32;
-  a.q.assign(size_t(a.tiles) * K * L, 128);  // padding lanes: q = 0
+  a.q.assign(size_t(a.tiles) * K * L, ACT_OFFSET);  // padding lanes: q = 0
   a.scale.assign(size_t(a.tiles) * nb * L, 0.0f);
   a.scaled_sum.assign(size_t(a.tiles) * nb * L, 0.0f);
+  if (IV::UNSIGNED_WEIGHTS) a.corr.assign(size_t(a.tiles) * (K / 16) * L, 0);
   parallel_for_if(double(n) * K > 262144.0, n, 1, Split::Even, [&](int64_t t0, int64_t t1) {
   for (int t = int(t0); t < int(t1); ++t) {
     const int tile = t / L, lane = t % L;
@@ -119,8 +131,14 @@ static void quantize_acts(const float* x, int n, int K, int block, QuantizedActs
       a.scaled_sum[(size_t(tile) * nb + b) * L + lane] = d * float(sum);
       for (int g = 0; g < 8; ++g) {
         uint8_t* dst = a.q.data() + ((size_t(tile) * (K / 4) + b * 8 + g) * L + lane) * 4;
-        for (int j = 0; j < 4; ++j) dst[j] = uint8_t(qb[4 * g + j] + 128);
+        for (int j = 0; j < 4; ++j) dst[j] = uint8_t(qb[4 * g + j] + ACT_OFFSET);
       }
+      if (IV::UNSIGNED_WEIGHTS)
+        for (int h = 0; h < 2; ++h) {
+          int s16 = 0;
+          for (int j = 0; j < 16; ++j) s16 += qb[16 * h + j];
+          a.corr[(size_t(tile) * (K / 16) + b * 2 + h) * L + lane] = -128 * s16;
+        }
     }
   }
   });
@@ -147,9 +165,16 @@ struct UnpackedRow {
 static inline uint32_t u32_le(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
 
 // Row `row` of w: its values as int8 (before scales), with each sub-block's scale, min and starting value.
+// Unpacking reads the weights from memory, once per product: rows this far ahead are
+// asked for while it works (the next block of rows), so that DRAM streams instead of
+// answering one miss at a time.
+constexpr int UNPACK_PREFETCH_ROWS = 16;
+
 template <DType T>
-static void unpack_row(const uint8_t* __restrict row, int K, const UnpackedRow& u) {
+static void unpack_row(const uint8_t* __restrict row, size_t row_bytes, int K, const UnpackedRow& u) {
   constexpr int VALUES = weight_type(T).values, BYTES = weight_type(T).bytes;
+  const uint8_t* ahead = row + UNPACK_PREFETCH_ROWS * row_bytes;
+  for (size_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(ahead + o);
   for (int b = 0; b < K / VALUES; ++b) {
     const uint8_t* __restrict blk = row + size_t(b) * BYTES;
     int8_t* __restrict w = u.w + size_t(b) * VALUES;
@@ -216,13 +241,17 @@ static void unpack_row(const uint8_t* __restrict row, int K, const UnpackedRow& 
       }
     }
   }
-  constexpr int SUB = Int8Layout<T>::SUB;
-  for (int s = 0; s < K / SUB; ++s) u.start[s] = -128 * IV::sum_bytes(u.w + s * SUB, SUB);
+  if constexpr (IV::UNSIGNED_WEIGHTS) {
+    IV::add_128(u.w, K);  // the corrections come with the activations
+  } else {
+    constexpr int SUB = Int8Layout<T>::SUB;
+    for (int s = 0; s < K / SUB; ++s) u.start[s] = -128 * IV::sum_bytes(u.w + s * SUB, SUB);
+  }
 }
 
-// R unpacked rows times C token tiles, every sub-block: out[r][c * LANES + lane].
+// R unpacked rows times C token tiles (from tile0), every sub-block: out[r * ld + tile * LANES + lane].
 template <DType T, int R, int C>
-static inline void int8_tile(const UnpackedRow* rows, const QuantizedActs& a, int tile0, float* out) {
+static inline void int8_tile(const UnpackedRow* rows, const QuantizedActs& a, int tile0, float* out, size_t ld) {
   using L8 = Int8Layout<T>;
   constexpr int SUB = L8::SUB, L = IV::LANES;
   const int K = a.K;
@@ -231,14 +260,22 @@ static inline void int8_tile(const UnpackedRow* rows, const QuantizedActs& a, in
     for (int c = 0; c < C; ++c) acc[r][c] = IV::fzero();
   for (int s = 0; s < K / SUB; ++s) {
     typename IV::I dot[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) dot[r][c] = IV::iset1(rows[r].start[s]);
+    if constexpr (IV::UNSIGNED_WEIGHTS) {
+      for (int c = 0; c < C; ++c) {
+        typename IV::I start = IV::iload(a.correction(tile0 + c, s * SUB / 16));
+        if constexpr (SUB == 32) start = IV::iadd(start, IV::iload(a.correction(tile0 + c, s * 2 + 1)));
+        for (int r = 0; r < R; ++r) dot[r][c] = start;
+      }
+    } else {
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) dot[r][c] = IV::iset1(rows[r].start[s]);
+    }
     for (int g = 0; g < SUB / 4; ++g) {
       const int kg = s * (SUB / 4) + g;
       typename IV::I av[C];
       for (int c = 0; c < C; ++c) av[c] = IV::load_a(a.group(tile0 + c, kg));
       for (int r = 0; r < R; ++r) {
-        const int32_t w4 = int32_t(u32_le(reinterpret_cast<const uint8_t*>(rows[r].w) + 4 * kg));
+        const uint8_t* w4 = reinterpret_cast<const uint8_t*>(rows[r].w) + 4 * kg;
         for (int c = 0; c < C; ++c) dot[r][c] = IV::template dot4<L8::WIDE>(dot[r][c], av[c], w4);
       }
     }
@@ -254,82 +291,132 @@ static inline void int8_tile(const UnpackedRow* rows, const QuantizedActs& a, in
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) IV::fstore(out + size_t(r) * C * L + c * L, acc[r][c]);
+    for (int c = 0; c < C; ++c) IV::fstore(out + size_t(r) * ld + size_t(tile0 + c) * L, acc[r][c]);
 }
 
-// Rows [r0, r0 + R) against every token tile, written into y[n][rows].
-template <DType T, int R>
-static inline void int8_rows(const UnpackedRow* u, const QuantizedActs& a, int r0, int rows, float* y) {
-  constexpr int C = IV::TILES, L = IV::LANES;
-  alignas(64) float out[R * C * L];
-  auto put = [&](int tile0, int cols) {
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < cols; ++c)
-        for (int l = 0; l < L; ++l) {
-          const int t = (tile0 + c) * L + l;
-          if (t < a.n) y[size_t(t) * rows + r0 + r] = out[size_t(r) * cols * L + c * L + l];
-        }
-  };
-  int tile = 0;
-  for (; tile + C <= a.tiles; tile += C) {
-    int8_tile<T, R, C>(u, a, tile, out);
-    put(tile, C);
-  }
-  for (; tile < a.tiles; ++tile) {
-    int8_tile<T, R, 1>(u, a, tile, out);
-    put(tile, 1);
-  }
-}
-
-// Blocks of 16 weight rows spread over threads (guided, as the float GEMV:
-// long sequential runs first); each block is unpacked once and then meets
-// every token tile, ROWS rows at a time.
+// `nr` unpacked rows against every token tile, into out[nr][tiles * LANES]. A single tile
+// (up to LANES tokens, a batch of decode rows) takes more rows at once instead, so that
+// enough independent dot-product chains are in flight.
 template <DType T>
-static void int8_matmul_typed(const WeightView& wv, const QuantizedActs& a, float* y) {
-  constexpr int SUB = Int8Layout<T>::SUB, ROW_BLOCK = 16, R = IV::ROWS;
-  const int rows = int(wv.rows), K = int(wv.cols), nsub = K / SUB;
-  const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-  parallel_for_if(double(rows) * K * a.n > 200000.0, n_blocks, 1, Split::Guided, [&](int64_t b0, int64_t b1) {
-    // Unpacked rows of one block, kept by the calling thread between calls.
-    static thread_local std::vector<int8_t> w;
-    static thread_local std::vector<float> scale, mins;
-    static thread_local std::vector<int32_t> start;
-    if (w.size() < size_t(ROW_BLOCK) * K) w.resize(size_t(ROW_BLOCK) * K);
-    if (scale.size() < size_t(ROW_BLOCK) * nsub) {
-      scale.resize(size_t(ROW_BLOCK) * nsub);
-      mins.resize(size_t(ROW_BLOCK) * nsub);
-      start.resize(size_t(ROW_BLOCK) * nsub);
+static inline void int8_block(const UnpackedRow* u, int nr, const QuantizedActs& a, float* out) {
+  const size_t ld = size_t(a.tiles) * IV::LANES;
+  int r = 0;
+  if (a.tiles == 1) {
+    constexpr int R1 = IV::ROWS_ONE_TILE;
+    for (; r + R1 <= nr; r += R1) int8_tile<T, R1, 1>(u + r, a, 0, out + size_t(r) * ld, ld);
+  } else {
+    constexpr int R = IV::ROWS, C = IV::TILES;
+    for (; r + R <= nr; r += R) {
+      int t = 0;
+      for (; t + C <= a.tiles; t += C) int8_tile<T, R, C>(u + r, a, t, out + size_t(r) * ld, ld);
+      for (; t < a.tiles; ++t) int8_tile<T, R, 1>(u + r, a, t, out + size_t(r) * ld, ld);
     }
-    UnpackedRow u[ROW_BLOCK];
-    for (int i = 0; i < ROW_BLOCK; ++i)
-      u[i] = {w.data() + size_t(i) * K, scale.data() + size_t(i) * nsub, mins.data() + size_t(i) * nsub,
-              start.data() + size_t(i) * nsub};
+  }
+  for (; r < nr; ++r)
+    for (int t = 0; t < a.tiles; ++t) int8_tile<T, 1, 1>(u + r, a, t, out + size_t(r) * ld, ld);
+}
+
+// Weight rows are unpacked and multiplied in blocks of this many.
+constexpr int INT8_ROW_BLOCK = 16;
+
+// Working memory of one thread: a block of unpacked rows and its outputs, kept between calls.
+struct Int8Scratch {
+  std::vector<int8_t> w;
+  std::vector<float> scale, mins, out;
+  std::vector<int32_t> start;
+  UnpackedRow rows[INT8_ROW_BLOCK];
+};
+
+static Int8Scratch& int8_scratch(int K, int nsub, size_t out_floats) {
+  static thread_local Int8Scratch s;
+  const size_t wn = size_t(INT8_ROW_BLOCK) * K, sn = size_t(INT8_ROW_BLOCK) * nsub;
+  if (s.w.size() < wn || s.scale.size() < sn) {
+    s.w.resize(std::max(s.w.size(), wn));
+    s.scale.resize(std::max(s.scale.size(), sn));
+    s.mins.resize(s.scale.size());
+    s.start.resize(s.scale.size());
+  }
+  if (s.out.size() < out_floats) s.out.resize(out_floats);
+  for (int i = 0; i < INT8_ROW_BLOCK; ++i)
+    s.rows[i] = {s.w.data() + size_t(i) * K, s.scale.data() + size_t(i) * nsub, s.mins.data() + size_t(i) * nsub,
+                 s.start.data() + size_t(i) * nsub};
+  return s;
+}
+
+// Rows [r0, r1) of w (at most INT8_ROW_BLOCK) against every token: unpacked once, multiplied
+// into a [rows][tokens] block, then written into y[n][w.rows] one token at a time.
+template <DType T>
+static void int8_rows(const WeightView& wv, const QuantizedActs& a, int r0, int r1, float* y) {
+  constexpr int SUB = Int8Layout<T>::SUB;
+  const int K = int(wv.cols), nr = r1 - r0, rows = int(wv.rows);
+  const size_t ld = size_t(a.tiles) * IV::LANES;
+  Int8Scratch& s = int8_scratch(K, K / SUB, size_t(INT8_ROW_BLOCK) * ld);
+  for (int r = 0; r < nr; ++r) unpack_row<T>(wv.row(r0 + r), wv.row_bytes, K, s.rows[r]);
+  int8_block<T>(s.rows, nr, a, s.out.data());
+  const float* out = s.out.data();
+  for (int t = 0; t < a.n; ++t) {
+    float* yt = y + size_t(t) * rows + r0;
+    for (int r = 0; r < nr; ++r) yt[r] = out[size_t(r) * ld + t];
+  }
+}
+
+static void int8_rows_of(const WeightView& w, const QuantizedActs& a, int r0, int r1, float* y) {
+  switch (w.type) {
+    case DType::Q8_0: return int8_rows<DType::Q8_0>(w, a, r0, r1, y);
+    case DType::Q4_0: return int8_rows<DType::Q4_0>(w, a, r0, r1, y);
+    case DType::Q4_1: return int8_rows<DType::Q4_1>(w, a, r0, r1, y);
+    case DType::Q5_0: return int8_rows<DType::Q5_0>(w, a, r0, r1, y);
+    case DType::Q5_1: return int8_rows<DType::Q5_1>(w, a, r0, r1, y);
+    case DType::IQ4_NL: return int8_rows<DType::IQ4_NL>(w, a, r0, r1, y);
+    case DType::Q4_K: return int8_rows<DType::Q4_K>(w, a, r0, r1, y);
+    case DType::Q5_K: return int8_rows<DType::Q5_K>(w, a, r0, r1, y);
+    case DType::Q6_K: return int8_rows<DType::Q6_K>(w, a, r0, r1, y);
+    default: throw std::invalid_argument(std::string("no int8-activation product for ") + dtype_name(w.type));
+  }
+}
+
+// Most products one group may hold (q, k, v; gate, up).
+constexpr int INT8_MAX_GROUP = 8;
+
+// y_j[n][w_j.rows] = x[n][K] . w_j^T for every job: x rounded once per activation block size,
+// then blocks of INT8_ROW_BLOCK rows of all the weights spread over the threads together
+// (guided, as the float GEMV: long sequential runs first).
+static void int8_matmul_group(const MatmulJob* jobs, int count, const float* x, int n) {
+  if (count < 1 || count > INT8_MAX_GROUP) throw std::invalid_argument("int8 product group of 1..8 weights");
+  const int K = int(jobs[0].w->cols);
+  bool need32 = false, need256 = false;
+  int first[INT8_MAX_GROUP + 1] = {0};
+  double work = 0.0;
+  for (int j = 0; j < count; ++j) {
+    const WeightView& w = *jobs[j].w;
+    if (int(w.cols) != K) throw std::invalid_argument("a product group needs weights of one input width");
+    if (!int8_supported(w.type))
+      throw std::invalid_argument(std::string("no int8-activation product for ") + dtype_name(w.type));
+    (activation_block(w.type) == 256 ? need256 : need32) = true;
+    first[j + 1] = first[j] + int((w.rows + INT8_ROW_BLOCK - 1) / INT8_ROW_BLOCK);
+    work += double(w.rows) * K * n;
+  }
+  // The rounded activations live with the calling thread between calls (no allocation once warm).
+  // (Named through references: inside the lambda a thread_local's own name would be the worker's.)
+  static thread_local QuantizedActs caller32, caller256;
+  QuantizedActs &acts32 = caller32, &acts256 = caller256;
+  if (need32) quantize_acts(x, n, K, 32, acts32);
+  if (need256) quantize_acts(x, n, K, 256, acts256);
+  parallel_for_if(work > 200000.0, first[count], 1, Split::Guided, [&](int64_t b0, int64_t b1) {
+    int j = 0;
     for (int blk = int(b0); blk < int(b1); ++blk) {
-      const int r0 = blk * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
-      for (int r = r0; r < r1; ++r) unpack_row<T>(wv.row(r), K, u[r - r0]);
-      int r = r0;
-      for (; r + R <= r1; r += R) int8_rows<T, R>(u + (r - r0), a, r, rows, y);
-      for (; r < r1; ++r) int8_rows<T, 1>(u + (r - r0), a, r, rows, y);
+      while (blk >= first[j + 1]) ++j;
+      const WeightView& w = *jobs[j].w;
+      const int r0 = (blk - first[j]) * INT8_ROW_BLOCK, r1 = std::min(int(w.rows), r0 + INT8_ROW_BLOCK);
+      int8_rows_of(w, activation_block(w.type) == 256 ? acts256 : acts32, r0, r1, jobs[j].y);
     }
   });
 }
 
 // y[n][w.rows] = x[n][w.cols] . w^T through int8 activations (w of a supported type).
 static void int8_matmul(const WeightView& w, const float* x, int n, float* y) {
-  QuantizedActs a;
-  quantize_acts(x, n, int(w.cols), activation_block(w.type), a);
-  switch (w.type) {
-    case DType::Q8_0: return int8_matmul_typed<DType::Q8_0>(w, a, y);
-    case DType::Q4_0: return int8_matmul_typed<DType::Q4_0>(w, a, y);
-    case DType::Q4_1: return int8_matmul_typed<DType::Q4_1>(w, a, y);
-    case DType::Q5_0: return int8_matmul_typed<DType::Q5_0>(w, a, y);
-    case DType::Q5_1: return int8_matmul_typed<DType::Q5_1>(w, a, y);
-    case DType::IQ4_NL: return int8_matmul_typed<DType::IQ4_NL>(w, a, y);
-    case DType::Q4_K: return int8_matmul_typed<DType::Q4_K>(w, a, y);
-    case DType::Q5_K: return int8_matmul_typed<DType::Q5_K>(w, a, y);
-    case DType::Q6_K: return int8_matmul_typed<DType::Q6_K>(w, a, y);
-    default: throw std::invalid_argument(std::string("no int8-activation product for ") + dtype_name(w.type));
-  }
+  const MatmulJob job{&w, y, nullptr};
+  int8_matmul_group(&job, 1, x, n);
 }
 
 // The activation rounding alone, for tests: q[n][K] and scales[n][K / block].
@@ -344,5 +431,5 @@ static void int8_quantize(const float* x, int n, int K, int block, int8_t* q, fl
 }
 
 static const Int8KernelTable make_int8_table(const char* name) {
-  return Int8KernelTable{name, int8_matmul, int8_quantize, IV::LANES};
+  return Int8KernelTable{name, int8_matmul, int8_matmul_group, int8_quantize, IV::LANES};
 }

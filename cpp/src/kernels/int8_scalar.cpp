@@ -8,11 +8,17 @@ namespace int8_scalar {
 struct IV {
   using I = int32_t;
   using F = float;
-  static constexpr int LANES = 1, ROWS = 4, TILES = 1;
+  static constexpr int LANES = 1, ROWS = 4, TILES = 1, ROWS_ONE_TILE = 4;
+  static constexpr bool UNSIGNED_WEIGHTS = false;
+  static I iload(const int32_t* p) { return *p; }
+  static I iadd(I a, I b) { return a + b; }
+  static void add_128(int8_t*, int) {}
   static I iset1(int32_t v) { return v; }
   static I load_a(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return int32_t(v); }
   template <bool WIDE>
-  static I dot4(I acc, I a, int32_t w4) {
+  static I dot4(I acc, I a, const uint8_t* w) {
+    int32_t w4;
+    std::memcpy(&w4, w, 4);
     for (int j = 0; j < 4; ++j) acc += int((uint32_t(a) >> (8 * j)) & 0xFF) * int(int8_t(uint32_t(w4) >> (8 * j)));
     return acc;
   }

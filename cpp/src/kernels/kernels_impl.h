@@ -63,46 +63,38 @@ static inline void micro_tile(const T* w, size_t ldw, const float* x, size_t ldx
 }
 
 // ---- Matrix-vector products (decode: a few tokens) ---------------------------
-// Every GEMV shares this driver: rows split among threads in blocks of 16, each
-// block streaming its weights once while the few token vectors stay in L1;
-// inside a block, register tiles of R rows x C tokens, smaller at the edges.
-// Guided chunks (Split::Guided): each thread first takes a long contiguous run
-// of blocks (one sequential stream, prefetched within itself), then shrinking
-// chunks even out the end, and whichever thread is free takes the next one.
-// One block at a time measured 1.2-2x slower decode: a shared counter bounced
-// between cores per block, and streams broken every 16 rows. `tile(Rows, Cols, r, t)` computes rows r.. for tokens t..,
-// with Rows/Cols as std::integral_constant so the tile sizes stay compile-time.
+// One block of weight rows [r0, r1) for all n tokens, streaming its weights once while
+// the few token vectors stay in L1: register tiles of R rows x C tokens, smaller at the
+// edges. `tile(Rows, Cols, r, t)` computes rows r.. for tokens t.., with Rows/Cols as
+// std::integral_constant so the tile sizes stay compile-time. gemv_group (below) shares
+// the blocks among the threads.
 template <int R, class Tile>
-static void gemv_rows(int rows, int K, int n, Tile tile) {
-  constexpr int C = V::TILE_COLS, ROW_BLOCK = 16;
+static inline void gemv_block(int r0, int r1, int n, Tile tile) {
+  constexpr int C = V::TILE_COLS;
   using RT = std::integral_constant<int, R>;
   using CT = std::integral_constant<int, C>;
   using One = std::integral_constant<int, 1>;
-  const int n_blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-  parallel_for_if(double(rows) * K * n > 200000.0, n_blocks, 1, Split::Guided, [&](int64_t b0, int64_t b1) {
-   for (int b = int(b0); b < int(b1); ++b) {
-    const int r0 = b * ROW_BLOCK, r1 = std::min(rows, r0 + ROW_BLOCK);
-    int t = 0;
-    for (; t + C <= n; t += C) {
-      int r = r0;
-      for (; r + R <= r1; r += R) tile(RT{}, CT{}, r, t);
-      for (; r < r1; ++r) tile(One{}, CT{}, r, t);
-    }
-    for (; t < n; ++t) {
-      int r = r0;
-      for (; r + R <= r1; r += R) tile(RT{}, One{}, r, t);
-      for (; r < r1; ++r) tile(One{}, One{}, r, t);
-    }
-   }
-  });
+  int t = 0;
+  for (; t + C <= n; t += C) {
+    int r = r0;
+    for (; r + R <= r1; r += R) tile(RT{}, CT{}, r, t);
+    for (; r < r1; ++r) tile(One{}, CT{}, r, t);
+  }
+  for (; t < n; ++t) {
+    int r = r0;
+    for (; r + R <= r1; r += R) tile(RT{}, One{}, r, t);
+    for (; r < r1; ++r) tile(One{}, One{}, r, t);
+  }
 }
 
+constexpr int GEMV_ROW_BLOCK = 16;
+
 template <class T>
-static void gemv_typed(const WeightView& wv, const float* x, int n, float* y) {
+static void gemv_typed(const WeightView& wv, const float* x, int n, float* y, int r0, int r1) {
   const T* w = static_cast<const T*>(wv.data);
   const size_t ldw = wv.row_bytes / sizeof(T);
   const int rows = int(wv.rows), K = int(wv.cols);
-  gemv_rows<V::TILE_ROWS>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
+  gemv_block<V::TILE_ROWS>(r0, r1, n, [&](auto Rt, auto Ct, int r, int t) {
     micro_tile<T, decltype(Rt)::value, decltype(Ct)::value>(w + r * ldw, ldw, x + size_t(t) * K, K, K,
                                                             y + size_t(t) * rows + r, rows);
   });
@@ -719,11 +711,10 @@ static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, co
 }
 
 template <DType T>
-static void gemv_q_blocks(const WeightView& wv, const float* x, int n, float* y) {
+static void gemv_q_blocks(const WeightView& wv, const float* x, const float* xsum, int n, float* y, int r0, int r1) {
   const int rows = int(wv.rows), K = int(wv.cols), nsub = K / 32;
   constexpr bool WITH_MIN = T == DType::Q4_1 || T == DType::Q5_1;
-  const float* xsum = WITH_MIN ? sums_of_32(x, n, K) : nullptr;
-  gemv_rows<4>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
+  gemv_block<4>(r0, r1, n, [&](auto Rt, auto Ct, int r, int t) {
     q_block_tile<T, decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
                                                               WITH_MIN ? xsum + size_t(t) * nsub : nullptr, nsub,
                                                               y + size_t(t) * rows + r, rows);
@@ -831,51 +822,116 @@ static inline void q6_k_tile(const uint8_t* row0, size_t row_bytes, int K, const
     for (int c = 0; c < C; ++c) y[c * ldy + r] = V::sum(acc[r][c]);
 }
 
-static void gemv_q6_k(const WeightView& wv, const float* x, int n, float* y) {
+static void gemv_q6_k(const WeightView& wv, const float* x, int n, float* y, int r0, int r1) {
   const int rows = int(wv.rows), K = int(wv.cols);
-  gemv_rows<2>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
+  gemv_block<2>(r0, r1, n, [&](auto Rt, auto Ct, int r, int t) {
     q6_k_tile<decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
                                                         y + size_t(t) * rows + r, rows);
   });
 }
 
 template <DType T>
-static void gemv_k_quant(const WeightView& wv, const float* x, int n, float* y) {
+static void gemv_k_quant(const WeightView& wv, const float* x, const float* xsum, int n, float* y, int r0, int r1) {
   const int rows = int(wv.rows), K = int(wv.cols), nsub = K / 32;
-  const float* xsum = sums_of_32(x, n, K);
-  gemv_rows<2>(rows, K, n, [&](auto Rt, auto Ct, int r, int t) {
+  gemv_block<2>(r0, r1, n, [&](auto Rt, auto Ct, int r, int t) {
     k_quant_tile<T, decltype(Rt)::value, decltype(Ct)::value>(wv.row(r), wv.row_bytes, K, x + size_t(t) * K, K,
                                                               xsum + size_t(t) * nsub, nsub,
                                                               y + size_t(t) * rows + r, rows);
   });
 }
 
-
-// One entry for every weight type: prefill-sized products (GEMM_MIN_ROWS
-// tokens or more, see kernels.h) through the packed GEMM, decode-sized ones
-// through the GEMV of the weight's type.
-static void matmul(const WeightView& w, const float* x, int n, float* y, const float* bias) {
-  if (w.int8_activations && n >= INT8_MIN_ROWS && int8_supported(w.type)) {
-    int8_kernels().matmul(w, x, n, y);
-  } else if (n >= GEMM_MIN_ROWS) {
-    gemm(w, x, n, y);
-  } else {
-    switch (w.type) {
-      case DType::F32: gemv_typed<float>(w, x, n, y); break;
-      case DType::F16: gemv_typed<F16>(w, x, n, y); break;
-      case DType::BF16: gemv_typed<BF16>(w, x, n, y); break;
-      case DType::Q8_0: gemv_q_blocks<DType::Q8_0>(w, x, n, y); break;
-      case DType::Q4_0: gemv_q_blocks<DType::Q4_0>(w, x, n, y); break;
-      case DType::Q4_1: gemv_q_blocks<DType::Q4_1>(w, x, n, y); break;
-      case DType::Q5_0: gemv_q_blocks<DType::Q5_0>(w, x, n, y); break;
-      case DType::Q5_1: gemv_q_blocks<DType::Q5_1>(w, x, n, y); break;
-      case DType::IQ4_NL: gemv_q_blocks<DType::IQ4_NL>(w, x, n, y); break;
-      case DType::Q4_K: gemv_k_quant<DType::Q4_K>(w, x, n, y); break;
-      case DType::Q5_K: gemv_k_quant<DType::Q5_K>(w, x, n, y); break;
-      case DType::Q6_K: gemv_q6_k(w, x, n, y); break;
-    }
+// Rows [r0, r1) of one weight's GEMV, for every token. xsum: sums_of_32(x), for the types with offsets.
+static void gemv_rows_of(const WeightView& w, const float* x, const float* xsum, int n, float* y, int r0, int r1) {
+  switch (w.type) {
+    case DType::F32: return gemv_typed<float>(w, x, n, y, r0, r1);
+    case DType::F16: return gemv_typed<F16>(w, x, n, y, r0, r1);
+    case DType::BF16: return gemv_typed<BF16>(w, x, n, y, r0, r1);
+    case DType::Q8_0: return gemv_q_blocks<DType::Q8_0>(w, x, xsum, n, y, r0, r1);
+    case DType::Q4_0: return gemv_q_blocks<DType::Q4_0>(w, x, xsum, n, y, r0, r1);
+    case DType::Q4_1: return gemv_q_blocks<DType::Q4_1>(w, x, xsum, n, y, r0, r1);
+    case DType::Q5_0: return gemv_q_blocks<DType::Q5_0>(w, x, xsum, n, y, r0, r1);
+    case DType::Q5_1: return gemv_q_blocks<DType::Q5_1>(w, x, xsum, n, y, r0, r1);
+    case DType::IQ4_NL: return gemv_q_blocks<DType::IQ4_NL>(w, x, xsum, n, y, r0, r1);
+    case DType::Q4_K: return gemv_k_quant<DType::Q4_K>(w, x, xsum, n, y, r0, r1);
+    case DType::Q5_K: return gemv_k_quant<DType::Q5_K>(w, x, xsum, n, y, r0, r1);
+    case DType::Q6_K: return gemv_q6_k(w, x, n, y, r0, r1);
   }
-  add_bias(bias, int(w.rows), n, y);
+}
+
+static bool needs_sums_of_32(DType t) {
+  return t == DType::Q4_1 || t == DType::Q5_1 || t == DType::Q4_K || t == DType::Q5_K;
+}
+
+// The GEMV of several weights sharing x: rows split among threads in blocks of 16, the
+// blocks of all the weights in one guided split (each thread first takes a long contiguous
+// run: one sequential stream, prefetched within itself; shrinking chunks even out the end,
+// and whichever thread is free takes the next one). One block at a time measured 1.2-2x
+// slower decode: a shared counter bounced between cores per block, and streams broken every
+// 16 rows. Inside a block, register tiles of R rows x C tokens, smaller at the edges.
+constexpr int GEMV_MAX_GROUP = 8;
+
+static void gemv_group(const MatmulJob* jobs, int count, const float* x, int n) {
+  if (count < 1 || count > GEMV_MAX_GROUP) throw std::invalid_argument("product group of 1..8 weights");
+  const int K = int(jobs[0].w->cols);
+  int first[GEMV_MAX_GROUP + 1] = {0};
+  double work = 0.0;
+  bool sums = false;
+  for (int j = 0; j < count; ++j) {
+    const WeightView& w = *jobs[j].w;
+    if (int(w.cols) != K) throw std::invalid_argument("a product group needs weights of one input width");
+    first[j + 1] = first[j] + int((w.rows + GEMV_ROW_BLOCK - 1) / GEMV_ROW_BLOCK);
+    work += double(w.rows) * K * n;
+    sums = sums || needs_sums_of_32(w.type);
+  }
+  const float* xsum = sums ? sums_of_32(x, n, K) : nullptr;
+  parallel_for_if(work > 200000.0, first[count], 1, Split::Guided, [&](int64_t b0, int64_t b1) {
+    int j = 0;
+    for (int b = int(b0); b < int(b1); ++b) {
+      while (b >= first[j + 1]) ++j;
+      const WeightView& w = *jobs[j].w;
+      const int r0 = (b - first[j]) * GEMV_ROW_BLOCK, r1 = std::min(int(w.rows), r0 + GEMV_ROW_BLOCK);
+      gemv_rows_of(w, x, xsum, n, jobs[j].y, r0, r1);
+    }
+  });
+}
+
+// One entry for every weight type and every group of products sharing an input:
+// int8 activations where the weights ask for them (INT8_MIN_ROWS tokens or more),
+// prefill-sized products (GEMM_MIN_ROWS tokens or more, see kernels.h) through the
+// packed GEMM, decode-sized ones through the GEMV of each weight's type.
+static void matmul_group(const MatmulJob* jobs, int count, const float* x, int n) {
+  if (count < 1 || count > GEMV_MAX_GROUP) throw std::invalid_argument("product group of 1..8 weights");
+  bool int8 = n >= INT8_MIN_ROWS;
+  for (int j = 0; j < count; ++j) int8 = int8 && jobs[j].w->int8_activations && int8_supported(jobs[j].w->type);
+  if (int8) {
+    int8_kernels().matmul_group(jobs, count, x, n);
+  } else if (n >= GEMM_MIN_ROWS) {
+    for (int j = 0; j < count; ++j) {
+      const WeightView& w = *jobs[j].w;
+      if (w.int8_activations && int8_supported(w.type))
+        int8_kernels().matmul(w, x, n, jobs[j].y);
+      else
+        gemm(w, x, n, jobs[j].y);
+    }
+  } else {
+    // Weights of mixed kinds below GEMM_MIN_ROWS: the int8 ones alone, the float ones together.
+    MatmulJob floats[GEMV_MAX_GROUP];
+    int nf = 0;
+    for (int j = 0; j < count; ++j) {
+      const WeightView& w = *jobs[j].w;
+      if (n >= INT8_MIN_ROWS && w.int8_activations && int8_supported(w.type))
+        int8_kernels().matmul(w, x, n, jobs[j].y);
+      else if (nf < GEMV_MAX_GROUP)
+        floats[nf++] = jobs[j];
+    }
+    if (nf) gemv_group(floats, nf, x, n);
+  }
+  for (int j = 0; j < count; ++j) add_bias(jobs[j].bias, int(jobs[j].w->rows), n, jobs[j].y);
+}
+
+static void matmul(const WeightView& w, const float* x, int n, float* y, const float* bias) {
+  const MatmulJob job{&w, y, bias};
+  matmul_group(&job, 1, x, n);
 }
 
 // Every block of a row through its type's row dequantizer.
@@ -960,6 +1016,6 @@ static double probe_fma(long long iters) {
 }
 
 static const KernelTable make_table(const char* name) {
-  return KernelTable{name, matmul, dequant_row, softmax, rmsnorm, layernorm, rope,
+  return KernelTable{name, matmul, matmul_group, dequant_row, softmax, rmsnorm, layernorm, rope,
                      gelu_tanh, gelu_erf, silu, relu, attention, probe_read, probe_fma, V::W};
 }

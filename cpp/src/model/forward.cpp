@@ -77,8 +77,8 @@ void dense_mlp(const Config& c, const MlpWeights& W, const float* h, int n, int 
                const BatchHooks* hooks, int l) {
   const size_t nf = size_t(n) * ffn;
   if (c.gated_mlp) {
-    kernels().matmul(*W.gate, h, n, a, W.gate_b);
-    kernels().matmul(*W.up, h, n, u, W.up_b);
+    const MatmulJob gate_up[2] = {{W.gate, a, W.gate_b}, {W.up, u, W.up_b}};
+    kernels().matmul_group(gate_up, 2, h, n);
     if (hooks) hooks->apply(P_MLP_PRE, l, a, ffn);
     if (hooks) hooks->apply(P_MLP_PRE_LINEAR, l, u, ffn);
     activate(c.act, a, nf);
@@ -389,9 +389,8 @@ void Model::forward(const SequenceStep* batch, int count) const {
     else
       h = x;
     hooks.apply(P_ATTN_NORM, l, h.data(), d);
-    K.matmul(L.q, h.data(), n, q.data(), L.q_b);
-    K.matmul(L.k, h.data(), n, k.data(), L.k_b);
-    K.matmul(L.v, h.data(), n, v.data(), L.v_b);
+    const MatmulJob qkv[3] = {{&L.q, q.data(), L.q_b}, {&L.k, k.data(), L.k_b}, {&L.v, v.data(), L.v_b}};
+    K.matmul_group(qkv, 3, h.data(), n);
     if (c.qk_norm == QKNorm::Head) {
       K.rmsnorm(q.data(), L.q_norm_w, n * c.n_heads, c.head_dim, c.norm_eps, q.data());
       K.rmsnorm(k.data(), L.k_norm_w, n * c.n_kv_heads, c.head_dim, c.norm_eps, k.data());

@@ -491,7 +491,15 @@ def generate(model, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
     Several sequences: `num_beams` > 1 runs beam search (with
     `length_penalty`, `early_stopping`; greedy only), and
     `num_return_sequences` returns that many beams or independent samples
-    as a list.
+    as a list. Samples: the prompt is prefilled once, every sample starts
+    from a copy of its KV cache (Session.fork) and its own copy of the last
+    position's logits, and all of them advance together, one step of the
+    core for all (see Model.forward_batch). Sample i is what a single run
+    with its own seed gives: the first has `seed` itself, the others the
+    first 32-bit word of each child of numpy's
+    ``SeedSequence(seed).spawn(n - 1)``; each result reports its `seed`.
+    (With `hooks`, the samples run one after another, each feeding the
+    prompt, so the records are those of separate calls.)
 
     `seed` makes sampling reproducible bit for bit (None: fresh entropy,
     reported in the result). `stream=True` returns a Stream of Step records
@@ -515,8 +523,10 @@ def generate(model, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
     The keywords apply to every prompt; `per_prompt`, one dict of options
     per prompt (`{"seed": 1, "temperature": 0.7}`), overrides them for that
     prompt. Prompts join while a step has room and leave when they finish;
-    prompts that share one Hooks object run one after another, so that its
-    records come in order. Streaming takes one prompt at a time.
+    a prompt given more than once is prefilled once (as the samples of
+    one prompt are); prompts that share one Hooks object run one after
+    another, so that its records come in order. Streaming takes one prompt
+    at a time, and one sequence.
 
     Every argument is checked before the model runs, also when streaming;
     an unknown option name is refused with the nearest valid names.

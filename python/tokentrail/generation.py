@@ -491,7 +491,15 @@ def generate(model, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
     Several sequences: `num_beams` > 1 runs beam search (with
     `length_penalty`, `early_stopping`; greedy only), and
     `num_return_sequences` returns that many beams or independent samples
-    as a list.
+    as a list. Samples: the prompt is prefilled once, every sample starts
+    from a copy of its KV cache (Session.fork) and its own copy of the last
+    position's logits, and all of them advance together, one step of the
+    core for all (see Model.forward_batch). Sample i is what a single run
+    with its own seed gives: the first has `seed` itself, the others the
+    first 32-bit word of each child of numpy's
+    ``SeedSequence(seed).spawn(n - 1)``; each result reports its `seed`.
+    (With `hooks`, the samples run one after another, each feeding the
+    prompt, so the records are those of separate calls.)
 
     `seed` makes sampling reproducible bit for bit (None: fresh entropy,
     reported in the result). `stream=True` returns a Stream of Step records
@@ -515,8 +523,10 @@ def generate(model, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
     The keywords apply to every prompt; `per_prompt`, one dict of options
     per prompt (`{"seed": 1, "temperature": 0.7}`), overrides them for that
     prompt. Prompts join while a step has room and leave when they finish;
-    prompts that share one Hooks object run one after another, so that its
-    records come in order. Streaming takes one prompt at a time.
+    a prompt given more than once is prefilled once (as the samples of
+    one prompt are); prompts that share one Hooks object run one after
+    another, so that its records come in order. Streaming takes one prompt
+    at a time, and one sequence.
 
     Every argument is checked before the model runs, also when streaming;
     an unknown option name is refused with the nearest valid names.
@@ -738,6 +748,10 @@ def _advance_together(model, runs: Sequence["Run"]) -> Iterator[tuple["Run", Ste
     Each step of the core (model.forward_batch) feeds every running sequence
     its last token and every joining one its whole prompt. Runs join in
     order while the step has room (BATCH_TOKENS) and leave when they finish.
+    Runs of the same prompt (the samples of num_return_sequences, or a prompt
+    given twice in a list) share one prefill: the first feeds the prompt, and
+    the others join with it, each starting from a copy of its KV cache
+    (Session.fork) and its own copy of the last position's logits.
     Runs that share one Hooks object go one after another, so that its
     records come in the order separate calls would give. Runs that speculate
     go one after another through tokentrail.speculative.
@@ -745,7 +759,7 @@ def _advance_together(model, runs: Sequence["Run"]) -> Iterator[tuple["Run", Ste
     if any(run.speculation is not None for run in runs):
         yield from speculative.advance(model, runs)
         return
-    waiting = [run for run in runs]
+    waiting, forks = _prefill_sharing(runs)
     active: list[tuple[Run, list[int]]] = []  # each run and the tokens it feeds next
     while waiting or active:
         rows = sum(len(feed) for _, feed in active)
@@ -775,13 +789,41 @@ def _advance_together(model, runs: Sequence["Run"]) -> Iterator[tuple["Run", Ste
         fed = time.perf_counter()
         for run in joining:
             run.timings.prompt_seconds = fed - start
-        still = []
+        stepped = []
         for (run, _), row in zip(active, logits):
+            stepped.append((run, row))
+            # The runs sharing this prompt take copies now, before its first token is fed.
+            for follower in forks.pop(id(run), ()):
+                follower.begin(run.session.fork(), start)
+                follower.timings.prompt_seconds = fed - start
+                stepped.append((follower, row.copy()))  # copied before any sampler sees the row
+        still = []
+        for run, row in stepped:
             step = run.advance(row)
             yield run, step
             if step.finish_reason is None:
                 still.append((run, [step.token]))
         active = still
+
+
+def _prefill_sharing(runs: Sequence["Run"]) -> tuple[list["Run"], dict[int, list["Run"]]]:
+    """The runs that feed their prompt, in order, and for each of them (by id) the later runs of
+    the same prompt that start from a copy of its prefilled cache instead. A run with hooks feeds
+    its own prompt (its records are those of a separate call), as does one with nothing to make."""
+    waiting: list[Run] = []
+    forks: dict[int, list[Run]] = {}
+    first_of: dict[tuple[int, ...], Run] = {}
+    for run in runs:
+        if run.hooks is not None or run.max_new_tokens == 0:
+            waiting.append(run)
+            continue
+        key = tuple(run.prompt_ids)
+        leader = first_of.setdefault(key, run)
+        if leader is run:
+            waiting.append(run)
+        else:
+            forks.setdefault(id(leader), []).append(run)
+    return waiting, forks
 
 
 def _feed_together(model, sessions: list, feeds: list[list[int]], hooks: list, all_logits: bool = False) -> list:
@@ -829,7 +871,8 @@ class Run:
                           self.timings, self.speculation_stats)
 
     def begin(self, session, start: float) -> list[int]:
-        """Take `session` (empty) for this run, started at `start`; the prompt ids to feed it."""
+        """Take `session` for this run, started at `start`; the prompt ids to feed it. The session
+        is empty, or already holds the prompt (a fork of another run's prefill; nothing to feed then)."""
         limit = _limit(self.model, session)
         if len(self.prompt_ids) > limit:
             raise ContextFullError.for_tokens(0, len(self.prompt_ids), limit, "prompt")

@@ -135,7 +135,8 @@ class Model:
     Attributes: `config` (ModelConfig, the family's differences as fields),
     `tokenizer` (None for id-only checkpoints), `weights` (neutral name ->
     Weight), `generation_defaults` (from the model's generation_config.json,
-    else greedy), `context_limit` (positions a session holds), `kv_dtype`.
+    else greedy), `context_limit` (positions a session holds), `kv_dtype`,
+    `tokens_run` (tokens run through the forward pass so far).
 
     Methods follow a token's path: `encode`, `forward` (logits), `session`
     (a KV cache to feed yourself), `generate`, `score`, `run_with_cache` and
@@ -180,6 +181,8 @@ class Model:
                                  int8_activations=not exact)
         cap = DEFAULT_CONTEXT_CAP if context is None else context
         self.context_limit = min(cap, self.config.max_seq_len)
+        self._tokens_run = 0
+        self._tokens_run_lock = threading.Lock()  # sessions of one model may run in several threads
 
     def __repr__(self) -> str:
         c = self.config
@@ -204,6 +207,16 @@ class Model:
     def _apply_threads(self) -> None:
         """Set this model's thread count for the calling OS thread, before a core call."""
         _core.set_threads(self._threads or DEFAULT_THREADS)
+
+    @property
+    def tokens_run(self) -> int:
+        """Tokens this model has run through its forward pass, over all its sessions: every
+        position computed (prompt and generated tokens alike), never a forked copy."""
+        return self._tokens_run
+
+    def _count_tokens(self, n: int) -> None:
+        with self._tokens_run_lock:
+            self._tokens_run += n
 
     @property
     def n_params(self) -> int:
@@ -301,6 +314,7 @@ class Model:
                 raise InvalidArgumentError(f"forward_batch: {e}") from None
             for session, toks in zip(sessions, ids):
                 session.tokens.extend(int(i) for i in toks)
+            self._count_tokens(sum(int(toks.size) for toks in ids))
         return [None if mode == "none" else o for mode, o in zip(modes, out)]
 
     def hooks(self) -> Hooks:
@@ -461,6 +475,7 @@ class Session:
             self.model._apply_threads()
             out = self.model._core.forward(self._cache, ids, "all" if all_logits else "last", core_hooks)
             self.tokens.extend(int(i) for i in ids)
+            self.model._count_tokens(int(ids.size))
         return out
 
     def _checked_ids(self, ids: Sequence[int], who: str = "") -> np.ndarray:

@@ -173,10 +173,11 @@ constexpr int UNPACK_PREFETCH_ROWS = 16;
 template <DType T>
 static void unpack_row(const uint8_t* __restrict row, size_t row_bytes, int K, const UnpackedRow& u) {
   constexpr int VALUES = weight_type(T).values, BYTES = weight_type(T).bytes;
-  const uint8_t* ahead = row + UNPACK_PREFETCH_ROWS * row_bytes;
-  for (size_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(ahead + o);
+  const size_t ahead = UNPACK_PREFETCH_ROWS * row_bytes;
   for (int b = 0; b < K / VALUES; ++b) {
     const uint8_t* __restrict blk = row + size_t(b) * BYTES;
+    // Spread over the row: a burst of misses would fill the miss buffers and stall the loop.
+    if ((b * BYTES) % 64 < BYTES) __builtin_prefetch(blk + ahead);
     int8_t* __restrict w = u.w + size_t(b) * VALUES;
     if constexpr (VALUES == 32) {
       float d = IV::half(blk), m = 0.0f;

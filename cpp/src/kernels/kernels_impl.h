@@ -416,55 +416,77 @@ static void relu(float* x, size_t n) {
   for (size_t i = 0; i < n; ++i) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 
-// s[j] = q . k_j * scale for keys j < len (rows of D elements, float32 or
-// f16). W keys at a time: their partial sums stay in registers and are
-// reduced together (V::sum_lanes), not one horizontal sum per key.
+// Query heads that share a KV head (grouped-query attention) are taken ATTENTION_HEADS
+// at a time: every block of keys and every value row is read once for all of them, while
+// the arithmetic of each head stays that of the head alone (the same operations in the
+// same order), so results do not depend on how heads are grouped. Two heads keep the
+// value sums of both in registers (16 accumulators of the 32 AVX-512 registers).
+constexpr int ATTENTION_HEADS = 2;
+
+// s[h][j] = q[h] . k_j * scale for keys j < len (rows of D elements, float32 or f16), for
+// H heads. W keys at a time: their partial sums stay in registers and are reduced
+// together (V::sum_lanes), not one horizontal sum per key.
 template <class T>
-static inline void attention_scores(const float* q, const T* k, int len, int D, float scale, float* s) {
+static inline void attention_scores(const float* const* q, int H, const T* k, int len, int D, float scale,
+                                    float* const* s) {
   int j = 0;
   if (D % V::W == 0)
-    for (; j + V::W <= len; j += V::W) {
-      typename V::R part[V::W];
-      for (int u = 0; u < V::W; ++u) part[u] = V::zero();
-      for (int d = 0; d < D; d += V::W) {
-        const typename V::R qv = V::load(q + d);
-        for (int u = 0; u < V::W; ++u) part[u] = V::fma(qv, V::loadw(k + size_t(j + u) * D + d), part[u]);
+    for (; j + V::W <= len; j += V::W)
+      for (int h = 0; h < H; ++h) {  // the block of keys stays in L1 for the next head
+        typename V::R part[V::W];
+        for (int u = 0; u < V::W; ++u) part[u] = V::zero();
+        for (int d = 0; d < D; d += V::W) {
+          const typename V::R qv = V::load(q[h] + d);
+          for (int u = 0; u < V::W; ++u) part[u] = V::fma(qv, V::loadw(k + size_t(j + u) * D + d), part[u]);
+        }
+        V::store(s[h] + j, V::mul(V::sum_lanes(part), V::set1(scale)));
       }
-      V::store(s + j, V::mul(V::sum_lanes(part), V::set1(scale)));
-    }
-  for (; j < len; ++j) s[j] = dot(q, k + size_t(j) * D, D) * scale;
+  for (; j < len; ++j)
+    for (int h = 0; h < H; ++h) s[h][j] = dot(q[h], k + size_t(j) * D, D) * scale;
 }
 
-// z = sum_j p_j v_j over rows of D elements: up to 4 vectors of z stay in
-// registers across all keys, with even and odd keys in separate chains.
-template <class T>
-static inline void attention_mix(const float* p, const T* v, int len, int D, float* z) {
+// z[h] = sum_j p[h][j] v_j over rows of D elements, for H heads: up to 4 vectors of each
+// z stay in registers across all keys, with even and odd keys in separate chains, and each
+// value vector is loaded once for all the heads.
+template <int H, class T>
+static inline void attention_mix(const float* const* p, const T* v, int len, int D, float* const* z) {
   constexpr int CH = 4;
   const int vec_end = D - D % V::W;
   for (int d = 0; d < vec_end; d += CH * V::W) {
     const int ch = std::min(CH, (vec_end - d) / V::W);
-    typename V::R a[CH], b[CH];
-    for (int c = 0; c < CH; ++c) a[c] = b[c] = V::zero();
+    typename V::R a[H][CH], b[H][CH];
+    for (int h = 0; h < H; ++h)
+      for (int c = 0; c < CH; ++c) a[h][c] = b[h][c] = V::zero();
     int j = 0;
     for (; j + 2 <= len; j += 2) {
-      const typename V::R p0 = V::set1(p[j]), p1 = V::set1(p[j + 1]);
+      typename V::R p0[H], p1[H];
+      for (int h = 0; h < H; ++h) {
+        p0[h] = V::set1(p[h][j]);
+        p1[h] = V::set1(p[h][j + 1]);
+      }
       const T* v0 = v + size_t(j) * D + d;
       for (int c = 0; c < ch; ++c) {
-        a[c] = V::fma(p0, V::loadw(v0 + c * V::W), a[c]);
-        b[c] = V::fma(p1, V::loadw(v0 + D + c * V::W), b[c]);
+        const typename V::R w0 = V::loadw(v0 + c * V::W), w1 = V::loadw(v0 + D + c * V::W);
+        for (int h = 0; h < H; ++h) {
+          a[h][c] = V::fma(p0[h], w0, a[h][c]);
+          b[h][c] = V::fma(p1[h], w1, b[h][c]);
+        }
       }
     }
-    if (j < len) {
-      const typename V::R p0 = V::set1(p[j]);
-      for (int c = 0; c < ch; ++c) a[c] = V::fma(p0, V::loadw(v + size_t(j) * D + d + c * V::W), a[c]);
+    if (j < len)
+      for (int c = 0; c < ch; ++c) {
+        const typename V::R w0 = V::loadw(v + size_t(j) * D + d + c * V::W);
+        for (int h = 0; h < H; ++h) a[h][c] = V::fma(V::set1(p[h][j]), w0, a[h][c]);
+      }
+    for (int h = 0; h < H; ++h)
+      for (int c = 0; c < ch; ++c) V::store(z[h] + d + c * V::W, V::add(a[h][c], b[h][c]));
+  }
+  for (int h = 0; h < H; ++h)
+    for (int d = vec_end; d < D; ++d) {
+      float acc = 0.0f;
+      for (int j = 0; j < len; ++j) acc += p[h][j] * to_f32(v[size_t(j) * D + d]);
+      z[h][d] = acc;
     }
-    for (int c = 0; c < ch; ++c) V::store(z + d + c * V::W, V::add(a[c], b[c]));
-  }
-  for (int d = vec_end; d < D; ++d) {
-    float acc = 0.0f;
-    for (int j = 0; j < len; ++j) acc += p[j] * to_f32(v[size_t(j) * D + d]);
-    z[d] = acc;
-  }
 }
 
 template <class T>
@@ -473,37 +495,55 @@ static void attention_typed(const float* q, const T* k, const T* v, const Attent
   const int n = a.n, pos0 = a.pos0, n_heads = a.n_heads, head_dim = a.head_dim, cap = a.cap;
   const int ctx = pos0 + n;
   const int group = n_heads / a.n_kv;
+  const int chunks = (group + ATTENTION_HEADS - 1) / ATTENTION_HEADS;  // per KV head
   const size_t qstride = size_t(n_heads) * head_dim;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  // One item per (query, head), the last queries (the longest causal rows) handed out first,
-  // so that the short ones even out the finish.
+  // One item per (query, KV head, chunk of its query heads), the last queries (the longest
+  // causal rows) handed out first, so that the short ones even out the finish.
   const bool parallel = attention_work(n, n_heads, ctx, head_dim) > ATTENTION_PARALLEL_WORK;
-  parallel_for_if(parallel, int64_t(n) * n_heads, 1, Split::Even, [&](int64_t item0, int64_t item1) {
-    float* s = thread_scratch(SCRATCH_SCORES, size_t(ctx));
+  const int64_t per_query = int64_t(a.n_kv) * chunks;
+  parallel_for_if(parallel, int64_t(n) * per_query, 1, Split::Even, [&](int64_t item0, int64_t item1) {
+    float* scores = thread_scratch(SCRATCH_SCORES, size_t(ATTENTION_HEADS) * ctx);
     for (int64_t item = item0; item < item1; ++item) {
-        const int i = n - 1 - int(item / n_heads), h = int(item % n_heads);
-        const int end = pos0 + i + 1;  // causal: keys up to and including this position
-        const int first = a.window > 0 ? std::max(0, end - a.window) : 0;
-        const int len = end - first;
-        const float* qv = q + i * qstride + size_t(h) * head_dim;
-        const T* kh = k + (size_t(h / group) * cap + first) * head_dim;
-        const T* vh = v + (size_t(h / group) * cap + first) * head_dim;
-        attention_scores(qv, kh, len, head_dim, a.scale, s);
+      const int i = n - 1 - int(item / per_query), g = int(item % per_query / chunks);
+      const int h0 = g * group + int(item % chunks) * ATTENTION_HEADS;
+      const int H = std::min(ATTENTION_HEADS, (g + 1) * group - h0);
+      const int end = pos0 + i + 1;  // causal: keys up to and including this position
+      const int first = a.window > 0 ? std::max(0, end - a.window) : 0;
+      const int len = end - first;
+      const float* qv[ATTENTION_HEADS];
+      float* s[ATTENTION_HEADS];
+      float* zv[ATTENTION_HEADS];
+      for (int h = 0; h < H; ++h) {
+        qv[h] = q + i * qstride + size_t(h0 + h) * head_dim;
+        s[h] = scores + size_t(h) * ctx;
+        zv[h] = z + i * qstride + size_t(h0 + h) * head_dim;
+      }
+      const T* kh = k + (size_t(g) * cap + first) * head_dim;
+      const T* vh = v + (size_t(g) * cap + first) * head_dim;
+      attention_scores(qv, H, kh, len, head_dim, a.scale, s);
+      for (int h = 0; h < H; ++h) {
+        float* sh = s[h];
         if (a.softcap > 0.0f)
-          for (int j = 0; j < len; ++j) s[j] = a.softcap * std::tanh(s[j] / a.softcap);
-        const size_t crow = (size_t(i) * n_heads + h) * ctx;
+          for (int j = 0; j < len; ++j) sh[j] = a.softcap * std::tanh(sh[j] / a.softcap);
+        const size_t crow = (size_t(i) * n_heads + h0 + h) * ctx;
         if (capture && capture->scores) {
           std::fill(capture->scores + crow, capture->scores + crow + first, neg_inf);
-          std::copy(s, s + len, capture->scores + crow + first);
+          std::copy(sh, sh + len, capture->scores + crow + first);
           std::fill(capture->scores + crow + end, capture->scores + crow + ctx, neg_inf);
         }
-        softmax_row(s, len, 1.0f);
+        softmax_row(sh, len, 1.0f);
         if (capture && capture->pattern) {
           std::fill(capture->pattern + crow, capture->pattern + crow + first, 0.0f);
-          std::copy(s, s + len, capture->pattern + crow + first);
+          std::copy(sh, sh + len, capture->pattern + crow + first);
           std::fill(capture->pattern + crow + end, capture->pattern + crow + ctx, 0.0f);
         }
-        attention_mix(s, vh, len, head_dim, z + i * qstride + size_t(h) * head_dim);
+      }
+      static_assert(ATTENTION_HEADS == 2, "the mix below is instantiated for one and two heads");
+      if (H == 2)
+        attention_mix<2>(s, vh, len, head_dim, zv);
+      else
+        attention_mix<1>(s, vh, len, head_dim, zv);
     }
   });
 }

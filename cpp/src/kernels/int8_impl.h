@@ -57,16 +57,31 @@ struct QuantizedActs {
 // One 32-value block to int8 as llama.cpp rounds Q8_0 inputs: q = round-half-even(x * 127 / amax),
 // the scale amax / 127 rounded to half precision. `sum` receives the sum of q.
 static inline float quantize_block_32(const float* x, int8_t* q, int& sum) {
-  float amax = 0.0f;
-  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  // The largest magnitude as the largest bit pattern without the sign (the same order for
+  // every finite value), which compiles to vector integer maxima; a NaN makes the scale NaN.
+  uint32_t amax_bits = 0;
+  for (int i = 0; i < 32; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, 4);
+    b &= 0x7FFFFFFFu;
+    amax_bits = b > amax_bits ? b : amax_bits;
+  }
+  float amax;
+  std::memcpy(&amax, &amax_bits, 4);
   const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-  int s = 0;
+  int32_t r[32];
   for (int i = 0; i < 32; ++i) {
     // Adding and taking off 1.5 * 2^23 rounds to the nearest integer, ties to even (|v| <= 127).
-    float v = std::min(127.0f, std::max(-127.0f, x[i] * id));
+    float v = x[i] * id;
+    v = v < -127.0f ? -127.0f : v;
+    v = v > 127.0f ? 127.0f : v;
     v = (v + 12582912.0f) - 12582912.0f;
-    q[i] = int8_t(int(v));
-    s += q[i];
+    r[i] = int32_t(v);
+  }
+  int s = 0;
+  for (int i = 0; i < 32; ++i) {
+    q[i] = int8_t(r[i]);
+    s += r[i];
   }
   sum = s;
   return f16_to_f32(f32_to_f16(amax / 127.0f));
@@ -129,9 +144,11 @@ static void quantize_acts(const float* x, int n, int K, int block, QuantizedActs
       const int sum = block == 32 ? sums[0] : sums[b % 8];
       a.scale[(size_t(tile) * nb + b) * L + lane] = d;
       a.scaled_sum[(size_t(tile) * nb + b) * L + lane] = d * float(sum);
-      for (int g = 0; g < 8; ++g) {
-        uint8_t* dst = a.q.data() + ((size_t(tile) * (K / 4) + b * 8 + g) * L + lane) * 4;
-        for (int j = 0; j < 4; ++j) dst[j] = uint8_t(qb[4 * g + j] + ACT_OFFSET);
+      for (int g = 0; g < 8; ++g) {  // 4 bytes to each group's lane
+        uint32_t four;
+        std::memcpy(&four, qb + 4 * g, 4);
+        four ^= ACT_OFFSET ? 0x80808080u : 0u;  // + 128 per byte, modulo 256
+        std::memcpy(a.q.data() + ((size_t(tile) * (K / 4) + b * 8 + g) * L + lane) * 4, &four, 4);
       }
       if (IV::UNSIGNED_WEIGHTS)
         for (int h = 0; h < 2; ++h) {

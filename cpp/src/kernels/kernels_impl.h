@@ -700,10 +700,12 @@ static inline void widen_halves(const uint8_t* blk, int k, typename V::R& lo, ty
 }
 
 // The 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) skip any
-// buffer: quants are widened in registers, multiplied by x, and each block's
-// sum is scaled once (its offset, for the types that have one, needs only the
-// block's sum of x). R rows at a time give R independent accumulation chains
-// and share each x load.
+// buffer: quants are widened in registers and scaled by their block's d once
+// for all C tokens, then multiplied by x straight into the accumulators (the
+// offset of the types that have one needs only the block's sum of x). R rows
+// at a time give R * C independent accumulation chains and share each x load
+// through L1. A token's arithmetic does not depend on C or R, so a row's result
+// is the same whether it is computed alone or beside others.
 template <DType T, int R, int C>
 static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, const float* x, size_t ldx,
                                 const float* xsum, size_t lds, float* y, size_t ldy) {
@@ -720,26 +722,25 @@ static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, co
       const uint8_t* blk = row0 + r * row_bytes + size_t(b) * BYTES;
       __builtin_prefetch(blk + ahead);
       __builtin_prefetch(blk + ahead + 64);
-      typename V::R part[C];
-      for (int c = 0; c < C; ++c) part[c] = V::zero();
+      const typename V::R d = V::set1(V::half(blk));
       if constexpr (T == DType::Q8_0) {
         const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
         for (int k = 0; k < 32; k += V::W) {
-          const typename V::R w = V::cvt_i8(q + k);
-          for (int c = 0; c < C; ++c) part[c] = V::fma(w, V::load(xb + c * ldx + k), part[c]);
+          const typename V::R w = V::mul(V::cvt_i8(q + k), d);
+          for (int c = 0; c < C; ++c) acc[r][c] = V::fma(w, V::load(xb + c * ldx + k), acc[r][c]);
         }
       } else {
         for (int k = 0; k < 16; k += V::W) {
           typename V::R lo, hi;
           widen_halves<T>(blk, k, lo, hi);
+          lo = V::mul(lo, d);
+          hi = V::mul(hi, d);
           for (int c = 0; c < C; ++c) {
-            part[c] = V::fma(lo, V::load(xb + c * ldx + k), part[c]);
-            part[c] = V::fma(hi, V::load(xb + c * ldx + 16 + k), part[c]);
+            acc[r][c] = V::fma(lo, V::load(xb + c * ldx + k), acc[r][c]);
+            acc[r][c] = V::fma(hi, V::load(xb + c * ldx + 16 + k), acc[r][c]);
           }
         }
       }
-      const typename V::R d = V::set1(V::half(blk));
-      for (int c = 0; c < C; ++c) acc[r][c] = V::fma(d, part[c], acc[r][c]);
       if constexpr (WITH_MIN) {
         const float m = V::half(blk + 2);
         for (int c = 0; c < C; ++c) offset[r][c] += m * xsum[c * lds + b];

@@ -68,23 +68,18 @@ static inline void micro_tile(const T* w, size_t ldw, const float* x, size_t ldx
 // edges. `tile(Rows, Cols, r, t)` computes rows r.. for tokens t.., with Rows/Cols as
 // std::integral_constant so the tile sizes stay compile-time. gemv_group (below) shares
 // the blocks among the threads.
-template <int R, class Tile>
-static inline void gemv_block(int r0, int r1, int n, Tile tile) {
-  constexpr int C = V::TILE_COLS;
+template <int R, int C = V::TILE_COLS, class Tile>
+static inline void gemv_block(int r0, int r1, int n, Tile tile, int t = 0) {
   using RT = std::integral_constant<int, R>;
   using CT = std::integral_constant<int, C>;
   using One = std::integral_constant<int, 1>;
-  int t = 0;
   for (; t + C <= n; t += C) {
     int r = r0;
     for (; r + R <= r1; r += R) tile(RT{}, CT{}, r, t);
     for (; r < r1; ++r) tile(One{}, CT{}, r, t);
   }
-  for (; t < n; ++t) {
-    int r = r0;
-    for (; r + R <= r1; r += R) tile(RT{}, One{}, r, t);
-    for (; r < r1; ++r) tile(One{}, One{}, r, t);
-  }
+  // The tokens left over: tiles of half as many, down to one.
+  if constexpr (C > 1) gemv_block<R, C / 2>(r0, r1, n, tile, t);
 }
 
 constexpr int GEMV_ROW_BLOCK = 16;

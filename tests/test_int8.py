@@ -186,8 +186,9 @@ def test_a_product_group_equals_its_products_one_by_one(each_isa, int8):
             together = _core.matmul_group(weights, k, x, int8)
             assert len(together) == len(group)
             for (w, dtype, rows), y in zip(weights, together):
-                # (the single-product binding runs the int8 kernel at any n; a model, from INT8_MIN_ROWS)
-                rounded = int8 and dtype != "f16" and n >= _core.INT8_MIN_ROWS
+                # (the single-product binding runs the int8 kernel at any n; a model, from INT8_MIN_ROWS,
+                # or at every n for the types the int8 variant streams with batch-independent results)
+                rounded = int8 and dtype != "f16" and (n >= _core.INT8_MIN_ROWS or _core.int8_every_row_count(dtype))
                 alone = _core.matmul(w, dtype, rows, k, x, None, rounded)
                 assert y.shape == (n, rows)
                 np.testing.assert_array_equal(y, alone, err_msg=f"{isa} {dtype} n={n} int8={int8}")
@@ -205,3 +206,46 @@ def test_a_product_group_refuses_bad_groups():
         _core.matmul_group([(w, "q8_0", 32)], 256, np.ones((4, 128), np.float32), False)
     with pytest.raises(ValueError, match="holds"):
         _core.matmul_group([(w, "q8_0", 33)], 256, x, False)
+
+
+def test_a_few_tokens_give_the_rows_of_a_full_tile_bit_for_bit(each_isa):
+    """The int8 product of a token does not depend on how many tokens share the call: 1-7 tokens
+    (a streaming kernel with its lanes over rows, where the variant has one) equal the same tokens
+    among 16 (the token-lane kernel), bit for bit, for whole blocks of rows and their tails and for
+    rows of an odd number of 32-value blocks."""
+    rng = np.random.default_rng(11)
+    for dtype in TYPES:
+        widths = (256, 768) if dtype in K_QUANTS else (96, 160, 576)
+        for k in widths:
+            for rows in (16, 37, 64):
+                w = quantize(rng.standard_normal((rows, k)).astype(np.float32), dtype)
+                x = activations(rng, 16, k)
+                for isa in each_isa:
+                    _core.set_isa(isa)
+                    full = _core.matmul(w, dtype, rows, k, x, int8_activations=True)
+                    for n in (1, 2, 3, 7):
+                        few = _core.matmul(w, dtype, rows, k, x[:n], int8_activations=True)
+                        np.testing.assert_array_equal(few, full[:n], err_msg=f"{isa} {dtype} k={k} rows={rows} n={n}")
+
+
+def test_q8_0_with_int8_activations_gives_a_sequence_the_same_logits_in_any_batch():
+    """Where the int8 variant streams Q8_0 at every row count (AVX-512 VNNI), a model with int8
+    activations is batch-independent: a sequence's logits, prefill and decode, are bit for bit the
+    same alone and beside others (which the server's batched steps and speculative verification rely on)."""
+    if not _core.int8_every_row_count("q8_0"):
+        pytest.skip(f"the {_core.int8_isa()} int8 variant uses int8 activations for Q8_0 from INT8_MIN_ROWS only")
+    model = tokentrail.load(dtype="q8_0", exact=False)  # the bundled demo model
+    rng = np.random.default_rng(5)
+    vocab = model.config.vocab_size
+    prompts = [[int(t) for t in rng.integers(0, vocab, n)] for n in (3, 11, 20)]
+    alone = []
+    for p in prompts:
+        s = model.session()
+        first = np.asarray(s.feed(p))
+        alone.append((first, np.asarray(s.feed([7]))))
+    sessions = [model.session() for _ in prompts]
+    together = model.forward_batch(sessions, prompts)
+    step = model.forward_batch(sessions, [[7]] * len(prompts))
+    for i in range(len(prompts)):
+        np.testing.assert_array_equal(np.asarray(together[i]), alone[i][0], err_msg=f"prefill {i}")
+        np.testing.assert_array_equal(np.asarray(step[i]), alone[i][1], err_msg=f"decode {i}")

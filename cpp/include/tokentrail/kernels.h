@@ -91,6 +91,10 @@ struct Int8KernelTable {
   // The same for several weights sharing x (biases are the caller's): x is rounded once per
   // activation block size, and one parallel region covers the rows of every weight.
   void (*matmul_group)(const MatmulJob* jobs, int count, const float* x, int n);
+  // Whether products of weights of type t take this kernel at every number of tokens (not only
+  // from INT8_MIN_ROWS): true where a streaming kernel for a few tokens gives bit for bit the
+  // results of the token-lane one, so that a row's product does not depend on its batch.
+  bool (*every_row_count)(DType t);
   // The activation rounding alone: q[n][K], scales[n][K / block]; block 32 (Q8_0's) or 256 (Q8_K's).
   void (*quantize)(const float* x, int n, int K, int block, int8_t* q, float* scales);
   int lanes;  // tokens per vector
@@ -102,6 +106,8 @@ struct Int8KernelTable {
 // (AMD EPYC, AVX-512 VNNI): int8 0.5x the float GEMV at 2-4 tokens, even at 8,
 // 1.4x at 12, 1.9x at 16 (q4_0; q8_0 and q5_0 alike).
 constexpr int INT8_MIN_ROWS = 8;
+// (With AVX-512 VNNI, Q8_0 takes int8 activations at every number of tokens: see
+// Int8KernelTable::every_row_count.)
 
 bool int8_supported(DType t);
 // Values per activation block in products with weights of type t: 256 for the k-quants, else 32.

@@ -445,6 +445,12 @@ PYBIND11_MODULE(_core, m) {
     return py::make_tuple(q, scales);
   }, py::arg("x"), py::arg("block") = 32);
   m.def("int8_isa", []() { return std::string(int8_kernels().name); });
+  m.def("int8_every_row_count", [](const std::string& dtype) {
+    const DType t = dtype_from_name(dtype);
+    return int8_supported(t) && int8_kernels().every_row_count(t);
+  }, py::arg("dtype"),
+     "Whether products of this weight type with int8 activations use them at every number of tokens "
+     "(results independent of the batch), not only from INT8_MIN_ROWS; depends on the int8 kernel variant");
 
   m.def("softmax", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, float temperature) {
     if (!(temperature > 0)) throw py::value_error("temperature must be positive");

@@ -28,6 +28,61 @@ struct IV : Int8UnpackX86 {
   static I dot4(I acc, I a, const uint8_t* w4) {
     return _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(w4)), a);
   }
+  // Q8_0 rows streamed with the lanes over 16 rows (int8_impl.h, int8_q8_0_row_lanes).
+  static constexpr bool HAS_ROW_LANES = true;
+  // Quants of 16 Q8_0 rows (row r at p + r * stride), blocks b and b + 1, as 16 vectors of
+  // 16 groups of 4 bytes, transposed: vector j holds group j (of the 16 in the two blocks) of
+  // every row, each byte flipped to w + 128.
+  static void q8_0_pair_by_rows(const uint8_t* p, size_t stride, I* w) {
+    for (int r = 0; r < 16; ++r) {
+      const uint8_t* blk = p + r * stride;
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 36));
+      w[r] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+    transpose16(w);
+    for (int j = 0; j < 16; ++j) w[j] = _mm512_xor_si512(w[j], _mm512_set1_epi8(char(0x80)));
+  }
+  // The same for a single block: vectors 0..7 (its 8 groups).
+  static void q8_0_one_by_rows(const uint8_t* p, size_t stride, I* w) {
+    for (int r = 0; r < 16; ++r)
+      w[r] = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + r * stride + 2)));
+    transpose16(w);
+    for (int j = 0; j < 8; ++j) w[j] = _mm512_xor_si512(w[j], _mm512_set1_epi8(char(0x80)));
+  }
+  // The half-precision scales at p + r * stride, r < 16, as floats.
+  static F halves_by_rows(const uint8_t* p, size_t stride) {
+    alignas(32) uint16_t h[16];
+    for (int r = 0; r < 16; ++r) std::memcpy(h + r, p + r * stride, 2);
+    return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(h)));
+  }
+  // acc + per lane the sum of 4 products u8 w[lane][j] * s8 q4[j] (q4 broadcast).
+  static I dot4_rows(I acc, I w, const int8_t* q4) {
+    return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(q4)));
+  }
+  // In place: 32-bit element j of r[i] becomes element i of r[j] (a 16 x 16 block).
+  static void transpose16(I* r) {
+    __m512 a[16], b[16];
+    for (int i = 0; i < 8; ++i) {
+      const __m512 x = _mm512_castsi512_ps(r[2 * i]), y = _mm512_castsi512_ps(r[2 * i + 1]);
+      a[2 * i] = _mm512_unpacklo_ps(x, y);
+      a[2 * i + 1] = _mm512_unpackhi_ps(x, y);
+    }
+    for (int g = 0; g < 4; ++g) {
+      b[4 * g + 0] = _mm512_shuffle_ps(a[4 * g + 0], a[4 * g + 2], 0x44);
+      b[4 * g + 1] = _mm512_shuffle_ps(a[4 * g + 0], a[4 * g + 2], 0xEE);
+      b[4 * g + 2] = _mm512_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0x44);
+      b[4 * g + 3] = _mm512_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      const __m512 d = _mm512_shuffle_f32x4(b[c], b[4 + c], 0x88), e = _mm512_shuffle_f32x4(b[c], b[4 + c], 0xDD);
+      const __m512 d2 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0x88), e2 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0xDD);
+      r[c] = _mm512_castps_si512(_mm512_shuffle_f32x4(d, d2, 0x88));
+      r[8 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(d, d2, 0xDD));
+      r[4 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(e, e2, 0x88));
+      r[12 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(e, e2, 0xDD));
+    }
+  }
   // w + 128 for n bytes (n a multiple of 32): signed weights to vpdpbusd's unsigned operand.
   static void add_128(int8_t* w, int n) {
     int i = 0;

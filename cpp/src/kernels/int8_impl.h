@@ -48,6 +48,7 @@ struct QuantizedActs {
   std::vector<uint8_t> q;
   std::vector<float> scale, scaled_sum;
   std::vector<int32_t> corr;
+  std::vector<int8_t> flat;  // q as [n][K] for the row-lane kernel (fewer than INT8_MIN_ROWS tokens)
   const uint8_t* group(int tile, int g) const { return q.data() + (size_t(tile) * (K / 4) + g) * IV::LANES * 4; }
   const float* block_scale(int tile, int b) const { return scale.data() + (size_t(tile) * (K / 32) + b) * IV::LANES; }
   const float* block_sum(int tile, int b) const { return scaled_sum.data() + (size_t(tile) * (K / 32) + b) * IV::LANES; }
@@ -127,6 +128,8 @@ static void quantize_acts(const float* x, int n, int K, int block, QuantizedActs
   a.scale.assign(size_t(a.tiles) * nb * L, 0.0f);
   a.scaled_sum.assign(size_t(a.tiles) * nb * L, 0.0f);
   if (IV::UNSIGNED_WEIGHTS) a.corr.assign(size_t(a.tiles) * (K / 16) * L, 0);
+  const bool flat = IV::HAS_ROW_LANES && n < INT8_MIN_ROWS;
+  if (flat) a.flat.resize(size_t(n) * K);
   parallel_for_if(double(n) * K > 262144.0, n, 1, Split::Even, [&](int64_t t0, int64_t t1) {
   for (int t = int(t0); t < int(t1); ++t) {
     const int tile = t / L, lane = t % L;
@@ -144,6 +147,7 @@ static void quantize_acts(const float* x, int n, int K, int block, QuantizedActs
       const int sum = block == 32 ? sums[0] : sums[b % 8];
       a.scale[(size_t(tile) * nb + b) * L + lane] = d;
       a.scaled_sum[(size_t(tile) * nb + b) * L + lane] = d * float(sum);
+      if (flat) std::memcpy(a.flat.data() + size_t(t) * K + size_t(b) * 32, qb, 32);
       for (int g = 0; g < 8; ++g) {  // 4 bytes to each group's lane
         uint32_t four;
         std::memcpy(&four, qb + 4 * g, 4);
@@ -182,6 +186,10 @@ struct UnpackedRow {
 static inline uint32_t u32_le(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
 
 // Row `row` of w: its values as int8 (before scales), with each sub-block's scale, min and starting value.
+// How far ahead a row-streaming kernel asks for weights: at least 8 rows and 12 KiB, as the
+// float GEMV does (kernels_impl.h, prefetch_ahead).
+static inline size_t prefetch_distance(size_t row_bytes) { return std::max<size_t>(8 * row_bytes, 12288); }
+
 // Unpacking reads the weights from memory, once per product: rows this far ahead are
 // asked for while it works (the next block of rows), so that DRAM streams instead of
 // answering one miss at a time.
@@ -361,6 +369,55 @@ static Int8Scratch& int8_scratch(int K, int nsub, size_t out_floats) {
   return s;
 }
 
+// Q8_0 for fewer than INT8_MIN_ROWS tokens and a whole block of 16 rows, streamed as the
+// float GEMV streams (no unpacking pass): the quants of two blocks of the 16 rows are loaded
+// where they lie and transposed so that a vector holds one 4-byte group of every row, and
+// each token's 4 bytes are broadcast against it (the lanes run over rows). The float steps
+// per row and block are int8_tile's in the same order, so every result is bit for bit the
+// token-lane kernel's: a row's product does not depend on how many tokens share the call.
+static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, int r0, float* out) {
+  constexpr int L = IV::LANES, BYTES = 34;
+  const int K = a.K, nb = K / 32, n = a.n;
+  const size_t ld = size_t(a.tiles) * L, rb = wv.row_bytes, ahead = prefetch_distance(rb);
+  const uint8_t* base = wv.row(r0);
+  typename IV::F acc[INT8_MIN_ROWS];
+  for (int t = 0; t < n; ++t) acc[t] = IV::fzero();
+  typename IV::I w[16];
+  for (int b = 0; b < nb; b += 2) {
+    const int pair = std::min(2, nb - b);
+    const uint8_t* blk = base + size_t(b) * BYTES;
+    for (int r = 0; r < L; ++r) {  // the rows' lines two blocks on, a distance ahead
+      __builtin_prefetch(blk + r * rb + ahead);
+      __builtin_prefetch(blk + r * rb + ahead + 64);
+    }
+    if (pair == 2)
+      IV::q8_0_pair_by_rows(blk, rb, w);
+    else
+      IV::q8_0_one_by_rows(blk, rb, w);
+    for (int h = 0; h < pair; ++h) {
+      const typename IV::F scale = IV::halves_by_rows(blk + h * BYTES, rb);
+      const int bb = b + h;
+      for (int t = 0; t < n; ++t) {
+        const int8_t* q = a.flat.data() + size_t(t) * K + size_t(bb) * 32;
+        // Two chains of four (integer sums: the order does not matter).
+        typename IV::I even = IV::iset1(a.corr[size_t(2 * bb) * L + t] + a.corr[size_t(2 * bb + 1) * L + t]);
+        typename IV::I odd = IV::iset1(0);
+        for (int j = 0; j < 8; j += 2) {
+          even = IV::dot4_rows(even, w[8 * h + j], q + 4 * j);
+          odd = IV::dot4_rows(odd, w[8 * h + j + 1], q + 4 * j + 4);
+        }
+        const typename IV::I dot = IV::iadd(even, odd);
+        acc[t] = IV::ffma(IV::cvt(dot), IV::fmul(scale, IV::fset1(a.scale[size_t(bb) * L + t])), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < n; ++t) {
+    alignas(64) float lanes[L];
+    IV::fstore(lanes, acc[t]);
+    for (int r = 0; r < L; ++r) out[size_t(r) * ld + t] = lanes[r];
+  }
+}
+
 // Rows [r0, r1) of w (at most INT8_ROW_BLOCK) against every token: unpacked once, multiplied
 // into a [rows][tokens] block, then written into y[n][w.rows] one token at a time.
 template <DType T>
@@ -369,8 +426,13 @@ static void int8_rows(const WeightView& wv, const QuantizedActs& a, int r0, int 
   const int K = int(wv.cols), nr = r1 - r0, rows = int(wv.rows);
   const size_t ld = size_t(a.tiles) * IV::LANES;
   Int8Scratch& s = int8_scratch(K, K / SUB, size_t(INT8_ROW_BLOCK) * ld);
-  for (int r = 0; r < nr; ++r) unpack_row<T>(wv.row(r0 + r), wv.row_bytes, K, s.rows[r]);
-  int8_block<T>(s.rows, nr, a, s.out.data());
+  if (T == DType::Q8_0 && IV::HAS_ROW_LANES && a.n < INT8_MIN_ROWS && nr == INT8_ROW_BLOCK &&
+      IV::LANES == INT8_ROW_BLOCK) {
+    int8_q8_0_row_lanes(wv, a, r0, s.out.data());
+  } else {
+    for (int r = 0; r < nr; ++r) unpack_row<T>(wv.row(r0 + r), wv.row_bytes, K, s.rows[r]);
+    int8_block<T>(s.rows, nr, a, s.out.data());
+  }
   const float* out = s.out.data();
   for (int t = 0; t < a.n; ++t) {
     float* yt = y + size_t(t) * rows + r0;
@@ -448,6 +510,8 @@ static void int8_quantize(const float* x, int n, int K, int block, int8_t* q, fl
     }
 }
 
+static bool every_row_count(DType t) { return IV::HAS_ROW_LANES && t == DType::Q8_0; }
+
 static const Int8KernelTable make_int8_table(const char* name) {
-  return Int8KernelTable{name, int8_matmul, int8_matmul_group, int8_quantize, IV::LANES};
+  return Int8KernelTable{name, int8_matmul, int8_matmul_group, every_row_count, int8_quantize, IV::LANES};
 }

@@ -10,6 +10,11 @@ struct IV {
   using F = float;
   static constexpr int LANES = 1, ROWS = 4, TILES = 1, ROWS_ONE_TILE = 4;
   static constexpr bool UNSIGNED_WEIGHTS = false;
+  static constexpr bool HAS_ROW_LANES = false;  // Q8_0 below INT8_MIN_ROWS keeps the float path
+  static void q8_0_pair_by_rows(const uint8_t*, size_t, I*) {}
+  static void q8_0_one_by_rows(const uint8_t*, size_t, I*) {}
+  static F halves_by_rows(const uint8_t*, size_t) { return fzero(); }
+  static I dot4_rows(I acc, I, const int8_t*) { return acc; }
   static I iload(const int32_t* p) { return *p; }
   static I iadd(I a, I b) { return a + b; }
   static void add_128(int8_t*, int) {}

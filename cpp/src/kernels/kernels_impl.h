@@ -937,14 +937,20 @@ static void gemv_group(const MatmulJob* jobs, int count, const float* x, int n) 
 // packed GEMM, decode-sized ones through the GEMV of each weight's type.
 static void matmul_group(const MatmulJob* jobs, int count, const float* x, int n) {
   if (count < 1 || count > GEMV_MAX_GROUP) throw std::invalid_argument("product group of 1..8 weights");
-  bool int8 = n >= INT8_MIN_ROWS;
-  for (int j = 0; j < count; ++j) int8 = int8 && jobs[j].w->int8_activations && int8_supported(jobs[j].w->type);
+  // Int8 activations for a weight that asks for them, from INT8_MIN_ROWS tokens (at any number where
+  // the int8 variant gives batch-independent results for its type).
+  auto rounds = [n](const WeightView& w) {
+    return w.int8_activations && int8_supported(w.type) &&
+           (n >= INT8_MIN_ROWS || int8_kernels().every_row_count(w.type));
+  };
+  bool int8 = true;
+  for (int j = 0; j < count; ++j) int8 = int8 && rounds(*jobs[j].w);
   if (int8) {
     int8_kernels().matmul_group(jobs, count, x, n);
   } else if (n >= GEMM_MIN_ROWS) {
     for (int j = 0; j < count; ++j) {
       const WeightView& w = *jobs[j].w;
-      if (w.int8_activations && int8_supported(w.type))
+      if (rounds(w))
         int8_kernels().matmul(w, x, n, jobs[j].y);
       else
         gemm(w, x, n, jobs[j].y);
@@ -955,7 +961,7 @@ static void matmul_group(const MatmulJob* jobs, int count, const float* x, int n
     int nf = 0;
     for (int j = 0; j < count; ++j) {
       const WeightView& w = *jobs[j].w;
-      if (n >= INT8_MIN_ROWS && w.int8_activations && int8_supported(w.type))
+      if (rounds(w))
         int8_kernels().matmul(w, x, n, jobs[j].y);
       else if (nf < GEMV_MAX_GROUP)
         floats[nf++] = jobs[j];

@@ -85,9 +85,10 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, thread
     `exact=False` multiplies block-quantized weights (q8_0, q4_0, q4_k, q6_k
     and the other block types) by activations rounded to int8 per 32 values,
     as llama.cpp does, in products over several tokens (prefill, batched
-    steps): faster, with logits that differ from the float path by that
-    rounding (docs/benchmarks.md has the measured difference). True keeps
-    float32 activations.
+    steps; q8_0 with AVX-512 VNNI at every number of tokens, so that its
+    results do not depend on the batch): faster, with logits that differ
+    from the float path by that rounding (docs/benchmarks.md has the
+    measured difference). True keeps float32 activations.
 
     Errors: CheckpointError for a file that cannot be read as a model,
     InvalidArgumentError for a bad argument (see tokentrail.errors).

@@ -1,7 +1,7 @@
 """Batched generation: 32 prompts advanced together against the same 32 prompts one call each.
 
     python bench/batch_generate.py [--shape smollm] [--types f32,q8_0] [--prompts 32] [--new 32]
-                                   [--threads 2] [--repeats 3]
+                                   [--threads 2] [--repeats 3] [--no-exact] [--model DIR]
 
 A random-weight model in the shape of a real one (SmolLM2-135M by default,
 bench/shapes.py) is loaded in each weight type. Prompts are random token ids
@@ -15,10 +15,16 @@ core (Model.forward_batch): the weights are read once per step for all 32
 rows. The 32 single calls read them once per token. "step" is the core alone:
 one decode step of all the sequences through forward_batch, against the same
 sequences stepped one by one with Session.feed.
+
+`--threads` is the thread count of every core call (both ways); `--no-exact`
+loads the model with exact=False, so that quantized products round the
+activations to int8 (see tokentrail.load); `--model` takes a model directory
+instead of a fresh random one.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import tempfile
@@ -78,12 +84,15 @@ def main() -> None:
     ap.add_argument("--types", default="f32,q8_0", help="weight types, comma-separated")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new", type=int, default=32, help="tokens generated per prompt")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="threads of every core call")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", help="a model directory to use instead of a fresh random one of --shape")
+    ap.add_argument("--no-exact", dest="exact", action="store_false",
+                    help="load with exact=False: quantized products round activations to int8")
     args = ap.parse_args()
 
     import tokentrail
+    from tokentrail import _core
 
     rng = np.random.default_rng(0)
     rows = []
@@ -93,12 +102,14 @@ def main() -> None:
         else:
             make_model(args.shape, Path(tmp))
         for dtype in args.types.split(","):
-            model = tokentrail.load(tmp, dtype=dtype, threads=args.threads, progress=False)
+            model = tokentrail.load(tmp, dtype=dtype, threads=args.threads, progress=False, exact=args.exact)
             vocab = model.config.vocab_size
             prompts = [[int(t) for t in rng.integers(0, vocab - 1, int(rng.integers(8, 25)))]
                        for _ in range(args.prompts)]
             options = dict(max_new_tokens=args.new, do_sample=False, ignore_eos=True)
             batched = model.generate(prompts, **options)
+            if _core.get_threads() != args.threads:  # the count each core call of the model sets
+                raise SystemExit(f"the core ran with {_core.get_threads()} threads, not --threads {args.threads}")
             single = [model.generate(p, **options) for p in prompts]
             same = all(b.token_ids == s.token_ids for b, s in zip(batched, single))
             t_batch, c_batch = timed(lambda: model.generate(prompts, **options), args.repeats)
@@ -114,8 +125,10 @@ def main() -> None:
             del model
 
     print()
-    print(f"{args.shape} shape, {args.prompts} prompts of 8-24 tokens, {args.new} new tokens each (greedy), "
-          f"{args.threads} threads, {cpu_name()}, {time.strftime('%Y-%m-%d')}")
+    source = args.model or f"{args.shape} shape"
+    print(f"{source}, {args.prompts} prompts of 8-24 tokens, {args.new} new tokens each (greedy), "
+          f"{args.threads} threads, {'exact' if args.exact else 'int8 activations (exact=False)'}, {cpu_name()}, "
+          f"load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d')}")
     print()
     print(f"| weights | {args.prompts} single calls (tokens/s) | one batched call (tokens/s) | speed-up (wall) | "
           f"speed-up (CPU time) | decode step of {args.prompts}, one by one (ms) | together (ms) | same tokens |")

@@ -7,8 +7,8 @@ A random-weight model in the shape of a real one (SmolLM2-135M by default,
 bench/shapes.py) is loaded in each weight type. Prompts are random token ids
 of 8 to 24 tokens (a fixed seed); both ways decode greedily for `--new`
 tokens with end-of-sequence ignored, so both produce exactly the same tokens
-(checked; but see --no-exact) and the same amount of work is asked of them. Figures are medians
-over repeats after a warm-up (bench/timing.py).
+(checked; but see --no-exact) and the same amount of work is asked of them.
+Figures are medians over repeats after a warm-up (bench/timing.py).
 
 `model.generate([p1, ..., p32])` advances every sequence in each step of the
 core (Model.forward_batch): the weights are read once per step for all 32

@@ -549,9 +549,18 @@ def _generate(model, prompt, o: dict[str, Any]):
     plan = _prepare(model, prompt, o)
     if plan.beams is None and o["stream"]:
         return Stream(plan.runs[0])
-    for _ in _advance_together(model, plan.runs):
+    return _run_to_end(model, [plan])[0]
+
+
+def _run_to_end(model, plans: list["_Plan"]) -> list:
+    """The results of the plans, their runs advanced together to their end. Nothing reads a step
+    before then, so the runs may make their steps' texts at the end (Run.texts_at_end)."""
+    runs = [run for plan in plans for run in plan.runs]
+    for run in runs:
+        run.texts_at_end = True
+    for _ in _advance_together(model, runs):
         pass
-    return plan.result()
+    return [plan.result() for plan in plans]
 
 
 def start_run(model, prompt: str | Sequence[int], max_new_tokens: int | None = None, **options: Any) -> "Run":
@@ -609,9 +618,7 @@ def _generate_batch(model, prompts: list, o: dict[str, Any]) -> list:
             if e.args and isinstance(e.args[0], str):
                 e.args = (f"prompt {i}: {e.args[0]}",) + e.args[1:]
             raise
-    for _ in _advance_together(model, [run for plan in plans for run in plan.runs]):
-        pass
-    return [plan.result() for plan in plans]
+    return _run_to_end(model, plans)
 
 
 def _prompt_options(given, shared: dict[str, Any], i: int) -> dict[str, Any]:
@@ -835,6 +842,13 @@ def _feed_together(model, sessions: list, feeds: list[list[int]], hooks: list, a
             for s, f, h in zip(sessions, feeds, hooks)]
 
 
+def _plain_greedy(sampler: Sampler) -> bool:
+    """Whether the sampler's chain is temperature 0 alone: greedy decoding with nothing else that
+    could change the choice (no penalty, bias, ban or processor of the caller's)."""
+    procs = sampler.chain.processors
+    return len(procs) == 1 and type(procs[0]) is Temperature and procs[0].temperature == 0.0
+
+
 class Run:
     """One sequence being generated: the sampler, the text released so far and
     the end conditions. `begin` takes a fresh session and gives the prompt to
@@ -859,6 +873,14 @@ class Run:
         self.made: list[Step] = []
         self.speculation: speculative.Speculation | None = None
         self.speculation_stats: speculative.SpeculationStats | None = None
+        # Plain greedy decoding with no log-probabilities asked: the token is the logits' first
+        # argmax (what the sampler's greedy chain keeps), taken without the sampler's machinery.
+        self.argmax_only = not (logprobs or top_n) and _plain_greedy(sampler)
+        # Set by a caller that reads the steps only when the run is over (generate without
+        # streaming): without stop strings, the texts are then decoded at the end, all at once.
+        self.texts_at_end = False
+        self.texts_made = 0  # steps whose text is made
+        self.decoder: StreamDecoder | None = None  # made by begin
 
     def steps(self) -> Iterator[Step]:
         """The steps of this run alone (a batch of one), as they are made."""
@@ -866,6 +888,8 @@ class Run:
             yield step
 
     def generation(self) -> Generation:
+        if self._texts_later():
+            self._release_later_texts()
         return Generation(self.prompt_ids, [s.token for s in self.made], self.text[: self.released],
                           self.finish_reason, list(self.made), int(self.sampler.seed), self.stop_string,
                           self.timings, self.speculation_stats)
@@ -884,23 +908,32 @@ class Run:
 
     def advance(self, logits: np.ndarray) -> Step:
         """Choose the next token from the logits of the last position fed, and make its Step."""
+        if self.argmax_only and isinstance(logits, np.ndarray) and logits.ndim == 1 and logits.size \
+                and logits.dtype.kind == "f":
+            token = int(logits.argmax())
+            # argmax finds a NaN or +inf first, and -inf only when every token is masked:
+            # then the sampler runs, and its checks name what is wrong with the logits.
+            if math.isfinite(logits[token]):
+                return self.take(token, logits, None)
         draw = self.sampler.step(logits, self.history)
         return self.take(draw.token, logits, draw.probs)
 
-    def take(self, token: int, logits: np.ndarray, probs: np.ndarray, position: int | None = None) -> Step:
+    def take(self, token: int, logits: np.ndarray, probs: np.ndarray | None, position: int | None = None) -> Step:
         """Make the Step of `token`, chosen from `logits` (the model's) through `probs` (the
-        distribution after the chain); `position` is the positions cached when it was chosen
-        (default: the session's, which is that when the session is fed one token per step)."""
-        tok, decoder, i = self.model.tokenizer, self.decoder, len(self.made)
+        distribution after the chain; read only for logprobs and top_n); `position` is the positions
+        cached when it was chosen (default: the session's, which is that when the session is fed one
+        token per step)."""
+        i = len(self.made)
         self.history.append(token)
         step = Step(i, token, "")
         if self.logprobs or self.top_n:
             self._details(step, logits, probs)
         finish, cut = None, 0
+        text_now = not self._texts_later()
         if token in self.eos:
             finish = "eos"
-        elif decoder is not None:
-            self.text += decoder.push(token)
+        elif text_now and self.decoder is not None:
+            self.text += self.decoder.push(token)
             for s in self.stops:
                 at = self.text.find(s, self.released)
                 if at >= 0 and (finish is None or at < cut):
@@ -909,24 +942,46 @@ class Run:
             finish = "length"
         if finish is None and (self.session.pos if position is None else position) >= self.limit:
             finish = "context"
+        if text_now:
+            self._release(step, finish, cut)
+        step.finish_reason = finish
+        self.made.append(step)
+        if text_now:
+            self.texts_made = len(self.made)
+        self._clock(step)
+        if finish is not None:
+            self.finish_reason = finish
+            self.done = True
+        return step
+
+    def _texts_later(self) -> bool:
+        """Whether the steps' texts are made when the run is over: its caller reads the steps only
+        then (texts_at_end), and no stop string needs the text to decide where the run ends."""
+        return self.texts_at_end and not self.stops and self.decoder is not None
+
+    def _release(self, step: Step, finish: str | None, cut: int) -> None:
+        """Give `step` the text that is final once its token is in: up to a stop string (at `cut`), all of
+        it at the end (with a character left incomplete), else all but what could begin a stop string."""
         if finish == "stop":
             end = cut
         elif finish is not None:
-            if decoder is not None:  # release a character left incomplete at the end
-                self.text += tok.decode(decoder.ids)[decoder.emitted:]
+            if self.decoder is not None:  # release a character left incomplete at the end
+                self.text += self.model.tokenizer.decode(self.decoder.ids)[self.decoder.emitted:]
             end = len(self.text)
         else:
             end = len(self.text) - _held_back(self.text, self.released, self.stops)
         end = max(end, self.released)
         step.text = self.text[self.released:end]
         self.released = end
-        step.finish_reason = finish
-        self.made.append(step)
-        self._clock(step)
-        if finish is not None:
-            self.finish_reason = finish
-            self.done = True
-        return step
+
+    def _release_later_texts(self) -> None:
+        """The texts of the steps made without them (see _texts_later): the decoder takes their tokens in
+        order, as take would have given them one by one, so every text is the one it would have made."""
+        for step in self.made[self.texts_made:]:
+            if step.token not in self.eos:
+                self.text += self.decoder.push(step.token)
+            self._release(step, step.finish_reason, 0)
+        self.texts_made = len(self.made)
 
     def _clock(self, step: Step) -> None:
         now = time.perf_counter()

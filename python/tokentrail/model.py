@@ -314,8 +314,8 @@ class Model:
             except ValueError as e:
                 raise InvalidArgumentError(f"forward_batch: {e}") from None
             for session, toks in zip(sessions, ids):
-                session.tokens.extend(int(i) for i in toks)
-            self._count_tokens(sum(int(toks.size) for toks in ids))
+                session.tokens.extend(toks.tolist())
+            self._count_tokens(sum(toks.size for toks in ids))
         return [None if mode == "none" else o for mode, o in zip(modes, out)]
 
     def hooks(self) -> Hooks:
@@ -481,6 +481,14 @@ class Session:
 
     def _checked_ids(self, ids: Sequence[int], who: str = "") -> np.ndarray:
         """`ids` as int32 for the core, after the checks that give clear errors (`who` prefixes them)."""
+        if type(ids) is list and ids and all(type(i) is int for i in ids):
+            # The common case (a decode step's one id, a prompt): checked without numpy's reductions.
+            self._check_room(len(ids), who)
+            vocab = self.model.config.vocab_size
+            if min(ids) < 0 or max(ids) >= vocab:
+                bad = next(i for i in ids if not 0 <= i < vocab)
+                raise InvalidArgumentError(f"{who}token id {bad} is outside the vocabulary (size {vocab})")
+            return np.array(ids, dtype=np.int32)
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
         if ids.ndim != 1 or ids.size == 0:
             raise InvalidArgumentError(f"{who}feed needs a non-empty 1-D sequence of token ids")

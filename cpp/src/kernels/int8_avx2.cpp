@@ -22,6 +22,7 @@ struct IV : Int8UnpackX86 {
   static I iload(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
   static void add_128(int8_t*, int) {}
+  static void copy_add_128(const uint8_t*, int8_t*) {}
   static I iset1(int32_t v) { return _mm256_set1_epi32(v); }
   static I load_a(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   // Two u8 * s8 products fit int16 only for |w| <= 64; WIDE splits w into 2 * (w >> 1) + (w & 1).

@@ -83,6 +83,11 @@ struct IV : Int8UnpackX86 {
       r[12 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(e, e2, 0xDD));
     }
   }
+  // 32 bytes from p to w, each + 128.
+  static void copy_add_128(const uint8_t* p, int8_t* w) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w),
+                        _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), _mm256_set1_epi8(char(0x80))));
+  }
   // w + 128 for n bytes (n a multiple of 32): signed weights to vpdpbusd's unsigned operand.
   static void add_128(int8_t* w, int n) {
     int i = 0;

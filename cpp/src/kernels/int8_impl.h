@@ -206,7 +206,9 @@ static void unpack_row(const uint8_t* __restrict row, size_t row_bytes, int K, c
     int8_t* __restrict w = u.w + size_t(b) * VALUES;
     if constexpr (VALUES == 32) {
       float d = IV::half(blk), m = 0.0f;
-      if constexpr (T == DType::Q8_0) {
+      if constexpr (T == DType::Q8_0 && IV::UNSIGNED_WEIGHTS) {
+        IV::copy_add_128(blk + 2, w);  // copied straight to the unsigned side (no add_128 pass below)
+      } else if constexpr (T == DType::Q8_0) {
         std::memcpy(w, blk + 2, 32);
       } else if constexpr (T == DType::Q4_0) {
         IV::nibbles(blk + 2, w, 8);
@@ -268,7 +270,7 @@ static void unpack_row(const uint8_t* __restrict row, size_t row_bytes, int K, c
     }
   }
   if constexpr (IV::UNSIGNED_WEIGHTS) {
-    IV::add_128(u.w, K);  // the corrections come with the activations
+    if constexpr (T != DType::Q8_0) IV::add_128(u.w, K);  // the corrections come with the activations
   } else {
     constexpr int SUB = Int8Layout<T>::SUB;
     for (int s = 0; s < K / SUB; ++s) u.start[s] = -128 * IV::sum_bytes(u.w + s * SUB, SUB);

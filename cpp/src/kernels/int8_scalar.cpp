@@ -18,6 +18,7 @@ struct IV {
   static I iload(const int32_t* p) { return *p; }
   static I iadd(I a, I b) { return a + b; }
   static void add_128(int8_t*, int) {}
+  static void copy_add_128(const uint8_t*, int8_t*) {}
   static I iset1(int32_t v) { return v; }
   static I load_a(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return int32_t(v); }
   template <bool WIDE>

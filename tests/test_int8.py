@@ -209,21 +209,21 @@ def test_a_product_group_refuses_bad_groups():
 
 
 def test_a_few_tokens_give_the_rows_of_a_full_tile_bit_for_bit(each_isa):
-    """The int8 product of a token does not depend on how many tokens share the call: 1-7 tokens
-    (a streaming kernel with its lanes over rows, where the variant has one) equal the same tokens
-    among 16 (the token-lane kernel), bit for bit, for whole blocks of rows and their tails and for
-    rows of an odd number of 32-value blocks."""
+    """The int8 product of a token does not depend on how many tokens share the call: up to 32
+    tokens (a streaming kernel with its lanes over rows, where the variant has one; tokens past 16
+    sit in a second tile of scales) equal the same tokens among 48 (the token-lane kernel), bit for
+    bit, for whole blocks of rows and their tails and for rows of an odd number of 32-value blocks."""
     rng = np.random.default_rng(11)
     for dtype in TYPES:
         widths = (256, 768) if dtype in K_QUANTS else (96, 160, 576)
         for k in widths:
             for rows in (16, 37, 64):
                 w = quantize(rng.standard_normal((rows, k)).astype(np.float32), dtype)
-                x = activations(rng, 16, k)
+                x = activations(rng, 48, k)
                 for isa in each_isa:
                     _core.set_isa(isa)
                     full = _core.matmul(w, dtype, rows, k, x, int8_activations=True)
-                    for n in (1, 2, 3, 7):
+                    for n in (1, 2, 3, 7, 8, 16, 17, 24, 32):
                         few = _core.matmul(w, dtype, rows, k, x[:n], int8_activations=True)
                         np.testing.assert_array_equal(few, full[:n], err_msg=f"{isa} {dtype} k={k} rows={rows} n={n}")
 

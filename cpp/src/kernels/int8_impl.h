@@ -407,15 +407,17 @@ static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, in
       const int bb = b + h;
       for (int t = 0; t < n; ++t) {
         const int8_t* q = a.flat.data() + size_t(t) * K + size_t(bb) * 32;
+        const int tile = t / L, lane = t % L;  // where token t's scales and corrections sit
+        const int32_t* corr = a.correction(tile, 2 * bb) + lane;
         // Two chains of four (integer sums: the order does not matter).
-        typename IV::I even = IV::iset1(a.corr[size_t(2 * bb) * L + t] + a.corr[size_t(2 * bb + 1) * L + t]);
+        typename IV::I even = IV::iset1(corr[0] + corr[L]);
         typename IV::I odd = IV::iset1(0);
         for (int j = 0; j < 8; j += 2) {
           even = IV::dot4_rows(even, w[8 * h + j], q + 4 * j);
           odd = IV::dot4_rows(odd, w[8 * h + j + 1], q + 4 * j + 4);
         }
         const typename IV::I dot = IV::iadd(even, odd);
-        acc[t] = IV::ffma(IV::cvt(dot), IV::fmul(scale, IV::fset1(a.scale[size_t(bb) * L + t])), acc[t]);
+        acc[t] = IV::ffma(IV::cvt(dot), IV::fmul(scale, IV::fset1(a.block_scale(tile, bb)[lane])), acc[t]);
       }
     }
   }

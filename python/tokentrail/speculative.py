@@ -18,7 +18,9 @@ The result is exactly what plain decoding gives:
   rests on the core computing a position's logits identically whether it is
   fed alone or with a few others (products of fewer than GEMM_MIN_ROWS rows
   take the same kernel path); ``MAX_K`` keeps every verification below that,
-  and below INT8_MIN_ROWS for a model with int8 activations (``exact=False``).
+  and below INT8_MIN_ROWS for a model with int8 activations (``exact=False``)
+  unless the int8 kernels give its weight types the same results at every
+  row count (Q8_0 with AVX-512 VNNI; ``max_k_for``).
 * sampling: the standard rejection rule. With p the target's distribution
   and q the proposer's (both after the same processor chain, evaluated for
   each position with the tokens before it, so penalties see what plain
@@ -239,8 +241,13 @@ class Speculation:
 
 def max_k_for(target: "Model") -> int:
     """The most proposals one verification of `target` may hold: its k+1 rows must take the kernel path
-    of a single row (below GEMM_MIN_ROWS; below INT8_MIN_ROWS when its products round activations to int8)."""
+    of a single row (below GEMM_MIN_ROWS; below INT8_MIN_ROWS when its products round activations to
+    int8, unless the int8 kernels give every row count the same results for all its weight types)."""
     if getattr(target, "exact", True):
+        return MAX_K
+    int8_types = {w.dtype for w in target.weights.values()
+                  if len(w.shape) == 2 and w.dtype not in ("f32", "f16", "bf16")}
+    if int8_types and all(_core.int8_every_row_count(t) for t in int8_types):
         return MAX_K
     return min(MAX_K, int(_core.INT8_MIN_ROWS) - 2)
 

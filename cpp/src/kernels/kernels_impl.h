@@ -68,18 +68,23 @@ static inline void micro_tile(const T* w, size_t ldw, const float* x, size_t ldx
 // edges. `tile(Rows, Cols, r, t)` computes rows r.. for tokens t.., with Rows/Cols as
 // std::integral_constant so the tile sizes stay compile-time. gemv_group (below) shares
 // the blocks among the threads.
-template <int R, int C = V::TILE_COLS, class Tile>
-static inline void gemv_block(int r0, int r1, int n, Tile tile, int t = 0) {
+template <int R, class Tile>
+static inline void gemv_block(int r0, int r1, int n, Tile tile) {
+  constexpr int C = V::TILE_COLS;
   using RT = std::integral_constant<int, R>;
   using CT = std::integral_constant<int, C>;
   using One = std::integral_constant<int, 1>;
+  int t = 0;
   for (; t + C <= n; t += C) {
     int r = r0;
     for (; r + R <= r1; r += R) tile(RT{}, CT{}, r, t);
     for (; r < r1; ++r) tile(One{}, CT{}, r, t);
   }
-  // The tokens left over: tiles of half as many, down to one.
-  if constexpr (C > 1) gemv_block<R, C / 2>(r0, r1, n, tile, t);
+  for (; t < n; ++t) {
+    int r = r0;
+    for (; r + R <= r1; r += R) tile(RT{}, One{}, r, t);
+    for (; r < r1; ++r) tile(One{}, One{}, r, t);
+  }
 }
 
 constexpr int GEMV_ROW_BLOCK = 16;
@@ -695,9 +700,10 @@ static inline void widen_halves(const uint8_t* blk, int k, typename V::R& lo, ty
 }
 
 // The 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) skip any
-// buffer: quants are widened in registers and scaled by their block's d once
-// for all C tokens, then multiplied by x straight into the accumulators (the
-// offset of the types that have one needs only the block's sum of x). R rows
+// buffer: quants are widened in registers (Q8_0's scaled by their block's d
+// once for all C tokens and multiplied by x straight into the accumulators;
+// the nibble types' summed per block and scaled per token), and the offset of
+// the types that have one needs only the block's sum of x. R rows
 // at a time give R * C independent accumulation chains and share each x load
 // through L1. A token's arithmetic does not depend on C or R, so a row's result
 // is the same whether it is computed alone or beside others.
@@ -725,16 +731,19 @@ static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, co
           for (int c = 0; c < C; ++c) acc[r][c] = V::fma(w, V::load(xb + c * ldx + k), acc[r][c]);
         }
       } else {
+        // Nibble types keep one sum per block, scaled once per token: their single-token decode
+        // is bound by the widening, which the extra multiplications above would slow (4 %).
+        typename V::R part[C];
+        for (int c = 0; c < C; ++c) part[c] = V::zero();
         for (int k = 0; k < 16; k += V::W) {
           typename V::R lo, hi;
           widen_halves<T>(blk, k, lo, hi);
-          lo = V::mul(lo, d);
-          hi = V::mul(hi, d);
           for (int c = 0; c < C; ++c) {
-            acc[r][c] = V::fma(lo, V::load(xb + c * ldx + k), acc[r][c]);
-            acc[r][c] = V::fma(hi, V::load(xb + c * ldx + 16 + k), acc[r][c]);
+            part[c] = V::fma(lo, V::load(xb + c * ldx + k), part[c]);
+            part[c] = V::fma(hi, V::load(xb + c * ldx + 16 + k), part[c]);
           }
         }
+        for (int c = 0; c < C; ++c) acc[r][c] = V::fma(d, part[c], acc[r][c]);
       }
       if constexpr (WITH_MIN) {
         const float m = V::half(blk + 2);

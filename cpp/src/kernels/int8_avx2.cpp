@@ -3,26 +3,19 @@
 #include <immintrin.h>
 
 #include "int8_x86.h"
+#include "int8_signed.h"
 #include "kernels_common.h"
 
 namespace tokentrail {
 namespace int8_avx2 {
 
-struct IV : Int8UnpackX86 {
+struct IV : Int8UnpackX86, Int8SignedWeights<__m256i, __m256> {
   using I = __m256i;
   using F = __m256;
   // 2 weight rows x 2 tiles of 8 tokens fit the 16 registers.
   static constexpr int LANES = 8, ROWS = 2, TILES = 2, ROWS_ONE_TILE = 4;
-  static constexpr bool UNSIGNED_WEIGHTS = false;
-  static constexpr bool HAS_ROW_LANES = false;  // Q8_0 below INT8_MIN_ROWS keeps the float path
-  static void q8_0_pair_by_rows(const uint8_t*, size_t, I*) {}
-  static void q8_0_one_by_rows(const uint8_t*, size_t, I*) {}
-  static F halves_by_rows(const uint8_t*, size_t) { return fzero(); }
-  static I dot4_rows(I acc, I, const int8_t*) { return acc; }
   static I iload(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
-  static void add_128(int8_t*, int) {}
-  static void copy_add_128(const uint8_t*, int8_t*) {}
   static I iset1(int32_t v) { return _mm256_set1_epi32(v); }
   static I load_a(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   // Two u8 * s8 products fit int16 only for |w| <= 64; WIDE splits w into 2 * (w >> 1) + (w & 1).

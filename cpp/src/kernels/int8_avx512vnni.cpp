@@ -2,6 +2,7 @@
 // activation bytes by four s8 weights and adds them into each int32 lane.
 #include <immintrin.h>
 
+#include "avx512_transpose.h"
 #include "int8_x86.h"
 #include "kernels_common.h"
 
@@ -62,26 +63,10 @@ struct IV : Int8UnpackX86 {
   }
   // In place: 32-bit element j of r[i] becomes element i of r[j] (a 16 x 16 block).
   static void transpose16(I* r) {
-    __m512 a[16], b[16];
-    for (int i = 0; i < 8; ++i) {
-      const __m512 x = _mm512_castsi512_ps(r[2 * i]), y = _mm512_castsi512_ps(r[2 * i + 1]);
-      a[2 * i] = _mm512_unpacklo_ps(x, y);
-      a[2 * i + 1] = _mm512_unpackhi_ps(x, y);
-    }
-    for (int g = 0; g < 4; ++g) {
-      b[4 * g + 0] = _mm512_shuffle_ps(a[4 * g + 0], a[4 * g + 2], 0x44);
-      b[4 * g + 1] = _mm512_shuffle_ps(a[4 * g + 0], a[4 * g + 2], 0xEE);
-      b[4 * g + 2] = _mm512_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0x44);
-      b[4 * g + 3] = _mm512_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0xEE);
-    }
-    for (int c = 0; c < 4; ++c) {
-      const __m512 d = _mm512_shuffle_f32x4(b[c], b[4 + c], 0x88), e = _mm512_shuffle_f32x4(b[c], b[4 + c], 0xDD);
-      const __m512 d2 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0x88), e2 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0xDD);
-      r[c] = _mm512_castps_si512(_mm512_shuffle_f32x4(d, d2, 0x88));
-      r[8 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(d, d2, 0xDD));
-      r[4 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(e, e2, 0x88));
-      r[12 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(e, e2, 0xDD));
-    }
+    __m512 f[16];
+    for (int i = 0; i < 16; ++i) f[i] = _mm512_castsi512_ps(r[i]);
+    transpose_16x16(f);
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(f[i]);
   }
   // 32 bytes from p to w, each + 128.
   static void copy_add_128(const uint8_t* p, int8_t* w) {

@@ -465,41 +465,27 @@ static void int8_rows_of(const WeightView& w, const QuantizedActs& a, int r0, in
   }
 }
 
-// Most products one group may hold (q, k, v; gate, up).
-constexpr int INT8_MAX_GROUP = 8;
-
 // y_j[n][w_j.rows] = x[n][K] . w_j^T for every job: x rounded once per activation block size,
 // then blocks of INT8_ROW_BLOCK rows of all the weights spread over the threads together
 // (guided, as the float GEMV: long sequential runs first).
 static void int8_matmul_group(const MatmulJob* jobs, int count, const float* x, int n) {
-  if (count < 1 || count > INT8_MAX_GROUP) throw std::invalid_argument("int8 product group of 1..8 weights");
-  const int K = int(jobs[0].w->cols);
+  const ProductGroup group(jobs, count, INT8_ROW_BLOCK, n);
   bool need32 = false, need256 = false;
-  int first[INT8_MAX_GROUP + 1] = {0};
-  double work = 0.0;
   for (int j = 0; j < count; ++j) {
-    const WeightView& w = *jobs[j].w;
-    if (int(w.cols) != K) throw std::invalid_argument("a product group needs weights of one input width");
-    if (!int8_supported(w.type))
-      throw std::invalid_argument(std::string("no int8-activation product for ") + dtype_name(w.type));
-    (activation_block(w.type) == 256 ? need256 : need32) = true;
-    first[j + 1] = first[j] + int((w.rows + INT8_ROW_BLOCK - 1) / INT8_ROW_BLOCK);
-    work += double(w.rows) * K * n;
+    const DType t = jobs[j].w->type;
+    if (!int8_supported(t)) throw std::invalid_argument(std::string("no int8-activation product for ") + dtype_name(t));
+    (activation_block(t) == 256 ? need256 : need32) = true;
   }
   // The rounded activations live with the calling thread between calls (no allocation once warm).
   // (Named through references: inside the lambda a thread_local's own name would be the worker's.)
   static thread_local QuantizedActs caller32, caller256;
   QuantizedActs &acts32 = caller32, &acts256 = caller256;
-  if (need32) quantize_acts(x, n, K, 32, acts32);
-  if (need256) quantize_acts(x, n, K, 256, acts256);
-  parallel_for_if(work > 200000.0, first[count], 1, Split::Guided, [&](int64_t b0, int64_t b1) {
-    int j = 0;
-    for (int blk = int(b0); blk < int(b1); ++blk) {
-      while (blk >= first[j + 1]) ++j;
-      const WeightView& w = *jobs[j].w;
-      const int r0 = (blk - first[j]) * INT8_ROW_BLOCK, r1 = std::min(int(w.rows), r0 + INT8_ROW_BLOCK);
-      int8_rows_of(w, activation_block(w.type) == 256 ? acts256 : acts32, r0, r1, jobs[j].y);
-    }
+  if (need32) quantize_acts(x, n, group.K(), 32, acts32);
+  if (need256) quantize_acts(x, n, group.K(), 256, acts256);
+  parallel_for_if(group.work() > 200000.0, group.blocks(), 1, Split::Guided, [&](int64_t b0, int64_t b1) {
+    group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) {
+      int8_rows_of(*job.w, activation_block(job.w->type) == 256 ? acts256 : acts32, r0, r1, job.y);
+    });
   });
 }
 

@@ -1,24 +1,17 @@
 // Portable int8-activation products: one token per "vector", the reference
 // the vector variants are tested against (the same operations in the same order).
 #include "kernels_common.h"
+#include "int8_signed.h"
 
 namespace tokentrail {
 namespace int8_scalar {
 
-struct IV {
+struct IV : Int8SignedWeights<int32_t, float> {
   using I = int32_t;
   using F = float;
   static constexpr int LANES = 1, ROWS = 4, TILES = 1, ROWS_ONE_TILE = 4;
-  static constexpr bool UNSIGNED_WEIGHTS = false;
-  static constexpr bool HAS_ROW_LANES = false;  // Q8_0 below INT8_MIN_ROWS keeps the float path
-  static void q8_0_pair_by_rows(const uint8_t*, size_t, I*) {}
-  static void q8_0_one_by_rows(const uint8_t*, size_t, I*) {}
-  static F halves_by_rows(const uint8_t*, size_t) { return fzero(); }
-  static I dot4_rows(I acc, I, const int8_t*) { return acc; }
   static I iload(const int32_t* p) { return *p; }
   static I iadd(I a, I b) { return a + b; }
-  static void add_128(int8_t*, int) {}
-  static void copy_add_128(const uint8_t*, int8_t*) {}
   static I iset1(int32_t v) { return v; }
   static I load_a(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return int32_t(v); }
   template <bool WIDE>

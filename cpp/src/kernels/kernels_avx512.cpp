@@ -1,6 +1,7 @@
 // AVX-512 (F, BW, VL, DQ) variant: sixteen floats per vector.
 #include <immintrin.h>
 
+#include "avx512_transpose.h"
 #include "kernels_common.h"
 
 namespace tokentrail {
@@ -80,27 +81,7 @@ struct V {
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(R a) { return _mm512_reduce_add_ps(a); }
   // In place: r[i] lane j becomes r[j] lane i (a 16 x 16 block of floats).
-  static void transpose(R* r) {
-    R a[16], b[16];
-    for (int i = 0; i < 8; ++i) {
-      a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-      a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int g = 0; g < 4; ++g) {  // b[4g + c], 128-bit block L: rows 4g..4g+3 at column 4L + c
-      b[4 * g + 0] = _mm512_shuffle_ps(a[4 * g + 0], a[4 * g + 2], 0x44);
-      b[4 * g + 1] = _mm512_shuffle_ps(a[4 * g + 0], a[4 * g + 2], 0xEE);
-      b[4 * g + 2] = _mm512_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0x44);
-      b[4 * g + 3] = _mm512_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0xEE);
-    }
-    for (int c = 0; c < 4; ++c) {
-      const R d = _mm512_shuffle_f32x4(b[c], b[4 + c], 0x88), e = _mm512_shuffle_f32x4(b[c], b[4 + c], 0xDD);
-      const R d2 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0x88), e2 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0xDD);
-      r[c] = _mm512_shuffle_f32x4(d, d2, 0x88);
-      r[8 + c] = _mm512_shuffle_f32x4(d, d2, 0xDD);
-      r[4 + c] = _mm512_shuffle_f32x4(e, e2, 0x88);
-      r[12 + c] = _mm512_shuffle_f32x4(e, e2, 0xDD);
-    }
-  }
+  static void transpose(R* r) { transpose_16x16(r); }
   // Lane j of the result: the sum of v[j]'s lanes, for W vectors (a transpose and add, not W reductions).
   static R sum_lanes(const R* v) {
     __m512 u[4];  // u[g]: in each 128-bit block, partial sums of v[4g..4g+3]

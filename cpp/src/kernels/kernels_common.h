@@ -10,5 +10,6 @@
 #include <vector>
 
 #include "block_formats.h"
+#include "product_group.h"
 #include "tokentrail/kernels.h"
 #include "tokentrail/thread_pool.h"

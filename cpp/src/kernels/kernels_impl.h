@@ -913,30 +913,13 @@ static bool needs_sums_of_32(DType t) {
 // and whichever thread is free takes the next one). One block at a time measured 1.2-2x
 // slower decode: a shared counter bounced between cores per block, and streams broken every
 // 16 rows. Inside a block, register tiles of R rows x C tokens, smaller at the edges.
-constexpr int GEMV_MAX_GROUP = 8;
-
 static void gemv_group(const MatmulJob* jobs, int count, const float* x, int n) {
-  if (count < 1 || count > GEMV_MAX_GROUP) throw std::invalid_argument("product group of 1..8 weights");
-  const int K = int(jobs[0].w->cols);
-  int first[GEMV_MAX_GROUP + 1] = {0};
-  double work = 0.0;
+  const ProductGroup group(jobs, count, GEMV_ROW_BLOCK, n);
   bool sums = false;
-  for (int j = 0; j < count; ++j) {
-    const WeightView& w = *jobs[j].w;
-    if (int(w.cols) != K) throw std::invalid_argument("a product group needs weights of one input width");
-    first[j + 1] = first[j] + int((w.rows + GEMV_ROW_BLOCK - 1) / GEMV_ROW_BLOCK);
-    work += double(w.rows) * K * n;
-    sums = sums || needs_sums_of_32(w.type);
-  }
-  const float* xsum = sums ? sums_of_32(x, n, K) : nullptr;
-  parallel_for_if(work > 200000.0, first[count], 1, Split::Guided, [&](int64_t b0, int64_t b1) {
-    int j = 0;
-    for (int b = int(b0); b < int(b1); ++b) {
-      while (b >= first[j + 1]) ++j;
-      const WeightView& w = *jobs[j].w;
-      const int r0 = (b - first[j]) * GEMV_ROW_BLOCK, r1 = std::min(int(w.rows), r0 + GEMV_ROW_BLOCK);
-      gemv_rows_of(w, x, xsum, n, jobs[j].y, r0, r1);
-    }
+  for (int j = 0; j < count; ++j) sums = sums || needs_sums_of_32(jobs[j].w->type);
+  const float* xsum = sums ? sums_of_32(x, n, group.K()) : nullptr;
+  parallel_for_if(group.work() > 200000.0, group.blocks(), 1, Split::Guided, [&](int64_t b0, int64_t b1) {
+    group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) { gemv_rows_of(*job.w, x, xsum, n, job.y, r0, r1); });
   });
 }
 
@@ -945,7 +928,7 @@ static void gemv_group(const MatmulJob* jobs, int count, const float* x, int n) 
 // prefill-sized products (GEMM_MIN_ROWS tokens or more, see kernels.h) through the
 // packed GEMM, decode-sized ones through the GEMV of each weight's type.
 static void matmul_group(const MatmulJob* jobs, int count, const float* x, int n) {
-  if (count < 1 || count > GEMV_MAX_GROUP) throw std::invalid_argument("product group of 1..8 weights");
+  if (count < 1 || count > MAX_PRODUCT_GROUP) throw std::invalid_argument("product group of 1..8 weights");
   // Int8 activations for a weight that asks for them, from INT8_MIN_ROWS tokens (at any number where
   // the int8 variant gives batch-independent results for its type).
   auto rounds = [n](const WeightView& w) {
@@ -966,13 +949,13 @@ static void matmul_group(const MatmulJob* jobs, int count, const float* x, int n
     }
   } else {
     // Weights of mixed kinds below GEMM_MIN_ROWS: the int8 ones alone, the float ones together.
-    MatmulJob floats[GEMV_MAX_GROUP];
+    MatmulJob floats[MAX_PRODUCT_GROUP];
     int nf = 0;
     for (int j = 0; j < count; ++j) {
       const WeightView& w = *jobs[j].w;
       if (rounds(w))
         int8_kernels().matmul(w, x, n, jobs[j].y);
-      else if (nf < GEMV_MAX_GROUP)
+      else
         floats[nf++] = jobs[j];
     }
     if (nf) gemv_group(floats, nf, x, n);

@@ -49,12 +49,21 @@ constexpr int ACT_OFFSET = IV::UNSIGNED_WEIGHTS ? 0 : 128;
 // tokens, 1.2x at 12 and 1.12x at 24, equal at 32.
 constexpr int ROW_LANE_MAX_TOKENS = 32;
 
+// Weight rows are unpacked (or streamed) and multiplied in blocks of this many.
+constexpr int INT8_ROW_BLOCK = 16;
+
 struct QuantizedActs {
   int n = 0, K = 0, tiles = 0;
+  bool has_tiles = false;  // whether q, scale, scaled_sum and corr hold these activations
   std::vector<uint8_t> q;
   std::vector<float> scale, scaled_sum;
   std::vector<int32_t> corr;
-  std::vector<int8_t> flat;  // q as [n][K] for the row-lane kernel (a single tile of tokens)
+  // For the row-lane kernel (n <= ROW_LANE_MAX_TOKENS), per 32-value block b and token t in
+  // the order the kernel walks them: the quants at flat[(b * n + t) * 32], the block's
+  // correction -128 * sum(q) at flat_corr[b * n + t] and its scale at flat_scale[b * n + t].
+  std::vector<int8_t> flat;
+  std::vector<int32_t> flat_corr;
+  std::vector<float> flat_scale;
   const uint8_t* group(int tile, int g) const { return q.data() + (size_t(tile) * (K / 4) + g) * IV::LANES * 4; }
   const float* block_scale(int tile, int b) const { return scale.data() + (size_t(tile) * (K / 32) + b) * IV::LANES; }
   const float* block_sum(int tile, int b) const { return scaled_sum.data() + (size_t(tile) * (K / 32) + b) * IV::LANES; }
@@ -64,6 +73,26 @@ struct QuantizedActs {
 // One 32-value block to int8 as llama.cpp rounds Q8_0 inputs: q = round-half-even(x * 127 / amax),
 // the scale amax / 127 rounded to half precision. `sum` receives the sum of q.
 static inline float quantize_block_32(const float* x, int8_t* q, int& sum) {
+#if defined(__AVX512BW__)
+  // The same steps on two vectors of 16: the maximum over the magnitudes' bit patterns, the
+  // clamp to +-127 and a conversion that rounds half to even.
+  const __m512i no_sign = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
+  const uint32_t amax_bits = _mm512_reduce_max_epu32(
+      _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(lo), no_sign), _mm512_and_si512(_mm512_castps_si512(hi), no_sign)));
+  float amax;
+  std::memcpy(&amax, &amax_bits, 4);
+  const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f), scale = _mm512_set1_ps(id);
+  const __m512i qlo = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(lo, scale), bottom), top),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i qhi = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(hi, scale), bottom), top),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qlo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qhi));
+  sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+  return f16_to_f32(f32_to_f16(amax / 127.0f));
+#else
   // The largest magnitude as the largest bit pattern without the sign (the same order for
   // every finite value), which compiles to vector integer maxima; a NaN makes the scale NaN.
   uint32_t amax_bits = 0;
@@ -92,6 +121,7 @@ static inline float quantize_block_32(const float* x, int8_t* q, int& sum) {
   }
   sum = s;
   return f16_to_f32(f32_to_f16(amax / 127.0f));
+#endif
 }
 
 // One 256-value block as llama.cpp rounds the inputs of k-quant products (Q8_K): the value of
@@ -123,19 +153,35 @@ static inline float quantize_block_256(const float* x, int8_t* q, int* sums) {
   return 1.0f / iscale;
 }
 
-// Rounds x [n][K] in blocks of `block` values (32: Q8_0's rounding; 256: Q8_K's) into `a`.
-static void quantize_acts(const float* x, int n, int K, int block, QuantizedActs& a) {
+// Whether products of `w` with n tokens run entirely in the row-lane kernel (whole blocks of
+// 16 rows), which reads the activations' flat layout only.
+static bool streams_row_lanes(const WeightView& w, int n) {
+  return w.type == DType::Q8_0 && IV::HAS_ROW_LANES && IV::LANES == INT8_ROW_BLOCK && n <= ROW_LANE_MAX_TOKENS &&
+         w.rows % INT8_ROW_BLOCK == 0;
+}
+
+// Rounds x [n][K] in blocks of `block` values (32: Q8_0's rounding; 256: Q8_K's) into `a`:
+// the token tiles only if `tiles` (some product runs the token-lane kernel), the flat
+// layout whenever the row-lane kernel may read it.
+static void quantize_acts(const float* x, int n, int K, int block, bool tiles, QuantizedActs& a) {
   constexpr int L = IV::LANES;
   a.n = n;
   a.K = K;
   a.tiles = (n + L - 1) / L;
+  a.has_tiles = tiles;
   const int nb = K / 32;
-  a.q.assign(size_t(a.tiles) * K * L, ACT_OFFSET);  // padding lanes: q = 0
-  a.scale.assign(size_t(a.tiles) * nb * L, 0.0f);
-  a.scaled_sum.assign(size_t(a.tiles) * nb * L, 0.0f);
-  if (IV::UNSIGNED_WEIGHTS) a.corr.assign(size_t(a.tiles) * (K / 16) * L, 0);
-  const bool flat = IV::HAS_ROW_LANES && n <= ROW_LANE_MAX_TOKENS;
-  if (flat) a.flat.resize(size_t(n) * K);
+  if (tiles) {
+    a.q.assign(size_t(a.tiles) * K * L, ACT_OFFSET);  // padding lanes: q = 0
+    a.scale.assign(size_t(a.tiles) * nb * L, 0.0f);
+    a.scaled_sum.assign(size_t(a.tiles) * nb * L, 0.0f);
+    if (IV::UNSIGNED_WEIGHTS) a.corr.assign(size_t(a.tiles) * (K / 16) * L, 0);
+  }
+  const bool flat = IV::HAS_ROW_LANES && n <= ROW_LANE_MAX_TOKENS && block == 32;
+  if (flat) {
+    a.flat.resize(size_t(n) * K);
+    a.flat_corr.resize(size_t(n) * nb);
+    a.flat_scale.resize(size_t(n) * nb);
+  }
   parallel_for_if(double(n) * K > 262144.0, n, 1, Split::Even, [&](int64_t t0, int64_t t1) {
   for (int t = int(t0); t < int(t1); ++t) {
     const int tile = t / L, lane = t % L;
@@ -151,9 +197,14 @@ static void quantize_acts(const float* x, int n, int K, int block, QuantizedActs
       }
       const int8_t* qb = block == 32 ? q : q + 32 * (b % 8);
       const int sum = block == 32 ? sums[0] : sums[b % 8];
+      if (flat) {
+        std::memcpy(a.flat.data() + (size_t(b) * n + t) * 32, qb, 32);
+        a.flat_corr[size_t(b) * n + t] = -128 * sum;
+        a.flat_scale[size_t(b) * n + t] = d;
+      }
+      if (!tiles) continue;
       a.scale[(size_t(tile) * nb + b) * L + lane] = d;
       a.scaled_sum[(size_t(tile) * nb + b) * L + lane] = d * float(sum);
-      if (flat) std::memcpy(a.flat.data() + size_t(t) * K + size_t(b) * 32, qb, 32);
       for (int g = 0; g < 8; ++g) {  // 4 bytes to each group's lane
         uint32_t four;
         std::memcpy(&four, qb + 4 * g, 4);
@@ -350,8 +401,6 @@ static inline void int8_block(const UnpackedRow* u, int nr, const QuantizedActs&
     for (int t = 0; t < a.tiles; ++t) int8_tile<T, 1, 1>(u + r, a, t, out + size_t(r) * ld, ld);
 }
 
-// Weight rows are unpacked and multiplied in blocks of this many.
-constexpr int INT8_ROW_BLOCK = 16;
 
 // Working memory of one thread: a block of unpacked rows and its outputs, kept between calls.
 struct Int8Scratch {
@@ -383,10 +432,10 @@ static Int8Scratch& int8_scratch(int K, int nsub, size_t out_floats) {
 // each token's 4 bytes are broadcast against it (the lanes run over rows). The float steps
 // per row and block are int8_tile's in the same order, so every result is bit for bit the
 // token-lane kernel's: a row's product does not depend on how many tokens share the call.
-static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, int r0, float* out) {
+static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, int r0, float* y) {
   constexpr int L = IV::LANES, BYTES = 34;
   const int K = a.K, nb = K / 32, n = a.n;
-  const size_t ld = size_t(a.tiles) * L, rb = wv.row_bytes, ahead = prefetch_distance(rb);
+  const size_t rb = wv.row_bytes, ahead = prefetch_distance(rb), ldy = wv.rows;
   const uint8_t* base = wv.row(r0);
   typename IV::F acc[ROW_LANE_MAX_TOKENS];
   for (int t = 0; t < n; ++t) acc[t] = IV::fzero();
@@ -404,28 +453,26 @@ static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, in
       IV::q8_0_one_by_rows(blk, rb, w);
     for (int h = 0; h < pair; ++h) {
       const typename IV::F scale = IV::halves_by_rows(blk + h * BYTES, rb);
-      const int bb = b + h;
-      for (int t = 0; t < n; ++t) {
-        const int8_t* q = a.flat.data() + size_t(t) * K + size_t(bb) * 32;
-        const int tile = t / L, lane = t % L;  // where token t's scales and corrections sit
-        const int32_t* corr = a.correction(tile, 2 * bb) + lane;
+      const typename IV::I* wh = w + 8 * h;
+      // Token t's quants, correction and scale for this block lie one after another.
+      const int8_t* q = a.flat.data() + size_t(b + h) * n * 32;
+      const int32_t* corr = a.flat_corr.data() + size_t(b + h) * n;
+      const float* da = a.flat_scale.data() + size_t(b + h) * n;
+      for (int t = 0; t < n; ++t, q += 32) {
         // Two chains of four (integer sums: the order does not matter).
-        typename IV::I even = IV::iset1(corr[0] + corr[L]);
-        typename IV::I odd = IV::iset1(0);
-        for (int j = 0; j < 8; j += 2) {
-          even = IV::dot4_rows(even, w[8 * h + j], q + 4 * j);
-          odd = IV::dot4_rows(odd, w[8 * h + j + 1], q + 4 * j + 4);
+        typename IV::I even = IV::iset1(corr[t]);
+        typename IV::I odd = IV::dot4_rows(IV::iset1(0), wh[1], q + 4);
+        even = IV::dot4_rows(even, wh[0], q);
+        for (int j = 2; j < 8; j += 2) {
+          even = IV::dot4_rows(even, wh[j], q + 4 * j);
+          odd = IV::dot4_rows(odd, wh[j + 1], q + 4 * j + 4);
         }
-        const typename IV::I dot = IV::iadd(even, odd);
-        acc[t] = IV::ffma(IV::cvt(dot), IV::fmul(scale, IV::fset1(a.block_scale(tile, bb)[lane])), acc[t]);
+        acc[t] = IV::ffma(IV::cvt(IV::iadd(even, odd)), IV::fmul(scale, IV::fset1(da[t])), acc[t]);
       }
     }
   }
-  for (int t = 0; t < n; ++t) {
-    alignas(64) float lanes[L];
-    IV::fstore(lanes, acc[t]);
-    for (int r = 0; r < L; ++r) out[size_t(r) * ld + t] = lanes[r];
-  }
+  // Lanes are rows: each token's 16 results go straight to its row of y.
+  for (int t = 0; t < n; ++t) IV::fstore(y + size_t(t) * ldy + r0, acc[t]);
 }
 
 // Rows [r0, r1) of w (at most INT8_ROW_BLOCK) against every token: unpacked once, multiplied
@@ -435,14 +482,11 @@ static void int8_rows(const WeightView& wv, const QuantizedActs& a, int r0, int 
   constexpr int SUB = Int8Layout<T>::SUB;
   const int K = int(wv.cols), nr = r1 - r0, rows = int(wv.rows);
   const size_t ld = size_t(a.tiles) * IV::LANES;
+  if (streams_row_lanes(wv, a.n)) return int8_q8_0_row_lanes(wv, a, r0, y);
+  if (!a.has_tiles) throw std::logic_error("int8 product: activations rounded without their token tiles");
   Int8Scratch& s = int8_scratch(K, K / SUB, size_t(INT8_ROW_BLOCK) * ld);
-  if (T == DType::Q8_0 && IV::HAS_ROW_LANES && a.n <= ROW_LANE_MAX_TOKENS && nr == INT8_ROW_BLOCK &&
-      IV::LANES == INT8_ROW_BLOCK) {
-    int8_q8_0_row_lanes(wv, a, r0, s.out.data());
-  } else {
-    for (int r = 0; r < nr; ++r) unpack_row<T>(wv.row(r0 + r), wv.row_bytes, K, s.rows[r]);
-    int8_block<T>(s.rows, nr, a, s.out.data());
-  }
+  for (int r = 0; r < nr; ++r) unpack_row<T>(wv.row(r0 + r), wv.row_bytes, K, s.rows[r]);
+  int8_block<T>(s.rows, nr, a, s.out.data());
   const float* out = s.out.data();
   for (int t = 0; t < a.n; ++t) {
     float* yt = y + size_t(t) * rows + r0;
@@ -470,18 +514,19 @@ static void int8_rows_of(const WeightView& w, const QuantizedActs& a, int r0, in
 // (guided, as the float GEMV: long sequential runs first).
 static void int8_matmul_group(const MatmulJob* jobs, int count, const float* x, int n) {
   const ProductGroup group(jobs, count, INT8_ROW_BLOCK, n);
-  bool need32 = false, need256 = false;
+  bool need32 = false, need256 = false, tiles32 = false;
   for (int j = 0; j < count; ++j) {
     const DType t = jobs[j].w->type;
     if (!int8_supported(t)) throw std::invalid_argument(std::string("no int8-activation product for ") + dtype_name(t));
     (activation_block(t) == 256 ? need256 : need32) = true;
+    if (activation_block(t) == 32 && !streams_row_lanes(*jobs[j].w, n)) tiles32 = true;
   }
   // The rounded activations live with the calling thread between calls (no allocation once warm).
   // (Named through references: inside the lambda a thread_local's own name would be the worker's.)
   static thread_local QuantizedActs caller32, caller256;
   QuantizedActs &acts32 = caller32, &acts256 = caller256;
-  if (need32) quantize_acts(x, n, group.K(), 32, acts32);
-  if (need256) quantize_acts(x, n, group.K(), 256, acts256);
+  if (need32) quantize_acts(x, n, group.K(), 32, tiles32, acts32);
+  if (need256) quantize_acts(x, n, group.K(), 256, true, acts256);
   parallel_for_if(group.work() > 200000.0, group.blocks(), 1, Split::Guided, [&](int64_t b0, int64_t b1) {
     group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) {
       int8_rows_of(*job.w, activation_block(job.w->type) == 256 ? acts256 : acts32, r0, r1, job.y);

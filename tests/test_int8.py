@@ -210,9 +210,9 @@ def test_a_product_group_refuses_bad_groups():
 
 
 def test_a_few_tokens_give_the_rows_of_a_full_tile_bit_for_bit(each_isa):
-    """The int8 product of a token does not depend on how many tokens share the call: up to 32
+    """The int8 product of a token does not depend on how many tokens share the call: up to 64
     tokens (a streaming kernel with its lanes over rows, where the variant has one; tokens past 16
-    sit in a second tile of scales) equal the same tokens among 48 (the token-lane kernel), bit for
+    sit in further tiles of scales) equal the same tokens among 80 (the token-lane kernel), bit for
     bit, for whole blocks of rows and their tails and for rows of an odd number of 32-value blocks."""
     rng = np.random.default_rng(11)
     for dtype in TYPES:
@@ -220,11 +220,11 @@ def test_a_few_tokens_give_the_rows_of_a_full_tile_bit_for_bit(each_isa):
         for k in widths:
             for rows in (16, 37, 64):
                 w = quantize(rng.standard_normal((rows, k)).astype(np.float32), dtype)
-                x = activations(rng, 48, k)
+                x = activations(rng, 80, k)
                 for isa in each_isa:
                     _core.set_isa(isa)
                     full = _core.matmul(w, dtype, rows, k, x, int8_activations=True)
-                    for n in (1, 2, 3, 7, 8, 16, 17, 24, 32):
+                    for n in (1, 2, 3, 7, 8, 16, 17, 24, 32, 33, 48, 64):
                         few = _core.matmul(w, dtype, rows, k, x[:n], int8_activations=True)
                         np.testing.assert_array_equal(few, full[:n], err_msg=f"{isa} {dtype} k={k} rows={rows} n={n}")
 
@@ -238,7 +238,7 @@ def test_q8_0_with_int8_activations_gives_a_sequence_the_same_logits_in_any_batc
     model = tokentrail.load(dtype="q8_0", exact=False)  # the bundled demo model
     rng = np.random.default_rng(5)
     vocab = model.config.vocab_size
-    prompts = [[int(t) for t in rng.integers(0, vocab, n)] for n in (3, 11, 20)]
+    prompts = [[int(t) for t in rng.integers(0, vocab, n)] for n in (3, 11, 20, 70)]  # 104 rows: token lanes
     alone = []
     for p in prompts:
         s = model.session()

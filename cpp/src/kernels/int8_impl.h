@@ -45,9 +45,10 @@ constexpr int ACT_OFFSET = IV::UNSIGNED_WEIGHTS ? 0 : 128;
 
 // Q8_0 products of up to this many tokens stream through the row-lane kernel (below): fewer
 // operations per token than unpacking the rows for the token-lane one, and no half-empty
-// tiles. Measured on SmolLM2-135M-shaped steps, one thread: 1.05x the token-lane kernel at 16
-// tokens, 1.2x at 12 and 1.12x at 24, equal at 32.
-constexpr int ROW_LANE_MAX_TOKENS = 32;
+// tiles. Measured on SmolLM2-135M-shaped products (1536 x 576, 576 x 1536), one thread, AMD
+// Zen 5: 1.45x the token-lane kernel at 32 and 40 tokens, 1.25x at 48, 1.16x at 64 (the
+// 49152-row unembedding, read from memory: equal at 48, 0.91x at 64).
+constexpr int ROW_LANE_MAX_TOKENS = 64;
 
 // Weight rows are unpacked (or streamed) and multiplied in blocks of this many.
 constexpr int INT8_ROW_BLOCK = 16;

@@ -172,8 +172,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _start(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+def _start(cmd: list[str], env: dict, log: str | None = None) -> subprocess.Popen:
+    """Start a server; its output goes to `log` (appended) if given, else nowhere."""
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=env)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -198,6 +200,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--serve-args", default="", help="more flags for `tokentrail serve` (e.g. '--prefill-chunk 64')")
     ap.add_argument("--root", default=str(HERE / "results" / "models"))
+    ap.add_argument("--server-log", default=None, help="append each server's output to PATH.<engine>")
     ap.add_argument("--llama-server", default=None,
                     help="path of llama.cpp's llama-server binary: run it too (same model as GGUF of --dtype, "
                          "--parallel slots, continuous batching), level by level back to back with tokentrail, "
@@ -253,7 +256,8 @@ def main() -> None:
     if not commands:
         raise SystemExit("nothing to run: --only-llama-server needs --llama-server")
     # Both servers are up for the whole run (an idle one sleeps); each level runs on one, then the other.
-    procs = {engine: _start(cmd, env) for engine, cmd in commands.items()}
+    procs = {engine: _start(cmd, env, f"{args.server_log}.{engine}" if args.server_log else None)
+             for engine, cmd in commands.items()}
     rows = []
     try:
         for engine, proc in procs.items():

@@ -34,11 +34,21 @@ constexpr auto WORKER_SPIN = std::chrono::microseconds(200);
 // How long the caller polls for a chunk still running on another thread before it sleeps
 // (which lets the scheduler run that thread on the caller's core, if it was descheduled).
 constexpr auto CALLER_SPIN = std::chrono::microseconds(50);
-// A caller that waited this long for chunks in progress elsewhere, and longer than half its own
-// share of the job took, was held up by a thread the scheduler had set aside (another process
-// has its core). The pool then asks fewer threads for BACKOFF, and tries all of them again after.
-constexpr auto STALL = std::chrono::microseconds(250);
-constexpr auto BACKOFF = std::chrono::milliseconds(100);
+// Callers that, over a window of WINDOW, waited for chunks in progress elsewhere longer than
+// half the time their own chunks took were held up by threads the scheduler had set aside:
+// the pool then asks fewer threads for a while and tries all of them again after
+// (MIN_BACKOFF at first, twice the last backoff when the contention is back in the first
+// window after it, up to MAX_BACKOFF). A single wait of LONG_STALL, over half the job, is a
+// whole time slice of the scheduler given to another process that keeps a core busy: the pool
+// backs off for MAX_BACKOFF at once. Short, scattered waits (a server's own HTTP threads
+// taking a core for a millisecond now and then) cost less than a backoff would and leave
+// every thread at work. Measured on 2 cores: next to a spinning process stalls last 3-4 ms;
+// under a 16-client server's HTTP threads, 1-2 ms.
+constexpr auto WINDOW = std::chrono::milliseconds(20);
+constexpr auto STALL = std::chrono::microseconds(250);  // less waiting in a window is never a reason
+constexpr auto LONG_STALL = std::chrono::microseconds(2500);
+constexpr auto MIN_BACKOFF = std::chrono::milliseconds(5);
+constexpr auto MAX_BACKOFF = std::chrono::milliseconds(100);
 // A guided claim takes this fraction of the remaining items per thread.
 constexpr int GUIDED_DIVISOR = 2;
 // Even splits: chunks per thread, so that a slow thread leaves its share to the others.
@@ -90,9 +100,12 @@ class Pool {
   void run(int64_t n, int64_t grain, Split split, int threads, detail::ChunkFn fn, void* ctx) {
     std::unique_lock<std::mutex> hold(busy_, std::try_to_lock);
     if (!hold.owns_lock()) return fn(ctx, 0, n);  // another OS thread's job is running: no waiting for it
-    using Clock = std::chrono::steady_clock;
     const Clock::time_point start = Clock::now();
-    if (backoff_threads_ && start >= backoff_until_) backoff_threads_ = 0;
+    if (backoff_threads_ && start >= backoff_until_) {  // back to every thread: a new window
+      backoff_threads_ = 0;
+      window_start_ = start;
+      window_own_ = window_waited_ = Clock::duration::zero();
+    }
     if (backoff_threads_) threads = std::min(threads, backoff_threads_);
     if (threads <= 1) {  // backing off: the caller alone, still marked as inside (the pool is held)
       tls_in_parallel = true;
@@ -125,18 +138,13 @@ class Pool {
     work(gen);
     tls_in_parallel = false;
     const uint32_t total = uint32_t(n);
+    const Clock::time_point own_done = Clock::now();
     if (!spin_until([&] { return done_.load(std::memory_order_acquire) == total; }, CALLER_SPIN)) {
-      const Clock::time_point own_done = Clock::now();
       caller_sleeping_.store(1);
       for (uint32_t d; (d = done_.load()) != total;) wait_on(done_, d);
       caller_sleeping_.store(0);
-      const Clock::time_point finish = Clock::now();
-      const auto waited = finish - own_done + CALLER_SPIN, own = own_done - start - CALLER_SPIN;
-      if (waited > STALL && waited > own / 2) {
-        backoff_threads_ = std::max(1, threads / 2);
-        backoff_until_ = finish + BACKOFF;
-      }
     }
+    account(start, own_done, Clock::now(), threads);
     if (error_) {
       std::exception_ptr e = nullptr;
       std::swap(e, error_);
@@ -145,6 +153,30 @@ class Pool {
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+
+  // Adds one job's own work and waiting to the window; at the window's end, backs off if the
+  // waiting outweighed the gain of the other threads.
+  void account(Clock::time_point start, Clock::time_point own_done, Clock::time_point finish, int threads) {
+    const Clock::duration own = own_done - start, waited = finish - own_done;
+    window_own_ += own;
+    window_waited_ += waited;
+    // One wait as long as a scheduler's time slice: a thread was set aside, no need to wait for the window.
+    const bool set_aside = waited > LONG_STALL && waited > own / 2;
+    if (!set_aside && finish - window_start_ < WINDOW) return;
+    if (set_aside || (window_waited_ > STALL && window_waited_ > window_own_ / 2)) {
+      // Back within the first window after the last backoff ended: the contention persists.
+      const bool again = backoff_length_.count() > 0 && finish - backoff_until_ < WINDOW + backoff_length_;
+      backoff_length_ = set_aside ? std::chrono::microseconds(MAX_BACKOFF)
+                        : again   ? std::min<std::chrono::microseconds>(2 * backoff_length_, MAX_BACKOFF)
+                                  : std::chrono::microseconds(MIN_BACKOFF);
+      backoff_threads_ = std::max(1, threads / 2);
+      backoff_until_ = finish + backoff_length_;
+    }
+    window_start_ = finish;
+    window_own_ = window_waited_ = Clock::duration::zero();
+  }
+
   // Claims and runs chunks of generation `gen` until none is left.
   void work(uint32_t gen) {
     int64_t begin, end;
@@ -227,6 +259,9 @@ class Pool {
   std::mutex busy_;  // held by the caller of the running job
   int backoff_threads_ = 0;  // > 0: at most this many threads until backoff_until_
   std::chrono::steady_clock::time_point backoff_until_;
+  std::chrono::microseconds backoff_length_{0};  // the last backoff's (0: none yet)
+  Clock::time_point window_start_;
+  Clock::duration window_own_{}, window_waited_{};  // the callers' own work and waiting in the window
   uint32_t generation_ = 0;
   int started_ = 0;
   std::atomic<uint64_t> ticket_{CLOSED};  // generation << 32 | next item to claim

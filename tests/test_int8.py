@@ -210,10 +210,10 @@ def test_a_product_group_refuses_bad_groups():
 
 
 def test_a_few_tokens_give_the_rows_of_a_full_tile_bit_for_bit(each_isa):
-    """The int8 product of a token does not depend on how many tokens share the call: up to 64
-    tokens (a streaming kernel with its lanes over rows, where the variant has one; tokens past 16
-    sit in further tiles of scales) equal the same tokens among 80 (the token-lane kernel), bit for
-    bit, for whole blocks of rows and their tails and for rows of an odd number of 32-value blocks."""
+    """The int8 product of a token does not depend on how many tokens share the call: 1 to 64
+    tokens equal the same tokens among 80 (more than the row-lane kernel's 64 accumulators, more
+    than one tile of the token-lane kernel), bit for bit, for whole blocks of rows and their tails
+    and for rows of an odd number of 32-value blocks."""
     rng = np.random.default_rng(11)
     for dtype in TYPES:
         widths = (256, 768) if dtype in K_QUANTS else (96, 160, 576)
@@ -227,6 +227,24 @@ def test_a_few_tokens_give_the_rows_of_a_full_tile_bit_for_bit(each_isa):
                     for n in (1, 2, 3, 7, 8, 16, 17, 24, 32, 33, 48, 64):
                         few = _core.matmul(w, dtype, rows, k, x[:n], int8_activations=True)
                         np.testing.assert_array_equal(few, full[:n], err_msg=f"{isa} {dtype} k={k} rows={rows} n={n}")
+
+
+def test_q8_0_rows_give_the_same_int8_products_in_either_kernel(each_isa):
+    """Q8_0 weights in whole blocks of 16 rows stream through the row-lane kernel (with AVX-512
+    VNNI, at any number of tokens, 64 at a time); a matrix with a tail of rows runs the token-lane
+    kernel for all of its rows. The same rows give the same results bit for bit either way."""
+    rng = np.random.default_rng(12)
+    k = 576
+    w = rng.standard_normal((37, k)).astype(np.float32)
+    tail = quantize(w, "q8_0")                # 37 rows: the token-lane kernel
+    whole = quantize(w[:32], "q8_0")          # 32 rows: the row lanes, where the variant has them
+    for isa in each_isa:
+        _core.set_isa(isa)
+        for n in (1, 5, 17, 64, 65, 100, 130):
+            x = activations(rng, n, k)
+            a = _core.matmul(tail, "q8_0", 37, k, x, int8_activations=True)
+            b = _core.matmul(whole, "q8_0", 32, k, x, int8_activations=True)
+            np.testing.assert_array_equal(b, a[:, :32], err_msg=f"{isa} n={n}")
 
 
 def test_q8_0_with_int8_activations_gives_a_sequence_the_same_logits_in_any_batch():

@@ -43,12 +43,13 @@
 // over each 16 values, [tile][K/16][LANES].
 constexpr int ACT_OFFSET = IV::UNSIGNED_WEIGHTS ? 0 : 128;
 
-// Q8_0 products of up to this many tokens stream through the row-lane kernel (below): fewer
-// operations per token than unpacking the rows for the token-lane one, and no half-empty
+// Q8_0 products in whole blocks of 16 rows stream through the row-lane kernel (below), which
+// holds this many tokens' sums in its accumulators and takes more tokens in groups of as many:
+// fewer operations per token than unpacking the rows for the token-lane one, and no half-empty
 // tiles. Measured on SmolLM2-135M-shaped products (1536 x 576, 576 x 1536), one thread, AMD
-// Zen 5: 1.45x the token-lane kernel at 32 and 40 tokens, 1.25x at 48, 1.16x at 64 (the
-// 49152-row unembedding, read from memory: equal at 48, 0.91x at 64).
-constexpr int ROW_LANE_MAX_TOKENS = 64;
+// Zen 5: 1.45x the token-lane kernel at 32 and 40 tokens, 1.25x at 48, 1.16x at 64, 1.1-1.35x
+// from 96 to 256 (the 49152-row unembedding, read from memory: 0.9x).
+constexpr int ROW_LANE_TOKENS = 64;
 
 // Weight rows are unpacked (or streamed) and multiplied in blocks of this many.
 constexpr int INT8_ROW_BLOCK = 16;
@@ -56,10 +57,11 @@ constexpr int INT8_ROW_BLOCK = 16;
 struct QuantizedActs {
   int n = 0, K = 0, tiles = 0;
   bool has_tiles = false;  // whether q, scale, scaled_sum and corr hold these activations
+  bool has_flat = false;   // whether flat, flat_corr and flat_scale do
   std::vector<uint8_t> q;
   std::vector<float> scale, scaled_sum;
   std::vector<int32_t> corr;
-  // For the row-lane kernel (n <= ROW_LANE_MAX_TOKENS), per 32-value block b and token t in
+  // For the row-lane kernel, per 32-value block b and token t in
   // the order the kernel walks them: the quants at flat[(b * n + t) * 32], the block's
   // correction -128 * sum(q) at flat_corr[b * n + t] and its scale at flat_scale[b * n + t].
   std::vector<int8_t> flat;
@@ -154,22 +156,23 @@ static inline float quantize_block_256(const float* x, int8_t* q, int* sums) {
   return 1.0f / iscale;
 }
 
-// Whether products of `w` with n tokens run entirely in the row-lane kernel (whole blocks of
+// Whether products of `w` run entirely in the row-lane kernel (whole blocks of
 // 16 rows), which reads the activations' flat layout only.
-static bool streams_row_lanes(const WeightView& w, int n) {
-  return w.type == DType::Q8_0 && IV::HAS_ROW_LANES && IV::LANES == INT8_ROW_BLOCK && n <= ROW_LANE_MAX_TOKENS &&
+static bool streams_row_lanes(const WeightView& w) {
+  return w.type == DType::Q8_0 && IV::HAS_ROW_LANES && IV::LANES == INT8_ROW_BLOCK &&
          w.rows % INT8_ROW_BLOCK == 0;
 }
 
 // Rounds x [n][K] in blocks of `block` values (32: Q8_0's rounding; 256: Q8_K's) into `a`:
-// the token tiles only if `tiles` (some product runs the token-lane kernel), the flat
-// layout whenever the row-lane kernel may read it.
-static void quantize_acts(const float* x, int n, int K, int block, bool tiles, QuantizedActs& a) {
+// the token tiles if `tiles` (some product runs the token-lane kernel), the flat layout if
+// `flat` (some product streams through the row lanes; 32-value blocks only).
+static void quantize_acts(const float* x, int n, int K, int block, bool tiles, bool flat, QuantizedActs& a) {
   constexpr int L = IV::LANES;
   a.n = n;
   a.K = K;
   a.tiles = (n + L - 1) / L;
   a.has_tiles = tiles;
+  a.has_flat = flat;
   const int nb = K / 32;
   if (tiles) {
     a.q.assign(size_t(a.tiles) * K * L, ACT_OFFSET);  // padding lanes: q = 0
@@ -177,7 +180,6 @@ static void quantize_acts(const float* x, int n, int K, int block, bool tiles, Q
     a.scaled_sum.assign(size_t(a.tiles) * nb * L, 0.0f);
     if (IV::UNSIGNED_WEIGHTS) a.corr.assign(size_t(a.tiles) * (K / 16) * L, 0);
   }
-  const bool flat = IV::HAS_ROW_LANES && n <= ROW_LANE_MAX_TOKENS && block == 32;
   if (flat) {
     a.flat.resize(size_t(n) * K);
     a.flat_corr.resize(size_t(n) * nb);
@@ -427,7 +429,7 @@ static Int8Scratch& int8_scratch(int K, int nsub, size_t out_floats) {
   return s;
 }
 
-// Q8_0 for up to ROW_LANE_MAX_TOKENS tokens and a whole block of 16 rows, streamed as the
+// Q8_0 for a whole block of 16 rows and ROW_LANE_TOKENS tokens at a time, streamed as the
 // float GEMV streams (no unpacking pass): the quants of two blocks of the 16 rows are loaded
 // where they lie and transposed so that a vector holds one 4-byte group of every row, and
 // each token's 4 bytes are broadcast against it (the lanes run over rows). The float steps
@@ -438,8 +440,11 @@ static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, in
   const int K = a.K, nb = K / 32, n = a.n;
   const size_t rb = wv.row_bytes, ahead = prefetch_distance(rb), ldy = wv.rows;
   const uint8_t* base = wv.row(r0);
-  typename IV::F acc[ROW_LANE_MAX_TOKENS];
-  for (int t = 0; t < n; ++t) acc[t] = IV::fzero();
+  typename IV::F acc[ROW_LANE_TOKENS];
+  // More tokens than accumulators: the rows again for each group of tokens (from L1 or L2 by then).
+  for (int t0 = 0; t0 < n; t0 += ROW_LANE_TOKENS) {
+  const int t1 = std::min(n, t0 + ROW_LANE_TOKENS);
+  for (int t = t0; t < t1; ++t) acc[t - t0] = IV::fzero();
   typename IV::I w[16];
   for (int b = 0; b < nb; b += 2) {
     const int pair = std::min(2, nb - b);
@@ -456,10 +461,10 @@ static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, in
       const typename IV::F scale = IV::halves_by_rows(blk + h * BYTES, rb);
       const typename IV::I* wh = w + 8 * h;
       // Token t's quants, correction and scale for this block lie one after another.
-      const int8_t* q = a.flat.data() + size_t(b + h) * n * 32;
+      const int8_t* q = a.flat.data() + (size_t(b + h) * n + t0) * 32;
       const int32_t* corr = a.flat_corr.data() + size_t(b + h) * n;
       const float* da = a.flat_scale.data() + size_t(b + h) * n;
-      for (int t = 0; t < n; ++t, q += 32) {
+      for (int t = t0; t < t1; ++t, q += 32) {
         // Two chains of four (integer sums: the order does not matter).
         typename IV::I even = IV::iset1(corr[t]);
         typename IV::I odd = IV::dot4_rows(IV::iset1(0), wh[1], q + 4);
@@ -468,12 +473,13 @@ static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, in
           even = IV::dot4_rows(even, wh[j], q + 4 * j);
           odd = IV::dot4_rows(odd, wh[j + 1], q + 4 * j + 4);
         }
-        acc[t] = IV::ffma(IV::cvt(IV::iadd(even, odd)), IV::fmul(scale, IV::fset1(da[t])), acc[t]);
+        acc[t - t0] = IV::ffma(IV::cvt(IV::iadd(even, odd)), IV::fmul(scale, IV::fset1(da[t])), acc[t - t0]);
       }
     }
   }
   // Lanes are rows: each token's 16 results go straight to its row of y.
-  for (int t = 0; t < n; ++t) IV::fstore(y + size_t(t) * ldy + r0, acc[t]);
+  for (int t = t0; t < t1; ++t) IV::fstore(y + size_t(t) * ldy + r0, acc[t - t0]);
+  }
 }
 
 // Rows [r0, r1) of w (at most INT8_ROW_BLOCK) against every token: unpacked once, multiplied
@@ -483,7 +489,10 @@ static void int8_rows(const WeightView& wv, const QuantizedActs& a, int r0, int 
   constexpr int SUB = Int8Layout<T>::SUB;
   const int K = int(wv.cols), nr = r1 - r0, rows = int(wv.rows);
   const size_t ld = size_t(a.tiles) * IV::LANES;
-  if (streams_row_lanes(wv, a.n)) return int8_q8_0_row_lanes(wv, a, r0, y);
+  if (streams_row_lanes(wv)) {
+    if (!a.has_flat) throw std::logic_error("int8 product: activations rounded without their flat layout");
+    return int8_q8_0_row_lanes(wv, a, r0, y);
+  }
   if (!a.has_tiles) throw std::logic_error("int8 product: activations rounded without their token tiles");
   Int8Scratch& s = int8_scratch(K, K / SUB, size_t(INT8_ROW_BLOCK) * ld);
   for (int r = 0; r < nr; ++r) unpack_row<T>(wv.row(r0 + r), wv.row_bytes, K, s.rows[r]);
@@ -515,19 +524,19 @@ static void int8_rows_of(const WeightView& w, const QuantizedActs& a, int r0, in
 // (guided, as the float GEMV: long sequential runs first).
 static void int8_matmul_group(const MatmulJob* jobs, int count, const float* x, int n) {
   const ProductGroup group(jobs, count, INT8_ROW_BLOCK, n);
-  bool need32 = false, need256 = false, tiles32 = false;
+  bool need32 = false, need256 = false, tiles32 = false, flat32 = false;
   for (int j = 0; j < count; ++j) {
     const DType t = jobs[j].w->type;
     if (!int8_supported(t)) throw std::invalid_argument(std::string("no int8-activation product for ") + dtype_name(t));
     (activation_block(t) == 256 ? need256 : need32) = true;
-    if (activation_block(t) == 32 && !streams_row_lanes(*jobs[j].w, n)) tiles32 = true;
+    if (activation_block(t) == 32) (streams_row_lanes(*jobs[j].w) ? flat32 : tiles32) = true;
   }
   // The rounded activations live with the calling thread between calls (no allocation once warm).
   // (Named through references: inside the lambda a thread_local's own name would be the worker's.)
   static thread_local QuantizedActs caller32, caller256;
   QuantizedActs &acts32 = caller32, &acts256 = caller256;
-  if (need32) quantize_acts(x, n, group.K(), 32, tiles32, acts32);
-  if (need256) quantize_acts(x, n, group.K(), 256, true, acts256);
+  if (need32) quantize_acts(x, n, group.K(), 32, tiles32, flat32, acts32);
+  if (need256) quantize_acts(x, n, group.K(), 256, true, false, acts256);
   parallel_for_if(group.work() > 200000.0, group.blocks(), 1, Split::Guided, [&](int64_t b0, int64_t b1) {
     group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) {
       int8_rows_of(*job.w, activation_block(job.w->type) == 256 ? acts256 : acts32, r0, r1, job.y);

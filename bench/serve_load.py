@@ -174,8 +174,10 @@ def _cpu_seconds(pid: int) -> float:
 
 def _start(cmd: list[str], env: dict, log: str | None = None) -> subprocess.Popen:
     """Start a server; its output goes to `log` (appended) if given, else nowhere."""
-    out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=env)
+    if not log:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -404,7 +404,6 @@ static inline void int8_block(const UnpackedRow* u, int nr, const QuantizedActs&
     for (int t = 0; t < a.tiles; ++t) int8_tile<T, 1, 1>(u + r, a, t, out + size_t(r) * ld, ld);
 }
 
-
 // Working memory of one thread: a block of unpacked rows and its outputs, kept between calls.
 struct Int8Scratch {
   std::vector<int8_t> w;
@@ -482,18 +481,19 @@ static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, in
   }
 }
 
-// Rows [r0, r1) of w (at most INT8_ROW_BLOCK) against every token: unpacked once, multiplied
-// into a [rows][tokens] block, then written into y[n][w.rows] one token at a time.
+// Rows [r0, r1) of w (at most INT8_ROW_BLOCK) against every token: streamed through the row
+// lanes where they can be, else unpacked once, multiplied into a [rows][tokens] block and
+// written into y[n][w.rows] one token at a time.
 template <DType T>
 static void int8_rows(const WeightView& wv, const QuantizedActs& a, int r0, int r1, float* y) {
-  constexpr int SUB = Int8Layout<T>::SUB;
-  const int K = int(wv.cols), nr = r1 - r0, rows = int(wv.rows);
-  const size_t ld = size_t(a.tiles) * IV::LANES;
   if (streams_row_lanes(wv)) {
     if (!a.has_flat) throw std::logic_error("int8 product: activations rounded without their flat layout");
     return int8_q8_0_row_lanes(wv, a, r0, y);
   }
   if (!a.has_tiles) throw std::logic_error("int8 product: activations rounded without their token tiles");
+  constexpr int SUB = Int8Layout<T>::SUB;
+  const int K = int(wv.cols), nr = r1 - r0, rows = int(wv.rows);
+  const size_t ld = size_t(a.tiles) * IV::LANES;
   Int8Scratch& s = int8_scratch(K, K / SUB, size_t(INT8_ROW_BLOCK) * ld);
   for (int r = 0; r < nr; ++r) unpack_row<T>(wv.row(r0 + r), wv.row_bytes, K, s.rows[r]);
   int8_block<T>(s.rows, nr, a, s.out.data());

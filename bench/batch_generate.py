@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--model", help="a model directory to use instead of a fresh random one of --shape")
     ap.add_argument("--no-exact", dest="exact", action="store_false",
                     help="load with exact=False: quantized products round activations to int8")
+    ap.add_argument("--repack", action=argparse.BooleanOptionalAction, default=None,
+                    help="the row-lane copy of q8_0 matrices (see tokentrail.load; default: where the CPU has it)")
     args = ap.parse_args()
 
     import tokentrail
@@ -104,7 +106,8 @@ def main() -> None:
         else:
             make_model(args.shape, Path(tmp))
         for dtype in args.types.split(","):
-            model = tokentrail.load(tmp, dtype=dtype, threads=args.threads, progress=False, exact=args.exact)
+            model = tokentrail.load(tmp, dtype=dtype, threads=args.threads, progress=False, exact=args.exact,
+                                    repack=args.repack)
             vocab = model.config.vocab_size
             prompts = [[int(t) for t in rng.integers(0, vocab - 1, int(rng.integers(8, 25)))]
                        for _ in range(args.prompts)]
@@ -125,12 +128,14 @@ def main() -> None:
                   f"{t_batch:.2f} s ({c_batch:.2f} CPU s): {t_single / t_batch:.2f}x wall, "
                   f"{c_single / c_batch:.2f}x CPU; one decode step of {args.prompts}: {step_alone * 1e3:.1f} ms "
                   f"one by one, {step_together * 1e3:.1f} ms together; same tokens: {same}", flush=True)
+            model_repacked = model.repacked
             del model
 
     print()
     source = args.model or f"{args.shape} shape"
     print(f"{source}, {args.prompts} prompts of 8-24 tokens, {args.new} new tokens each (greedy), "
-          f"{args.threads} threads, {'exact' if args.exact else 'int8 activations (exact=False)'}, {cpu_name()}, "
+          f"{args.threads} threads, {'exact' if args.exact else 'int8 activations (exact=False)'}, "
+          f"{'q8_0 repacked' if model_repacked else 'no q8_0 copy'}, {cpu_name()}, "
           f"load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d')}")
     print()
     print(f"| weights | {args.prompts} single calls (tokens/s) | one batched call (tokens/s) | speed-up (wall) | "

@@ -226,7 +226,8 @@ def main() -> None:
             make_model(args.shape, path)
     # The reference for the greedy check runs the server's own arithmetic (int8 activations with --no-exact).
     exact = "--no-exact" not in args.serve_args.split()
-    model = tokentrail.load(path, dtype=args.dtype, threads=args.threads, exact=exact)
+    repack = False if "--no-repack" in args.serve_args.split() else None
+    model = tokentrail.load(path, dtype=args.dtype, threads=args.threads, exact=exact, repack=repack)
     counts = [args.requests or max(8, 2 * c) for c in levels]
     # Each level has prompts of its own (both engines get the same ones): a prompt seen at an earlier
     # level would let a server with a prompt cache (llama-server's cache_prompt) skip its prefill.

@@ -71,6 +71,26 @@ def family_pair(family: str, tmp_path_factory):
     return name, ours, ref
 
 
+def assert_logits_do_not_depend_on_the_batch(model, seed: int) -> None:
+    """Prompts of 3, 11, 20 and 70 random ids, then one decode token each: the logits of every
+    sequence fed alone equal, bit for bit, those of all of them advanced together (forward_batch)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prompts = [[int(t) for t in rng.integers(0, model.config.vocab_size, n)] for n in (3, 11, 20, 70)]
+    alone = []
+    for p in prompts:
+        s = model.session()
+        first = np.asarray(s.feed(p))
+        alone.append((first, np.asarray(s.feed([7]))))
+    sessions = [model.session() for _ in prompts]
+    together = model.forward_batch(sessions, prompts)
+    step = model.forward_batch(sessions, [[7]] * len(prompts))
+    for i in range(len(prompts)):
+        np.testing.assert_array_equal(np.asarray(together[i]), alone[i][0], err_msg=f"prefill {i}")
+        np.testing.assert_array_equal(np.asarray(step[i]), alone[i][1], err_msg=f"decode {i}")
+
+
 def greedy(model, ids, n: int, hooks=None):
     """The argmax continuation of `ids` for n steps, fed one token at a time; also the last logits."""
     import numpy as np

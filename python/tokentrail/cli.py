@@ -55,7 +55,7 @@ def _count(text: str) -> int:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """Which checkpoint and how to run it: -m, -t, --dtype, -c, --kv-dtype, --exact, --progress."""
+    """Which checkpoint and how to run it: -m, -t, --dtype, -c, --kv-dtype, --exact, --repack, --progress."""
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default=None,
                    help="Hugging Face directory, .gguf file or llama2.c .bin (default: the bundled demo model)")
@@ -71,6 +71,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
                    help="float32 activations in quantized products; --no-exact rounds them to int8 per block "
                         "as llama.cpp does (faster prefill, logits differ by that rounding; default: exact)")
+    g.add_argument("--repack", action=argparse.BooleanOptionalAction, default=None,
+                   help="lay q8_0 matrices out once more for the AVX-512 VNNI row-lane kernels (faster products, "
+                        "as many bytes again as the q8_0 weights; default: where the CPU has those kernels)")
     add_progress_option(g)
 
 
@@ -320,7 +323,8 @@ def load_model(args):
     import tokentrail
 
     return tokentrail.load(args.model, dtype=args.dtype, threads=args.threads, context=args.ctx_size,
-                           kv_dtype=args.kv_dtype, progress=args.progress, exact=args.exact)
+                           kv_dtype=args.kv_dtype, progress=args.progress, exact=args.exact,
+                           repack=args.repack)
 
 
 # ---------------------------------------------------------------- generate

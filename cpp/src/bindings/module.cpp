@@ -11,6 +11,11 @@
 #include <cstdint>
 #include <cmath>
 #include <memory>
+#include <new>
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 #include <string>
 
 #include "tokentrail/kernels.h"
@@ -22,10 +27,54 @@ using namespace tokentrail;
 
 namespace {
 
+// Copies of weights are aligned to 2 MiB, the size of a transparent huge page: read once per
+// token, hundreds of MB of them would otherwise walk the page tables every 4 KiB (measured: a
+// 30 MB matrix streamed at a third of the rate of the same bytes in huge pages).
+constexpr size_t COPY_ALIGN = size_t(2) << 20;
+
+// Frees memory taken with COPY_ALIGN alignment.
+struct AlignedFree {
+  void operator()(uint8_t* p) const { ::operator delete[](p, std::align_val_t(COPY_ALIGN)); }
+};
+using AlignedBytes = std::unique_ptr<uint8_t[], AlignedFree>;
+
+AlignedBytes huge_page_bytes(size_t bytes) {
+  const size_t rounded = (bytes + COPY_ALIGN - 1) / COPY_ALIGN * COPY_ALIGN;
+  AlignedBytes p(static_cast<uint8_t*>(::operator new[](rounded, std::align_val_t(COPY_ALIGN))));
+#ifdef __linux__
+  madvise(p.get(), rounded, MADV_HUGEPAGE);  // advice: where the kernel declines, 4 KiB pages still work
+#endif
+  return p;
+}
+
 struct ModelHandle {
   std::unique_ptr<Model> model;
   std::vector<py::object> keep_alive;  // the arrays the weight views point into
+  std::vector<AlignedBytes> row_lane_copies;  // what the views' row_lanes point into
 };
+
+// Gives a Q8_0 view the row-lane copy that the AVX-512 kernels load as it lies (when the current
+// int8 variant has the row-lane kernel and the rows come in whole groups of 16). `file_backed`:
+// the view lies in a read-only file mapping, whose pages can be handed back once copied (the
+// products read the copy; the few rows an embedding lookup reads come back from the file).
+void add_row_lanes(ModelHandle& h, WeightView& v, bool file_backed = false) {
+  const size_t bytes = q8_0_row_lane_bytes(v);
+  if (!bytes) return;
+  AlignedBytes copy = huge_page_bytes(bytes);
+  pack_q8_0_row_lanes(v, copy.get());
+  v.row_lanes = copy.get();
+  h.row_lane_copies.push_back(std::move(copy));
+#ifdef __linux__
+  if (file_backed) {
+    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(v.data) + page - 1) / page * page;
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(v.data) + size_t(v.rows) * v.row_bytes) / page * page;
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // advice: failure is harmless
+  }
+#else
+  (void)file_backed;
+#endif
+}
 
 // Largest side of a matrix the bindings accept: sizes are ints in the core.
 constexpr int64_t MAX_SIDE = (int64_t(1) << 31) - 1;
@@ -166,7 +215,11 @@ Config config_from(const py::dict& d) {
   return c;
 }
 
-std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd, bool int8_activations) {
+// int8_activations: products of block-quantized weights round the activations to int8 (see
+// WeightView::int8_activations). repack_q8_0: Q8_0 matrices get their row-lane copy
+// (add_row_lanes); file_backed names the weights that lie in read-only file mappings.
+std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd, bool int8_activations,
+                                        bool repack_q8_0, const std::vector<std::string>& file_backed) {
   auto h = std::make_unique<ModelHandle>();
   Config c = config_from(cfgd);
   Weights w;
@@ -222,15 +275,34 @@ std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd
     L.down_b = vec(*h, wd, p + "mlp.down.bias", d, false);
     w.layers.push_back(L);
   }
-  if (int8_activations) {
+  if (int8_activations || repack_q8_0) {
+    if (repack_q8_0 && !int8_kernels().every_row_count(DType::Q8_0))
+      throw py::value_error("repacking Q8_0 needs the row-lane kernels (AVX-512 VNNI), which this CPU or kernel "
+                            "variant lacks");
     // Every matrix a token's hidden state meets: the unembedding (the embedding itself when
-    // tied; its lookups read rows and ignore the mark).
-    auto mark = [](WeightView& v) { v.int8_activations = int8_supported(v.type); };
-    mark(w.unembed.empty() ? w.embed : w.unembed);
-    for (LayerWeights& L : w.layers) {
-      for (WeightView* v : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.router}) mark(*v);
-      for (auto* group : {&L.expert_gate, &L.expert_up, &L.expert_down})
-        for (WeightView& v : *group) mark(v);
+    // tied; its lookups read rows of the original and ignore the mark and the copy).
+    const bool tied = w.unembed.empty();
+    auto mark = [&](WeightView& v, const std::string& name) {
+      if (int8_activations) v.int8_activations = int8_supported(v.type);
+      const bool in_file = std::find(file_backed.begin(), file_backed.end(), name) != file_backed.end();
+      if (repack_q8_0) add_row_lanes(*h, v, in_file);
+    };
+    mark(tied ? w.embed : w.unembed, tied ? "embed.weight" : "unembed.weight");
+    for (int l = 0; l < c.n_layers; ++l) {
+      LayerWeights& L = w.layers[size_t(l)];
+      const std::string p = "blocks." + std::to_string(l) + ".";
+      const std::pair<WeightView*, const char*> named[] = {
+          {&L.q, "attn.q.weight"}, {&L.k, "attn.k.weight"}, {&L.v, "attn.v.weight"}, {&L.o, "attn.o.weight"},
+          {&L.gate, "mlp.gate.weight"}, {&L.up, "mlp.up.weight"}, {&L.down, "mlp.down.weight"},
+          {&L.router, "mlp.router.weight"}};
+      for (auto& [v, name] : named)
+        if (!v->empty()) mark(*v, p + name);
+      for (size_t e = 0; e < L.expert_gate.size(); ++e) {
+        const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+        mark(L.expert_gate[e], x + "gate.weight");
+        mark(L.expert_up[e], x + "up.weight");
+        mark(L.expert_down[e], x + "down.weight");
+      }
     }
   }
   h->model = std::make_unique<Model>(c, std::move(w));
@@ -372,13 +444,20 @@ PYBIND11_MODULE(_core, m) {
   m.def("matmul", [](py::array w, const std::string& dtype, int64_t rows, int64_t cols,
                      py::array_t<float, py::array::c_style | py::array::forcecast> x,
                      std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>> bias,
-                     bool int8_activations) {
+                     bool int8_activations, bool row_lanes, int repeats) {
+    if (repeats < 1) throw py::value_error("repeats must be at least 1");
     ModelHandle keep;
     py::dict wd;
     wd["w"] = py::make_tuple(w, dtype);
     WeightView view = matrix(keep, wd, "w", rows, cols);
     if (int8_activations && !int8_supported(view.type))
       throw py::value_error("int8 activations need a block-quantized weight type, not " + dtype);
+    if (row_lanes) {
+      if (!q8_0_row_lane_bytes(view))
+        throw py::value_error("row_lanes needs Q8_0 rows in whole groups of 16 and the int8 row-lane kernel "
+                              "(AVX-512 VNNI)");
+      add_row_lanes(keep, view);
+    }
     if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error("x must be [n, cols]");
     if (bias && bias->size() != rows) throw py::value_error("bias must have one value per row");
     check_aligned(x.data(), 4, "x");
@@ -388,17 +467,25 @@ PYBIND11_MODULE(_core, m) {
     const float* b = bias ? bias->data() : nullptr;
     {
       py::gil_scoped_release nogil;
-      if (int8_activations) {  // the int8 kernel itself, whatever n (a model uses it from INT8_MIN_ROWS)
-        int8_kernels().matmul(view, x.data(), n, y.data());
-        for (int t = 0; b && t < n; ++t)
-          for (int64_t r = 0; r < rows; ++r) y[size_t(t) * rows + r] += b[r];
-      } else {
-        kernels().matmul(view, x.data(), n, y.data(), b);
+      for (int i = 0; i < repeats; ++i) {
+        if (int8_activations) {  // the int8 kernel itself, whatever n (a model uses it from INT8_MIN_ROWS)
+          int8_kernels().matmul(view, x.data(), n, y.data());
+          for (int t = 0; b && t < n; ++t)
+            for (int64_t r = 0; r < rows; ++r) y[size_t(t) * rows + r] += b[r];
+        } else {
+          kernels().matmul(view, x.data(), n, y.data(), b);
+        }
       }
     }
     return to_numpy(std::move(y), {n, rows});
   }, py::arg("w"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("bias") = py::none(),
-     py::arg("int8_activations") = false);
+     py::arg("int8_activations") = false, py::arg("row_lanes") = false, py::arg("repeats") = 1,
+     "y = x . w^T (+ bias). int8_activations: the int8 kernel at any n; row_lanes: Q8_0 through the "
+     "row-lane copy a model keeps (needs int8_row_lanes()); repeats: the product that many times "
+     "(for benchmarks: the weight's preparation once)");
+  m.def("int8_row_lanes", []() { return int8_kernels().every_row_count(DType::Q8_0); },
+        "Whether the current int8 variant streams Q8_0 through row lanes (models with int8 activations then "
+        "keep a row-lane copy of each Q8_0 matrix)");
 
   m.def("matmul_group", [](py::list weights, int64_t cols,
                            py::array_t<float, py::array::c_style | py::array::forcecast> x, bool int8_activations) {
@@ -576,7 +663,8 @@ PYBIND11_MODULE(_core, m) {
   });
 
   py::class_<ModelHandle>(m, "Model")
-      .def(py::init(&make_model), py::arg("config"), py::arg("weights"), py::arg("int8_activations") = false)
+      .def(py::init(&make_model), py::arg("config"), py::arg("weights"), py::arg("int8_activations") = false,
+           py::arg("repack_q8_0") = false, py::arg("file_backed") = std::vector<std::string>{})
       .def_property_readonly("n_layers", [](const ModelHandle& h) { return h.model->config().n_layers; })
       .def("forward", [](const ModelHandle& h, GuardedCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
                          const std::string& mode, GuardedHooks* hooks) {

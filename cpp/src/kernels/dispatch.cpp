@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "tokentrail/kernels.h"
+#include "tokentrail/thread_pool.h"
 
 namespace tokentrail {
 
@@ -84,6 +85,30 @@ bool int8_supported(DType t) {
     case DType::IQ4_NL: case DType::Q4_K: case DType::Q5_K: case DType::Q6_K: return true;
     default: return false;
   }
+}
+
+size_t q8_0_row_lane_bytes(const WeightView& w) {
+  if (w.type != DType::Q8_0 || w.rows % 16 != 0 || w.cols % 32 != 0 || !int8_kernels().every_row_count(DType::Q8_0))
+    return 0;
+  return size_t(w.rows) * size_t(w.cols) / 32 * 34;
+}
+
+void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out) {
+  if (!q8_0_row_lane_bytes(w)) throw std::invalid_argument("these weights have no row-lane layout");
+  const int64_t groups = w.rows / 16, nb = w.cols / 32;
+  uint16_t* scales = reinterpret_cast<uint16_t*>(out + size_t(w.rows) * size_t(w.cols));
+  parallel_for_if(w.rows * w.cols > (int64_t(1) << 20), groups, 1, Split::Even, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* q = out + size_t(g * nb + b) * 512;
+        for (int r = 0; r < 16; ++r) {
+          const uint8_t* blk = w.row(g * 16 + r) + b * 34;  // half scale, then 32 quants
+          std::memcpy(scales + size_t(g * nb + b) * 16 + r, blk, 2);
+          for (int j = 0; j < 8; ++j)
+            for (int i = 0; i < 4; ++i) q[j * 64 + r * 4 + i] = uint8_t(blk[2 + 4 * j + i] ^ 0x80);
+        }
+      }
+  });
 }
 
 std::vector<std::string> available_isas() {

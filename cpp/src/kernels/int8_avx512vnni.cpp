@@ -57,6 +57,8 @@ struct IV : Int8UnpackX86 {
     for (int r = 0; r < 16; ++r) std::memcpy(h + r, p + r * stride, 2);
     return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(h)));
   }
+  // 16 half-precision values at p as floats.
+  static F halves(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   // acc + per lane the sum of 4 products u8 w[lane][j] * s8 q4[j] (q4 broadcast).
   static I dot4_rows(I acc, I w, const int8_t* q4) {
     return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(q4)));

@@ -54,6 +54,9 @@ constexpr int ROW_LANE_TOKENS = 64;
 // Weight rows are unpacked (or streamed) and multiplied in blocks of this many.
 constexpr int INT8_ROW_BLOCK = 16;
 
+// How far ahead (bytes) the row-lane kernel asks for its copy's next lines: 8 blocks of 16 rows.
+constexpr int ROW_LANE_PREFETCH = 4096;
+
 struct QuantizedActs {
   int n = 0, K = 0, tiles = 0;
   bool has_tiles = false;  // whether q, scale, scaled_sum and corr hold these activations
@@ -428,56 +431,77 @@ static Int8Scratch& int8_scratch(int K, int nsub, size_t out_floats) {
   return s;
 }
 
+// Tokens [t0, t1) of the row lanes against one block b of 16 rows: wh holds its 8 groups of 4
+// bytes by rows (w + 128), `scale` the rows' scales. Token t's quants, correction and scale for
+// the block lie one after another in the flat layout.
+static inline void row_lane_block(const typename IV::I* wh, typename IV::F scale, const QuantizedActs& a, int b,
+                                  int t0, int t1, typename IV::F* acc) {
+  const int n = a.n;
+  const int8_t* q = a.flat.data() + (size_t(b) * n + t0) * 32;
+  const int32_t* corr = a.flat_corr.data() + size_t(b) * n;
+  const float* da = a.flat_scale.data() + size_t(b) * n;
+  for (int t = t0; t < t1; ++t, q += 32) {
+    // Two chains of four (integer sums: the order does not matter).
+    typename IV::I even = IV::iset1(corr[t]);
+    typename IV::I odd = IV::dot4_rows(IV::iset1(0), wh[1], q + 4);
+    even = IV::dot4_rows(even, wh[0], q);
+    for (int j = 2; j < 8; j += 2) {
+      even = IV::dot4_rows(even, wh[j], q + 4 * j);
+      odd = IV::dot4_rows(odd, wh[j + 1], q + 4 * j + 4);
+    }
+    acc[t - t0] = IV::ffma(IV::cvt(IV::iadd(even, odd)), IV::fmul(scale, IV::fset1(da[t])), acc[t - t0]);
+  }
+}
+
 // Q8_0 for a whole block of 16 rows and ROW_LANE_TOKENS tokens at a time, streamed as the
-// float GEMV streams (no unpacking pass): the quants of two blocks of the 16 rows are loaded
-// where they lie and transposed so that a vector holds one 4-byte group of every row, and
-// each token's 4 bytes are broadcast against it (the lanes run over rows). The float steps
-// per row and block are int8_tile's in the same order, so every result is bit for bit the
+// float GEMV streams (no unpacking pass), with the lanes over the 16 rows: a vector holds one
+// 4-byte group of every row and each token's 4 bytes are broadcast against it. The rows come
+// from the model's row-lane copy where it made one (pack_q8_0_row_lanes: loaded as they lie),
+// else from the Q8_0 rows themselves, two blocks at a time, transposed in registers. The float
+// steps per row and block are int8_tile's in the same order, so every result is bit for bit the
 // token-lane kernel's: a row's product does not depend on how many tokens share the call.
 static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, int r0, float* y) {
   constexpr int L = IV::LANES, BYTES = 34;
   const int K = a.K, nb = K / 32, n = a.n;
   const size_t rb = wv.row_bytes, ahead = prefetch_distance(rb), ldy = wv.rows;
   const uint8_t* base = wv.row(r0);
+  const size_t group = size_t(r0 / L) * nb;  // this block of rows' first (group, block) in the row-lane copy
+  const uint8_t* lanes = wv.row_lanes ? wv.row_lanes + group * 512 : nullptr;
+  const uint16_t* lane_scales =
+      wv.row_lanes ? reinterpret_cast<const uint16_t*>(wv.row_lanes + size_t(wv.rows) * size_t(K)) + group * L : nullptr;
   typename IV::F acc[ROW_LANE_TOKENS];
   // More tokens than accumulators: the rows again for each group of tokens (from L1 or L2 by then).
   for (int t0 = 0; t0 < n; t0 += ROW_LANE_TOKENS) {
-  const int t1 = std::min(n, t0 + ROW_LANE_TOKENS);
-  for (int t = t0; t < t1; ++t) acc[t - t0] = IV::fzero();
-  typename IV::I w[16];
-  for (int b = 0; b < nb; b += 2) {
-    const int pair = std::min(2, nb - b);
-    const uint8_t* blk = base + size_t(b) * BYTES;
-    for (int r = 0; r < L; ++r) {  // the rows' lines two blocks on, a distance ahead
-      __builtin_prefetch(blk + r * rb + ahead);
-      __builtin_prefetch(blk + r * rb + ahead + 64);
-    }
-    if (pair == 2)
-      IV::q8_0_pair_by_rows(blk, rb, w);
-    else
-      IV::q8_0_one_by_rows(blk, rb, w);
-    for (int h = 0; h < pair; ++h) {
-      const typename IV::F scale = IV::halves_by_rows(blk + h * BYTES, rb);
-      const typename IV::I* wh = w + 8 * h;
-      // Token t's quants, correction and scale for this block lie one after another.
-      const int8_t* q = a.flat.data() + (size_t(b + h) * n + t0) * 32;
-      const int32_t* corr = a.flat_corr.data() + size_t(b + h) * n;
-      const float* da = a.flat_scale.data() + size_t(b + h) * n;
-      for (int t = t0; t < t1; ++t, q += 32) {
-        // Two chains of four (integer sums: the order does not matter).
-        typename IV::I even = IV::iset1(corr[t]);
-        typename IV::I odd = IV::dot4_rows(IV::iset1(0), wh[1], q + 4);
-        even = IV::dot4_rows(even, wh[0], q);
-        for (int j = 2; j < 8; j += 2) {
-          even = IV::dot4_rows(even, wh[j], q + 4 * j);
-          odd = IV::dot4_rows(odd, wh[j + 1], q + 4 * j + 4);
+    const int t1 = std::min(n, t0 + ROW_LANE_TOKENS);
+    for (int t = t0; t < t1; ++t) acc[t - t0] = IV::fzero();
+    typename IV::I w[16];
+    if (lanes) {
+      for (int b = 0; b < nb; ++b) {
+        const uint8_t* blk = lanes + size_t(b) * 512;
+        // One sequential stream: ask for the lines a few blocks on (and the scales every 4 blocks).
+        for (int j = 0; j < 8; ++j) __builtin_prefetch(blk + ROW_LANE_PREFETCH + 64 * j);
+        if (b % 2 == 0) __builtin_prefetch(lane_scales + size_t(b) * L + ROW_LANE_PREFETCH / 16);
+        for (int j = 0; j < 8; ++j) w[j] = IV::load_a(blk + 64 * j);
+        row_lane_block(w, IV::halves(lane_scales + size_t(b) * L), a, b, t0, t1, acc);
+      }
+    } else {
+      for (int b = 0; b < nb; b += 2) {
+        const int pair = std::min(2, nb - b);
+        const uint8_t* blk = base + size_t(b) * BYTES;
+        for (int r = 0; r < L; ++r) {  // the rows' lines two blocks on, a distance ahead
+          __builtin_prefetch(blk + r * rb + ahead);
+          __builtin_prefetch(blk + r * rb + ahead + 64);
         }
-        acc[t - t0] = IV::ffma(IV::cvt(IV::iadd(even, odd)), IV::fmul(scale, IV::fset1(da[t])), acc[t - t0]);
+        if (pair == 2)
+          IV::q8_0_pair_by_rows(blk, rb, w);
+        else
+          IV::q8_0_one_by_rows(blk, rb, w);
+        for (int h = 0; h < pair; ++h)
+          row_lane_block(w + 8 * h, IV::halves_by_rows(blk + h * BYTES, rb), a, b + h, t0, t1, acc);
       }
     }
-  }
-  // Lanes are rows: each token's 16 results go straight to its row of y.
-  for (int t = t0; t < t1; ++t) IV::fstore(y + size_t(t) * ldy + r0, acc[t - t0]);
+    // Lanes are rows: each token's 16 results go straight to its row of y.
+    for (int t = t0; t < t1; ++t) IV::fstore(y + size_t(t) * ldy + r0, acc[t - t0]);
   }
 }
 

@@ -14,6 +14,7 @@ struct Int8SignedWeights {
   static void q8_0_pair_by_rows(const uint8_t*, size_t, I*) {}
   static void q8_0_one_by_rows(const uint8_t*, size_t, I*) {}
   static F halves_by_rows(const uint8_t*, size_t) { return F{}; }
+  static F halves(const uint16_t*) { return F{}; }
   static I dot4_rows(I acc, I, const int8_t*) { return acc; }
   static void add_128(int8_t*, int) {}
   static void copy_add_128(const uint8_t*, int8_t*) {}

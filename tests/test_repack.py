@@ -1,0 +1,119 @@
+"""The row-lane copy of Q8_0 matrices (`load(repack=...)`): products through it against a float64
+reference, a row's result independent of its batch, and models with and without the copy alike."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tokentrail
+from conftest import assert_logits_do_not_depend_on_the_batch
+from tokentrail import _core
+from tokentrail.errors import InvalidArgumentError
+from tokentrail.loading.gguf_writer import write_gguf
+from tokentrail.loading.quant import dequantize, quantize
+from tokentrail.model import _in_read_only_file
+
+needs_row_lanes = pytest.mark.skipif(not _core.int8_row_lanes(),
+                                     reason=f"the {_core.int8_isa()} variant has no row-lane kernels")
+
+
+@needs_row_lanes
+@pytest.mark.parametrize("rows", [16, 32, 48, 80])
+def test_float_products_through_the_copy_match_float64(rows):
+    """Every way the tokens and the groups of 16 rows are split into passes (1-3 tokens: 4 groups at
+    a time, 4-7: 2 groups, 8 and more: one group with passes of up to 16 tokens)."""
+    rng = np.random.default_rng(rows)
+    k = 576
+    w = quantize(rng.standard_normal((rows, k)).astype(np.float32), "q8_0")
+    wf = dequantize(w, "q8_0", (rows, k)).astype(np.float64)
+    for n in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 50, 100):
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        y = _core.matmul(w, "q8_0", rows, k, x, row_lanes=True)
+        ref = x.astype(np.float64) @ wf.T
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=f"n={n}")
+
+
+@needs_row_lanes
+def test_a_row_through_the_copy_does_not_depend_on_its_batch():
+    """A token's sum runs over k in one lane in the same order at any batch size: each row of an
+    n-token product equals the same row computed alone, bit for bit (float activations), the
+    packed GEMM's past 128 tokens included."""
+    rng = np.random.default_rng(3)
+    rows, k = 80, 1536
+    w = quantize(rng.standard_normal((rows, k)).astype(np.float32), "q8_0")
+    x = rng.standard_normal((200, k)).astype(np.float32)
+    alone = np.stack([_core.matmul(w, "q8_0", rows, k, x[t:t + 1], row_lanes=True)[0] for t in range(200)])
+    for n in (2, 3, 4, 6, 8, 13, 16, 33, 100, 200):
+        np.testing.assert_array_equal(_core.matmul(w, "q8_0", rows, k, x[:n], row_lanes=True), alone[:n],
+                                      err_msg=f"n={n}")
+
+
+def _logits(model, prompts):
+    out = []
+    for p in prompts:
+        s = model.session()
+        out.append(np.asarray(s.feed(p)))
+        out.append(np.asarray(s.feed([5])))
+    return out
+
+
+@needs_row_lanes
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_model_with_the_copy_gives_the_logits_of_one_without(exact):
+    with_copy = tokentrail.load(dtype="q8_0", exact=exact, repack=True)
+    without = tokentrail.load(dtype="q8_0", exact=exact, repack=False)
+    assert with_copy.repacked and not without.repacked
+    prompts = [[1, 2, 3], list(range(10, 60))]
+    for a, b in zip(_logits(with_copy, prompts), _logits(without, prompts)):
+        if exact:  # the same float products summed in another order
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+        else:  # the same integer sums and float steps
+            np.testing.assert_array_equal(a, b)
+
+
+@needs_row_lanes
+def test_float_logits_with_the_copy_do_not_depend_on_the_batch():
+    assert_logits_do_not_depend_on_the_batch(tokentrail.load(dtype="q8_0", repack=True), seed=8)
+
+
+@needs_row_lanes
+def test_a_gguf_file_repacked_reads_its_embedding_rows_back_from_the_file(tmp_path):
+    """The file's pages are handed back once copied; the tied embedding's lookups read them again."""
+    source = tokentrail.load()
+    path = write_gguf(tokentrail.loading.read_checkpoint(source.source), tmp_path / "demo-q8_0.gguf", dtype="q8_0")
+    a = tokentrail.load(path, repack=True)
+    b = tokentrail.load(path, repack=False)
+    q8 = [w for w in a.weights.values() if w.dtype == "q8_0"]
+    assert q8 and all(_in_read_only_file(np.ascontiguousarray(w.data)) for w in q8)
+    prompts = [list(range(1, 40))]
+    for x, y in zip(_logits(a, prompts), _logits(b, prompts)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * np.abs(y).max())
+    assert a.generate([1, 2, 3], max_new_tokens=12, temperature=0).token_ids == \
+        b.generate([1, 2, 3], max_new_tokens=12, temperature=0).token_ids
+
+
+def test_repack_option_is_checked():
+    with pytest.raises(InvalidArgumentError, match="repack must be"):
+        tokentrail.load(repack="yes")
+    if not _core.int8_row_lanes():
+        with pytest.raises(InvalidArgumentError, match="repack=True needs"):
+            tokentrail.load(dtype="q8_0", repack=True)
+    assert tokentrail.load(repack=False).repacked is False
+
+
+def test_cli_repack_flags_reach_the_model():
+    """`--no-repack` loads without the copy (the same greedy text); `--repack` insists on it."""
+    import subprocess
+    import sys
+
+    prompt = "Once upon a time"
+    base = [sys.executable, "-m", "tokentrail.cli", "generate", prompt, "-n", "8", "--dtype", "q8_0"]
+    off = subprocess.run([*base, "--no-repack"], capture_output=True, text=True, timeout=120)
+    assert off.returncode == 0, off.stderr
+    model = tokentrail.load(dtype="q8_0", repack=False)
+    assert off.stdout.strip() == (prompt + model.generate(prompt, max_new_tokens=8, temperature=0).text).strip()
+    on = subprocess.run([*base, "--repack"], capture_output=True, text=True, timeout=120)
+    if _core.int8_row_lanes():
+        assert on.returncode == 0, on.stderr
+    else:
+        assert on.returncode != 0 and "repack=True needs" in on.stderr

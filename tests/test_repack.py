@@ -26,7 +26,7 @@ def test_float_products_through_the_copy_match_float64(rows):
     k = 576
     w = quantize(rng.standard_normal((rows, k)).astype(np.float32), "q8_0")
     wf = dequantize(w, "q8_0", (rows, k)).astype(np.float64)
-    for n in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 50, 100):
+    for n in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 50, 100, 150):  # 150: the GEMM, its panels from the copy
         x = rng.standard_normal((n, k)).astype(np.float32)
         y = _core.matmul(w, "q8_0", rows, k, x, row_lanes=True)
         ref = x.astype(np.float64) @ wf.T

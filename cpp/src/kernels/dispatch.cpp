@@ -104,8 +104,12 @@ void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out) {
         for (int r = 0; r < 16; ++r) {
           const uint8_t* blk = w.row(g * 16 + r) + b * 34;  // half scale, then 32 quants
           std::memcpy(scales + size_t(g * nb + b) * 16 + r, blk, 2);
-          for (int j = 0; j < 8; ++j)
-            for (int i = 0; i < 4; ++i) q[j * 64 + r * 4 + i] = uint8_t(blk[2 + 4 * j + i] ^ 0x80);
+          for (int j = 0; j < 8; ++j) {  // 4 bytes at a time, each + 128
+            uint32_t four;
+            std::memcpy(&four, blk + 2 + 4 * j, 4);
+            four ^= 0x80808080u;
+            std::memcpy(q + j * 64 + r * 4, &four, 4);
+          }
         }
       }
   });

@@ -137,7 +137,12 @@ static void widen_row(const WeightView& w, int64_t r, float* out);
 
 // Widen and transpose NR weight rows [n0, n0 + NR) into a k-major panel
 // (the transpose in registers made prefill 10-35% faster than one float at a time).
+static bool panel_from_row_lanes(const WeightView& wv, int n0, float* panel);
+
 static void pack_panel(const WeightView& wv, int n0, float* panel, float* scratch) {
+  // Q8_0 with its row-lane copy: widened from the copy (the same floats), so that a model that has
+  // handed the file's pages back never reads them again.
+  if (panel_from_row_lanes(wv, n0, panel)) return;
   const int rows = int(wv.rows), K = int(wv.cols), nr = std::min(NR, rows - n0);
   // Rows as float32 (views for f32 weights, widened otherwise), then written
   // k-major with sequential stores: NR read streams, one write stream.
@@ -1006,8 +1011,41 @@ static void q8_0_float_row_lanes(const WeightView& w, const float* x, int n, flo
     r += 16 * R;
   }
 }
+// A GEMM panel (NR = 32 rows from n0, k-major) widened from the row-lane copy: per block and
+// 4-byte group, the 4 k-positions of 16 rows come out as the float kernel makes them (w * d
+// rounded once, as the Q8_0 row widening gives them).
+static bool panel_from_row_lanes(const WeightView& wv, int n0, float* panel) {
+  static_assert(NR == 32, "a panel is two groups of 16 rows");
+  if (wv.type != DType::Q8_0 || !wv.row_lanes || n0 % 16 != 0 || n0 + NR > wv.rows) return false;
+  const int K = int(wv.cols), nb = K / 32;
+  const uint16_t* all_scales = reinterpret_cast<const uint16_t*>(wv.row_lanes + size_t(wv.rows) * size_t(K));
+  auto pick = [](int i) {
+    const int p = int(0x80808000u) | i;
+    return _mm512_set4_epi32(p + 12, p + 8, p + 4, p);
+  };
+  const __m512i picks[4] = {pick(0), pick(1), pick(2), pick(3)};
+  for (int h = 0; h < 2; ++h) {
+    const size_t first = size_t(n0 / 16 + h) * nb;
+    const uint8_t* lanes = wv.row_lanes + first * 512;
+    const uint16_t* scales = all_scales + first * 16;
+    for (int b = 0; b < nb; ++b) {
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + size_t(b) * 16)));
+      const __m512 m = _mm512_mul_ps(d, _mm512_set1_ps(-128.0f));
+      for (int j = 0; j < 8; ++j) {
+        const __m512i v = _mm512_load_si512(lanes + size_t(b) * 512 + 64 * j);
+        for (int i = 0; i < 4; ++i) {
+          const int k = b * 32 + 4 * j + i;
+          _mm512_storeu_ps(panel + size_t(k) * NR + 16 * h,
+                           _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, picks[i])), d, m));
+        }
+      }
+    }
+  }
+  return true;
+}
 #else
 constexpr bool HAS_FLOAT_ROW_LANES = false;
+static bool panel_from_row_lanes(const WeightView&, int, float*) { return false; }
 static void q8_0_float_row_lanes(const WeightView&, const float*, int, float*, int, int) {}
 #endif
 

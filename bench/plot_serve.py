@@ -1,6 +1,6 @@
 """Plot bench/serve_load.py results: aggregate tokens/s and time to first token against clients.
 
-    python bench/plot_serve.py OUT.png RUN.json[=LABEL] [RUN.json[=LABEL] ...]
+    python bench/plot_serve.py OUT.png RUN.json[=LABEL] [RUN.json[=LABEL] ...]   (pip install ".[bench]")
 
 Each run file holds one or two engines (tokentrail, and llama.cpp's llama-server when it ran);
 LABEL names the tokentrail line of that run (e.g. "tokentrail --no-exact"). Two panels share the
@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-COLORS = ["#2a7", "#7b3", "#47a", "#c84", "#a5c"]
+COLORS = ["#2a7", "#c84", "#a5c", "#7b3"]  # tokentrail runs in order; llama-server is always blue
+LLAMA_COLOR = "#47a"
 
 
 def lines_of(path: Path, label: str | None) -> list[tuple[str, list[dict]]]:
@@ -24,7 +25,7 @@ def lines_of(path: Path, label: str | None) -> list[tuple[str, list[dict]]]:
         by_engine.setdefault(row["engine"], []).append(row)
     out = []
     for engine, rows in by_engine.items():
-        name = label if (label and engine == "tokentrail") else engine
+        name = label if (label and engine == "tokentrail") else ("llama-server" if engine == "llama.cpp" else engine)
         out.append((name, sorted(rows, key=lambda r: r["clients"])))
     return out
 
@@ -45,7 +46,9 @@ def main(argv: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (rate, ttft) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for color, (name, rows) in zip(COLORS, lines.items()):
+    ours = iter(COLORS)
+    for name, rows in lines.items():
+        color = LLAMA_COLOR if name == "llama-server" else next(ours)
         clients = [r["clients"] for r in rows]
         rate.plot(clients, [r["tokens_per_s"] for r in rows], "o-", color=color, label=name)
         ttft.plot(clients, [r["ttft_p50_ms"] for r in rows], "o-", color=color, label=name)
@@ -53,6 +56,8 @@ def main(argv: list[str]) -> None:
                           color=color, alpha=0.15)
     for ax in (rate, ttft):
         ax.set_xscale("log", base=2)
+        ticks = sorted({r["clients"] for rows in lines.values() for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("concurrent clients")
         ax.grid(alpha=0.3)
     rate.set_ylabel("aggregate decode tokens/s")

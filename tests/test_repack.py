@@ -99,6 +99,7 @@ def test_repack_option_is_checked():
         with pytest.raises(InvalidArgumentError, match="repack=True needs"):
             tokentrail.load(dtype="q8_0", repack=True)
     assert tokentrail.load(repack=False).repacked is False
+    assert tokentrail.load(dtype="f32").repacked is False  # nothing in q8_0 to lay out
 
 
 def test_cli_repack_flags_reach_the_model():

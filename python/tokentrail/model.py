@@ -198,10 +198,12 @@ class Model:
                 weights[name] = w
                 task.advance()
         self.weights = weights
-        self.repacked = _core.int8_row_lanes() if repack is None else repack
+        wanted = _core.int8_row_lanes() if repack is None else repack
+        # Whether the q8_0 matrices carry the row-lane copy (False for a model without any).
+        self.repacked: bool = wanted and any(w.dtype == "q8_0" for w in weights.values())
         arrays = {n: np.ascontiguousarray(w.data) for n, w in weights.items()}
         self._core = _core.Model(self.config.core_dict(), {n: (a, weights[n].dtype) for n, a in arrays.items()},
-                                 int8_activations=not exact, repack_q8_0=self.repacked,
+                                 int8_activations=not exact, repack_q8_0=wanted,
                                  file_backed=[n for n, a in arrays.items() if _in_read_only_file(a)])
         cap = DEFAULT_CONTEXT_CAP if context is None else context
         self.context_limit = min(cap, self.config.max_seq_len)

@@ -92,6 +92,23 @@ def test_a_gguf_file_repacked_reads_its_embedding_rows_back_from_the_file(tmp_pa
         b.generate([1, 2, 3], max_new_tokens=12, temperature=0).token_ids
 
 
+@needs_row_lanes
+def test_a_repacked_model_runs_on_another_kernel_variant_from_the_file(tmp_path):
+    """Kernels without row lanes read the original rows: switched to AVX2 after loading, a repacked
+    GGUF model (whose file pages were handed back) gives the logits of one loaded without the copy."""
+    source = tokentrail.load()
+    path = write_gguf(tokentrail.loading.read_checkpoint(source.source), tmp_path / "demo-q8_0.gguf", dtype="q8_0")
+    repacked, plain = tokentrail.load(path, repack=True), tokentrail.load(path, repack=False)
+    default = _core.isa()
+    try:
+        _core.set_isa("avx2")
+        prompts = [list(range(1, 60))]
+        for a, b in zip(_logits(repacked, prompts), _logits(plain, prompts)):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        _core.set_isa(default)
+
+
 def test_repack_option_is_checked():
     with pytest.raises(InvalidArgumentError, match="repack must be"):
         tokentrail.load(repack="yes")

@@ -178,16 +178,19 @@ struct AttentionRecord {
 };
 
 // One layer's cache store and attention, per sequence against that sequence's own history.
-// When every call is small enough to run on one thread (decode rows), the calls of the
-// sequences run side by side on the threads instead.
+// A call large enough to split (a prompt) runs on all the threads by itself; the small ones
+// (decode rows) run side by side on the threads, so that a prompt joining a step of decoding
+// sequences does not leave their attention to one thread.
 void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const AttentionShape& shape,
                  const float* q, const float* k, const float* v, float* z, std::vector<AttentionRecord>& records) {
   const int qs = c.n_heads * c.head_dim, kvs = c.n_kv_heads * c.head_dim, count = int(seqs.size());
-  bool spread = count > 1;
+  static thread_local std::vector<int> small, large;  // sequence indices, kept between calls
+  small.clear();
+  large.clear();
   for (int i = 0; i < count; ++i) {
     const Rows& s = seqs[i];
     s.step->cache->store(l, s.pos0, s.n, k + size_t(s.row0) * kvs, v + size_t(s.row0) * kvs);
-    spread = spread && attention_work(s.n, c.n_heads, s.pos0 + s.n, c.head_dim) <= ATTENTION_PARALLEL_WORK;
+    (attention_work(s.n, c.n_heads, s.pos0 + s.n, c.head_dim) <= ATTENTION_PARALLEL_WORK ? small : large).push_back(i);
     AttentionRecord& r = records[i];
     r.tables = AttentionCapture{};
     Hooks* hk = s.step->hooks;
@@ -203,8 +206,7 @@ void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const At
       r.tables.pattern = r.pattern.data();
     }
   }
-  parallel_for_if(spread, count, 1, Split::Even, [&](int64_t i0, int64_t i1) {
-   for (int i = int(i0); i < int(i1); ++i) {
+  auto attend = [&](int i) {
     const Rows& s = seqs[i];
     KVCache& cache = *s.step->cache;
     AttentionShape mine = shape;
@@ -214,7 +216,11 @@ void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const At
     const AttentionCapture& t = records[i].tables;
     kernels().attention(q + size_t(s.row0) * qs, cache.k(l), cache.v(l), cache.type(), mine,
                         z + size_t(s.row0) * qs, (t.scores || t.pattern) ? &t : nullptr);
-   }
+  };
+  for (int i : large) attend(i);  // each spread over the threads inside
+  const std::vector<int>& side = small;  // (named for the lambda: a thread_local's own name would be the worker's)
+  parallel_for_if(side.size() > 1, int64_t(side.size()), 1, Split::Even, [&](int64_t i0, int64_t i1) {
+    for (int64_t j = i0; j < i1; ++j) attend(side[size_t(j)]);
   });
   for (int i = 0; i < count; ++i) {
     const Rows& s = seqs[i];

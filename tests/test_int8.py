@@ -248,7 +248,7 @@ def test_q8_0_rows_give_the_same_int8_products_in_either_kernel(each_isa):
             a = _core.matmul(tail, "q8_0", 37, k, x, int8_activations=True)
             b = _core.matmul(whole, "q8_0", 32, k, x, int8_activations=True)
             np.testing.assert_array_equal(b, a[:, :32], err_msg=f"{isa} n={n}")
-            if _core.int8_row_lanes():  # and from the row-lane copy a model with int8 activations keeps
+            if _core.int8_row_lanes():  # and from the row-lane copy a model keeps
                 c = _core.matmul(whole, "q8_0", 32, k, x, int8_activations=True, row_lanes=True)
                 np.testing.assert_array_equal(c, a[:, :32], err_msg=f"{isa} n={n}, row-lane copy")
 

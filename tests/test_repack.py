@@ -135,3 +135,10 @@ def test_cli_repack_flags_reach_the_model():
         assert on.returncode == 0, on.stderr
     else:
         assert on.returncode != 0 and "repack=True needs" in on.stderr
+
+
+def test_the_core_refuses_a_file_backed_name_that_is_no_weight():
+    model = tokentrail.load()
+    weights = {n: (np.ascontiguousarray(w.data), w.dtype) for n, w in model.weights.items()}
+    with pytest.raises(ValueError, match="'blocks.0.attn.q.weihgt', which is not among the weights"):
+        _core.Model(model.config.core_dict(), weights, file_backed=["blocks.0.attn.q.weihgt"])

@@ -111,16 +111,24 @@ constexpr int INT8_MIN_ROWS = 8;
 
 bool int8_supported(DType t);
 
-// Q8_0 rows laid out for the int8 row-lane kernel (AVX-512 VNNI), made once by a model that asks
-// for int8 activations so that the kernel loads what it multiplies instead of gathering and
+// Q8_0 rows laid out for the row-lane kernels (AVX-512 VNNI; int8 and float activations), made
+// once at load (`repack`) so that the kernels load what they multiply instead of gathering and
 // transposing 16 rows per block: per group g of 16 rows and block b, the rows' 32 quants as 8
 // vectors of [16 rows][4 bytes] (values 4j..4j+3 of every row in vector j), each byte + 128
-// (vpdpbusd's unsigned side), at ((g * blocks + b) * 8 + j) * 64; after all the quants
-// (rows * cols bytes), the half-precision scales at [g][b][16 rows]. As many bytes as Q8_0.
+// (vpdpbusd's unsigned side); after all the quants (rows * cols bytes), the half-precision
+// scales [g][b][16 rows]. As many bytes as Q8_0.
 // Bytes the layout takes for w, or 0 where the row-lane kernel does not take w (not Q8_0, rows
 // not in whole groups of 16, or no such kernel in the current int8 variant).
 size_t q8_0_row_lane_bytes(const WeightView& w);
 void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out);
+// Where a copy at `lanes` for w keeps group g's block b: its 512 bytes of quants, its 16 scales.
+inline size_t row_lane_index(const WeightView& w, int64_t g, int64_t b) { return size_t(g * (w.cols / 32) + b); }
+inline const uint8_t* row_lane_quants(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
+  return lanes + row_lane_index(w, g, b) * 512;
+}
+inline const uint16_t* row_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
+  return reinterpret_cast<const uint16_t*>(lanes + size_t(w.rows) * size_t(w.cols)) + row_lane_index(w, g, b) * 16;
+}
 // Values per activation block in products with weights of type t: 256 for the k-quants, else 32.
 inline int activation_block(DType t) { return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K ? 256 : 32; }
 

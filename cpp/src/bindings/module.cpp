@@ -12,6 +12,7 @@
 #include <cmath>
 #include <memory>
 #include <new>
+#include <set>
 #ifdef __linux__
 #include <sys/mman.h>
 #include <unistd.h>
@@ -51,13 +52,15 @@ struct ModelHandle {
   std::unique_ptr<Model> model;
   std::vector<py::object> keep_alive;  // the arrays the weight views point into
   std::vector<AlignedBytes> row_lane_copies;  // what the views' row_lanes point into
+  std::set<std::string> file_backed;          // names of weights in read-only file mappings
+  std::set<const void*> in_files;             // their data, as matrix() meets them
 };
 
 // Gives a Q8_0 view the row-lane copy that the AVX-512 kernels load as it lies (when the current
 // int8 variant has the row-lane kernel and the rows come in whole groups of 16). `file_backed`:
 // the view lies in a read-only file mapping, whose pages can be handed back once copied (the
 // products read the copy; the few rows an embedding lookup reads come back from the file).
-void add_row_lanes(ModelHandle& h, WeightView& v, bool file_backed = false) {
+void add_row_lanes(ModelHandle& h, WeightView& v) {
   const size_t bytes = q8_0_row_lane_bytes(v);
   if (!bytes) return;
   AlignedBytes copy = huge_page_bytes(bytes);
@@ -65,14 +68,12 @@ void add_row_lanes(ModelHandle& h, WeightView& v, bool file_backed = false) {
   v.row_lanes = copy.get();
   h.row_lane_copies.push_back(std::move(copy));
 #ifdef __linux__
-  if (file_backed) {
+  if (h.in_files.count(v.data)) {
     const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
     const uintptr_t begin = (reinterpret_cast<uintptr_t>(v.data) + page - 1) / page * page;
     const uintptr_t end = (reinterpret_cast<uintptr_t>(v.data) + size_t(v.rows) * v.row_bytes) / page * page;
     if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // advice: failure is harmless
   }
-#else
-  (void)file_backed;
 #endif
 }
 
@@ -128,6 +129,7 @@ WeightView matrix(ModelHandle& h, const py::dict& weights, const std::string& na
                           std::to_string(rows) + ", " + std::to_string(cols) + "] of " + dtype_name(t) + " needs " +
                           std::to_string(need));
   h.keep_alive.push_back(arr);
+  if (h.file_backed.count(name)) h.in_files.insert(arr.data());
   return WeightView{arr.data(), t, rows, cols, rb};
 }
 
@@ -221,6 +223,10 @@ Config config_from(const py::dict& d) {
 std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd, bool int8_activations,
                                         bool repack_q8_0, const std::vector<std::string>& file_backed) {
   auto h = std::make_unique<ModelHandle>();
+  for (const std::string& name : file_backed) {
+    if (!wd.contains(name)) throw py::value_error("file_backed names '" + name + "', which is not among the weights");
+    h->file_backed.insert(name);
+  }
   Config c = config_from(cfgd);
   Weights w;
   const int d = c.dim, qs = c.n_heads * c.head_dim, kvs = c.n_kv_heads * c.head_dim, f = c.ffn;
@@ -281,28 +287,15 @@ std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd
                             "variant lacks");
     // Every matrix a token's hidden state meets: the unembedding (the embedding itself when
     // tied; its lookups read rows of the original and ignore the mark and the copy).
-    const bool tied = w.unembed.empty();
-    auto mark = [&](WeightView& v, const std::string& name) {
+    auto mark = [&](WeightView& v) {
       if (int8_activations) v.int8_activations = int8_supported(v.type);
-      const bool in_file = std::find(file_backed.begin(), file_backed.end(), name) != file_backed.end();
-      if (repack_q8_0) add_row_lanes(*h, v, in_file);
+      if (repack_q8_0) add_row_lanes(*h, v);
     };
-    mark(tied ? w.embed : w.unembed, tied ? "embed.weight" : "unembed.weight");
-    for (int l = 0; l < c.n_layers; ++l) {
-      LayerWeights& L = w.layers[size_t(l)];
-      const std::string p = "blocks." + std::to_string(l) + ".";
-      const std::pair<WeightView*, const char*> named[] = {
-          {&L.q, "attn.q.weight"}, {&L.k, "attn.k.weight"}, {&L.v, "attn.v.weight"}, {&L.o, "attn.o.weight"},
-          {&L.gate, "mlp.gate.weight"}, {&L.up, "mlp.up.weight"}, {&L.down, "mlp.down.weight"},
-          {&L.router, "mlp.router.weight"}};
-      for (auto& [v, name] : named)
-        if (!v->empty()) mark(*v, p + name);
-      for (size_t e = 0; e < L.expert_gate.size(); ++e) {
-        const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
-        mark(L.expert_gate[e], x + "gate.weight");
-        mark(L.expert_up[e], x + "up.weight");
-        mark(L.expert_down[e], x + "down.weight");
-      }
+    mark(w.unembed.empty() ? w.embed : w.unembed);
+    for (LayerWeights& L : w.layers) {
+      for (WeightView* v : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.router}) mark(*v);
+      for (auto* group : {&L.expert_gate, &L.expert_up, &L.expert_down})
+        for (WeightView& v : *group) mark(v);
     }
   }
   h->model = std::make_unique<Model>(c, std::move(w));
@@ -484,8 +477,8 @@ PYBIND11_MODULE(_core, m) {
      "row-lane copy a model keeps (needs int8_row_lanes()); repeats: the product that many times "
      "(for benchmarks: the weight's preparation once)");
   m.def("int8_row_lanes", []() { return int8_kernels().every_row_count(DType::Q8_0); },
-        "Whether the current int8 variant streams Q8_0 through row lanes (models with int8 activations then "
-        "keep a row-lane copy of each Q8_0 matrix)");
+        "Whether the current int8 variant streams Q8_0 through row lanes (models may then keep a row-lane "
+        "copy of each Q8_0 matrix: load(repack=...))");
 
   m.def("matmul_group", [](py::list weights, int64_t cols,
                            py::array_t<float, py::array::c_style | py::array::forcecast> x, bool int8_activations) {

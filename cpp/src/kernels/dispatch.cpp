@@ -96,14 +96,14 @@ size_t q8_0_row_lane_bytes(const WeightView& w) {
 void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out) {
   if (!q8_0_row_lane_bytes(w)) throw std::invalid_argument("these weights have no row-lane layout");
   const int64_t groups = w.rows / 16, nb = w.cols / 32;
-  uint16_t* scales = reinterpret_cast<uint16_t*>(out + size_t(w.rows) * size_t(w.cols));
   parallel_for_if(w.rows * w.cols > (int64_t(1) << 20), groups, 1, Split::Even, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t b = 0; b < nb; ++b) {
-        uint8_t* q = out + size_t(g * nb + b) * 512;
+        uint8_t* q = const_cast<uint8_t*>(row_lane_quants(w, out, g, b));
+        uint16_t* scales = const_cast<uint16_t*>(row_lane_scales(w, out, g, b));
         for (int r = 0; r < 16; ++r) {
           const uint8_t* blk = w.row(g * 16 + r) + b * 34;  // half scale, then 32 quants
-          std::memcpy(scales + size_t(g * nb + b) * 16 + r, blk, 2);
+          std::memcpy(scales + r, blk, 2);
           for (int j = 0; j < 8; ++j) {  // 4 bytes at a time, each + 128
             uint32_t four;
             std::memcpy(&four, blk + 2 + 4 * j, 4);

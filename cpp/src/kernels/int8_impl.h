@@ -465,10 +465,8 @@ static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, in
   const int K = a.K, nb = K / 32, n = a.n;
   const size_t rb = wv.row_bytes, ahead = prefetch_distance(rb), ldy = wv.rows;
   const uint8_t* base = wv.row(r0);
-  const size_t group = size_t(r0 / L) * nb;  // this block of rows' first (group, block) in the row-lane copy
-  const uint8_t* lanes = wv.row_lanes ? wv.row_lanes + group * 512 : nullptr;
-  const uint16_t* lane_scales =
-      wv.row_lanes ? reinterpret_cast<const uint16_t*>(wv.row_lanes + size_t(wv.rows) * size_t(K)) + group * L : nullptr;
+  const uint8_t* lanes = wv.row_lanes ? row_lane_quants(wv, wv.row_lanes, r0 / L, 0) : nullptr;
+  const uint16_t* lane_scales = wv.row_lanes ? row_lane_scales(wv, wv.row_lanes, r0 / L, 0) : nullptr;
   typename IV::F acc[ROW_LANE_TOKENS];
   // More tokens than accumulators: the rows again for each group of tokens (from L1 or L2 by then).
   for (int t0 = 0; t0 < n; t0 += ROW_LANE_TOKENS) {
@@ -478,7 +476,7 @@ static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, in
     if (lanes) {
       for (int b = 0; b < nb; ++b) {
         const uint8_t* blk = lanes + size_t(b) * 512;
-        // One sequential stream: ask for the lines a few blocks on (and the scales every 4 blocks).
+        // One sequential stream: ask for the lines a few blocks on (and the scales' line every other block).
         for (int j = 0; j < 8; ++j) __builtin_prefetch(blk + ROW_LANE_PREFETCH + 64 * j);
         if (b % 2 == 0) __builtin_prefetch(lane_scales + size_t(b) * L + ROW_LANE_PREFETCH / 16);
         for (int j = 0; j < 8; ++j) w[j] = IV::load_a(blk + 64 * j);

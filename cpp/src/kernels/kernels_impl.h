@@ -907,19 +907,29 @@ static void gemv_k_quant(const WeightView& wv, const float* x, const float* xsum
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr bool HAS_FLOAT_ROW_LANES = true;
 
+// Widening from the copy, shared by the kernel and the GEMM panels: pick(i) is the vpshufb
+// control (indices within each 128-bit lane) that moves byte i of every 32-bit lane to the lane's
+// low byte and zeroes the rest; row_lane_floats turns those bytes into weights, (w + 128) * d -
+// 128 * d in one rounding, i.e. w * d exactly rounded, as a dequantized row has them.
+static inline __m512i row_lane_pick(int i) {
+  const int p = int(0x80808000u) | i;
+  return _mm512_set4_epi32(p + 12, p + 8, p + 4, p);
+}
+static inline __m512 row_lane_floats(__m512i v, __m512i pick, __m512 d, __m512 minus_128d) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, pick)), d, minus_128d);
+}
+static inline __m512 row_lane_scale(const uint16_t* halves) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves)));
+}
+
 // R groups of 16 rows (the copy's group g at lanes + g * gstride bytes, its scales at
 // scales + g * sstride) times C tokens: R * C chains of dependent FMAs, enough to cover their
 // latency (decode: 4 groups x 1 token; batches: 1 group x up to 16 tokens).
 template <int R, int C>
 static inline void q8_0_float_lanes_pass(const uint8_t* lanes, size_t gstride, const uint16_t* scales, size_t sstride,
                                          int nb, const float* x, size_t ldx, float* y, size_t ldy) {
-  // vpshufb controls (indices within each 128-bit lane): byte i of every 32-bit lane to the
-  // lane's low byte, the rest zero.
-  auto pick = [](int i) {
-    const int p = int(0x80808000u) | i;
-    return _mm512_set4_epi32(p + 12, p + 8, p + 4, p);
-  };
-  const __m512i pick0 = pick(0), pick1 = pick(1), pick2 = pick(2), pick3 = pick(3);
+  const __m512i pick0 = row_lane_pick(0), pick1 = row_lane_pick(1), pick2 = row_lane_pick(2),
+                pick3 = row_lane_pick(3);
   __m512 acc[R][C];
   for (int g = 0; g < R; ++g)
     for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
@@ -934,18 +944,15 @@ static inline void q8_0_float_lanes_pass(const uint8_t* lanes, size_t gstride, c
     if (R > 2) _mm_prefetch(reinterpret_cast<const char*>(next_scales + size_t(b) * R * 32 + 64), _MM_HINT_T0);
     __m512 d[R], m[R];
     for (int g = 0; g < R; ++g) {
-      d[g] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * sstride + size_t(b) * 16)));
+      d[g] = row_lane_scale(scales + g * sstride + size_t(b) * 16);
       m[g] = _mm512_mul_ps(d[g], _mm512_set1_ps(-128.0f));
     }
     const float* xb = x + size_t(b) * 32;
     for (int j = 0; j < 8; ++j)
       for (int g = 0; g < R; ++g) {
         const __m512i v = _mm512_load_si512(lanes + g * gstride + size_t(b) * 512 + 64 * j);
-        // (w + 128) * d - 128 * d in one rounding: w * d exactly rounded, as a dequantized row.
-        const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, pick0)), d[g], m[g]);
-        const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, pick1)), d[g], m[g]);
-        const __m512 w2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, pick2)), d[g], m[g]);
-        const __m512 w3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, pick3)), d[g], m[g]);
+        const __m512 w0 = row_lane_floats(v, pick0, d[g], m[g]), w1 = row_lane_floats(v, pick1, d[g], m[g]);
+        const __m512 w2 = row_lane_floats(v, pick2, d[g], m[g]), w3 = row_lane_floats(v, pick3, d[g], m[g]);
         const float* xk = xb + 4 * j;
         for (int c = 0; c < C; ++c) {
           const float* xc = xk + c * ldx;
@@ -996,11 +1003,10 @@ static void q8_0_float_lanes_groups(const uint8_t* lanes, size_t gstride, const 
 static void q8_0_float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
   const int K = int(w.cols), nb = K / 32;
   const size_t gstride = size_t(nb) * 512, sstride = size_t(nb) * 16, ldy = size_t(w.rows);
-  const uint16_t* all_scales = reinterpret_cast<const uint16_t*>(w.row_lanes + size_t(w.rows) * size_t(K));
   for (int r = r0; r < r1;) {
     const int left = (r1 - r) / 16, g = r / 16;
-    const uint8_t* lanes = w.row_lanes + g * gstride;
-    const uint16_t* scales = all_scales + g * sstride;
+    const uint8_t* lanes = row_lane_quants(w, w.row_lanes, g, 0);
+    const uint16_t* scales = row_lane_scales(w, w.row_lanes, g, 0);
     const int R = n >= 8 ? 1 : std::min(left, n >= 4 ? 2 : 4);
     switch (R) {
       case 4: q8_0_float_lanes_groups<4>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
@@ -1017,27 +1023,18 @@ static void q8_0_float_row_lanes(const WeightView& w, const float* x, int n, flo
 static bool panel_from_row_lanes(const WeightView& wv, int n0, float* panel) {
   static_assert(NR == 32, "a panel is two groups of 16 rows");
   if (wv.type != DType::Q8_0 || !wv.row_lanes || n0 % 16 != 0 || n0 + NR > wv.rows) return false;
-  const int K = int(wv.cols), nb = K / 32;
-  const uint16_t* all_scales = reinterpret_cast<const uint16_t*>(wv.row_lanes + size_t(wv.rows) * size_t(K));
-  auto pick = [](int i) {
-    const int p = int(0x80808000u) | i;
-    return _mm512_set4_epi32(p + 12, p + 8, p + 4, p);
-  };
-  const __m512i picks[4] = {pick(0), pick(1), pick(2), pick(3)};
+  const int nb = int(wv.cols) / 32;
+  const __m512i picks[4] = {row_lane_pick(0), row_lane_pick(1), row_lane_pick(2), row_lane_pick(3)};
   for (int h = 0; h < 2; ++h) {
-    const size_t first = size_t(n0 / 16 + h) * nb;
-    const uint8_t* lanes = wv.row_lanes + first * 512;
-    const uint16_t* scales = all_scales + first * 16;
+    const int g = n0 / 16 + h;
     for (int b = 0; b < nb; ++b) {
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + size_t(b) * 16)));
+      const __m512 d = row_lane_scale(row_lane_scales(wv, wv.row_lanes, g, b));
       const __m512 m = _mm512_mul_ps(d, _mm512_set1_ps(-128.0f));
+      const uint8_t* q = row_lane_quants(wv, wv.row_lanes, g, b);
       for (int j = 0; j < 8; ++j) {
-        const __m512i v = _mm512_load_si512(lanes + size_t(b) * 512 + 64 * j);
-        for (int i = 0; i < 4; ++i) {
-          const int k = b * 32 + 4 * j + i;
-          _mm512_storeu_ps(panel + size_t(k) * NR + 16 * h,
-                           _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, picks[i])), d, m));
-        }
+        const __m512i v = _mm512_load_si512(q + 64 * j);
+        for (int i = 0; i < 4; ++i)
+          _mm512_storeu_ps(panel + size_t(b * 32 + 4 * j + i) * NR + 16 * h, row_lane_floats(v, picks[i], d, m));
       }
     }
   }
@@ -1053,11 +1050,10 @@ static void q8_0_float_row_lanes(const WeightView&, const float*, int, float*, i
 // whose arithmetic per token is the same (w * d rounded once, one lane summing over k in order),
 // so results still do not depend on the batch. Measured (SmolLM2-135M shapes, one thread): the
 // copy 1.1x the GEMM at 48-64 tokens, even at 128, 0.9x at 256.
-constexpr int FLOAT_ROW_LANE_MIN = 1;
 constexpr int FLOAT_ROW_LANE_MAX = 128;
 
 static bool takes_float_row_lanes(const WeightView& w, int n) {
-  return HAS_FLOAT_ROW_LANES && w.type == DType::Q8_0 && w.row_lanes && n >= FLOAT_ROW_LANE_MIN && n <= FLOAT_ROW_LANE_MAX;
+  return HAS_FLOAT_ROW_LANES && w.type == DType::Q8_0 && w.row_lanes && n <= FLOAT_ROW_LANE_MAX;
 }
 
 // Rows [r0, r1) of one weight's GEMV, for every token. xsum: sums_of_32(x), for the types with offsets.

@@ -49,10 +49,11 @@ def _prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(3, vocab - 1, int(rng.integers(16, 65))).tolist() for _ in range(count)]
 
 
-async def _one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
-    """One streaming request: its text, token count, first-token time and gaps between tokens."""
+async def _one(client, url: str, prompt: list[int], max_tokens: int, extra: dict | None = None) -> dict:
+    """One streaming request (`extra`: more body fields): its text, token count, first-token time and
+    gaps between tokens."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     start = time.perf_counter()
     arrivals, text, usage, closed = [], [], None, None
     async with client.stream("POST", url + "/v1/completions", json=body) as r:

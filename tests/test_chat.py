@@ -241,6 +241,21 @@ def test_chat_command_keeps_history_and_handles_commands(chatml_model, chatml_di
     assert "the journey of" in text and "logit lens" in text
 
 
+def test_chat_command_reuses_the_earlier_turns_through_its_prompt_cache(chatml_model, chatml_dir):
+    turns = "The storm is\nAnd then\n"
+    cached = _chat_cli(chatml_dir, turns)
+    plain = _chat_cli(chatml_dir, turns, "--prompt-cache", "0")
+    assert cached.returncode == 0 and plain.returncode == 0, cached.stderr + plain.stderr
+    assert cached.stdout == plain.stdout  # the same replies
+    # After each reply: its speed line; the second turn's prompt starts from the first turn's cache.
+    lines = [line for line in cached.stderr.splitlines() if line.startswith("(prompt:")]
+    assert len(lines) == 2 and "cached" not in lines[0] and "cached)" in lines[1]
+    first = chatml_model.chat([{"role": "user", "content": "The storm is"}], temperature=0, max_new_tokens=16)
+    reused = int(lines[1].split("(")[2].split()[0])
+    assert len(first.generation.prompt_ids) <= reused
+    assert not any("cached" in line for line in plain.stderr.splitlines())
+
+
 def test_chat_command_ends_cleanly_on_end_of_input(chatml_dir):
     out = _chat_cli(chatml_dir, "")
     assert out.returncode == 0 and "Traceback" not in out.stderr

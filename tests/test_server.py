@@ -134,6 +134,7 @@ def test_n_choices_share_one_prefill_and_equal_independent_runs(model, parallel)
         r = client.completions.create(model="demo-chat", prompt=prompts, max_tokens=12, seed=11, n=3, logprobs=2,
                                       temperature=opts["temperature"], extra_body={"top_k": 40, "logit_bias": NO_END})
         prompt_tokens = _metric(url, "tokentrail_prompt_tokens")
+        cached = _metric(url, "tokentrail_prompt_cached_tokens")  # the prompts' shared start, at parallel=1
         forked = _metric(url, "tokentrail_forked_sequences")
         stream = client.completions.create(model="demo-chat", prompt=STORY, max_tokens=12, seed=11, n=3, stream=True,
                                            temperature=opts["temperature"], extra_body={"top_k": 40})
@@ -141,7 +142,7 @@ def test_n_choices_share_one_prefill_and_equal_independent_runs(model, parallel)
         for chunk in stream:
             streamed[chunk.choices[0].index] += chunk.choices[0].text
     # Each prompt ran once; its other two choices started from copies of its cache.
-    assert prompt_tokens == sum(len(model.encode(p)) for p in prompts) and forked == 4
+    assert prompt_tokens + cached == sum(len(model.encode(p)) for p in prompts) and forked == 4
     choices = sorted(r.choices, key=lambda c: c.index)
     for i, c in enumerate(choices):
         alone = model.generate(prompts[i // 3], max_new_tokens=12, seed=11 + i, logprobs=True, top_n=2,
@@ -208,6 +209,36 @@ def test_chat_end_of_turn_stops_generation(client, model):
     alone = model.chat(MESSAGES, temperature=1.0, seed=4, max_new_tokens=40, logit_bias={3: 16.0})
     assert alone.generation.token_ids[-1] == 3
     assert r.choices[0].message.content == alone.text and r.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("cache_mb", [1024, 0])
+def test_a_conversation_reuses_its_earlier_turns_from_the_prompt_cache(model, cache_mb):
+    turn1 = [{"role": "system", "content": "Tell a story."}, {"role": "user", "content": "The storm is"}]
+    with running(model, parallel=2, prompt_cache_mb=cache_mb) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r1 = client.chat.completions.create(model="demo-chat", messages=turn1, temperature=0, max_tokens=12)
+        turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                         {"role": "user", "content": "And then"}]
+        chunks = list(client.chat.completions.create(model="demo-chat", messages=turn2, temperature=0, max_tokens=12,
+                                                     stream=True, stream_options={"include_usage": True}))
+        r3 = client.chat.completions.create(model="demo-chat", messages=turn2, temperature=0.8, seed=3, max_tokens=12)
+        cached_metric = _metric(url, "tokentrail_prompt_cached_tokens")
+    first = model.chat(turn1, temperature=0, max_new_tokens=12)
+    second = model.chat(turn2, temperature=0, max_new_tokens=12)  # computed whole, no cache
+    assert r1.choices[0].message.content == first.text and r1.usage.prompt_tokens_details.cached_tokens == 0
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == second.text
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == len(second.generation.prompt_ids)
+    assert r3.choices[0].message.content == model.chat(turn2, temperature=0.8, seed=3, max_new_tokens=12).text
+    if cache_mb:
+        # The first turn's prompt at least (its reply is rendered again by the template, and matches
+        # the generated tokens as far as they agree); the same conversation again: all but one position.
+        assert len(first.generation.prompt_ids) <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+        assert r3.usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+        assert cached_metric == usage.prompt_tokens_details.cached_tokens + r3.usage.prompt_tokens_details.cached_tokens
+    else:
+        assert usage.prompt_tokens_details.cached_tokens == r3.usage.prompt_tokens_details.cached_tokens == 0
+        assert cached_metric == 0
 
 
 def test_models_health_and_metrics(client, base_url):

@@ -438,6 +438,13 @@ def add_chat_template_option(p: argparse.ArgumentParser) -> None:
                    help="a Jinja chat template file to use instead of the model's")
 
 
+def add_prompt_cache_option(p: argparse.ArgumentParser, what: str) -> None:
+    """--prompt-cache MB: memory for the KV caches of earlier sequences that later prompts reuse."""
+    p.add_argument("--prompt-cache", type=_count, default=1024, metavar="MB",
+                   help=f"megabytes of KV caches kept from earlier {what}, so that a prompt that begins the same "
+                        "way computes only the rest (0: off; default: %(default)s)")
+
+
 def read_chat_template(args) -> str | None:
     """The text of --chat-template's file, or None."""
     if args.chat_template is None:
@@ -461,6 +468,7 @@ def add_chat(sub) -> None:
     add_chat_template_option(t)
     add_top_n_option(t, 5, "candidates listed per stage by /journey")
     t.add_argument("--width", type=_positive_int, default=None, help="terminal width for /journey (default: detected)")
+    add_prompt_cache_option(t, "turns (each turn then computes only its new messages)")
     c.set_defaults(func=cmd_chat)
 
 
@@ -472,6 +480,7 @@ def cmd_chat(args) -> int:
     """An interactive conversation on stdin/stdout, streaming each reply."""
     from .chat import ChatTemplateError, prepare, template_of
     from .journey import follow_generation
+    from .prompt_cache import PromptCache
     from .report.terminal import print_journey
 
     model = load_model(args)
@@ -480,6 +489,7 @@ def cmd_chat(args) -> int:
     common = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, stop=args.stop or (),
                   ignore_eos=args.ignore_eos, **options)
     system = args.system
+    cache = PromptCache(model, max_mb=args.prompt_cache) if args.prompt_cache > 0 else None
     history: list[dict] = []
     last = None  # (prompt ids, reply ids, seed, end-of-turn ids) of the last reply
     out = sys.stdout
@@ -532,7 +542,7 @@ def cmd_chat(args) -> int:
         if args.eos_token_id is not None:
             end_ids = args.eos_token_id
         reply, tokens = "", []
-        stream = model.generate(ids, stream=True, seed=args.seed, eos_token_id=end_ids, **common)
+        stream = model.generate(ids, stream=True, seed=args.seed, eos_token_id=end_ids, prompt_cache=cache, **common)
         try:
             for step in stream:
                 out.write(step.text)
@@ -543,6 +553,7 @@ def cmd_chat(args) -> int:
         except KeyboardInterrupt:  # stop this reply; keep what was said
             out.write(" [interrupted]")
         out.write("\n")
+        print(f"({stream.timings.summary()})", file=sys.stderr)  # speed, and prompt positions reused
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         if tokens:
             last = (ids, tokens, stream.seed, end_ids)
@@ -568,6 +579,7 @@ def add_serve(sub) -> None:
                    help="seconds a request may take (0: no limit; default: %(default)s)")
     h.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: the path's name)")
     add_chat_template_option(h)
+    add_prompt_cache_option(h, "requests (a conversation's earlier turns, a shared system prompt)")
     s.set_defaults(func=cmd_serve)
 
 
@@ -584,7 +596,7 @@ def cmd_serve(args) -> int:
     name = args.model_name or (Path(args.model).name if args.model else "tokentrail-demo")
     serve(model, host=args.host, port=args.port, model_name=name, parallel=args.parallel, max_queue=args.max_queue,
           prefill_chunk=args.prefill_chunk, timeout=args.timeout if args.timeout > 0 else None,
-          chat_template=template)
+          chat_template=template, prompt_cache_mb=args.prompt_cache)
     return 0
 
 

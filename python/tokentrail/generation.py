@@ -201,6 +201,7 @@ class Timings:
     """
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt positions taken from a prompt cache, not computed
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
     first_token_seconds: float = 0.0
@@ -208,7 +209,9 @@ class Timings:
 
     @property
     def prompt_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else math.inf
+        """Prompt positions computed (those not taken from a prompt cache) per second."""
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prompt_seconds if self.prompt_seconds > 0 else math.inf
 
     @property
     def generation_tokens_per_second(self) -> float:
@@ -221,7 +224,8 @@ class Timings:
         later = max(0, self.generated_tokens - 1)
         gen = self.generation_tokens_per_second
         gen_s = f"{gen:.1f} tokens/s" if math.isfinite(gen) else "n/a"
-        return (f"prompt: {self.prompt_tokens} tokens in {self.prompt_seconds * 1e3:.1f} ms "
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
+        return (f"prompt: {self.prompt_tokens} tokens{cached} in {self.prompt_seconds * 1e3:.1f} ms "
                 f"({self.prompt_tokens_per_second:.1f} tokens/s) | first token after "
                 f"{self.first_token_seconds * 1e3:.1f} ms | generation: {later} more tokens in "
                 f"{self.generation_seconds * 1e3:.1f} ms ({gen_s})")
@@ -459,6 +463,7 @@ def generate(model, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
              speculative_k: int | None = None,
              speculative_adaptive: bool = False,
              per_prompt: Sequence[Mapping[str, Any]] | None = None,
+             prompt_cache: Any = None,
              **unexpected: Any) -> "Generation | list[Generation] | Stream | list":
     """Continue `prompt` (text or token ids), or each prompt of a list of them.
 
@@ -528,6 +533,15 @@ def generate(model, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
     another, so that its records come in order. Streaming takes one prompt
     at a time, and one sequence.
 
+    Prompt cache (see tokentrail.prompt_cache): `prompt_cache` is a
+    PromptCache, or True for the model's own (`model.prompt_cache`). A
+    prompt then starts from the longest beginning that a cached sequence
+    shares with it and feeds only the rest, and each finished sequence is
+    kept for later prompts: the next turn of a conversation computes only
+    its new messages. `timings.cached_tokens` says how many prompt positions
+    were reused. Not with beam search, `hooks` (they record every prompt
+    position) or speculative decoding.
+
     Every argument is checked before the model runs, also when streaming;
     an unknown option name is refused with the nearest valid names.
     """
@@ -583,6 +597,9 @@ def start_run(model, prompt: str | Sequence[int], max_new_tokens: int | None = N
     for name in ("draft", "speculative_k", "speculative_adaptive"):
         if known.get(name) not in (None, False):
             raise OptionError(f"{name}: speculative decoding runs inside generate; a run is fed one step at a time")
+    if known.get("prompt_cache") not in (None, False):
+        raise OptionError("prompt_cache: a run's caller feeds its session; take the session from the cache "
+                          "(PromptCache.take) and give it to Run.begin")
     o = dict(_SIGNATURE_DEFAULTS)
     o.update(known, max_new_tokens=max_new_tokens)
     o["num_beams"] = o["num_return_sequences"] = 1  # not the model file's: a run is one sequence
@@ -684,6 +701,8 @@ def _prepare(model, prompt, o: dict[str, Any]) -> _Plan:
         if speculation is not None:
             raise InvalidArgumentError("draft: speculative decoding samples one sequence; not with beam search "
                                        "(num_beams > 1)")
+        if o["prompt_cache"] not in (None, False):
+            raise InvalidArgumentError("prompt_cache: not available with beam search (num_beams > 1)")
         beams = _beams(model, prompt_ids, config, do_sample, num_beams, n_return, max_new_tokens, eos, o, file)
         return _Plan(prompt_ids, [], n_return, beams)
     if n_return > 1:
@@ -695,9 +714,30 @@ def _prepare(model, prompt, o: dict[str, Any]) -> _Plan:
     seeds = [o["seed"]] if n_return == 1 else _seeds(o["seed"], n_return)
     runs = [Run(model, prompt_ids, max_new_tokens, Sampler(config.build(), seed=seed), stops, eos, o["logprobs"],
                  top_n, o["hooks"]) for seed in seeds]
+    cache = _prompt_cache(model, o["prompt_cache"], o["hooks"], speculation)
     for run in runs:
         run.speculation = speculation
+        run.prompt_cache = cache
     return _Plan(prompt_ids, runs, n_return)
+
+
+def _prompt_cache(model, given, hooks, speculation):
+    """The PromptCache `given` asks for (None, True: the model's own, or one), checked against the run."""
+    if given is None or given is False:
+        return None
+    from .prompt_cache import PromptCache
+
+    cache = model.prompt_cache if given is True else given
+    if not isinstance(cache, PromptCache):
+        raise OptionError(f"prompt_cache: must be a tokentrail PromptCache or True, got {type(given).__name__}")
+    if cache.model is not model:
+        raise InvalidArgumentError("prompt_cache: this PromptCache holds another model's sequences")
+    if hooks is not None:
+        raise InvalidArgumentError("prompt_cache: hooks record every prompt position, which a prompt cache "
+                                   "skips; use one or the other")
+    if speculation is not None:
+        raise InvalidArgumentError("prompt_cache: not available with speculative decoding (draft)")
+    return cache
 
 
 def _seeds(seed: int | None, n: int) -> list[int]:
@@ -790,7 +830,8 @@ def _advance_together(model, runs: Sequence["Run"]) -> Iterator[tuple["Run", Ste
             break
         start = time.perf_counter()
         for run in joining:
-            active.append((run, run.begin(model.session(), start)))
+            session = model.session() if run.prompt_cache is None else run.prompt_cache.take(run.prompt_ids)[0]
+            active.append((run, run.begin(session, start)))
         logits = _feed_together(model, [run.session for run, _ in active], [feed for _, feed in active],
                                 [run.hooks for run, _ in active])
         fed = time.perf_counter()
@@ -807,9 +848,11 @@ def _advance_together(model, runs: Sequence["Run"]) -> Iterator[tuple["Run", Ste
         still = []
         for run, row in stepped:
             step = run.advance(row)
-            yield run, step
             if step.finish_reason is None:
                 still.append((run, [step.token]))
+            elif run.prompt_cache is not None:
+                run.prompt_cache.put(run.session)  # before the step is seen: the next prompt may start here
+            yield run, step
         active = still
 
 
@@ -873,6 +916,7 @@ class Run:
         self.made: list[Step] = []
         self.speculation: speculative.Speculation | None = None
         self.speculation_stats: speculative.SpeculationStats | None = None
+        self.prompt_cache = None  # a PromptCache: the session comes from it and goes back to it at the end
         # Plain greedy decoding with no log-probabilities asked: the token is the logits' first
         # argmax (what the sampler's greedy chain keeps), taken without the sampler's machinery.
         self.argmax_only = not (logprobs or top_n) and _plain_greedy(sampler)
@@ -896,15 +940,21 @@ class Run:
 
     def begin(self, session, start: float) -> list[int]:
         """Take `session` for this run, started at `start`; the prompt ids to feed it. The session
-        is empty, or already holds the prompt (a fork of another run's prefill; nothing to feed then)."""
+        is empty, holds a beginning of the prompt (from a prompt cache: the rest is fed), or holds
+        the whole prompt (a fork of another run's prefill: nothing to feed)."""
         limit = _limit(self.model, session)
         if len(self.prompt_ids) > limit:
             raise ContextFullError.for_tokens(0, len(self.prompt_ids), limit, "prompt")
+        held = session.pos
+        if held > len(self.prompt_ids) or list(session.tokens[:held]) != list(self.prompt_ids[:held]):
+            raise InvalidArgumentError("begin: the session holds positions that are not a beginning of this prompt")
+        if held < len(self.prompt_ids):
+            self.timings.cached_tokens = held
         self.session, self.limit, self.start = session, limit, start
         self.history = list(self.prompt_ids)
         tok = self.model.tokenizer
         self.decoder = StreamDecoder(tok, context=self.prompt_ids[-DECODE_CONTEXT:]) if tok is not None else None
-        return list(self.prompt_ids)
+        return list(self.prompt_ids[held:])
 
     def advance(self, logits: np.ndarray) -> Step:
         """Choose the next token from the logits of the last position fed, and make its Step."""

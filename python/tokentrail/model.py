@@ -21,6 +21,7 @@ from .progress import ProgressOption, Task
 if TYPE_CHECKING:
     from .capture import ActivationCache, Hooks
     from .journey import Journey
+    from .prompt_cache import PromptCache
     from .sampling import SamplingConfig
 
 DEMO_MODEL = Path(__file__).parent / "models" / "demo"
@@ -209,6 +210,7 @@ class Model:
         self.context_limit = min(cap, self.config.max_seq_len)
         self._tokens_run = 0
         self._tokens_run_lock = threading.Lock()  # sessions of one model may run in several threads
+        self._prompt_cache = None
 
     def __repr__(self) -> str:
         c = self.config
@@ -248,6 +250,17 @@ class Model:
     def n_params(self) -> int:
         """Number of weights (every element of every tensor)."""
         return int(sum(np.prod(w.shape) for w in self.weights.values()))
+
+    @property
+    def prompt_cache(self) -> "PromptCache":
+        """This model's own prompt cache (made at first use, 1 GB of KV caches at most), which
+        `generate(..., prompt_cache=True)` and `chat(..., prompt_cache=True)` use."""
+        with self._tokens_run_lock:
+            if self._prompt_cache is None:
+                from .prompt_cache import PromptCache
+
+                self._prompt_cache = PromptCache(self)
+            return self._prompt_cache
 
     def session(self, limit: int | None = None, kv_dtype: str | None = None) -> "Session":
         """A fresh KV cache holding up to `limit` positions (default: context_limit);
@@ -531,11 +544,15 @@ class Session:
         if self.pos + new > self.limit:
             raise ContextFullError(f"{who}{ContextFullError.for_tokens(self.pos, new, self.limit)}")
 
-    def fork(self) -> "Session":
-        """An independent copy of this session (the cache's filled part is copied, nothing recomputed)."""
+    def fork(self, positions: int | None = None) -> "Session":
+        """An independent copy of this session, or of its first `positions` positions (the cache's
+        filled part is copied, nothing recomputed)."""
         with self._lock:
-            s = Session(self.model, _cache=self._cache.clone())
-            s.tokens = list(self.tokens)
+            if positions is None:
+                positions = self.pos
+            positions = _check_count("positions", positions, 0, self.pos)
+            s = Session(self.model, _cache=self._cache.clone(positions))
+            s.tokens = self.tokens[:positions]
         return s
 
     def rewind(self, positions: int) -> None:

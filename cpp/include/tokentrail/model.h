@@ -88,7 +88,8 @@ class KVCache {
   DType type() const { return type_; }
   void reserve(int positions);
   void truncate(int positions);
-  std::unique_ptr<KVCache> clone() const;
+  // A copy of the first `positions` positions (all that are filled when negative).
+  std::unique_ptr<KVCache> clone(int positions = -1) const;
   uint8_t* k(int layer) { return k_[layer].data(); }
   uint8_t* v(int layer) { return v_[layer].data(); }
   // Rows [n][n_kv * head_dim] of float32 stored at positions pos0.. of a layer.

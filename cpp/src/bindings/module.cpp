@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cmath>
 #include <memory>
+#include <optional>
 #include <new>
 #include <set>
 #ifdef __linux__
@@ -738,10 +739,13 @@ PYBIND11_MODULE(_core, m) {
         CacheInUse in_use(c);
         c.truncate(positions);
       }, py::arg("positions"))
-      .def("clone", [](GuardedCache& c) {
+      .def("clone", [](GuardedCache& c, std::optional<int> positions) {
         CacheInUse in_use(c);
-        return std::make_unique<GuardedCache>(std::move(*c.clone()));
-      });
+        if (positions && (*positions < 0 || *positions > c.length()))
+          throw py::value_error("clone: positions must be within 0.." + std::to_string(c.length()) + ", got " +
+                                std::to_string(*positions));
+        return std::make_unique<GuardedCache>(std::move(*c.clone(positions ? *positions : -1)));
+      }, py::arg("positions") = py::none(), "A copy of the first `positions` positions (default: all filled).");
 
   py::class_<GuardedHooks>(m, "Hooks")
       .def(py::init([](int n_layers) {

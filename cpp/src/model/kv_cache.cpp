@@ -68,16 +68,20 @@ void KVCache::truncate(int positions) {
   length_ = positions;
 }
 
-std::unique_ptr<KVCache> KVCache::clone() const {
-  // Copy only what is filled: a fork costs the history, not the capacity.
+std::unique_ptr<KVCache> KVCache::clone(int positions) const {
+  // Copy only what is asked of the filled part: a fork costs the history, not the capacity.
+  if (positions < 0) positions = length_;
+  if (positions > length_)
+    throw std::out_of_range("cannot copy " + std::to_string(positions) + " positions of a KV cache holding " +
+                            std::to_string(length_));
   Config c;
   c.n_layers = n_layers_;
   c.n_kv_heads = n_kv_;
   c.head_dim = head_dim_;
   auto out = std::make_unique<KVCache>(c, limit_, type_, owner_);
-  if (length_ == 0) return out;
-  out->reserve(length_);
-  out->length_ = length_;
+  if (positions == 0) return out;
+  out->reserve(positions);
+  out->length_ = positions;  // copy_layer copies the copy's length
   for (int l = 0; l < n_layers_; ++l) {
     out->copy_layer(k_[l], capacity_, out->k_[l]);  // laid out for the copy's own capacity
     out->copy_layer(v_[l], capacity_, out->v_[l]);

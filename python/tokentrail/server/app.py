@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import ChatTemplateError, end_of_turn_ids, template_of
 from ..generation import Run, Step, start_run
+from ..prompt_cache import DEFAULT_MAX_MB, PromptCache
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
 from .scheduler import GenerationRequest, QueueFull, Scheduler, SequenceEvent
 
@@ -79,12 +80,15 @@ class Server:
     """A model, its scheduler and what the routes need to answer."""
 
     def __init__(self, model, model_name: str, parallel: int = 4, max_queue: int = 64, prefill_chunk: int = 256,
-                 timeout: float | None = 600.0, chat_template: str | None = None):
+                 timeout: float | None = 600.0, chat_template: str | None = None,
+                 prompt_cache_mb: float = DEFAULT_MAX_MB):
         self.model = model
         self.model_name = model_name
         self.timeout = timeout
         self.created = int(time.time())
-        self.scheduler = Scheduler(model, parallel=parallel, max_queue=max_queue, prefill_chunk=prefill_chunk)
+        self.prompt_cache = PromptCache(model, max_mb=prompt_cache_mb) if prompt_cache_mb > 0 else None
+        self.scheduler = Scheduler(model, parallel=parallel, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                                   prompt_cache=self.prompt_cache)
         self.mailbox: Mailbox | None = None  # made on the event loop, at the first request
         self.chat_template = None
         if model.tokenizer is not None and (chat_template is not None
@@ -212,9 +216,12 @@ class Server:
         return tok.display(token) if tok is not None else f"<{token}>"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, runs: Sequence[Run], choices: int) -> dict:
+    """OpenAI's usage counts; `prompt_tokens_details.cached_tokens` are the prompt positions taken from
+    the prompt cache (each prompt's first choice runs it; the others copy that)."""
+    cached = sum(run.timings.cached_tokens for run in runs[::choices])
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _sse(payload: Any) -> str:
@@ -222,13 +229,14 @@ def _sse(payload: Any) -> str:
 
 
 def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_queue: int = 64,
-               prefill_chunk: int = 256, timeout: float | None = 600.0, chat_template: str | None = None) -> FastAPI:
+               prefill_chunk: int = 256, timeout: float | None = 600.0, chat_template: str | None = None,
+               prompt_cache_mb: float = DEFAULT_MAX_MB) -> FastAPI:
     """The FastAPI application serving `model` (its engine thread runs while the app does)."""
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from prometheus_client import CONTENT_TYPE_LATEST
 
     server = Server(model, model_name, parallel=parallel, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                    timeout=timeout, chat_template=chat_template)
+                    timeout=timeout, chat_template=chat_template, prompt_cache_mb=prompt_cache_mb)
     sched = server.scheduler
 
     registry = CollectorRegistry()
@@ -239,6 +247,10 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
         "tokens_per_second": ("Generated tokens per second over the last 10 s", stats.tokens_per_second),
         "generated_tokens": ("Tokens generated since the start", lambda: stats.generated),
         "prompt_tokens": ("Prompt tokens prefilled since the start", lambda: stats.prompt_tokens),
+        "prompt_cached_tokens": ("Prompt tokens taken from the prompt cache instead of prefilled",
+                                 lambda: stats.cached_tokens),
+        "prompt_cache_bytes": ("Bytes of KV caches the prompt cache holds",
+                               lambda: server.prompt_cache.stats.bytes if server.prompt_cache else 0),
         "cancelled_sequences": ("Sequences whose client went away before the end", lambda: stats.cancelled),
         "timed_out_sequences": ("Sequences stopped by the per-request time limit", lambda: stats.timed_out),
         "forked_sequences": ("Choices started from a copy of another choice's prefilled prompt",
@@ -314,7 +326,7 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
                     for c in stream_choices(ev):
                         yield _sse({**base, "choices": [c]})
                 if req.stream_options and req.stream_options.include_usage:
-                    yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+                    yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens, runs, req.n)})
                 yield "data: [DONE]\n\n"
                 requests_total.labels(route, "200").inc()
 
@@ -327,7 +339,7 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
         requests_total.labels(route, "200").inc()
         return {**base, "object": final_object,
                 "choices": [final_choice(i, st, journeys[i] if journey_top else None) for i, st in enumerate(steps)],
-                "usage": _usage(prompt_tokens, sum(len(st) for st in steps))}
+                "usage": _usage(prompt_tokens, sum(len(st) for st in steps), runs, req.n)}
 
     @app.get("/health")
     async def health():

@@ -12,7 +12,11 @@ than one chunk. Each sequence then chooses its next token with its own
 and end-of-sequence rules as ``model.generate``) and leaves the batch when
 it finishes. The choices of one prompt (a request's ``n``) share its
 prefill: the first choice runs the prompt, and the others start from copies
-of its KV cache (Session.fork) and the same last-position logits. Events go
+of its KV cache (Session.fork) and the same last-position logits. With a
+prompt cache (tokentrail.prompt_cache), a prompt starts from the longest
+beginning that a finished sequence shares with it (a conversation's earlier
+turns, a common system prompt) and prefills only the rest; every finished
+sequence goes back into the cache. Events go
 back to the asyncio side through a callback that is safe to call from the
 engine thread.
 """
@@ -102,6 +106,7 @@ class Stats:
         self.window = window
         self.generated = 0
         self.prompt_tokens = 0
+        self.cached_tokens = 0       # prompt positions taken from the prompt cache instead
         self.steps = 0
         self.finished = 0
         self.cancelled = 0
@@ -150,10 +155,11 @@ class Scheduler:
     """Owns the model on one engine thread and runs continuous batching over its sequences."""
 
     def __init__(self, model, parallel: int = 4, max_queue: int = 64, prefill_chunk: int = 256,
-                 step: Callable[[Sequence[Work]], list[np.ndarray]] = forward_step):
+                 step: Callable[[Sequence[Work]], list[np.ndarray]] = forward_step, prompt_cache=None):
         if parallel < 1 or max_queue < 0 or prefill_chunk < 1:
             raise InvalidArgumentError("parallel and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model = model
+        self.prompt_cache = prompt_cache  # a PromptCache, or None
         self.parallel = parallel
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -222,14 +228,18 @@ class Scheduler:
                 self._active.append(seq)
                 continue
             try:
-                seq.session = self.model.session()
+                if self.prompt_cache is not None:
+                    seq.session = self.prompt_cache.take(seq.run.prompt_ids)[0]
+                else:
+                    seq.session = self.model.session()
                 seq.pending = seq.run.begin(seq.session, time.perf_counter())
             except Exception as e:  # noqa: BLE001 - reported to the request, the engine goes on
                 self._fail([seq], str(e), 400)
                 continue
             self.stats.prompt_tokens += len(seq.pending)
+            self.stats.cached_tokens += seq.session.pos
             if seq.journey_top:
-                first = len(seq.pending) - 1  # the last prompt position chooses the first token
+                first = seq.session.pos + len(seq.pending) - 1  # the last prompt position chooses the first token
                 seq.hooks = self.model.hooks().capture(TOKEN_JOURNEY_POINTS,
                                                        positions=range(first, seq.session.limit))
             self._active.append(seq)
@@ -284,6 +294,8 @@ class Scheduler:
                 done.append(seq)
         if done:
             self._active = [s for s in self._active if s not in done]
+            for seq in done:
+                self._keep(seq)
         self.stats.step_time(sum(len(w.ids) for w in work), forward_done - started, time.perf_counter() - started)
 
     def _fail(self, seqs: Sequence[GenerationRequest], message: str, code: int) -> None:
@@ -311,6 +323,7 @@ class Scheduler:
                 continue
             self.stats.forked += 1
             if self._choose(seq, logits.copy()):  # a copy: each choice's sampler is on its own logits
+                self._keep(seq)
                 continue
             if len(self._active) < self.parallel:
                 self._active.append(seq)
@@ -319,6 +332,11 @@ class Scheduler:
         if queued:  # ahead of the queue, in the order of their choices
             with self._wake:
                 self._waiting.extendleft(reversed(queued))
+
+    def _keep(self, seq: GenerationRequest) -> None:
+        """A finished sequence's session goes into the prompt cache, for prompts that start as it does."""
+        if self.prompt_cache is not None and seq.session is not None:
+            self.prompt_cache.put(seq.session)
 
     def _choose(self, seq: GenerationRequest, lg: np.ndarray) -> bool:
         """Sample `seq`'s next token from the logits of its last position and report it; True when it ends."""

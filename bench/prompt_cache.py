@@ -58,7 +58,10 @@ async def run_conversations(url: str, shared, convs, max_tokens: int, extra: dic
         history = list(shared)
         for t, (user, reply) in enumerate(convs[c]):
             prompt = history + user
-            r = await _one(client, url, prompt, max_tokens, extra)
+            try:
+                r = await _one(client, url, prompt, max_tokens, extra)
+            except Exception as e:  # noqa: BLE001 - counted as an error of the run
+                r = {"error": f"{type(e).__name__}: {e}"}
             if "error" in r:
                 errors.append(r["error"])
                 return

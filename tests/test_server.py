@@ -5,6 +5,7 @@ import asyncio
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -241,6 +242,59 @@ def test_a_conversation_reuses_its_earlier_turns_from_the_prompt_cache(model, ca
         assert cached_metric == 0
 
 
+def test_a_burst_with_one_system_prompt_prefills_it_once(model):
+    # The scheduler itself, step by step: three requests arrive together with one 48-id beginning.
+    from tokentrail.generation import start_run
+    from tokentrail.prompt_cache import PromptCache
+    from tokentrail.server.scheduler import GenerationRequest, Scheduler
+
+    rng = np.random.default_rng(3)
+    system = [1] + rng.integers(5, 400, 47).tolist()
+    prompts = [system + rng.integers(5, 400, 6 + i).tolist() for i in range(3)]
+    events = {i: [] for i in range(3)}
+    sched = Scheduler(model, parallel=4, prefill_chunk=16, prompt_cache=PromptCache(model))
+    seqs = [GenerationRequest(start_run(model, p, 5, temperature=0), i, events[i].append)
+            for i, p in enumerate(prompts)]
+    sched.submit(seqs)
+    sched._admit()
+    # The others wait, without a slot, while the first prefills the shared beginning 16 ids a step.
+    for pos in (16, 32):
+        assert sched.active == 1 and sched.queue_depth == 2
+        sched._advance()
+        assert seqs[0].session.pos == pos
+        sched._admit()
+    sched._advance()
+    sched._admit()  # the first has 48 positions: the others copy them
+    assert sched.active == 3 and [s.session.pos for s in seqs[1:]] == [48, 48]
+    assert sched.stats.cached_tokens == 96 and sched.stats.prompt_tokens == sum(map(len, prompts)) - 96
+    while sched.active:
+        sched._advance()
+    for i, p in enumerate(prompts):
+        got = [e.step.token for e in events[i] if e.kind == "step"]
+        assert got == model.generate(p, max_new_tokens=5, temperature=0).token_ids
+
+
+@pytest.mark.parametrize("cache_mb", [1024, 0])
+def test_concurrent_requests_sharing_a_beginning_equal_runs_alone(model, cache_mb):
+    rng = np.random.default_rng(4)
+    system = [1] + rng.integers(5, 400, 47).tolist()
+    prompts = [system + rng.integers(5, 400, 5 + i).tolist() for i in range(6)]
+    with running(model, parallel=3, prompt_cache_mb=cache_mb, step_delay=0.005) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        with ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(lambda p: client.completions.create(
+                model="demo-chat", prompt=p, max_tokens=8, temperature=0, extra_body={"logit_bias": NO_END}),
+                prompts))
+        cached = _metric(url, "tokentrail_prompt_cached_tokens")
+    for p, r in zip(prompts, replies):
+        alone = model.generate(p, max_new_tokens=8, temperature=0, logit_bias={2: -100.0, 3: -100.0})
+        assert r.choices[0].text == alone.text
+    reused = sum(r.usage.prompt_tokens_details.cached_tokens for r in replies)
+    assert reused == cached
+    # Every prompt but the first to run starts from the shared 48 ids, computed once.
+    assert reused >= 5 * len(system) if cache_mb else reused == 0
+
+
 def test_models_health_and_metrics(client, base_url):
     client.completions.create(model="demo-chat", prompt=STORY, max_tokens=2)
     assert [m.id for m in client.models.list().data] == ["demo-chat"]
@@ -430,7 +484,7 @@ def test_prefill_budget_is_shared_and_decoding_goes_on(model):
     # One sequence decodes while two long prompts arrive: each step prefills at most 8 prompt tokens in all,
     # and the decoding sequence advances at every step meanwhile.
     ids = model.encode("The storm is near the farm. The sky is gray over the farm. " * 3)[:40]
-    with running(model, parallel=3, prefill_chunk=8, step_delay=0.01) as url:
+    with running(model, parallel=3, prefill_chunk=8, step_delay=0.01, prompt_cache_mb=0) as url:
         async def main():
             aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
             first = asyncio.create_task(aclient.completions.create(model="m", prompt=STORY, max_tokens=60,

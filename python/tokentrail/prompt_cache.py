@@ -65,7 +65,7 @@ def _block_keys(ids: np.ndarray, block: int) -> list[bytes]:
     return keys
 
 
-def _shared_length(held: np.ndarray, prompt: np.ndarray) -> int:
+def shared_length(held: np.ndarray, prompt: np.ndarray) -> int:
     """How many ids `held` and `prompt` share from their start."""
     n = min(held.size, prompt.size)
     if n == 0:
@@ -170,6 +170,40 @@ class PromptCache:
                     break
         return out
 
+    def _lookup(self, prompt: np.ndarray, limit: int, kv_dtype: str) -> tuple[int | None, int]:
+        """The entry sharing the longest beginning with `prompt` (at most all but its last id), and
+        that length; (None, 0) when none shares a whole block. Called with the lock held."""
+        keys = _block_keys(prompt[:-1], self.block_tokens)
+        # The deepest block some entry shares (beginnings nest: a binary search finds it).
+        lo, hi = 0, len(keys)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if keys[mid] in self._by_block:
+                lo = mid + 1
+            else:
+                hi = mid
+        best_key, best = None, 0
+        for depth in range(lo - 1, -1, -1):  # deeper blocks first; shallower if none there fits
+            for key in self._most_recent(self._by_block[keys[depth]]):
+                entry = self._entries[key]
+                if not self._fits(entry, limit, kv_dtype):
+                    continue
+                n = min(shared_length(entry.held, prompt), prompt.size - 1)
+                if n > best:
+                    best_key, best = key, n
+            if best_key is not None:
+                break
+        return best_key, best
+
+    def _wants(self, limit: int | None, kv_dtype: str | None) -> tuple[int, str]:
+        return (self.model.context_limit if limit is None else limit,
+                self.model.kv_dtype if kv_dtype is None else kv_dtype)
+
+    def peek(self, prompt_ids: Sequence[int], limit: int | None = None, kv_dtype: str | None = None) -> int:
+        """How many positions `take` would reuse for this prompt now (nothing is taken)."""
+        with self._lock:
+            return self._lookup(np.asarray(prompt_ids, dtype=np.int64), *self._wants(limit, kv_dtype))[1]
+
     def take(self, prompt_ids: Sequence[int], limit: int | None = None, kv_dtype: str | None = None):
         """A session for `prompt_ids` and how many of its positions are already there.
 
@@ -182,29 +216,8 @@ class PromptCache:
         (`model.session(limit, kv_dtype)`) and 0.
         """
         prompt = np.asarray(prompt_ids, dtype=np.int64)
-        want_limit = self.model.context_limit if limit is None else limit
-        want_dtype = self.model.kv_dtype if kv_dtype is None else kv_dtype
-        keys = _block_keys(prompt[:-1], self.block_tokens)
         with self._lock:
-            # The deepest block some entry shares (beginnings nest: a binary search finds it).
-            lo, hi = 0, len(keys)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if keys[mid] in self._by_block:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            best_key, best = None, 0
-            for depth in range(lo - 1, -1, -1):  # deeper blocks first; shallower if none there fits
-                for key in self._most_recent(self._by_block[keys[depth]]):
-                    entry = self._entries[key]
-                    if not self._fits(entry, want_limit, want_dtype):
-                        continue
-                    n = min(_shared_length(entry.held, prompt), prompt.size - 1)
-                    if n > best:
-                        best_key, best = key, n
-                if best_key is not None:
-                    break
+            best_key, best = self._lookup(prompt, *self._wants(limit, kv_dtype))
             if best_key is None:
                 self._stats.misses += 1
                 session = None
@@ -242,12 +255,12 @@ class PromptCache:
                 for key in list(self._ending.get(k, ())):
                     entry = self._entries[key]
                     if self._fits(entry, session.limit, session.kv_dtype) and \
-                            entry.held.size <= held.size and _shared_length(entry.held, held) == entry.held.size:
+                            entry.held.size <= held.size and shared_length(entry.held, held) == entry.held.size:
                         self._remove(key)
             for key in self._most_recent(self._by_block.get(keys[-1], set())):
                 entry = self._entries[key]
                 if self._fits(entry, session.limit, session.kv_dtype) and \
-                        _shared_length(entry.held, held) == held.size:
+                        shared_length(entry.held, held) == held.size:
                     self._entries.move_to_end(key)
                     return
             self._add(_Entry(session, held, keys))

@@ -247,7 +247,8 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
         "tokens_per_second": ("Generated tokens per second over the last 10 s", stats.tokens_per_second),
         "generated_tokens": ("Tokens generated since the start", lambda: stats.generated),
         "prompt_tokens": ("Prompt tokens prefilled since the start", lambda: stats.prompt_tokens),
-        "prompt_cached_tokens": ("Prompt tokens taken from the prompt cache instead of prefilled",
+        "prompt_cached_tokens": ("Prompt tokens not prefilled: taken from the prompt cache or copied from a "
+                                 "running sequence",
                                  lambda: stats.cached_tokens),
         "prompt_cache_bytes": ("Bytes of KV caches the prompt cache holds",
                                lambda: server.prompt_cache.stats.bytes if server.prompt_cache else 0),

@@ -15,7 +15,10 @@ prefill: the first choice runs the prompt, and the others start from copies
 of its KV cache (Session.fork) and the same last-position logits. With a
 prompt cache (tokentrail.prompt_cache), a prompt starts from the longest
 beginning that a finished sequence shares with it (a conversation's earlier
-turns, a common system prompt) and prefills only the rest; every finished
+turns, a common system prompt), or a running one has computed, and prefills
+only the rest; a prompt whose beginning a running sequence is still
+prefilling waits for it (without a slot) and then copies it, so that a burst
+of requests with one system prompt computes it once. Every finished
 sequence goes back into the cache. Events go
 back to the asyncio side through a callback that is safe to call from the
 engine thread.
@@ -34,6 +37,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from ..generation import Run, Step
 from ..journey import TOKEN_JOURNEY_POINTS, token_journey
+from ..prompt_cache import shared_length
 
 
 @dataclass
@@ -91,6 +95,7 @@ class GenerationRequest:
     session: Any = None
     hooks: Any = None
     pending: list[int] = field(default_factory=list)
+    prompt: np.ndarray | None = None  # the prompt's ids as an array, made at the first prompt cache lookup
     next_token: int | None = None
     first_token_at: float | None = None
 
@@ -219,6 +224,7 @@ class Scheduler:
                 s.emit(SequenceEvent(s.index, "error", error="the server is shutting down", code=503))
 
     def _admit(self) -> None:
+        later = []  # sequences waiting for a running prefill of their beginning
         while self._waiting and len(self._active) < self.parallel:
             seq = self._waiting.popleft()
             if seq.cancelled:
@@ -228,10 +234,10 @@ class Scheduler:
                 self._active.append(seq)
                 continue
             try:
-                if self.prompt_cache is not None:
-                    seq.session = self.prompt_cache.take(seq.run.prompt_ids)[0]
-                else:
-                    seq.session = self.model.session()
+                seq.session = self._session_for(seq) if self.prompt_cache is not None else self.model.session()
+                if seq.session is None:
+                    later.append(seq)
+                    continue
                 seq.pending = seq.run.begin(seq.session, time.perf_counter())
             except Exception as e:  # noqa: BLE001 - reported to the request, the engine goes on
                 self._fail([seq], str(e), 400)
@@ -243,6 +249,32 @@ class Scheduler:
                 seq.hooks = self.model.hooks().capture(TOKEN_JOURNEY_POINTS,
                                                        positions=range(first, seq.session.limit))
             self._active.append(seq)
+        if later:
+            self._waiting.extendleft(reversed(later))
+
+    def _session_for(self, seq: GenerationRequest):
+        """A session holding the longest beginning of `seq`'s prompt to be had now, from the prompt
+        cache or copied from a running sequence; None when a running sequence is prefilling a longer
+        shared beginning (by a block or more), which `seq` had better wait for and copy."""
+        if seq.prompt is None:
+            seq.prompt = np.asarray(seq.run.prompt_ids, dtype=np.int64)
+        prompt, most = seq.prompt, seq.prompt.size - 1
+        cached = self.prompt_cache.peek(prompt)
+        live, live_n, coming = None, 0, 0
+        for other in self._active:
+            if other.session is None or other.cancelled or other.prompt is None or other.prompt[0] != prompt[0]:
+                continue
+            shared = min(shared_length(other.prompt, prompt), most)
+            have = min(shared, other.session.pos)
+            if have > live_n:
+                live, live_n = other, have
+            if other.pending:
+                coming = max(coming, shared)
+        if coming - max(cached, live_n) >= self.prompt_cache.block_tokens:
+            return None
+        if live_n > cached and live_n >= self.prompt_cache.block_tokens:
+            return live.session.fork(live_n)
+        return self.prompt_cache.take(prompt)[0]
 
     def _drop_finished_early(self) -> None:
         """Drop running and waiting sequences whose client went away or whose time ran out."""

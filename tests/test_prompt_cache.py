@@ -221,3 +221,22 @@ def test_bad_uses_are_refused_clearly(model):
     wrong.feed([ids[0], ids[1] + 1])
     with pytest.raises(InvalidArgumentError, match="not a beginning of this prompt"):
         run.begin(wrong, 0.0)
+
+
+def test_a_batch_sharing_a_beginning_computes_it_once(model):
+    # Few-shot style: five prompts behind one 40-id beginning, generated together. The first computes
+    # the beginning; the others wait one step and copy it from the first's cache.
+    rng = np.random.default_rng(2)
+    shots = [1] + rng.integers(3, 500, 39).tolist()
+    prompts = [shots + rng.integers(3, 500, 4 + i).tolist() for i in range(5)]
+    cache = PromptCache(model)  # blocks of 16: the shared 40 are found as 32, then followed to 40
+    out = model.generate(prompts, max_new_tokens=6, prompt_cache=cache, temperature=0.7, seed=4)
+    plain = model.generate(prompts, max_new_tokens=6, temperature=0.7, seed=4)
+    assert [g.token_ids for g in out] == [g.token_ids for g in plain]
+    assert [g.timings.cached_tokens for g in out] == [0] + [len(shots)] * 4
+    for g, p in zip(out, plain):
+        np.testing.assert_allclose([s.logprob for s in model.generate(g.prompt_ids, max_new_tokens=3,
+                                                                         logprobs=True).steps],
+                                   [s.logprob for s in model.generate(p.prompt_ids, max_new_tokens=3,
+                                                                         logprobs=True, prompt_cache=cache).steps],
+                                   rtol=1e-5, atol=1e-6)

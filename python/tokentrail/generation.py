@@ -829,9 +829,24 @@ def _advance_together(model, runs: Sequence["Run"]) -> Iterator[tuple["Run", Ste
         if not active and not joining:
             break
         start = time.perf_counter()
+        started: list[Run] = []
+        deferred: list[Run] = []
         for run in joining:
-            session = model.session() if run.prompt_cache is None else run.prompt_cache.take(run.prompt_ids)[0]
+            if run.prompt_cache is None:
+                session = model.session()
+            else:
+                # The longest beginning to be had: cached, or copied from a running sequence; when
+                # a run joining before it computes a longer one in this step, the next step copies that.
+                running = [(r.prompt_array, r.session) for r, _ in active] + \
+                    [(r.prompt_array, r.session) for r in started]
+                session = run.prompt_cache.session_for(run.prompt_array, running)
+                if session is None:
+                    deferred.append(run)
+                    continue
+            started.append(run)
             active.append((run, run.begin(session, start)))
+        waiting[:0] = deferred  # first in the next step, in their order
+        joining = started
         logits = _feed_together(model, [run.session for run, _ in active], [feed for _, feed in active],
                                 [run.hooks for run, _ in active])
         fed = time.perf_counter()
@@ -917,6 +932,7 @@ class Run:
         self.speculation: speculative.Speculation | None = None
         self.speculation_stats: speculative.SpeculationStats | None = None
         self.prompt_cache = None  # a PromptCache: the session comes from it and goes back to it at the end
+        self._prompt_array: np.ndarray | None = None
         # Plain greedy decoding with no log-probabilities asked: the token is the logits' first
         # argmax (what the sampler's greedy chain keeps), taken without the sampler's machinery.
         self.argmax_only = not (logprobs or top_n) and _plain_greedy(sampler)
@@ -925,6 +941,13 @@ class Run:
         self.texts_at_end = False
         self.texts_made = 0  # steps whose text is made
         self.decoder: StreamDecoder | None = None  # made by begin
+
+    @property
+    def prompt_array(self) -> np.ndarray:
+        """The prompt's ids as an int64 array (made once), for prompt cache lookups."""
+        if self._prompt_array is None:
+            self._prompt_array = np.asarray(self.prompt_ids, dtype=np.int64)
+        return self._prompt_array
 
     def steps(self) -> Iterator[Step]:
         """The steps of this run alone (a batch of one), as they are made."""

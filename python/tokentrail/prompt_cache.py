@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -233,6 +233,33 @@ class PromptCache:
         if session is None:
             return self.model.session(limit, kv_dtype), 0
         return session, best
+
+    def session_for(self, prompt_ids: Sequence[int], running: Iterable[tuple[np.ndarray, object]] = ()):
+        """A session for `prompt_ids` holding the longest beginning to be had now: from this cache
+        (`take`), or copied from a sequence in flight; None when one in flight is still computing a
+        longer shared beginning (by a block or more), which the prompt had better wait for.
+
+        `running` gives each sequence in flight as (its prompt ids, its session, or None when it has
+        not started): the positions its session holds are computed; the rest of its prompt is coming.
+        """
+        prompt = np.asarray(prompt_ids, dtype=np.int64)
+        most = prompt.size - 1
+        cached = self.peek(prompt)
+        live, live_n, coming = None, 0, 0
+        for other_prompt, session in running:
+            if other_prompt.size == 0 or other_prompt[0] != prompt[0]:
+                continue
+            shared = min(shared_length(other_prompt, prompt), most)
+            have = 0 if session is None else min(shared, session.pos)
+            if have > live_n:
+                live, live_n = session, have
+            if session is None or session.pos < other_prompt.size:
+                coming = max(coming, shared)
+        if coming - max(cached, live_n) >= self.block_tokens:
+            return None
+        if live_n > cached and live_n >= self.block_tokens:
+            return live.fork(live_n)
+        return self.take(prompt)[0]
 
     def put(self, session) -> None:
         """Keep `session` (the caller lets go of it) for later prompts that start as it does.

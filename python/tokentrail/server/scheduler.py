@@ -37,7 +37,6 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from ..generation import Run, Step
 from ..journey import TOKEN_JOURNEY_POINTS, token_journey
-from ..prompt_cache import shared_length
 
 
 @dataclass
@@ -253,28 +252,13 @@ class Scheduler:
             self._waiting.extendleft(reversed(later))
 
     def _session_for(self, seq: GenerationRequest):
-        """A session holding the longest beginning of `seq`'s prompt to be had now, from the prompt
-        cache or copied from a running sequence; None when a running sequence is prefilling a longer
-        shared beginning (by a block or more), which `seq` had better wait for and copy."""
+        """A session holding the longest beginning of `seq`'s prompt to be had now (the prompt cache,
+        or a running sequence's cache), or None when `seq` had better wait for a running prefill."""
         if seq.prompt is None:
             seq.prompt = np.asarray(seq.run.prompt_ids, dtype=np.int64)
-        prompt, most = seq.prompt, seq.prompt.size - 1
-        cached = self.prompt_cache.peek(prompt)
-        live, live_n, coming = None, 0, 0
-        for other in self._active:
-            if other.session is None or other.cancelled or other.prompt is None or other.prompt[0] != prompt[0]:
-                continue
-            shared = min(shared_length(other.prompt, prompt), most)
-            have = min(shared, other.session.pos)
-            if have > live_n:
-                live, live_n = other, have
-            if other.pending:
-                coming = max(coming, shared)
-        if coming - max(cached, live_n) >= self.prompt_cache.block_tokens:
-            return None
-        if live_n > cached and live_n >= self.prompt_cache.block_tokens:
-            return live.session.fork(live_n)
-        return self.prompt_cache.take(prompt)[0]
+        running = [(other.prompt, other.session) for other in self._active
+                   if other.prompt is not None and other.session is not None and not other.cancelled]
+        return self.prompt_cache.session_for(seq.prompt, running)
 
     def _drop_finished_early(self) -> None:
         """Drop running and waiting sequences whose client went away or whose time ran out."""

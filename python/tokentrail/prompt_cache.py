@@ -6,7 +6,11 @@ the bulk of the time to first token. A :class:`PromptCache` keeps the
 sessions of finished sequences (their KV caches and the ids they hold) up
 to a budget of memory; :meth:`PromptCache.take` gives a new prompt a
 session that already holds the longest beginning it shares with one of
-them, so that only the rest of the prompt is fed.
+them, so that only the rest of the prompt is fed. :meth:`PromptCache.session_for`
+also weighs sequences still in flight (a batch, a server's running
+requests): it copies what one has computed, or asks the prompt to wait while
+one computes a longer shared beginning, so that a burst of prompts with one
+system prompt computes it once.
 
 The reused positions are the ones a fresh prefill would compute: the same
 ids at the same positions through the same weights. (A position computed in

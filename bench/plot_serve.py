@@ -26,7 +26,12 @@ def lines_of(path: Path, label: str | None) -> list[tuple[str, list[dict]]]:
     out = []
     for engine, rows in by_engine.items():
         name = label if (label and engine == "tokentrail") else ("llama-server" if engine == "llama.cpp" else engine)
-        out.append((name, sorted(rows, key=lambda r: r["clients"])))
+        # With several rounds, each level's round of median tokens/s stands for it.
+        levels: dict[int, list[dict]] = {}
+        for r in rows:
+            levels.setdefault(r["clients"], []).append(r)
+        median = [sorted(rs, key=lambda r: r["tokens_per_s"])[(len(rs) - 1) // 2] for rs in levels.values()]
+        out.append((name, sorted(median, key=lambda r: r["clients"])))
     return out
 
 

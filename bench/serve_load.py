@@ -195,6 +195,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="q8_0")
     ap.add_argument("--model", default=None, help="a checkpoint to use instead of a random shape")
     ap.add_argument("--levels", default="1,4,16,64")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the levels this many times in turn (new prompts each time); the summary gives "
+                         "each level's median and each round's ratio to its own first level")
     ap.add_argument("--requests", type=int, default=0,
                     help="requests per level (default: twice the clients, at least 8)")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -229,7 +232,10 @@ def main() -> None:
     exact = "--no-exact" not in args.serve_args.split()
     repack = False if "--no-repack" in args.serve_args.split() else None
     model = tokentrail.load(path, dtype=args.dtype, threads=args.threads, exact=exact, repack=repack)
-    counts = [args.requests or max(8, 2 * c) for c in levels]
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    plan = levels * args.rounds  # round after round, every level in each
+    counts = [args.requests or max(8, 2 * c) for c in plan]
     # Each level has prompts of its own (both engines get the same ones): a prompt seen at an earlier
     # level would let a server with a prompt cache (llama-server's cache_prompt) skip its prefill.
     prompts = _prompts(sum(counts), model.config.vocab_size)
@@ -266,7 +272,7 @@ def main() -> None:
     try:
         for engine, proc in procs.items():
             _wait_ready(f"http://127.0.0.1:{ports[engine]}", proc)
-        for k, (clients, count, start) in enumerate(zip(levels, counts, first)):
+        for k, (clients, count, start) in enumerate(zip(plan, counts, first)):
             order = list(procs) if k % 2 == 0 else list(reversed(procs))
             for engine in order:
                 load = os.getloadavg()[0]
@@ -279,6 +285,7 @@ def main() -> None:
                 row["first_prompt"] = start
                 row["engine_time"] = _engine_share(before, _engine_metrics(url), row["wall_s"])
                 row["engine"], row["load_average"] = engine, round((load + os.getloadavg()[0]) / 2, 1)
+                row["round"] = k // len(levels)
                 rows.append(row)
                 print(f"{engine:>10} {clients:>3} clients: {row['requests']} requests, {row['errors']} errors, "
                       f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms'] or 0:.0f} ms "
@@ -308,27 +315,42 @@ def main() -> None:
     for row in rows:
         row["mismatches"] = sum(text != alone[row["first_prompt"] + j] for j, text in row.pop("texts").items())
         row["lost"] = (args.requests or max(8, 2 * row["clients"])) - row["requests"]
-    base = {r["engine"]: r["tokens_per_s"] for r in reversed(rows)}  # each engine's first level
-    by_level = {(r["engine"], r["clients"]): r for r in rows}
-    print("\n| engine | clients | requests | errors | lost | mismatches | tokens/s | x one client "
+    # Each row against its engine's first level of the same round, and llama.cpp's same level of that round.
+    base = {(r["engine"], r["round"]): r["tokens_per_s"] for r in rows if r["clients"] == levels[0]}
+    by_level = {(r["engine"], r["clients"], r["round"]): r for r in rows}
+    print("\n| engine | clients | round | requests | errors | lost | mismatches | tokens/s | x one client "
           "| x llama.cpp | tokens per CPU-s | x llama.cpp | TTFT p50 / p95 ms | ITL p50 / p95 ms | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in sorted(rows, key=lambda r: (r["engine"] != "tokentrail", r["clients"])):
-        other = by_level.get(("llama.cpp", r["clients"]))
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in sorted(rows, key=lambda r: (r["engine"] != "tokentrail", r["clients"], r["round"])):
+        other = by_level.get(("llama.cpp", r["clients"], r["round"]))
         mine = other and r["engine"] == "tokentrail"
         vs = f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}" if mine and other["tokens_per_s"] else ""
         vs_cpu = f"{r['tokens_per_cpu_s'] / other['tokens_per_cpu_s']:.2f}" \
             if mine and other["tokens_per_cpu_s"] else ""
-        print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['mismatches']} "
-              f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[r['engine']]:.2f} | {vs} "
+        print(f"| {r['engine']} | {r['clients']} | {r['round'] + 1} | {r['requests']} | {r['errors']} | {r['lost']} "
+              f"| {r['mismatches']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[r['engine'], r['round']]:.2f} "
+              f"| {vs} "
               f"| {r['tokens_per_cpu_s']:.1f} | {vs_cpu} "
               f"| {r['ttft_p50_ms'] or 0:.0f} / {r['ttft_p95_ms'] or 0:.0f} "
               f"| {r['itl_p50_ms'] or 0:.1f} / {r['itl_p95_ms'] or 0:.1f} | {r['load_average']} |")
+    if args.rounds > 1:
+        print("\nMedians over the rounds (tokens/s: median, and the rounds' range; x one client: the median of "
+              "each round's own ratio):\n")
+        print("| engine | clients | tokens/s | range | x one client | range | TTFT p50 ms |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for engine in commands:
+            for clients in levels:
+                mine = [r for r in rows if r["engine"] == engine and r["clients"] == clients]
+                rates = [r["tokens_per_s"] for r in mine]
+                ratios = [r["tokens_per_s"] / base[engine, r["round"]] for r in mine]
+                print(f"| {engine} | {clients} | {statistics.median(rates):.1f} | {min(rates):.1f}-{max(rates):.1f} "
+                      f"| {statistics.median(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} "
+                      f"| {statistics.median(r['ttft_p50_ms'] or 0 for r in mine):.0f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"engines": list(commands), "model": str(path), "dtype": args.dtype,
                                "parallel": args.parallel, "max_tokens": args.max_tokens, "threads": args.threads,
-                               "serve_args": args.serve_args, "levels": rows,
+                               "serve_args": args.serve_args, "rounds": args.rounds, "levels": rows,
                                "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
     print(f"wrote {out}")
 

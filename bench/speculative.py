@@ -37,7 +37,7 @@ import tokentrail
 REPO = Path(__file__).resolve().parents[1]
 STORIES = Path(os.environ.get("TOKENTRAIL_SHARED", REPO.parent / "shared")) / "models" / "stories260K"
 PROMPTS = {"stories": "Once upon a time, there was a little girl named Lily. She loved to",
-           "demo": "The storm is", "smollm": "The storm is"}
+           "demo": "The storm is"}
 
 
 def machine() -> str:
@@ -97,7 +97,7 @@ def main() -> None:
         for name in names:
             target = load_target(name, args.threads, Path(work))
             q4 = tokentrail.load(target.source, dtype="q4_0", threads=args.threads)
-            prompt = PROMPTS[name]
+            prompt = PROMPTS.get(name, "The storm is")  # random-weight shapes: any text
             story = target.generate(prompt, 48, temperature=0, ignore_eos=True).text
             repetitive = prompt + story + "\n" + prompt
             cases = [("plain", prompt, None), ("q4_0", prompt, q4), ("itself", prompt, target),

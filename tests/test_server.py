@@ -224,6 +224,11 @@ def test_a_conversation_reuses_its_earlier_turns_from_the_prompt_cache(model, ca
                                                      stream=True, stream_options={"include_usage": True}))
         r3 = client.chat.completions.create(model="demo-chat", messages=turn2, temperature=0.8, seed=3, max_tokens=12)
         cached_metric = _metric(url, "tokentrail_prompt_cached_tokens")
+        # llama-server's per-request switch: this one neither reuses nor leaves anything behind.
+        r4 = client.chat.completions.create(model="demo-chat", messages=turn2, temperature=0, max_tokens=12,
+                                            extra_body={"cache_prompt": False})
+        assert _metric(url, "tokentrail_prompt_cached_tokens") == cached_metric
+        bad = httpx.post(url + "/v1/chat/completions", json={"messages": turn2, "cache_prompt": "no"})
     first = model.chat(turn1, temperature=0, max_new_tokens=12)
     second = model.chat(turn2, temperature=0, max_new_tokens=12)  # computed whole, no cache
     assert r1.choices[0].message.content == first.text and r1.usage.prompt_tokens_details.cached_tokens == 0
@@ -231,6 +236,8 @@ def test_a_conversation_reuses_its_earlier_turns_from_the_prompt_cache(model, ca
     usage = chunks[-1].usage
     assert usage.prompt_tokens == len(second.generation.prompt_ids)
     assert r3.choices[0].message.content == model.chat(turn2, temperature=0.8, seed=3, max_new_tokens=12).text
+    assert r4.choices[0].message.content == second.text and r4.usage.prompt_tokens_details.cached_tokens == 0
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_prompt"
     if cache_mb:
         # The first turn's prompt at least (its reply is rendered again by the template, and matches
         # the generated tokens as far as they agree); the same conversation again: all but one position.

@@ -130,8 +130,9 @@ class Server:
                 runs.append(run)
         return runs
 
-    def _submit(self, runs: list[Run], journey_top: int, choices: int = 1):
-        """Queue the runs (`choices` consecutive runs per prompt); their events come on the returned queue."""
+    def _submit(self, runs: list[Run], journey_top: int, choices: int = 1, cache_prompt: bool = True):
+        """Queue the runs (`choices` consecutive runs per prompt); their events come on the returned queue.
+        `cache_prompt=False`: the prompts neither reuse nor leave anything in the prompt cache."""
         loop = asyncio.get_running_loop()
         if self.mailbox is None or self.mailbox.loop is not loop:
             self.mailbox = Mailbox(loop)
@@ -142,7 +143,7 @@ class Server:
             mailbox.post(queue, event)
 
         deadline = time.monotonic() + self.timeout if self.timeout else None
-        seqs = [GenerationRequest(run, i, emit, journey_top=journey_top, deadline=deadline)
+        seqs = [GenerationRequest(run, i, emit, journey_top=journey_top, deadline=deadline, cache_prompt=cache_prompt)
                 for i, run in enumerate(runs)]
         if choices > 1 and not journey_top:
             # The prompt is prefilled once per prompt; its other choices start from a copy of that cache.
@@ -156,9 +157,10 @@ class Server:
         return queue, seqs
 
     # -- answering -------------------------------------------------------------------
-    async def collect(self, request: Request, runs: list[Run], journey_top: int, choices: int = 1):
+    async def collect(self, request: Request, runs: list[Run], journey_top: int, choices: int = 1,
+                      cache_prompt: bool = True):
         """Every choice's steps (and journeys), or None when the client went away."""
-        queue, seqs = self._submit(runs, journey_top, choices)
+        queue, seqs = self._submit(runs, journey_top, choices, cache_prompt)
         steps: list[list[Step]] = [[] for _ in runs]
         journeys: list[list[dict]] = [[] for _ in runs]
         remaining = len(runs)
@@ -187,9 +189,10 @@ class Server:
                 s.cancel()
         return steps, journeys
 
-    async def events(self, runs: list[Run], journey_top: int, choices: int = 1) -> AsyncIterator[SequenceEvent]:
+    async def events(self, runs: list[Run], journey_top: int, choices: int = 1,
+                     cache_prompt: bool = True) -> AsyncIterator[SequenceEvent]:
         """Events of every choice as they come; leaving early cancels the sequences."""
-        queue, seqs = self._submit(runs, journey_top, choices)
+        queue, seqs = self._submit(runs, journey_top, choices, cache_prompt)
         remaining = len(runs)
         try:
             while remaining:
@@ -319,7 +322,7 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
         if req.stream:
             async def stream():
                 completion_tokens = 0
-                async for ev in server.events(runs, journey_top, req.n):
+                async for ev in server.events(runs, journey_top, req.n, req.cache_prompt):
                     if ev.kind == "error":
                         yield _sse(error_body(ev.error, "server_error" if ev.code >= 500 else "invalid_request_error"))
                         break
@@ -332,7 +335,7 @@ def create_app(model, model_name: str = "tokentrail", parallel: int = 4, max_que
                 requests_total.labels(route, "200").inc()
 
             return StreamingResponse(stream(), media_type="text/event-stream")
-        got = await server.collect(request, runs, journey_top, req.n)
+        got = await server.collect(request, runs, journey_top, req.n, req.cache_prompt)
         if got is None:  # the client went away; nobody reads this
             requests_total.labels(route, "499").inc()
             return PlainTextResponse("", status_code=499)

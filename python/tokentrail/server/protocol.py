@@ -48,6 +48,7 @@ class SamplingFields(Strict):
     stream_options: Optional[StreamOptions] = None
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
+    cache_prompt: bool = True  # llama-server's field: False keeps this request out of the prompt cache
     tokentrail: Optional[TokentrailOptions] = None
 
 

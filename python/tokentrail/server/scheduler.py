@@ -85,6 +85,7 @@ class GenerationRequest:
     emit: Callable[[SequenceEvent], None]
     journey_top: int = 0         # > 0: record the journey of every token with this many alternatives
     deadline: float | None = None
+    cache_prompt: bool = True    # False: neither reuses nor leaves anything in the prompt cache
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     # Choices of the same prompt that start from this sequence's prefill (a copy of its KV cache)
@@ -233,7 +234,8 @@ class Scheduler:
                 self._active.append(seq)
                 continue
             try:
-                seq.session = self._session_for(seq) if self.prompt_cache is not None else self.model.session()
+                seq.session = self._session_for(seq) if self.prompt_cache is not None and seq.cache_prompt \
+                    else self.model.session()
                 if seq.session is None:
                     later.append(seq)
                     continue
@@ -351,7 +353,7 @@ class Scheduler:
 
     def _keep(self, seq: GenerationRequest) -> None:
         """A finished sequence's session goes into the prompt cache, for prompts that start as it does."""
-        if self.prompt_cache is not None and seq.session is not None:
+        if self.prompt_cache is not None and seq.session is not None and seq.cache_prompt:
             self.prompt_cache.put(seq.session)
 
     def _choose(self, seq: GenerationRequest, lg: np.ndarray) -> bool:

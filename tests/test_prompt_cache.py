@@ -240,3 +240,19 @@ def test_a_batch_sharing_a_beginning_computes_it_once(model):
                                    [s.logprob for s in model.generate(p.prompt_ids, max_new_tokens=3,
                                                                          logprobs=True, prompt_cache=cache).steps],
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_a_kept_session_lets_go_of_its_forward_scratch(model):
+    # The session that leads a batched step holds the step's activations as scratch; kept in a prompt
+    # cache it holds its keys and values only, and works as before when it is taken again.
+    ids = model.encode(STORY)
+    sessions = [model.session() for _ in range(3)]
+    model.forward_batch(sessions, [ids, ids[:5], ids[:7]])
+    leader = sessions[0]
+    assert leader._cache.scratch_bytes >= len(ids) * model.config.hidden_size * 4
+    cache = PromptCache(model, block_tokens=1)
+    cache.put(leader)
+    assert leader._cache.scratch_bytes == 0
+    session, reused = cache.take(ids + [5])
+    assert session is leader and reused == len(ids)
+    np.testing.assert_allclose(session.feed([5]), _fresh_logits(model, ids + [5]), rtol=1e-5, atol=1e-5)

@@ -280,6 +280,9 @@ class PromptCache:
         size = self._size(session)
         if not keys or size > self.max_bytes:
             return
+        # A session that led a batched step holds that step's activations as scratch (megabytes for a
+        # prompt chunk): a kept session needs only its keys and values.
+        session._cache.release_scratch()
         with self._lock:
             # Cached sequences that are beginnings of this one end at one of its blocks.
             for k in keys:

@@ -97,6 +97,10 @@ class KVCache {
   void advance(int n) { length_ += n; }
   // Scratch for the forward pass; never part of the cache's contents (a clone starts without).
   ForwardBuffers& buffers() { return buffers_; }
+  // Bytes the scratch holds (a batch's, when this cache led it), and letting them go: a cache kept
+  // for later (a prompt cache's) should hold its keys and values, not a past step's activations.
+  size_t scratch_bytes() const;
+  void release_scratch() { buffers_ = ForwardBuffers{}; }
 
  private:
   size_t elem() const { return type_ == DType::F16 ? 2 : 4; }

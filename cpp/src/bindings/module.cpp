@@ -735,6 +735,12 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("length", [](const GuardedCache& c) { return c.length(); })
       .def_property_readonly("capacity", [](const GuardedCache& c) { return c.capacity(); })
       .def_property_readonly("limit", [](const GuardedCache& c) { return c.limit(); })
+      .def_property_readonly("scratch_bytes", [](const GuardedCache& c) { return c.scratch_bytes(); },
+                             "Bytes of forward-pass scratch this cache holds (a batch's, when it led one).")
+      .def("release_scratch", [](GuardedCache& c) {
+        CacheInUse in_use(c);
+        c.release_scratch();
+      }, "Let go of the forward-pass scratch (it is made again when needed).")
       .def("truncate", [](GuardedCache& c, int positions) {
         CacheInUse in_use(c);
         c.truncate(positions);

@@ -68,6 +68,15 @@ void KVCache::truncate(int positions) {
   length_ = positions;
 }
 
+size_t KVCache::scratch_bytes() const {
+  const ForwardBuffers& b = buffers_;
+  size_t n = b.positions.capacity() * sizeof(int);
+  for (const auto* v : {&b.x, &b.h, &b.m, &b.out, &b.q, &b.k, &b.v, &b.z, &b.a, &b.u, &b.normed, &b.unembed_in,
+                        &b.logits})
+    n += v->capacity() * sizeof(float);
+  return n;
+}
+
 std::unique_ptr<KVCache> KVCache::clone(int positions) const {
   // Copy only what is asked of the filled part: a fork costs the history, not the capacity.
   if (positions < 0) positions = length_;

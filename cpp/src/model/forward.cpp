@@ -189,7 +189,6 @@ void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const At
   large.clear();
   for (int i = 0; i < count; ++i) {
     const Rows& s = seqs[i];
-    s.step->cache->store(l, s.pos0, s.n, k + size_t(s.row0) * kvs, v + size_t(s.row0) * kvs);
     (attention_work(s.n, c.n_heads, s.pos0 + s.n, c.head_dim) <= ATTENTION_PARALLEL_WORK ? small : large).push_back(i);
     AttentionRecord& r = records[i];
     r.tables = AttentionCapture{};
@@ -206,9 +205,11 @@ void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const At
       r.tables.pattern = r.pattern.data();
     }
   }
+  // Each sequence's new keys and values go into its cache by the thread that then attends over it.
   auto attend = [&](int i) {
     const Rows& s = seqs[i];
     KVCache& cache = *s.step->cache;
+    cache.store(l, s.pos0, s.n, k + size_t(s.row0) * kvs, v + size_t(s.row0) * kvs);
     AttentionShape mine = shape;
     mine.n = s.n;
     mine.pos0 = s.pos0;

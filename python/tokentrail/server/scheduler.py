@@ -95,7 +95,6 @@ class GenerationRequest:
     session: Any = None
     hooks: Any = None
     pending: list[int] = field(default_factory=list)
-    prompt: np.ndarray | None = None  # the prompt's ids as an array, made at the first prompt cache lookup
     next_token: int | None = None
     first_token_at: float | None = None
 
@@ -256,11 +255,9 @@ class Scheduler:
     def _session_for(self, seq: GenerationRequest):
         """A session holding the longest beginning of `seq`'s prompt to be had now (the prompt cache,
         or a running sequence's cache), or None when `seq` had better wait for a running prefill."""
-        if seq.prompt is None:
-            seq.prompt = np.asarray(seq.run.prompt_ids, dtype=np.int64)
-        running = [(other.prompt, other.session) for other in self._active
-                   if other.prompt is not None and other.session is not None and not other.cancelled]
-        return self.prompt_cache.session_for(seq.prompt, running)
+        running = [(other.run.prompt_array, other.session) for other in self._active
+                   if other.cache_prompt and other.session is not None and not other.cancelled]
+        return self.prompt_cache.session_for(seq.run.prompt_array, running)
 
     def _drop_finished_early(self) -> None:
         """Drop running and waiting sequences whose client went away or whose time ran out."""

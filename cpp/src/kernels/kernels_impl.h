@@ -1095,6 +1095,17 @@ static void gemv_group(const MatmulJob* jobs, int count, const float* x, int n) 
   for (int j = 0; j < count; ++j) sums = sums || needs_sums_of_32(jobs[j].w->type);
   const float* xsum = sums ? sums_of_32(x, n, group.K()) : nullptr;
   parallel_for_if(group.work() > 200000.0, group.blocks(), 1, Split::Guided, [&](int64_t b0, int64_t b1) {
+    // The kernels prefetch ahead of where they read; the first bytes of a chunk nobody asked for.
+    if (!lanes) {
+      size_t budget = PREFETCH_BYTES;
+      group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) {
+        if (budget == 0) return;
+        const uint8_t* p = job.w->row(r0);
+        const size_t bytes = std::min(budget, size_t(r1 - r0) * job.w->row_bytes);
+        for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+        budget -= bytes;
+      });
+    }
     group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) { gemv_rows_of(*job.w, x, xsum, n, job.y, r0, r1); });
   });
 }

@@ -156,3 +156,50 @@ def test_model_logits_do_not_depend_on_thread_count():
     for t, steps in zip(THREAD_COUNTS[1:], runs[1:]):
         for got, want in zip(steps, runs[0]):
             assert np.array_equal(got, want), f"{t} threads differ from 1"
+
+
+@pytest.mark.parametrize("split", ["guided", "even"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n,grain", [(0, 1), (1, 1), (2, 1), (7, 1), (36, 1), (100, 4), (1000, 1), (1000, 64), (65, 64)])
+def test_pool_runs_every_item_once(split, threads, n, grain):
+    chunks = _core.pool_chunks(n, grain, split, threads, work_us=0.5)
+    spans = sorted((b, e) for b, e, _ in chunks)
+    assert sum(e - b for b, e in spans) == n
+    at = 0
+    for b, e in spans:  # the chunks tile [0, n): none lost, none run twice
+        assert b == at and e > b
+        assert e - b >= grain or e == n
+        at = e
+    assert at == n
+    if n == 0:
+        assert chunks == []
+    if threads == 1 or n <= grain:
+        assert [(b, e) for b, e, _ in chunks] == ([(0, n)] if n else [])
+
+
+@pytest.mark.parametrize("n", [36, 256, 1000])
+def test_pool_guided_caller_streams_half_and_the_worker_the_rest(n):
+    # On 2 threads the first guided claim takes half of the items when the caller makes it and a
+    # quarter when the worker does. While the caller runs its half (long enough here for the
+    # worker to wake), the worker's claims follow one another from the middle.
+    for _ in range(20):
+        for _ in range(3):  # short loops first, so that the worker is awake and on its own core
+            _core.pool_chunks(64, 1, "even", 2, work_us=1.0)
+        chunks = _core.pool_chunks(n, 1, "guided", 2, work_us=5000.0 / n)
+        if any(not mine for _, _, mine in chunks):
+            break
+    else:
+        pytest.skip("the worker never took part (the pool backed off to one thread on a busy machine)")
+    first = next((b, e, mine) for b, e, mine in chunks if b == 0)
+    assert first[1] == (n // 2 if first[2] else n // 4)
+    worker = sorted((b, e) for b, e, mine in chunks if not mine)
+    if first[2] and worker[0][0] == n // 2:  # the worker came while the caller ran its half
+        assert worker[0][1] - worker[0][0] == n // 8
+        assert all(b == e0 for (_, e0), (b, _) in zip(worker, worker[1:3]))
+
+
+def test_pool_chunks_checks_its_arguments():
+    with pytest.raises(ValueError, match="split"):
+        _core.pool_chunks(10, 1, "sideways", 2)
+    with pytest.raises(ValueError, match="grain"):
+        _core.pool_chunks(10, 0, "even", 2)

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cmath>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <new>
 #include <set>
@@ -19,10 +20,13 @@
 #include <unistd.h>
 #endif
 #include <string>
+#include <thread>
+#include <tuple>
 
 #include "tokentrail/kernels.h"
 #include "tokentrail/model.h"
 #include "tokentrail/sampler.h"
+#include "tokentrail/thread_pool.h"
 
 namespace py = pybind11;
 using namespace tokentrail;
@@ -391,6 +395,31 @@ PYBIND11_MODULE(_core, m) {
     if (n < 1 || n > MAX_THREADS) throw py::value_error("threads must be within 1.." + std::to_string(MAX_THREADS));
     set_threads(int(n));
   }, py::arg("n"), "The thread count of core calls made from the calling OS thread (each OS thread keeps its own)");
+  m.def("pool_chunks", [](int64_t n, int64_t grain, const std::string& split, int64_t threads, double work_us) {
+    // The chunks one parallel loop of the pool ran, in the order they started: (begin, end, by
+    // the calling thread). Each chunk busy-waits work_us per item, so that the threads overlap.
+    if (n < 0 || n > (1 << 20) || grain < 1 || threads < 1 || threads > MAX_THREADS || !(work_us >= 0.0 && work_us <= 1000.0))
+      throw py::value_error("pool_chunks needs 0 <= n <= 2^20, grain >= 1, 1 <= threads <= " +
+                            std::to_string(MAX_THREADS) + " and 0 <= work_us <= 1000");
+    if (split != "even" && split != "guided") throw py::value_error("split must be 'even' or 'guided'");
+    std::mutex lock;
+    std::vector<std::tuple<int64_t, int64_t, bool>> chunks;
+    const std::thread::id caller = std::this_thread::get_id();
+    {
+      py::gil_scoped_release nogil;
+      parallel_for(n, grain, split == "even" ? Split::Even : Split::Guided, int(threads), [&](int64_t b, int64_t e) {
+        {
+          std::lock_guard<std::mutex> hold(lock);
+          chunks.emplace_back(b, e, std::this_thread::get_id() == caller);
+        }
+        const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double, std::micro>(work_us * double(e - b));
+        while (std::chrono::steady_clock::now() < until) {
+        }
+      });
+    }
+    return chunks;
+  }, py::arg("n"), py::arg("grain") = 1, py::arg("split") = "guided", py::arg("threads") = 2, py::arg("work_us") = 0.0,
+     "For tests: the chunks (begin, end, on the calling thread) one parallel loop of the pool ran");
   m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;
   m.attr("INT8_MIN_ROWS") = INT8_MIN_ROWS;
   m.def("get_threads", &get_threads);

@@ -52,6 +52,20 @@ def chatml_demo(directory: Path) -> Path:
     return directory
 
 
+def popen_taking_ctrl_c(args: list[str], **kwargs):
+    """subprocess.Popen(args) with SIGINT at its default in the child. A child inherits an ignored
+    SIGINT (everything started in the background of a non-interactive shell has one), and Python
+    then leaves Ctrl-C ignored; a handler of this process's own is reset to the default instead."""
+    import signal
+    import subprocess
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(args, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def require_stories():
     if not (STORIES / "stories260K.bin").exists():
         if os.environ.get("TOKENTRAIL_REQUIRE_REFERENCE") == "1":

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import tokentrail
-from conftest import REPO
+from conftest import REPO, popen_taking_ctrl_c
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -300,8 +300,8 @@ def test_progress_on_stderr_only_when_asked(tmp_path):
 
 
 def test_ctrl_c_exits_130_without_a_traceback():
-    proc = subprocess.Popen([sys.executable, "-m", "tokentrail.cli", "generate", "-"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen_taking_ctrl_c([sys.executable, "-m", "tokentrail.cli", "generate", "-"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # The command waits for its prompt on stdin; interrupt it once it is there.
     wchan = f"/proc/{proc.pid}/wchan"
     for _ in range(600):

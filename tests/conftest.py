@@ -66,6 +66,22 @@ def popen_taking_ctrl_c(args: list[str], **kwargs):
         signal.signal(signal.SIGINT, before)
 
 
+def press_ctrl_c(proc, tries: int = 30, wait: float = 5.0) -> bool:
+    """Send SIGINT to proc until it exits (a signal the kernel hands to another of its threads
+    may leave a blocked read asleep); whether it exited."""
+    import signal
+    import subprocess
+
+    for _ in range(tries):
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=wait)
+            return True
+        except subprocess.TimeoutExpired:
+            continue
+    return False
+
+
 def require_stories():
     if not (STORIES / "stories260K.bin").exists():
         if os.environ.get("TOKENTRAIL_REQUIRE_REFERENCE") == "1":

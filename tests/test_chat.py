@@ -10,7 +10,7 @@ import pytest
 
 import tokentrail
 from tokentrail.chat import ChatTemplate, ChatTemplateError, end_of_turn_ids
-from conftest import CHATML, chatml_demo, popen_taking_ctrl_c, require
+from conftest import CHATML, chatml_demo, popen_taking_ctrl_c, press_ctrl_c, require
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
 TEMPLATE_FILES = sorted(p.name for p in TEMPLATES.glob("*.jinja"))
@@ -268,22 +268,11 @@ def test_chat_command_reports_a_model_without_template():
 
 
 def test_chat_command_leaves_cleanly_on_ctrl_c(chatml_dir):
-    import signal
-
     proc = popen_taking_ctrl_c([sys.executable, "-m", "tokentrail.cli", "chat", "--model", str(chatml_dir)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.read(2) == "> "  # waiting for the first message
-        # stdin stays open, so only Ctrl-C can end it (sent again should it land on a thread
-        # other than the one blocked reading).
-        for _ in range(12):
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=5)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        ended_by_ctrl_c = proc.poll() is not None
+        ended_by_ctrl_c = press_ctrl_c(proc, tries=12)  # stdin stays open: only Ctrl-C can end it
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 import tokentrail
-from conftest import REPO, popen_taking_ctrl_c
+from conftest import REPO, popen_taking_ctrl_c, press_ctrl_c
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -310,18 +309,10 @@ def test_ctrl_c_exits_130_without_a_traceback():
         time.sleep(0.1)
     else:
         time.sleep(3)  # no /proc to ask: allow for the imports
-    # stdin stays open until the command has gone, so that it cannot finish by reading an empty
-    # prompt; a signal the kernel hands to another of its threads (a tokenizer's worker) may leave
-    # the blocked read asleep, so it is sent again until the command exits.
-    for _ in range(30):
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=5)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    # stdin stays open until the command has gone, so that it cannot finish by reading an empty prompt.
+    ended_by_ctrl_c = press_ctrl_c(proc)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert ended_by_ctrl_c and proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
 
 

@@ -30,9 +30,10 @@ int default_threads();
 enum class Split {
   // Equal chunks of at least `grain` items, several per thread, handed out in turn.
   Even,
-  // Shrinking chunks: each claim takes a share of what is left (never below `grain`), so a
-  // thread starts with one long contiguous run and the small chunks at the end even out
-  // the finish. For streaming products, where a long run keeps one prefetched stream.
+  // Shrinking chunks: each claim takes a share of what is left (never below `grain`): the
+  // caller 1/threads of it, a worker half that. The caller starts with one long contiguous run,
+  // a worker's claims follow one another while the caller is busy, and the small chunks at the
+  // end even out the finish. For streaming products, where a long run keeps one prefetched stream.
   Guided,
 };
 

@@ -108,6 +108,8 @@ def main() -> None:
     from tokentrail.loading import Checkpoint, read_checkpoint
     from tokentrail.loading.gguf_writer import write_gguf
 
+    tokentrail._core.set_threads(args.threads)
+    probe_before = tokentrail._core.probe_bandwidth(512, 3)  # the roof of a step bound by bytes
     load_before, busy_before = os.getloadavg(), busy_seconds()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,6 +174,8 @@ def main() -> None:
                 path.unlink()
             gc.collect()
     load_after, busy_after = os.getloadavg(), busy_seconds()
+    probe_after = tokentrail._core.probe_bandwidth(512, 3)
+    roof = max(probe_before, probe_after)
 
     print(f"shape={args.shape} params={n_params / 1e6:.1f}M threads={args.threads} decode={steps} tokens "
           f"repeats={args.repeats} isa={tokentrail._core.isa()} llama-cpp-python={llama_cpp.__version__}")
@@ -179,17 +183,21 @@ def main() -> None:
     others = max(0.0, (all1 - all0) - (own1 - own0)) / ((t1 - t0) * os.cpu_count())
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} (this run's own "
           f"threads included) on {os.cpu_count()} CPUs; other processes used {others:.0%} of the CPUs meanwhile")
+    print(f"read bandwidth probe ({args.threads} threads): {probe_before:.1f} GB/s before, {probe_after:.1f} after; "
+          f"roof = the higher")
     head = (f"{'type':<7}{'weights MB':>11}{'tokentrail tok/s':>18}{'llama.cpp tok/s':>17}{'ratio':>7}"
-            f"{'tokentrail GB/s':>17}{'llama.cpp GB/s':>16}")
+            f"{'tokentrail GB/s':>17}{'llama.cpp GB/s':>16}{'% of roof':>11}")
     print(head)
     for dtype, our_bytes, ours, their_bytes, theirs in rows:
         ot = float(np.median(ours))
         tt = float(np.median(theirs)) if theirs is not None else None
         cells = [f"{dtype:<7}", f"{our_bytes / 1e6:>11.1f}", f"{ot:>18.1f}",
                  f"{tt:>17.1f}" if tt else f"{'-':>17}", f"{ot / tt:>6.2f}x" if tt else f"{'-':>7}",
-                 f"{our_bytes * ot / 1e9:>17.2f}", f"{their_bytes * tt / 1e9:>16.2f}" if tt else f"{'-':>16}"]
+                 f"{our_bytes * ot / 1e9:>17.2f}", f"{their_bytes * tt / 1e9:>16.2f}" if tt else f"{'-':>16}",
+                 f"{our_bytes * ot / 1e9 / roof:>10.0%}" + (f"/{their_bytes * tt / 1e9 / roof:.0%}" if tt else "")]
         print("".join(cells))
-    print("ratio = tokentrail tok/s / llama.cpp tok/s; weights MB = bytes tokentrail streams per token")
+    print("ratio = tokentrail tok/s / llama.cpp tok/s; weights MB = bytes tokentrail streams per token; "
+          "% of roof: tokentrail/llama.cpp")
     print("noise, (max - min) / median of the repeats: " + ", ".join(
         f"{d} {spread(o):.0%}" + (f"/{spread(t):.0%}" if t is not None else "") for d, _, o, _, t in rows)
         + " (tokentrail/llama.cpp)")

@@ -60,6 +60,8 @@ def main() -> None:
 
     import tokentrail
 
+    tokentrail._core.set_threads(args.threads)
+    probe_before = tokentrail._core.probe_bandwidth(512, 3)
     load_before = os.getloadavg()[0]
     rows = []
     for shape in args.shapes.split(","):
@@ -101,7 +103,8 @@ def main() -> None:
     print(f"\n{args.threads} threads, prompt {args.prompt} ids, {args.new} new tokens, "
           f"temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}, top-p {SAMPLING['top_p']}; "
           f"kernels {tokentrail._core.isa()}, llama-cpp-python {llama_cpp.__version__}; "
-          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; read bandwidth probe "
+          f"{probe_before:.1f} GB/s before, {tokentrail._core.probe_bandwidth(512, 3):.1f} after\n")
     print("| shape | type | tokentrail generate tok/s | llama-cpp-python create_completion tok/s | ratio |")
     print("| --- | --- | --- | --- | --- |")
     for shape, dtype, o, t in rows:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,9 +58,6 @@ def popen_taking_ctrl_c(args: list[str], **kwargs):
     """subprocess.Popen(args) with SIGINT at its default in the child. A child inherits an ignored
     SIGINT (everything started in the background of a non-interactive shell has one), and Python
     then leaves Ctrl-C ignored; a handler of this process's own is reset to the default instead."""
-    import signal
-    import subprocess
-
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return subprocess.Popen(args, **kwargs)
@@ -69,9 +68,6 @@ def popen_taking_ctrl_c(args: list[str], **kwargs):
 def press_ctrl_c(proc, tries: int = 30, wait: float = 5.0) -> bool:
     """Send SIGINT to proc until it exits (a signal the kernel hands to another of its threads
     may leave a blocked read asleep); whether it exited."""
-    import signal
-    import subprocess
-
     for _ in range(tries):
         proc.send_signal(signal.SIGINT)
         try:

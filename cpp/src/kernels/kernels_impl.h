@@ -1099,11 +1099,10 @@ static void gemv_group(const MatmulJob* jobs, int count, const float* x, int n) 
     if (!lanes) {
       size_t budget = PREFETCH_BYTES;
       group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) {
-        if (budget == 0) return;
-        const uint8_t* p = job.w->row(r0);
         const size_t bytes = std::min(budget, size_t(r1 - r0) * job.w->row_bytes);
-        for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+        for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(job.w->row(r0) + o);
         budget -= bytes;
+        return budget > 0;  // no further blocks once the bytes are asked for
       });
     }
     group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) { gemv_rows_of(*job.w, x, xsum, n, job.y, r0, r1); });

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 
 #include "tokentrail/kernels.h"
 
@@ -30,14 +31,18 @@ class ProductGroup {
   int K() const { return K_; }
   int blocks() const { return blocks_; }
   double work() const { return work_; }  // multiply-adds of the whole group
-  // fn(job, r0, r1) for every block in [b0, b1), in order.
+  // fn(job, r0, r1) for every block in [b0, b1), in order, or until fn returns false.
   template <class Fn>
   void for_blocks(int64_t b0, int64_t b1, Fn fn) const {
     int j = 0;
     for (int b = int(b0); b < int(b1); ++b) {
       while (b >= first_[j + 1]) ++j;
       const int r0 = (b - first_[j]) * rows_;
-      fn(jobs_[j], r0, std::min(int(jobs_[j].w->rows), r0 + rows_));
+      if constexpr (std::is_same_v<decltype(fn(jobs_[j], r0, r0)), bool>) {
+        if (!fn(jobs_[j], r0, std::min(int(jobs_[j].w->rows), r0 + rows_))) return;
+      } else {
+        fn(jobs_[j], r0, std::min(int(jobs_[j].w->rows), r0 + rows_));
+      }
     }
   }
 

@@ -94,10 +94,12 @@ static inline float quantize_block_32(const float* x, int8_t* q, int& sum) {
                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512i qhi = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(hi, scale), bottom), top),
                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qlo));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qhi));
+  // One 32-byte store: two 16-byte halves read back as one would wait for both stores to retire.
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(qlo)),
+                                              _mm512_cvtepi32_epi8(qhi), 1));
   sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
-  return f16_to_f32(f32_to_f16(amax / 127.0f));
+  return _cvtsh_ss(_cvtss_sh(amax / 127.0f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
   // The largest magnitude as the largest bit pattern without the sign (the same order for
   // every finite value), which compiles to vector integer maxima; a NaN makes the scale NaN.
@@ -198,15 +200,17 @@ static void quantize_acts(const float* x, int n, int K, int block, bool tiles, b
     float d = 0.0f;
     for (int b = 0; b < nb; ++b) {
       const float* xb = x + size_t(t) * K + size_t(b) * 32;
+      // Only the flat layout: the block is rounded straight into its place there.
+      int8_t* flat_q = flat ? a.flat.data() + (size_t(b) * n + t) * 32 : nullptr;
       if (block == 32) {
-        d = quantize_block_32(xb, q, sums[0]);
+        d = quantize_block_32(xb, flat_q && !tiles ? flat_q : q, sums[0]);
       } else if (b % 8 == 0) {
         d = quantize_block_256(xb, q, sums);
       }
-      const int8_t* qb = block == 32 ? q : q + 32 * (b % 8);
+      const int8_t* qb = block == 32 ? (flat_q && !tiles ? flat_q : q) : q + 32 * (b % 8);
       const int sum = block == 32 ? sums[0] : sums[b % 8];
       if (flat) {
-        std::memcpy(a.flat.data() + (size_t(b) * n + t) * 32, qb, 32);
+        if (qb != flat_q) std::memcpy(flat_q, qb, 32);
         a.flat_corr[size_t(b) * n + t] = -128 * sum;
         a.flat_scale[size_t(b) * n + t] = d;
       }

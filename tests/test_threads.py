@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -196,6 +200,51 @@ def test_pool_guided_caller_streams_half_and_the_worker_the_rest(n):
     if first[2] and worker[0][0] == n // 2:  # the worker came while the caller ran its half
         assert worker[0][1] - worker[0][0] == n // 8
         assert all(b == e0 for (_, e0), (b, _) in zip(worker, worker[1:3]))
+
+
+needs_proc_stat = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
+
+
+@needs_proc_stat
+def test_other_load_sees_another_process_on_our_cpus():
+    # The pool's back-off stays on while other processes hold the CPUs its threads would need: the
+    # reading it relies on must see a process spinning on one of our CPUs as one busy CPU.
+    cpus, _ = _core.other_load(0.1)
+    assert cpus == len(os.sched_getaffinity(0))
+    cpu = min(os.sched_getaffinity(0))
+    spin = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.3)  # started and spinning
+        _, busy = _core.other_load(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy >= 0.7, f"a spinning process showed as {busy:.2f} busy CPUs"
+
+
+@needs_proc_stat
+def test_other_load_leaves_out_our_own_threads(restore_threads):
+    # This process's own threads (its pool at work) are not other processes: counting them would
+    # keep the pool backed off by its own work.
+    _, quiet = _core.other_load(0.3)
+    if quiet > 0.3:
+        pytest.skip(f"other processes already keep {quiet:.2f} CPUs busy")
+    threads = min(2, len(os.sched_getaffinity(0)))
+    work = threading.Thread(target=_core.pool_chunks, args=(800, 1, "even", threads), kwargs={"work_us": 1000.0})
+    work.start()  # 0.8 s of busy work spread over our threads
+    try:
+        time.sleep(0.05)
+        _, busy = _core.other_load(0.3)
+    finally:
+        work.join()
+    assert busy < quiet + 0.5, f"our own threads showed as {busy:.2f} busy CPUs of other processes"
+
+
+def test_other_load_checks_its_argument():
+    for seconds in (0.0, 0.01, 11.0, float("nan")):
+        with pytest.raises(ValueError, match="seconds"):
+            _core.other_load(seconds)
 
 
 def test_pool_chunks_checks_its_arguments():

@@ -10,7 +10,10 @@
 //  - idle workers spin briefly (the next region of a forward pass follows within
 //    microseconds), then sleep on a futex, so an idle pool burns no core;
 //  - the caller, once no chunk is left to claim, also spins briefly and then sleeps, which
-//    frees its core for the scheduler to run a straggler there.
+//    frees its core for the scheduler to run a straggler there;
+//  - when the callers keep waiting for threads the scheduler set aside, the pool backs off to
+//    fewer threads for a while, and tries them all again only once /proc/stat shows that other
+//    processes have left it the CPUs for them.
 #pragma once
 #include <cstdint>
 #include <type_traits>
@@ -25,6 +28,15 @@ int get_threads();
 // The process default: OMP_NUM_THREADS or TOKENTRAIL_THREADS when set, else the CPUs this
 // process may run on.
 int default_threads();
+
+// The CPUs this process may run on, and how many of them other processes kept busy on average
+// over `seconds` (from /proc/stat, less this process's own CPU time); cpus = 0 where that cannot
+// be read. The pool's back-off asks the same question.
+struct OtherLoad {
+  int cpus = 0;
+  double busy_cpus = 0.0;
+};
+OtherLoad measure_other_load(double seconds);
 
 // How a range is cut into chunks.
 enum class Split {

@@ -420,6 +420,17 @@ PYBIND11_MODULE(_core, m) {
     return chunks;
   }, py::arg("n"), py::arg("grain") = 1, py::arg("split") = "guided", py::arg("threads") = 2, py::arg("work_us") = 0.0,
      "For tests: the chunks (begin, end, on the calling thread) one parallel loop of the pool ran");
+  m.def("other_load", [](double seconds) {
+    if (!(seconds >= 0.06 && seconds <= 10.0)) throw py::value_error("other_load needs 0.06 <= seconds <= 10");
+    OtherLoad load;
+    {
+      py::gil_scoped_release nogil;
+      load = measure_other_load(seconds);
+    }
+    return py::make_tuple(load.cpus, load.busy_cpus);
+  }, py::arg("seconds") = 0.5,
+     "(CPUs this process may use, how many of them other processes kept busy on average over `seconds`), "
+     "as the thread pool's back-off reads them from /proc/stat; (0, 0.0) where that cannot be read");
   m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;
   m.attr("INT8_MIN_ROWS") = INT8_MIN_ROWS;
   m.def("get_threads", &get_threads);

@@ -12,7 +12,9 @@
 #include <climits>
 #include <cstdlib>
 #include <exception>
+#include <fstream>
 #include <mutex>
+#include <string>
 #include <stdexcept>
 #include <thread>
 
@@ -97,6 +99,68 @@ bool spin_until(Ready ready, std::chrono::microseconds limit) {
   }
 }
 
+// What the CPUs this process may run on did: their busy time (from /proc/stat, in seconds) and
+// this process's own CPU time, at one moment. Between two readings, the difference is the CPU
+// time that other processes took on our CPUs. It lets a backed-off pool see whether the process
+// that held a core is still running, instead of trying every thread again to find out.
+struct CpuUse {
+  bool valid = false;
+  int cpus = 0;          // CPUs in this process's affinity set
+  double busy = 0.0;     // their busy time, all processes (user, system, interrupts, steal)
+  double own = 0.0;      // this process's CPU time, all threads
+  std::chrono::steady_clock::time_point at;
+};
+
+CpuUse read_cpu_use() {
+  CpuUse use;
+#ifdef __linux__
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return use;
+  static const double tick = [] {
+    const long hz = sysconf(_SC_CLK_TCK);
+    return hz > 0 ? 1.0 / double(hz) : 0.01;
+  }();
+  std::ifstream stat("/proc/stat");
+  std::string line;
+  // "cpuN user nice system idle iowait irq softirq steal ..." (ticks); the per-CPU lines come
+  // first, after the total's "cpu " line: stop at the first line that is neither.
+  while (std::getline(stat, line) && line.compare(0, 3, "cpu") == 0) {
+    if (line.size() < 4 || line[3] == ' ') continue;
+    char* rest = nullptr;
+    const long cpu = std::strtol(line.c_str() + 3, &rest, 10);
+    if (cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(int(cpu), &allowed)) continue;
+    unsigned long long field[8] = {};
+    for (auto& f : field) f = std::strtoull(rest, &rest, 10);
+    const unsigned long long busy = field[0] + field[1] + field[2] + field[5] + field[6] + field[7];
+    use.busy += double(busy) * tick;
+    ++use.cpus;
+  }
+  timespec own{};
+  if (use.cpus == 0 || clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &own) != 0) return use;
+  use.own = double(own.tv_sec) + 1e-9 * double(own.tv_nsec);
+  use.at = std::chrono::steady_clock::now();
+  use.valid = true;
+#endif
+  return use;
+}
+
+// CPUs (on average) that other processes kept busy from `before` to `after`.
+double others_busy(const CpuUse& before, const CpuUse& after) {
+  const double seconds = std::chrono::duration<double>(after.at - before.at).count();
+  if (seconds <= 0.0) return 0.0;
+  return std::max(0.0, (after.busy - before.busy) - (after.own - before.own)) / seconds;
+}
+
+// Whether, from `before` to `after`, other processes kept so many of our CPUs busy that fewer
+// than `threads` were left to this process (with half a CPU to spare for rounding: /proc/stat
+// counts in ticks of 10 ms). False when the readings cannot tell (too short, or unreadable).
+bool cpus_taken(const CpuUse& before, const CpuUse& after, int threads) {
+  if (!before.valid || !after.valid || before.cpus != after.cpus) return false;
+  const double seconds = std::chrono::duration<double>(after.at - before.at).count();
+  if (seconds < 0.05) return false;
+  return double(after.cpus) - others_busy(before, after) < double(threads) - 0.5;
+}
+
 thread_local bool tls_in_parallel = false;  // inside a chunk: nested loops run inline
 thread_local int tls_threads = 0;           // 0: the process default
 
@@ -106,10 +170,18 @@ class Pool {
     std::unique_lock<std::mutex> hold(busy_, std::try_to_lock);
     if (!hold.owns_lock()) return fn(ctx, 0, n);  // another OS thread's job is running: no waiting for it
     const Clock::time_point start = Clock::now();
-    if (backoff_threads_ && start >= backoff_until_) {  // back to every thread: a new window
-      backoff_threads_ = 0;
-      window_start_ = start;
-      window_own_ = window_waited_ = Clock::duration::zero();
+    if (backoff_threads_ && start >= backoff_until_) {
+      // Other processes still hold the CPUs the other threads would need: back off again
+      // without trying them (a try costs a hold-up of a whole time slice).
+      const CpuUse now = read_cpu_use();
+      if (cpus_taken(backoff_use_, now, threads)) {
+        backoff_until_ = start + backoff_length_;
+        backoff_use_ = now;
+      } else {  // back to every thread: a new window
+        backoff_threads_ = 0;
+        window_start_ = start;
+        window_own_ = window_waited_ = Clock::duration::zero();
+      }
     }
     if (backoff_threads_) threads = std::min(threads, backoff_threads_);
     if (threads <= 1) {  // backing off: the caller alone, still marked as inside (the pool is held)
@@ -177,6 +249,7 @@ class Pool {
                                   : std::chrono::microseconds(MIN_BACKOFF);
       backoff_threads_ = std::max(1, threads / 2);
       backoff_until_ = finish + backoff_length_;
+      backoff_use_ = read_cpu_use();
     }
     window_start_ = finish;
     window_own_ = window_waited_ = Clock::duration::zero();
@@ -265,6 +338,7 @@ class Pool {
   int backoff_threads_ = 0;  // > 0: at most this many threads until backoff_until_
   std::chrono::steady_clock::time_point backoff_until_;
   std::chrono::microseconds backoff_length_{0};  // the last backoff's (0: none yet)
+  CpuUse backoff_use_;  // the CPUs' use when the backoff began (or was last extended)
   Clock::time_point window_start_;
   Clock::duration window_own_{}, window_waited_{};  // the callers' own work and waiting in the window
   uint32_t generation_ = 0;
@@ -316,6 +390,18 @@ int default_threads() {
     return int(std::max(1u, std::thread::hardware_concurrency()));
   }();
   return count;
+}
+
+OtherLoad measure_other_load(double seconds) {
+  const CpuUse before = read_cpu_use();
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  const CpuUse after = read_cpu_use();
+  OtherLoad load;
+  if (before.valid && after.valid && before.cpus == after.cpus) {
+    load.cpus = after.cpus;
+    load.busy_cpus = others_busy(before, after);
+  }
+  return load;
 }
 
 void set_threads(int n) {

@@ -3,7 +3,7 @@ next to numpy's BLAS threads in the same process.
 
     python bench/busy_machine.py [--shape smollm] [--types f32,f16,q4_0] [--threads 1,2]
                                  [--loads idle,busy,numpy] [--new 48] [--rounds 3]
-                                 [--core NAME=path/to/_core.so ...]
+                                 [--core NAME=path/to/_core.so ...] [--llama-cpp]
 
 A random-weight model in the shape of a real one (bench/shapes.py) is written once as a GGUF
 file per type. Each round runs one child process per core build (`--core`, default: the
@@ -18,6 +18,8 @@ the table shows the median over rounds. Loads:
 
 Swapping builds: `--core omp=/tmp/core_openmp.so --core pool=...` loads each file as
 `tokentrail._core` in its child, so two builds of the core compare in one run.
+`--llama-cpp` adds llama.cpp (through llama-cpp-python, the same GGUF files and thread
+counts) as one more engine taking its turn in every round.
 """
 from __future__ import annotations
 
@@ -42,6 +44,25 @@ def use_core(path: str) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sys.modules["tokentrail._core"] = module
+
+
+def llama_cpp_decode_rate(llm, new: int, limit: float = 3.0) -> float:
+    """decode_rate's measure for a llama_cpp.Llama (logits of every position kept, as the
+    decode benchmarks ask for them)."""
+    import numpy as np
+
+    def run(count):
+        t = time.perf_counter()
+        llm.reset()
+        llm.eval([1])
+        steps = 1
+        while steps <= count and time.perf_counter() - t < limit:
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            steps += 1
+        return steps / (time.perf_counter() - t)
+
+    run(4)
+    return run(new)
 
 
 def decode_rate(model, new: int, limit: float = 3.0) -> float:
@@ -104,22 +125,44 @@ class SpinningProcess:
         self.proc.wait()
 
 
-def child(args) -> None:
-    if args.core_path:
-        use_core(args.core_path)
+LOADS = {"busy": lambda: SpinningProcess(), "numpy": lambda: NumpyLoop()}
+
+
+def measure_loads(rate, loads: list[str]) -> dict[str, float]:
+    """rate() under each load."""
     import contextlib
 
+    out = {}
+    for load in loads:
+        with LOADS.get(load, contextlib.nullcontext)():
+            out[load] = rate()
+    return out
+
+
+def child(args) -> None:
+    results = []
+    loads = args.loads.split(",")
+    if args.engine == "llama.cpp":
+        import llama_cpp
+
+        for dtype in args.types.split(","):
+            for threads in map(int, args.threads.split(",")):
+                llm = llama_cpp.Llama(model_path=str(Path(args.files) / f"{dtype}.gguf"), n_ctx=256, n_threads=threads,
+                                      n_threads_batch=threads, logits_all=True, verbose=False)
+                for load, rate in measure_loads(lambda: llama_cpp_decode_rate(llm, args.new), loads).items():
+                    results.append({"type": dtype, "threads": threads, "load": load, "tok_s": rate})
+                llm.close()
+        print(json.dumps(results))
+        return
+    if args.core_path:
+        use_core(args.core_path)
     import tokentrail
 
-    results = []
     for dtype in args.types.split(","):
         model = tokentrail.load(Path(args.files) / f"{dtype}.gguf", threads=1)
         for threads in map(int, args.threads.split(",")):
             model.threads = threads
-            for load in args.loads.split(","):
-                ctx = {"idle": contextlib.nullcontext, "busy": SpinningProcess, "numpy": NumpyLoop}[load]()
-                with ctx:
-                    rate = decode_rate(model, args.new)
+            for load, rate in measure_loads(lambda: decode_rate(model, args.new), loads).items():
                 results.append({"type": dtype, "threads": threads, "load": load, "tok_s": rate})
         del model
     print(json.dumps(results))
@@ -151,22 +194,27 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--core", action="append", default=[], help="NAME=path of a _core build (repeatable)")
+    ap.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="tokentrail", help=argparse.SUPPRESS)
     ap.add_argument("--files", help=argparse.SUPPRESS)
     ap.add_argument("--core-path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
 
-    cores = [tuple(c.split("=", 1)) for c in args.core] or [("installed", "")]
+    # (name, engine, core path): tokentrail builds, then llama.cpp when asked for.
+    cores = [(c.split("=", 1)[0], "tokentrail", c.split("=", 1)[1]) for c in args.core] or [("installed", "tokentrail", "")]
+    if args.llama_cpp:
+        cores.append(("llama.cpp", "llama.cpp", ""))
     load_before = os.getloadavg()
     samples: dict[tuple, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_models(args.shape, args.types.split(","), Path(tmp))
         for _ in range(args.rounds):
-            for name, path in cores:
-                cmd = [sys.executable, __file__, "--child", "--files", tmp, "--types", args.types, "--threads",
-                       args.threads, "--loads", args.loads, "--new", str(args.new)]
+            for name, engine, path in cores:
+                cmd = [sys.executable, __file__, "--child", "--engine", engine, "--files", tmp, "--types", args.types,
+                       "--threads", args.threads, "--loads", args.loads, "--new", str(args.new)]
                 if path:
                     cmd += ["--core-path", path]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -183,7 +231,7 @@ def main() -> None:
     head += "".join(f"{load + '/idle':>12}" for load in loads if load != "idle")
     print(head)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    for name, _ in cores:
+    for name, _, _ in cores:
         for dtype in args.types.split(","):
             for threads in map(int, args.threads.split(",")):
                 row = [med[(name, dtype, threads, load)] for load in loads]
@@ -196,14 +244,14 @@ def main() -> None:
     if "busy" in loads and "idle" in loads and 1 in counts and max(counts) > 1:
         most = max(counts)
         print(f"targets: {most} threads with a busy core >= 0.6x their idle rate and >= 1 thread with a busy core")
-        for name, _ in cores:
+        for name, _, _ in cores:
             print(f"  {name}: " + ", ".join(
                 f"{d} {med[(name, d, most, 'busy')] / med[(name, d, most, 'idle')]:.2f}x idle, "
                 f"{med[(name, d, most, 'busy')] / med[(name, d, 1, 'busy')]:.2f}x 1 thread"
                 for d in args.types.split(",")))
     if len(cores) > 1:
         base = cores[0][0]
-        for name, _ in cores[1:]:
+        for name, _, _ in cores[1:]:
             print(f"{name} / {base}: " + ", ".join(
                 f"{d} {t}t {load} {med[(name, d, t, load)] / med[(base, d, t, load)]:.2f}x"
                 for d in args.types.split(",") for t in map(int, args.threads.split(",")) for load in loads))

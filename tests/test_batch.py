@@ -359,3 +359,37 @@ def test_bad_batched_calls_of_the_api(demo):
         m.run_with_cache(["The storm is", "Lila"], positions=[3])
     with pytest.raises(ValueError, match="needs at least 2 tokens"):
         m.score(["The storm is", [1]])
+
+
+
+def test_long_sequences_side_by_side_or_split_equal_alone(tmp_path):
+    # Heads wide enough that one sequence's attention at 400 positions is worth splitting over the
+    # threads (ATTENTION_PARALLEL_WORK). Several such sequences in one step each run on one thread,
+    # side by side; a prompt chunk that dominates the step, or one of two sequences, splits alone.
+    # Either way every sequence gets exactly the logits it gets alone; transformers checks one.
+    require("torch")
+    require("transformers")
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(3)
+    heads, head_dim = 4, 64
+    cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=128, num_hidden_layers=2, num_attention_heads=heads,
+                         num_key_value_heads=2, head_dim=head_dim, vocab_size=260, max_position_embeddings=512,
+                         rope_theta=10000.0)
+    tf.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path, safe_serialization=True)
+    ref = tf.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    model = tokentrail.load(tmp_path, threads=2)
+    assert heads * 400 * head_dim > _core.ATTENTION_PARALLEL_WORK  # one decode row at 400 positions
+    rng = np.random.default_rng(11)
+    prefixes = [[int(t) for t in rng.integers(3, 250, n)] for n in (400, 420, 380, 450, 300, 410)]
+    one = [[int(rng.integers(3, 250))] for _ in prefixes]
+    steps = {"six decoding side by side": (prefixes, one),
+             "a prompt chunk split alone beside five decoding": (prefixes, one[:5] + [[int(t) for t in rng.integers(3, 250, 40)]]),
+             "two decoding, each split": (prefixes[:2], one[:2])}
+    for what, (starts, feeds) in steps.items():
+        got = model.forward_batch(prefilled(model, starts), feeds, logits="last")
+        for i, (prefix, feed) in enumerate(zip(starts, feeds)):
+            assert np.array_equal(got[i], prefilled(model, [prefix])[0].feed(feed)), f"{what}: sequence {i}"
+        want = reference_logits(ref, starts[-1] + feeds[-1])[-1]
+        np.testing.assert_allclose(got[-1], want, atol=1e-4, rtol=1e-4, err_msg=what)

@@ -432,6 +432,7 @@ PYBIND11_MODULE(_core, m) {
      "(CPUs this process may use, how many of them other processes kept busy on average over `seconds`), "
      "as the thread pool's back-off reads them from /proc/stat; (0, 0.0) where that cannot be read");
   m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;
+  m.attr("ATTENTION_PARALLEL_WORK") = ATTENTION_PARALLEL_WORK;
   m.attr("INT8_MIN_ROWS") = INT8_MIN_ROWS;
   m.def("get_threads", &get_threads);
 

@@ -89,6 +89,20 @@ def test_threaded_norms_activations_and_attention(restore_threads):
     check_attention(q, k, v, pos0, 1 / math.sqrt(hd), z, pattern)
 
 
+@pytest.mark.parametrize("n,pos0,heads,kv,hd", [(300, 10, 6, 2, 16),  # query blocks of 128, 128 and 44
+                                                (1, 700, 6, 2, 64),   # one query: a run of items per thread
+                                                (1, 900, 9, 3, 64)])  # SmolLM2's heads: 3 per KV head, 2 + 1
+def test_threaded_attention_orders(restore_threads, n, pos0, heads, kv, hd):
+    # The threads take a prompt's items in blocks of queries, KV head by KV head, and a single query's
+    # items in one run per thread; every query and head is computed once, the same on any thread count.
+    rng = np.random.default_rng(n + pos0)
+    q = rng.standard_normal((n, heads, hd)).astype(np.float32)
+    k = rng.standard_normal((kv, pos0 + n, hd)).astype(np.float32)
+    v = rng.standard_normal((kv, pos0 + n, hd)).astype(np.float32)
+    z, pattern = on_each_thread_count(lambda: _core.attention(q, k, v, pos0, 1 / math.sqrt(hd)))
+    check_attention(q, k, v, pos0, 1 / math.sqrt(hd), z, pattern)
+
+
 def test_many_python_threads_calling_at_once(restore_threads):
     """Calls from several OS threads at the same time: each either gets the pool or runs alone; all
     finish, all right."""

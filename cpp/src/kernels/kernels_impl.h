@@ -512,7 +512,7 @@ static void attention_typed(const float* q, const T* k, const T* v, const Attent
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // One item per (query, KV head, chunk of its query heads), the last queries (the longest
   // causal rows) handed out first, so that the short ones even out the finish; the chunks of
-  // one KV head are consecutive items.
+  // one KV head are consecutive items. Each item's arithmetic is the same whatever the order.
   const bool parallel = attention_work(n, n_heads, ctx, head_dim) > ATTENTION_PARALLEL_WORK;
   const int64_t per_query = int64_t(a.n_kv) * chunks;
   // One query (decode): one contiguous run of items per thread, so that the chunks of a KV head
@@ -520,11 +520,26 @@ static void attention_typed(const float* q, const T* k, const T* v, const Attent
   // that claimed one of its chunks (decode at 1024 positions 1.14-1.17x, SmolLM2 shape, 2 threads).
   const int threads = get_threads();
   const int64_t grain = n == 1 ? (per_query + threads - 1) / threads : 1;
+  // Several queries (a prompt): items go in blocks of up to 128 queries, and within a block KV head
+  // by KV head, so that a thread's run of items reads one head's keys and values for many queries
+  // while they are still in its cache (prefill of 2000 tokens 1.03-1.08x; no change at 128-512).
+  const int qb = n == 1 ? 1 : 128;
   parallel_for_if(parallel, int64_t(n) * per_query, grain, Split::Even, [&](int64_t item0, int64_t item1) {
     float* scores = thread_scratch(SCRATCH_SCORES, size_t(ATTENTION_HEADS) * ctx);
     for (int64_t item = item0; item < item1; ++item) {
-      const int i = n - 1 - int(item / per_query), g = int(item % per_query / chunks);
-      const int h0 = g * group + int(item % chunks) * ATTENTION_HEADS;
+      int i, g, chunk;
+      if (qb > 1) {
+        const int64_t block = item / (int64_t(qb) * per_query), r = item % (int64_t(qb) * per_query);
+        const int size = int(std::min<int64_t>(qb, n - block * qb));
+        g = int(r / (int64_t(chunks) * size));
+        chunk = int(r / size % chunks);
+        i = n - 1 - int(block * qb + r % size);
+      } else {
+        i = n - 1 - int(item / per_query);
+        g = int(item % per_query / chunks);
+        chunk = int(item % chunks);
+      }
+      const int h0 = g * group + chunk * ATTENTION_HEADS;
       const int H = std::min(ATTENTION_HEADS, (g + 1) * group - h0);
       const int end = pos0 + i + 1;  // causal: keys up to and including this position
       const int first = a.window > 0 ? std::max(0, end - a.window) : 0;

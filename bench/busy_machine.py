@@ -24,6 +24,7 @@ counts) as one more engine taking its turn in every round.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -46,42 +47,45 @@ def use_core(path: str) -> None:
     sys.modules["tokentrail._core"] = module
 
 
-def llama_cpp_decode_rate(llm, new: int, limit: float = 3.0) -> float:
-    """decode_rate's measure for a llama_cpp.Llama (logits of every position kept, as the
-    decode benchmarks ask for them)."""
-    import numpy as np
-
-    def run(count):
-        t = time.perf_counter()
-        llm.reset()
-        llm.eval([1])
-        steps = 1
-        while steps <= count and time.perf_counter() - t < limit:
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-            steps += 1
-        return steps / (time.perf_counter() - t)
-
-    run(4)
-    return run(new)
-
-
-def decode_rate(model, new: int, limit: float = 3.0) -> float:
+def decode_rate(start, new: int, limit: float = 3.0) -> float:
     """Tokens/s of greedy decoding up to `new` tokens after a one-token prompt (one warm-up run
-    first), stopping early after `limit` seconds (a collapsed configuration would take minutes)."""
+    first), stopping early after `limit` seconds (a collapsed configuration would take minutes).
+    start(): a fresh sequence's feed function; feed(token) returns the next logits."""
     import numpy as np
 
     def run(count):
         t = time.perf_counter()
-        s = model.session()
-        logits = s.feed([1])
+        feed = start()
+        logits = feed(1)
         steps = 1
         while steps <= count and time.perf_counter() - t < limit:
-            logits = s.feed([int(np.argmax(logits))])
+            logits = feed(int(np.argmax(logits)))
             steps += 1
         return steps / (time.perf_counter() - t)
 
     run(4)
     return run(new)
+
+
+def tokentrail_sequence(model):
+    """decode_rate's start() for a tokentrail model."""
+    def start():
+        session = model.session()
+        return lambda token: session.feed([token])
+    return start
+
+
+def llama_cpp_sequence(llm):
+    """decode_rate's start() for a llama_cpp.Llama (logits of every position kept, as the decode
+    benchmarks ask for them)."""
+    def start():
+        llm.reset()
+
+        def feed(token):
+            llm.eval([token])
+            return llm.scores[llm.n_tokens - 1]
+        return feed
+    return start
 
 
 class NumpyLoop:
@@ -125,16 +129,14 @@ class SpinningProcess:
         self.proc.wait()
 
 
-LOADS = {"busy": lambda: SpinningProcess(), "numpy": lambda: NumpyLoop()}
+LOADS = {"idle": contextlib.nullcontext, "busy": SpinningProcess, "numpy": NumpyLoop}
 
 
 def measure_loads(rate, loads: list[str]) -> dict[str, float]:
     """rate() under each load."""
-    import contextlib
-
     out = {}
     for load in loads:
-        with LOADS.get(load, contextlib.nullcontext)():
+        with LOADS[load]():
             out[load] = rate()
     return out
 
@@ -149,7 +151,7 @@ def child(args) -> None:
             for threads in map(int, args.threads.split(",")):
                 llm = llama_cpp.Llama(model_path=str(Path(args.files) / f"{dtype}.gguf"), n_ctx=256, n_threads=threads,
                                       n_threads_batch=threads, logits_all=True, verbose=False)
-                for load, rate in measure_loads(lambda: llama_cpp_decode_rate(llm, args.new), loads).items():
+                for load, rate in measure_loads(lambda: decode_rate(llama_cpp_sequence(llm), args.new), loads).items():
                     results.append({"type": dtype, "threads": threads, "load": load, "tok_s": rate})
                 llm.close()
         print(json.dumps(results))
@@ -162,7 +164,7 @@ def child(args) -> None:
         model = tokentrail.load(Path(args.files) / f"{dtype}.gguf", threads=1)
         for threads in map(int, args.threads.split(",")):
             model.threads = threads
-            for load, rate in measure_loads(lambda: decode_rate(model, args.new), loads).items():
+            for load, rate in measure_loads(lambda: decode_rate(tokentrail_sequence(model), args.new), loads).items():
                 results.append({"type": dtype, "threads": threads, "load": load, "tok_s": rate})
         del model
     print(json.dumps(results))
@@ -196,13 +198,18 @@ def main() -> None:
     ap.add_argument("--core", action="append", default=[], help="NAME=path of a _core build (repeatable)")
     ap.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--engine", default="tokentrail", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="tokentrail", choices=["tokentrail", "llama.cpp"], help=argparse.SUPPRESS)
     ap.add_argument("--files", help=argparse.SUPPRESS)
     ap.add_argument("--core-path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
 
+    unknown = set(args.loads.split(",")) - set(LOADS)
+    if unknown:
+        ap.error(f"unknown --loads {', '.join(sorted(unknown))}: choose from {', '.join(LOADS)}")
+    if any("=" not in c for c in args.core):
+        ap.error("--core takes NAME=PATH")
     # (name, engine, core path): tokentrail builds, then llama.cpp when asked for.
     cores = [(c.split("=", 1)[0], "tokentrail", c.split("=", 1)[1]) for c in args.core] or [("installed", "tokentrail", "")]
     if args.llama_cpp:

@@ -200,14 +200,14 @@ static void quantize_acts(const float* x, int n, int K, int block, bool tiles, b
     float d = 0.0f;
     for (int b = 0; b < nb; ++b) {
       const float* xb = x + size_t(t) * K + size_t(b) * 32;
-      // Only the flat layout: the block is rounded straight into its place there.
       int8_t* flat_q = flat ? a.flat.data() + (size_t(b) * n + t) * 32 : nullptr;
+      // Only the flat layout: a 32-value block is rounded straight into its place there.
+      int8_t* const qb = block == 32 ? (flat_q && !tiles ? flat_q : q) : q + 32 * (b % 8);
       if (block == 32) {
-        d = quantize_block_32(xb, flat_q && !tiles ? flat_q : q, sums[0]);
+        d = quantize_block_32(xb, qb, sums[0]);
       } else if (b % 8 == 0) {
         d = quantize_block_256(xb, q, sums);
       }
-      const int8_t* qb = block == 32 ? (flat_q && !tiles ? flat_q : q) : q + 32 * (b % 8);
       const int sum = block == 32 ? sums[0] : sums[b % 8];
       if (flat) {
         if (qb != flat_q) std::memcpy(flat_q, qb, 32);

@@ -144,21 +144,21 @@ CpuUse read_cpu_use() {
   return use;
 }
 
-// CPUs (on average) that other processes kept busy from `before` to `after`.
-double others_busy(const CpuUse& before, const CpuUse& after) {
+// CPUs (on average) that other processes kept busy from `before` to `after`; negative when the
+// two readings cannot tell (unreadable, the affinity changed, or under `min_seconds` apart).
+double others_busy(const CpuUse& before, const CpuUse& after, double min_seconds = 0.0) {
   const double seconds = std::chrono::duration<double>(after.at - before.at).count();
-  if (seconds <= 0.0) return 0.0;
+  if (!before.valid || !after.valid || before.cpus != after.cpus || seconds <= 0.0 || seconds < min_seconds)
+    return -1.0;
   return std::max(0.0, (after.busy - before.busy) - (after.own - before.own)) / seconds;
 }
 
 // Whether, from `before` to `after`, other processes kept so many of our CPUs busy that fewer
 // than `threads` were left to this process (with half a CPU to spare for rounding: /proc/stat
-// counts in ticks of 10 ms). False when the readings cannot tell (too short, or unreadable).
+// counts in ticks of 10 ms, so readings under 50 ms apart cannot tell).
 bool cpus_taken(const CpuUse& before, const CpuUse& after, int threads) {
-  if (!before.valid || !after.valid || before.cpus != after.cpus) return false;
-  const double seconds = std::chrono::duration<double>(after.at - before.at).count();
-  if (seconds < 0.05) return false;
-  return double(after.cpus) - others_busy(before, after) < double(threads) - 0.5;
+  const double others = others_busy(before, after, 0.05);
+  return others >= 0.0 && double(after.cpus) - others < double(threads) - 0.5;
 }
 
 thread_local bool tls_in_parallel = false;  // inside a chunk: nested loops run inline
@@ -397,10 +397,8 @@ OtherLoad measure_other_load(double seconds) {
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   const CpuUse after = read_cpu_use();
   OtherLoad load;
-  if (before.valid && after.valid && before.cpus == after.cpus) {
-    load.cpus = after.cpus;
-    load.busy_cpus = others_busy(before, after);
-  }
+  const double others = others_busy(before, after);
+  if (others >= 0.0) load = OtherLoad{after.cpus, others};
   return load;
 }
 

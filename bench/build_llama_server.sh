@@ -14,7 +14,10 @@ if [ ! -d "llama_cpp_python-$version" ]; then
   tar xzf "llama_cpp_python-$version.tar.gz"
 fi
 src="llama_cpp_python-$version/vendor/llama.cpp"
+# Without llama.cpp's AMX products, which crash in this version on CPUs that have AMX (.ci/run says more).
+no_amx=""
+grep -qw amx_tile /proc/cpuinfo && no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$src" -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx"
 cmake --build build --target llama-server -j "$(nproc)"
 echo "$work/build/bin/llama-server"

@@ -8,6 +8,7 @@ operations in the same order per token, so they agree bit for bit.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -275,3 +276,99 @@ def test_q8_0_with_int8_activations_gives_a_sequence_the_same_logits_in_any_batc
         pytest.skip(f"the {_core.int8_isa()} int8 variant uses int8 activations for Q8_0 from INT8_MIN_ROWS only")
     model = tokentrail.load(dtype="q8_0", exact=False)  # the bundled demo model
     assert_logits_do_not_depend_on_the_batch(model, seed=5)  # 104 rows: token lanes
+
+
+# ---- AMX tiles (the avx512amx variant: Intel Xeon, Sapphire Rapids and later) -------------------
+AMX = "avx512amx" in _core.available_int8_isas()
+needs_amx = pytest.mark.skipif(not AMX, reason="this CPU (or this OS) offers no AMX tiles to this process")
+
+
+def test_int8_variants_are_listed_and_chosen_by_name():
+    variants = _core.available_int8_isas()
+    assert variants[0] == _core.int8_isa()  # the default comes first
+    with pytest.raises(ValueError, match=r"int8 variant 'avx9000' .* \(available: " + ", ".join(variants) + r"\)"):
+        _core.set_int8_isa("avx9000")
+    try:
+        for v in variants:
+            _core.set_int8_isa(v)
+            assert _core.int8_isa() == v
+    finally:
+        _core.set_isa(_core.isa())  # back to the default int8 variant
+    assert _core.int8_isa() == variants[0]
+
+
+def _variant_products(w, rows, k, x):
+    """The int8 product through the row-lane copy on every int8 variant, by name."""
+    out = {}
+    try:
+        for v in _core.available_int8_isas():
+            _core.set_int8_isa(v)
+            out[v] = _core.matmul(w, "q8_0", rows, k, x, int8_activations=True, row_lanes=True)
+    finally:
+        _core.set_isa(_core.isa())
+    return out
+
+
+@needs_amx
+def test_amx_tiles_give_the_vnni_products_bit_for_bit():
+    """Token counts below AMX_MIN_TOKENS (vpdpbusd), partial and whole groups of 16, and more than
+    the 64 tokens of a pass; one block of 32 values and many; one group of 16 rows and many. The
+    tiles' integer sums are exact and the float steps after them are VNNI's, in the same order."""
+    rng = np.random.default_rng(21)
+    for rows, k in ((16, 32), (48, 576), (64, 1536)):
+        w = quantize(rng.standard_normal((rows, k)).astype(np.float32), "q8_0")
+        for n in (1, 3, 4, 5, 15, 16, 17, 31, 33, 48, 63, 64, 65, 100, 129):
+            x = activations(rng, n, k)
+            got = _variant_products(w, rows, k, x)
+            np.testing.assert_array_equal(got["avx512amx"], got["avx512vnni"], err_msg=f"rows={rows} k={k} n={n}")
+            want = int8_matmul(w, "q8_0", rows, k, x)
+            assert np.all(np.abs(got["avx512amx"] - want) <= error_bound(w, "q8_0", rows, k, x))
+
+
+@needs_amx
+def test_amx_tiles_survive_another_librarys_tiles_between_calls():
+    """The tile configuration belongs to the thread: PyTorch (oneDNN) may load its own for bf16
+    products on the same threads between two of ours, and ours must be loaded again."""
+    torch = require("torch")
+    rng = np.random.default_rng(22)
+    rows, k = 64, 576
+    w = quantize(rng.standard_normal((rows, k)).astype(np.float32), "q8_0")
+    x = activations(rng, 40, k)
+    want = _variant_products(w, rows, k, x)["avx512vnni"]
+    a = torch.randn(256, 256, dtype=torch.bfloat16)
+    for _ in range(3):
+        (a @ a).sum().item()  # bf16 products, through AMX where oneDNN takes it
+        got = _core.matmul(w, "q8_0", rows, k, x, int8_activations=True, row_lanes=True)
+        np.testing.assert_array_equal(got, want)
+
+
+@needs_amx
+def test_a_model_gives_the_same_logits_with_amx_tiles_or_without():
+    """The bundled model in q8_0 with int8 activations and the row-lane copy: a prompt, a decode step
+    and a batched step give the same logits bit for bit on either variant, and stay batch-independent."""
+    model = tokentrail.load(dtype="q8_0", exact=False)
+    assert model.repacked
+    prompts = [list(range(3, 40)), list(range(50, 58)), [9, 10, 11]]
+    runs = {}
+    try:
+        for v in ("avx512amx", "avx512vnni"):
+            _core.set_int8_isa(v)
+            sessions = [model.session() for _ in prompts]
+            first = [np.asarray(x) for x in model.forward_batch(sessions, prompts)]
+            step = [np.asarray(x) for x in model.forward_batch(sessions, [[7]] * len(prompts))]
+            runs[v] = first + step
+    finally:
+        _core.set_isa(_core.isa())
+    for a, b in zip(runs["avx512amx"], runs["avx512vnni"]):
+        np.testing.assert_array_equal(a, b)
+    assert _core.int8_isa() == "avx512amx"
+    assert_logits_do_not_depend_on_the_batch(model, seed=23)
+
+
+@needs_amx
+def test_tokentrail_amx_0_keeps_vnni_alone():
+    code = "from tokentrail import _core; print(_core.int8_isa(), _core.available_int8_isas())"
+    env = dict(os.environ, TOKENTRAIL_AMX="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["avx512vnni", "['avx512vnni']"]

@@ -133,8 +133,14 @@ inline const uint16_t* row_lane_scales(const WeightView& w, const uint8_t* lanes
 inline int activation_block(DType t) { return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K ? 256 : 32; }
 
 const KernelTable& kernels();
-// The int8-activation variant that goes with kernels(): AVX-512 VNNI where the CPU has it.
+// The int8-activation variant that goes with kernels(): AVX-512 VNNI where the CPU has it, with
+// AMX tiles where it also has those and the OS lets this process use them (TOKENTRAIL_AMX=0 in
+// the environment keeps VNNI alone).
 const Int8KernelTable& int8_kernels();
+// The int8 variants that can go with kernels() on this CPU, and the choice of one of them
+// (set_isa() goes back to the default one); throws for any other name.
+std::vector<std::string> available_int8_isas();
+void set_int8_isa(const std::string& name);
 // Select a variant by name ("scalar", "avx2", "avx512"); throws if this CPU lacks it.
 void set_isa(const std::string& name);
 std::vector<std::string> available_isas();
@@ -149,6 +155,9 @@ namespace isa_avx2 { extern const KernelTable table; }
 namespace isa_avx512 { extern const KernelTable table; }
 namespace int8_avx2 { extern const Int8KernelTable table; }
 namespace int8_avx512vnni { extern const Int8KernelTable table; }
+#ifdef TOKENTRAIL_AMX
+namespace int8_avx512amx { extern const Int8KernelTable table; }
+#endif
 #endif
 
 }  // namespace tokentrail

@@ -567,6 +567,9 @@ PYBIND11_MODULE(_core, m) {
     return py::make_tuple(q, scales);
   }, py::arg("x"), py::arg("block") = 32);
   m.def("int8_isa", []() { return std::string(int8_kernels().name); });
+  m.def("available_int8_isas", &available_int8_isas,
+        "Int8-activation variants that go with the current kernel variant on this CPU, the default first");
+  m.def("set_int8_isa", &set_int8_isa, py::arg("name"));
   m.def("int8_every_row_count", [](const std::string& dtype) {
     const DType t = dtype_from_name(dtype);
     return int8_supported(t) && int8_kernels().every_row_count(t);

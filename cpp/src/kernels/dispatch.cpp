@@ -6,6 +6,12 @@
 #include "tokentrail/kernels.h"
 #include "tokentrail/thread_pool.h"
 
+#if defined(TOKENTRAIL_AMX) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace tokentrail {
 
 DType dtype_from_name(const std::string& name) {
@@ -18,6 +24,30 @@ DType dtype_from_name(const std::string& name) {
 
 namespace {
 
+// AMX tiles with int8 products, usable by this process: the CPU has them (CPUID leaf 7: AMX-TILE,
+// AMX-INT8), the OS saves their state (XCR0 bits 17 and 18), and Linux grants this process the
+// tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, once). Never with TOKENTRAIL_AMX=0.
+bool amx_usable() {
+#if defined(TOKENTRAIL_AMX) && defined(__linux__)
+  static const bool usable = [] {
+    const char* env = std::getenv("TOKENTRAIL_AMX");
+    if (env && !std::strcmp(env, "0")) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!(d & (1u << 24)) || !(d & (1u << 25))) return false;  // AMX-TILE, AMX-INT8
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return false;  // XTILECFG, XTILEDATA
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
 bool cpu_has(const char* isa) {
 #ifdef TOKENTRAIL_X86
   __builtin_cpu_init();
@@ -28,6 +58,7 @@ bool cpu_has(const char* isa) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (!std::strcmp(isa, "avx512vnni")) return cpu_has("avx512") && __builtin_cpu_supports("avx512vnni");
+  if (!std::strcmp(isa, "avx512amx")) return cpu_has("avx512vnni") && amx_usable();
 #endif
   return !std::strcmp(isa, "scalar");
 }
@@ -57,14 +88,24 @@ const KernelTable* choose_default() {
 const KernelTable* g_table = nullptr;
 const Int8KernelTable* g_int8 = nullptr;
 
-// The int8 variant for a kernel variant: the same instruction set, VNNI when present.
-const Int8KernelTable* int8_for(const KernelTable* t) {
+// The int8 variants a kernel variant can go with on this CPU, the default (the fastest) first:
+// the same instruction set, VNNI when present, and AMX tiles before it where usable.
+std::vector<const Int8KernelTable*> int8_choices(const KernelTable* t) {
+  std::vector<const Int8KernelTable*> out;
 #ifdef TOKENTRAIL_X86
-  if (t == &isa_avx512::table && cpu_has("avx512vnni")) return &int8_avx512vnni::table;
-  if (t == &isa_avx512::table || t == &isa_avx2::table) return &int8_avx2::table;
+#ifdef TOKENTRAIL_AMX
+  if (t == &isa_avx512::table && cpu_has("avx512amx")) out.push_back(&int8_avx512amx::table);
 #endif
-  return &int8_scalar::table;
+  if (t == &isa_avx512::table && cpu_has("avx512vnni"))
+    out.push_back(&int8_avx512vnni::table);
+  else if (t == &isa_avx512::table || t == &isa_avx2::table)
+    out.push_back(&int8_avx2::table);
+#endif
+  if (out.empty()) out.push_back(&int8_scalar::table);
+  return out;
 }
+
+const Int8KernelTable* int8_for(const KernelTable* t) { return int8_choices(t).front(); }
 
 }  // namespace
 
@@ -128,6 +169,24 @@ void set_isa(const std::string& name) {
   if (!cpu_has(name.c_str())) throw std::invalid_argument("this CPU does not support kernel variant '" + name + "'");
   g_table = t;
   g_int8 = int8_for(t);
+}
+
+std::vector<std::string> available_int8_isas() {
+  std::vector<std::string> out;
+  for (const Int8KernelTable* t : int8_choices(&kernels())) out.push_back(t->name);
+  return out;
+}
+
+void set_int8_isa(const std::string& name) {
+  for (const Int8KernelTable* t : int8_choices(&kernels()))
+    if (name == t->name) {
+      g_int8 = t;
+      return;
+    }
+  std::string known;
+  for (const std::string& n : available_int8_isas()) known += (known.empty() ? "" : ", ") + n;
+  throw std::invalid_argument("int8 variant '" + name + "' does not go with kernel variant '" + kernels().name +
+                              "' on this CPU (available: " + known + ")");
 }
 
 void row_to_f32(const WeightView& w, int64_t row, float* out) {

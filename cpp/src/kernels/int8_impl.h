@@ -186,9 +186,11 @@ static void quantize_acts(const float* x, int n, int K, int block, bool tiles, b
     if (IV::UNSIGNED_WEIGHTS) a.corr.assign(size_t(a.tiles) * (K / 16) * L, 0);
   }
   if (flat) {
-    a.flat.resize(size_t(n) * K);
-    a.flat_corr.resize(size_t(n) * nb);
-    a.flat_scale.resize(size_t(n) * nb);
+    // (Padded: the AMX variant reads a group of 16 tokens' quants, corrections and scales whole,
+    // past the last token.)
+    a.flat.resize(size_t(n) * K + 16 * 32);
+    a.flat_corr.resize(size_t(n) * nb + 16);
+    a.flat_scale.resize(size_t(n) * nb + 16);
   }
   // Split over the threads from a few rows up: a batched step's 16-64 rows took 10 % of its time
   // on one thread while the others waited (each block costs ~25 cycles; a dispatch a few µs).
@@ -459,6 +461,113 @@ static inline void row_lane_block(const typename IV::I* wh, typename IV::F scale
   }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+// ---- AMX tiles (the avx512amx variant) ----------------------------------------
+// One tile product multiplies a block of 32 values of 16 tokens (the flat layout: 16 rows of 32
+// bytes) by the same block of 16 weight rows (the row-lane copy: 8 rows of [16 rows][4 bytes],
+// already the layout the tile unit wants) into 16 x 16 exact int32 sums of q * (w + 128), the
+// sums vpdpbusd forms one token at a time in row_lane_block. The float steps after them are
+// row_lane_block's, in the same order, so results equal the VNNI variant's bit for bit.
+// Consecutive blocks alternate between two sets of tiles (sums 0/1, quants 4/5, weights 6/7), so
+// that one block's tile product need not wait for the block before to leave its tiles.
+// Fewer tokens than this run through vpdpbusd: a tile product costs the same for 1 token as for 16.
+constexpr int AMX_MIN_TOKENS = 4;
+
+struct AmxTileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// A new value at every product call, so that each thread loads the tile configuration once per
+// call: other code on the same thread (a library using AMX between our calls) may have loaded
+// its own, and the configuration is per thread.
+static std::atomic<uint32_t> amx_epoch{1};
+
+static inline void amx_configure() {
+  static thread_local uint32_t configured = 0;
+  const uint32_t now = amx_epoch.load(std::memory_order_relaxed);
+  if (configured == now) return;
+  AmxTileConfig c;
+  for (int i : {0, 1, 2, 3}) c.rows[i] = 16, c.colsb[i] = 64;  // int32 sums: 16 tokens x 16 rows
+  for (int i : {4, 5}) c.rows[i] = 16, c.colsb[i] = 32;        // quants: 16 tokens x 32 values
+  for (int i : {6, 7}) c.rows[i] = 8, c.colsb[i] = 64;   // weights: 8 groups of [16 rows][4]
+  _tile_loadconfig(&c);
+  configured = now;
+}
+
+// The float steps of row_lane_block for 16 tokens from t (acc[i]: token t + i) on the tile's sums.
+// Always all 16 (the accumulators stay in registers); sums, corrections and scales past the last
+// token are padding, and the caller keeps only the accumulators of real tokens.
+static inline void amx_row_lane_block(const int32_t* sums, typename IV::F scale, const QuantizedActs& a, int b, int t,
+                                      typename IV::F* acc) {
+  const int32_t* corr = a.flat_corr.data() + size_t(b) * a.n + t;
+  const float* da = a.flat_scale.data() + size_t(b) * a.n + t;
+  for (int i = 0; i < 16; ++i) {
+    const typename IV::I s = IV::iadd(IV::iload(sums + 16 * i), IV::iset1(corr[i]));
+    acc[i] = IV::ffma(IV::cvt(s), IV::fmul(scale, IV::fset1(da[i])), acc[i]);
+  }
+}
+
+// Q8_0 from the row-lane copy `lanes` (scales `lane_scales`) of the 16 rows from r0, tokens
+// [t0, t1), 32 tokens (two tile products) per pass over the blocks: block b's weights are loaded
+// into a tile once for both groups of 16 tokens.
+static void amx_row_lanes(const uint8_t* lanes, const uint16_t* lane_scales, const QuantizedActs& a, int r0, int t0,
+                          int t1, float* y, size_t ldy) {
+  constexpr int L = IV::LANES;
+  const int nb = a.K / 32, n = a.n;
+  amx_configure();
+  alignas(64) int32_t sums[2][32 * 16];
+  const size_t q_step = size_t(n) * 32;
+  for (int g = t0; g < t1; g += 32) {
+    typename IV::F acc[32];
+    for (int i = 0; i < 32; ++i) acc[i] = IV::fzero();
+    const int8_t* q = a.flat.data() + size_t(g) * 32;  // block 0; block b at + b * n * 32
+    const bool two = t1 - g > 16;
+    const bool first_pass = g == t0;
+#define TOKENTRAIL_AMX_ISSUE(C0, C1, A, B, b)                                               \
+  do {                                                                                      \
+    const uint8_t* blk_ = lanes + size_t(b) * 512;                                          \
+    if (first_pass)                                                                         \
+      for (int j = 0; j < 8; ++j) __builtin_prefetch(blk_ + ROW_LANE_PREFETCH + 64 * j);    \
+    _tile_loadd(B, blk_, 64);                                                               \
+    _tile_zero(C0);                                                                         \
+    _tile_loadd(A, q + (b) * q_step, 32);                                                   \
+    _tile_dpbsud(C0, A, B);                                                                 \
+    if (two) {                                                                              \
+      _tile_zero(C1);                                                                       \
+      _tile_loadd(A, q + (b) * q_step + 512, 32);                                           \
+      _tile_dpbsud(C1, A, B);                                                               \
+    }                                                                                       \
+  } while (0)
+#define TOKENTRAIL_AMX_STORE(C0, C1, S)                                                     \
+  do {                                                                                      \
+    _tile_stored(C0, sums[S], 64);                                                          \
+    if (two) _tile_stored(C1, sums[S] + 256, 64);                                           \
+  } while (0)
+    TOKENTRAIL_AMX_ISSUE(0, 1, 4, 6, 0);
+    for (int b = 0; b < nb; b += 2) {
+      if (b + 1 < nb) TOKENTRAIL_AMX_ISSUE(2, 3, 5, 7, b + 1);
+      TOKENTRAIL_AMX_STORE(0, 1, 0);
+      const typename IV::F s0 = IV::halves(lane_scales + size_t(b) * L);
+      amx_row_lane_block(sums[0], s0, a, b, g, acc);
+      if (two) amx_row_lane_block(sums[0] + 256, s0, a, b, g + 16, acc + 16);
+      if (b + 1 < nb) {
+        if (b + 2 < nb) TOKENTRAIL_AMX_ISSUE(0, 1, 4, 6, b + 2);
+        TOKENTRAIL_AMX_STORE(2, 3, 1);
+        const typename IV::F s1 = IV::halves(lane_scales + size_t(b + 1) * L);
+        amx_row_lane_block(sums[1], s1, a, b + 1, g, acc);
+        if (two) amx_row_lane_block(sums[1] + 256, s1, a, b + 1, g + 16, acc + 16);
+      }
+    }
+#undef TOKENTRAIL_AMX_ISSUE
+#undef TOKENTRAIL_AMX_STORE
+    for (int t = g; t < std::min(t1, g + 32); ++t) IV::fstore(y + size_t(t) * ldy + r0, acc[t - g]);
+  }
+}
+#endif
+
+
 // Q8_0 for a whole block of 16 rows and ROW_LANE_TOKENS tokens at a time, streamed as the
 // float GEMV streams (no unpacking pass), with the lanes over the 16 rows: a vector holds one
 // 4-byte group of every row and each token's 4 bytes are broadcast against it. The rows come
@@ -479,6 +588,12 @@ static void int8_q8_0_row_lanes(const WeightView& wv, const QuantizedActs& a, in
     const int t1 = std::min(n, t0 + ROW_LANE_TOKENS);
     for (int t = t0; t < t1; ++t) acc[t - t0] = IV::fzero();
     typename IV::I w[16];
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+    if (lanes && t1 - t0 >= AMX_MIN_TOKENS) {
+      amx_row_lanes(lanes, lane_scales, a, r0, t0, t1, y, ldy);
+      continue;
+    }
+#endif
     if (lanes) {
       for (int b = 0; b < nb; ++b) {
         const uint8_t* blk = lanes + size_t(b) * 512;
@@ -565,6 +680,9 @@ static void int8_matmul_group(const MatmulJob* jobs, int count, const float* x, 
   QuantizedActs &acts32 = caller32, &acts256 = caller256;
   if (need32) quantize_acts(x, n, group.K(), 32, tiles32, flat32, acts32);
   if (need256) quantize_acts(x, n, group.K(), 256, true, false, acts256);
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+  if (flat32) amx_epoch.fetch_add(1, std::memory_order_relaxed);
+#endif
   parallel_for_if(group.work() > 200000.0, group.blocks(), 1, Split::Guided, [&](int64_t b0, int64_t b1) {
     group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) {
       int8_rows_of(*job.w, activation_block(job.w->type) == 256 ? acts256 : acts32, r0, r1, job.y);

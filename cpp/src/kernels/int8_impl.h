@@ -468,8 +468,9 @@ static inline void row_lane_block(const typename IV::I* wh, typename IV::F scale
 // already the layout the tile unit wants) into 16 x 16 exact int32 sums of q * (w + 128), the
 // sums vpdpbusd forms one token at a time in row_lane_block. The float steps after them are
 // row_lane_block's, in the same order, so results equal the VNNI variant's bit for bit.
-// Consecutive blocks alternate between two sets of tiles (sums 0/1, quants 4/5, weights 6/7), so
-// that one block's tile product need not wait for the block before to leave its tiles.
+// Consecutive blocks alternate between two sets of tiles (sums 0-1 / 2-3 for two groups of 16
+// tokens, quants 4 / 5, weights 6 / 7), so that one block's tile products need not wait for the
+// block before to leave its tiles.
 // Fewer tokens than this run through vpdpbusd: a tile product costs the same for 1 token as for 16.
 constexpr int AMX_MIN_TOKENS = 4;
 
@@ -491,7 +492,7 @@ static inline void amx_configure() {
   AmxTileConfig c;
   for (int i : {0, 1, 2, 3}) c.rows[i] = 16, c.colsb[i] = 64;  // int32 sums: 16 tokens x 16 rows
   for (int i : {4, 5}) c.rows[i] = 16, c.colsb[i] = 32;        // quants: 16 tokens x 32 values
-  for (int i : {6, 7}) c.rows[i] = 8, c.colsb[i] = 64;   // weights: 8 groups of [16 rows][4]
+  for (int i : {6, 7}) c.rows[i] = 8, c.colsb[i] = 64;         // weights: 8 groups of [16 rows][4]
   _tile_loadconfig(&c);
   configured = now;
 }
@@ -566,7 +567,6 @@ static void amx_row_lanes(const uint8_t* lanes, const uint16_t* lane_scales, con
   }
 }
 #endif
-
 
 // Q8_0 for a whole block of 16 rows and ROW_LANE_TOKENS tokens at a time, streamed as the
 // float GEMV streams (no unpacking pass), with the lanes over the 16 rows: a vector holds one

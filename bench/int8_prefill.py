@@ -39,6 +39,22 @@ def one(fn) -> float:
     return time.perf_counter() - t
 
 
+def batched_step(model, batch: int, rng):
+    """One decode step of `batch` sequences advanced together (Model.forward_batch) after prompts of
+    12 random ids, as a function that can be timed again and again: each call rewinds them first."""
+    vocab = model.config.vocab_size
+    sessions = [model.session() for _ in range(batch)]
+    model.forward_batch(sessions, [[int(t) for t in rng.integers(3, vocab, 12)] for _ in sessions])
+    marks = [s.pos for s in sessions]
+    tokens = [[int(rng.integers(3, vocab))] for _ in sessions]
+
+    def run():
+        for s, m in zip(sessions, marks):
+            s.rewind(m)
+        model.forward_batch(sessions, tokens)
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="smollm")
@@ -89,25 +105,13 @@ def main() -> None:
                     llm.eval(prompts[n])
                 return run
 
-            def step(model):
-                sessions = [model.session() for _ in range(args.batch)]
-                model.forward_batch(sessions, [[int(t) for t in rng.integers(3, vocab, 12)] for _ in sessions])
-                marks = [s.pos for s in sessions]
-                tokens = [[int(rng.integers(3, vocab))] for _ in sessions]
-
-                def run():
-                    for s, m in zip(sessions, marks):
-                        s.rewind(m)
-                    model.forward_batch(sessions, tokens)
-                return run
-
             cases = {}
             for n in (16, 512):
                 cases[("exact", n)] = ours(exact, n)
                 cases[("int8", n)] = ours(fast, n)
                 cases[("llama.cpp", n)] = theirs(n)
-            cases[("exact", "step")] = step(exact)
-            cases[("int8", "step")] = step(fast)
+            cases[("exact", "step")] = batched_step(exact, args.batch, rng)
+            cases[("int8", "step")] = batched_step(fast, args.batch, rng)
             times = {k: [] for k in cases}
             for fn in cases.values():
                 fn()  # warm-up

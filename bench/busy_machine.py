@@ -172,17 +172,14 @@ def child(args) -> None:
 
 def write_models(shape: str, types: list[str], directory: Path) -> None:
     sys.path.insert(0, str(HERE))
-    from decode_by_type import placeholder_tokenizer
+    from decode_by_type import read_with_tokenizer
     from shapes import make_model
 
-    from tokentrail.loading import Checkpoint, read_checkpoint
     from tokentrail.loading.gguf_writer import write_gguf
 
     hf = directory / "hf"
     make_model(shape, hf)
-    ck = read_checkpoint(hf)
-    if ck.tokenizer is None:
-        ck = Checkpoint(ck.config, ck.weights, placeholder_tokenizer(ck.config.vocab_size), ck.source)
+    ck = read_with_tokenizer(hf)
     for dtype in types:
         write_gguf(ck, directory / f"{dtype}.gguf", dtype)
 

@@ -54,6 +54,17 @@ def llama_cpp_quantize(src: Path, dst: Path, mix: str, threads: int) -> Path:
     return dst
 
 
+def read_with_tokenizer(hf):
+    """The checkpoint of a random-weight model directory (bench/shapes.py), with a placeholder
+    tokenizer where it has none, as the GGUF writer needs one."""
+    from tokentrail.loading import Checkpoint, read_checkpoint
+
+    ck = read_checkpoint(hf)
+    if ck.tokenizer is None:
+        ck = Checkpoint(ck.config, ck.weights, placeholder_tokenizer(ck.config.vocab_size), ck.source)
+    return ck
+
+
 def placeholder_tokenizer(vocab_size: int):
     """A byte-level vocabulary of the model's size: GGUF readers insist on one; decoding here uses ids."""
     import tokenizers
@@ -105,7 +116,6 @@ def main() -> None:
     import llama_cpp
 
     import tokentrail
-    from tokentrail.loading import Checkpoint, read_checkpoint
     from tokentrail.loading.gguf_writer import write_gguf
 
     tokentrail._core.set_threads(args.threads)
@@ -115,9 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf = Path(tmp) / "hf"
         make_model(args.shape, hf)  # only the saved files are used
-        ck = read_checkpoint(hf)
-        if ck.tokenizer is None:
-            ck = Checkpoint(ck.config, ck.weights, placeholder_tokenizer(ck.config.vocab_size), ck.source)
+        ck = read_with_tokenizer(hf)
         tied = ck.config.tied_embeddings
         steps = args.new + 1  # the prompt token is a one-token step as well
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from batch_generate import cpu_name
-from decode_by_type import LLAMA_MIXES, busy_seconds, llama_cpp_quantize, placeholder_tokenizer
+from decode_by_type import LLAMA_MIXES, busy_seconds, llama_cpp_quantize, read_with_tokenizer
 from shapes import make_model
 
 MIXES = dict(LLAMA_MIXES, q6_k="LLAMA_FTYPE_MOSTLY_Q6_K")
@@ -67,7 +67,6 @@ def main() -> None:
     import llama_cpp
 
     import tokentrail
-    from tokentrail.loading import Checkpoint, read_checkpoint
     from tokentrail.loading.gguf_writer import write_gguf
 
     load_before, busy_before = os.getloadavg(), busy_seconds()
@@ -76,9 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf = Path(tmp) / "hf"
         make_model(args.shape, hf)
-        ck = read_checkpoint(hf)
-        if ck.tokenizer is None:
-            ck = Checkpoint(ck.config, ck.weights, placeholder_tokenizer(ck.config.vocab_size), ck.source)
+        ck = read_with_tokenizer(hf)
         f32_file = None
         for dtype in args.types.split(","):
             if dtype in MIXES:

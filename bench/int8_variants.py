@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from batch_generate import cpu_name
-from decode_by_type import placeholder_tokenizer
+from decode_by_type import read_with_tokenizer
 from int8_prefill import batched_step
 from shapes import make_model
 
@@ -40,16 +40,13 @@ def main() -> None:
 
     import tokentrail
     from tokentrail import _core
-    from tokentrail.loading import Checkpoint, read_checkpoint
     from tokentrail.loading.gguf_writer import write_gguf
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         hf = Path(tmp) / "hf"
         make_model(args.shape, hf)
-        ck = read_checkpoint(hf)
-        if ck.tokenizer is None:
-            ck = Checkpoint(ck.config, ck.weights, placeholder_tokenizer(ck.config.vocab_size), ck.source)
+        ck = read_with_tokenizer(hf)
         model = tokentrail.load(write_gguf(ck, Path(tmp) / "q8_0.gguf", "q8_0"), threads=args.threads,
                                 context=1024, exact=False)
     variants = _core.available_int8_isas()

@@ -109,6 +109,9 @@ def test_a_bad_kernel_setting_is_refused():
     out = subprocess.run([sys.executable, "-m", "tokentrail.cli", "info"], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "TOKENTRAIL_ISA": "scalar"})
     assert out.returncode == 0 and "kernels: scalar" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "tokentrail.cli", "info"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "TOKENTRAIL_AMX": "off"})
+    one_line_error(out, "TOKENTRAIL_AMX", "'off'", "0", "1")
 
 
 def test_version():

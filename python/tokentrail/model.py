@@ -48,7 +48,13 @@ def _check_kv_dtype(kv_dtype: str) -> str:
 
 
 def check_isa_setting() -> None:
-    """Apply TOKENTRAIL_ISA, or refuse a value this binary or CPU cannot run (never ignore it)."""
+    """Apply TOKENTRAIL_ISA, or refuse a value this binary or CPU cannot run (never ignore it);
+    refuse a TOKENTRAIL_AMX other than 0 (int8 products off the AMX tiles) or 1 (on them where the
+    CPU has them, the default), which the core reads."""
+    amx = os.environ.get("TOKENTRAIL_AMX")
+    if amx is not None and amx not in ("0", "1"):
+        raise TokentrailError(f"TOKENTRAIL_AMX={amx!r} must be 0 (int8 products without AMX tiles) or 1 "
+                              "(with them where this CPU has them; the default)")
     forced = os.environ.get("TOKENTRAIL_ISA", "").strip()
     if not forced:
         return

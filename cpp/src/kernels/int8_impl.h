@@ -57,6 +57,14 @@ constexpr int INT8_ROW_BLOCK = 16;
 // How far ahead (bytes) the row-lane kernel asks for its copy's next lines: 8 blocks of 16 rows.
 constexpr int ROW_LANE_PREFETCH = 4096;
 
+// The float step of one sub-block, shared by every kernel so that they agree bit for bit: its
+// exact integer sum, times the weight row's scale times the token's activation scale (in that
+// order), added to the accumulator in one rounding.
+static inline typename IV::F block_step(typename IV::F acc, typename IV::I sum, typename IV::F row_scale,
+                                        typename IV::F act_scale) {
+  return IV::ffma(IV::cvt(sum), IV::fmul(row_scale, act_scale), acc);
+}
+
 struct QuantizedActs {
   int n = 0, K = 0, tiles = 0;
   bool has_tiles = false;  // whether q, scale, scaled_sum and corr hold these activations
@@ -382,7 +390,7 @@ static inline void int8_tile(const UnpackedRow* rows, const QuantizedActs& a, in
     for (int c = 0; c < C; ++c) {
       const typename IV::F da = IV::fload(a.block_scale(tile0 + c, b));
       for (int r = 0; r < R; ++r)
-        acc[r][c] = IV::ffma(IV::cvt(dot[r][c]), IV::fmul(IV::fset1(rows[r].scale[s]), da), acc[r][c]);
+        acc[r][c] = block_step(acc[r][c], dot[r][c], IV::fset1(rows[r].scale[s]), da);
       if constexpr (L8::WITH_MIN) {
         const typename IV::F sq = IV::fload(a.block_sum(tile0 + c, b));
         for (int r = 0; r < R; ++r) acc[r][c] = IV::ffma(IV::fset1(rows[r].min[s]), sq, acc[r][c]);
@@ -457,7 +465,7 @@ static inline void row_lane_block(const typename IV::I* wh, typename IV::F scale
       even = IV::dot4_rows(even, wh[j], q + 4 * j);
       odd = IV::dot4_rows(odd, wh[j + 1], q + 4 * j + 4);
     }
-    acc[t - t0] = IV::ffma(IV::cvt(IV::iadd(even, odd)), IV::fmul(scale, IV::fset1(da[t])), acc[t - t0]);
+    acc[t - t0] = block_step(acc[t - t0], IV::iadd(even, odd), scale, IV::fset1(da[t]));
   }
 }
 
@@ -506,7 +514,7 @@ static inline void amx_row_lane_block(const int32_t* sums, typename IV::F scale,
   const float* da = a.flat_scale.data() + size_t(b) * a.n + t;
   for (int i = 0; i < 16; ++i) {
     const typename IV::I s = IV::iadd(IV::iload(sums + 16 * i), IV::iset1(corr[i]));
-    acc[i] = IV::ffma(IV::cvt(s), IV::fmul(scale, IV::fset1(da[i])), acc[i]);
+    acc[i] = block_step(acc[i], s, scale, IV::fset1(da[i]));
   }
 }
 

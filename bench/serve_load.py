@@ -204,7 +204,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=300, help="time bound of each level")
     ap.add_argument("--parallel", type=int, default=16, help="the server's --parallel")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--serve-args", default="", help="more flags for `tokentrail serve` (e.g. '--prefill-chunk 64')")
+    ap.add_argument("--serve-args", default="",
+                    help="more flags for `tokentrail serve` (e.g. '--prefill-chunk 64'; a single flag needs the = form: "
+                         "--serve-args=--no-exact); --no-exact, --no-repack and --kv-dtype apply to the reference too")
     ap.add_argument("--root", default=str(HERE / "results" / "models"))
     ap.add_argument("--server-log", default=None, help="append each server's output to PATH.<engine>")
     ap.add_argument("--llama-server", default=None,
@@ -228,10 +230,16 @@ def main() -> None:
         path = Path(args.root) / args.shape / "hf"
         if not (path / "config.json").exists():
             make_model(args.shape, path)
-    # The reference for the greedy check runs the server's own arithmetic (int8 activations with --no-exact).
-    exact = "--no-exact" not in args.serve_args.split()
-    repack = False if "--no-repack" in args.serve_args.split() else None
-    model = tokentrail.load(path, dtype=args.dtype, threads=args.threads, exact=exact, repack=repack)
+    # The reference for the greedy check runs the server's own arithmetic (int8 activations with --no-exact,
+    # the KV cache's element type with --kv-dtype).
+    serving = argparse.ArgumentParser(add_help=False)
+    serving.add_argument("--no-exact", action="store_true")
+    serving.add_argument("--no-repack", action="store_true")
+    serving.add_argument("--kv-dtype", default="f32")
+    served, _ = serving.parse_known_args(args.serve_args.split())
+    exact = not served.no_exact
+    model = tokentrail.load(path, dtype=args.dtype, threads=args.threads, exact=exact,
+                            repack=False if served.no_repack else None, kv_dtype=served.kv_dtype)
     if args.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
     plan = levels * args.rounds  # round after round, every level in each

@@ -251,8 +251,17 @@ static inline typename Vec::R vexp(typename Vec::R x) {
 static inline void softmax_row(float* x, int n, float temperature) {
   if (n <= 0) return;
   const float inv_t = 1.0f / temperature;
-  float m = -std::numeric_limits<float>::infinity();
-  for (int i = 0; i < n; ++i) m = std::max(m, x[i]);
+  // Eight running maxima, not one: a single chain waits out the latency of every max in turn,
+  // which made finding the maximum half the time of a decode step's attention softmax.
+  constexpr int LANES = 8;
+  float lane_max[LANES];
+  std::fill(lane_max, lane_max + LANES, -std::numeric_limits<float>::infinity());
+  int k = 0;
+  for (; k + LANES <= n; k += LANES)
+    for (int u = 0; u < LANES; ++u) lane_max[u] = std::max(lane_max[u], x[k + u]);
+  for (; k < n; ++k) lane_max[0] = std::max(lane_max[0], x[k]);
+  float m = lane_max[0];
+  for (int u = 1; u < LANES; ++u) m = std::max(m, lane_max[u]);
   if (m == -std::numeric_limits<float>::infinity()) {  // every entry masked: uniform is the only sane answer
     for (int i = 0; i < n; ++i) x[i] = 1.0f / n;
     return;
@@ -457,41 +466,52 @@ static inline void attention_scores(const float* const* q, int H, const T* k, in
     for (int h = 0; h < H; ++h) s[h][j] = dot(q[h], k + size_t(j) * D, D) * scale;
 }
 
-// z[h] = sum_j p[h][j] v_j over rows of D elements, for H heads: up to 4 vectors of each
-// z stay in registers across all keys, with even and odd keys in separate chains, and each
-// value vector is loaded once for all the heads.
+// z[h][d .. d + CH * W) = sum_j p[h][j] v_j[d ..] for H heads: CH vectors of each z stay in
+// registers across all keys, with even and odd keys in separate chains, and each value vector is
+// loaded once for all the heads. CH is a compile-time count, so the key loop carries no tests of it.
+template <int H, int CH, class T>
+static inline void attention_mix_columns(const float* const* p, const T* v, int len, int D, int d, float* const* z) {
+  typename V::R a[H][CH], b[H][CH];
+  for (int h = 0; h < H; ++h)
+    for (int c = 0; c < CH; ++c) a[h][c] = b[h][c] = V::zero();
+  int j = 0;
+  for (; j + 2 <= len; j += 2) {
+    typename V::R p0[H], p1[H];
+    for (int h = 0; h < H; ++h) {
+      p0[h] = V::set1(p[h][j]);
+      p1[h] = V::set1(p[h][j + 1]);
+    }
+    const T* v0 = v + size_t(j) * D + d;
+    for (int c = 0; c < CH; ++c) {
+      const typename V::R w0 = V::loadw(v0 + c * V::W), w1 = V::loadw(v0 + D + c * V::W);
+      for (int h = 0; h < H; ++h) {
+        a[h][c] = V::fma(p0[h], w0, a[h][c]);
+        b[h][c] = V::fma(p1[h], w1, b[h][c]);
+      }
+    }
+  }
+  if (j < len)
+    for (int c = 0; c < CH; ++c) {
+      const typename V::R w0 = V::loadw(v + size_t(j) * D + d + c * V::W);
+      for (int h = 0; h < H; ++h) a[h][c] = V::fma(V::set1(p[h][j]), w0, a[h][c]);
+    }
+  for (int h = 0; h < H; ++h)
+    for (int c = 0; c < CH; ++c) V::store(z[h] + d + c * V::W, V::add(a[h][c], b[h][c]));
+}
+
+// z[h] = sum_j p[h][j] v_j over rows of D elements, for H heads: up to 4 vectors of each z at a
+// time (16 accumulators for two heads, of the 32 AVX-512 registers), the rest one element at a time.
 template <int H, class T>
 static inline void attention_mix(const float* const* p, const T* v, int len, int D, float* const* z) {
   constexpr int CH = 4;
   const int vec_end = D - D % V::W;
   for (int d = 0; d < vec_end; d += CH * V::W) {
-    const int ch = std::min(CH, (vec_end - d) / V::W);
-    typename V::R a[H][CH], b[H][CH];
-    for (int h = 0; h < H; ++h)
-      for (int c = 0; c < CH; ++c) a[h][c] = b[h][c] = V::zero();
-    int j = 0;
-    for (; j + 2 <= len; j += 2) {
-      typename V::R p0[H], p1[H];
-      for (int h = 0; h < H; ++h) {
-        p0[h] = V::set1(p[h][j]);
-        p1[h] = V::set1(p[h][j + 1]);
-      }
-      const T* v0 = v + size_t(j) * D + d;
-      for (int c = 0; c < ch; ++c) {
-        const typename V::R w0 = V::loadw(v0 + c * V::W), w1 = V::loadw(v0 + D + c * V::W);
-        for (int h = 0; h < H; ++h) {
-          a[h][c] = V::fma(p0[h], w0, a[h][c]);
-          b[h][c] = V::fma(p1[h], w1, b[h][c]);
-        }
-      }
+    switch (std::min(CH, (vec_end - d) / V::W)) {
+      case 4: attention_mix_columns<H, 4>(p, v, len, D, d, z); break;
+      case 3: attention_mix_columns<H, 3>(p, v, len, D, d, z); break;
+      case 2: attention_mix_columns<H, 2>(p, v, len, D, d, z); break;
+      default: attention_mix_columns<H, 1>(p, v, len, D, d, z); break;
     }
-    if (j < len)
-      for (int c = 0; c < ch; ++c) {
-        const typename V::R w0 = V::loadw(v + size_t(j) * D + d + c * V::W);
-        for (int h = 0; h < H; ++h) a[h][c] = V::fma(V::set1(p[h][j]), w0, a[h][c]);
-      }
-    for (int h = 0; h < H; ++h)
-      for (int c = 0; c < ch; ++c) V::store(z[h] + d + c * V::W, V::add(a[h][c], b[h][c]));
   }
   for (int h = 0; h < H; ++h)
     for (int d = vec_end; d < D; ++d) {

@@ -259,10 +259,13 @@ def test_the_row_lane_copy_is_refused_where_the_row_lanes_cannot_take_the_weight
     x = activations(rng, 4, 64)
     w = rng.standard_normal((37, 64)).astype(np.float32)
     cases = [(quantize(w, "q8_0"), "q8_0", 37, True),       # a tail of rows
-             (quantize(w[:32], "q4_0"), "q4_0", 32, True),   # another type
-             (quantize(w[:32], "q4_0"), "q4_0", 32, False)]
+             (quantize(w, "q4_0"), "q4_0", 37, False),
+             (quantize(w[:32], "q4_0"), "q4_0", 32, True),   # int8 products of Q4_0 read the original rows
+             (quantize(w[:32], "q4_1"), "q4_1", 32, False)]  # a type with no copy
     if not _core.int8_row_lanes():
         cases.append((quantize(w[:32], "q8_0"), "q8_0", 32, True))  # no row-lane kernel here
+    if not _core.float_row_lanes():
+        cases.append((quantize(w[:32], "q4_0"), "q4_0", 32, False))
     for data, dtype, rows, int8 in cases:
         with pytest.raises(ValueError, match="row_lanes needs"):
             _core.matmul(data, dtype, rows, 64, x, int8_activations=int8, row_lanes=True)

@@ -1,5 +1,6 @@
-"""The row-lane copy of Q8_0 matrices (`load(repack=...)`): products through it against a float64
-reference, a row's result independent of its batch, and models with and without the copy alike."""
+"""The row-lane copies of Q8_0 and Q4_0 matrices (`load(repack=...)`): products through them against
+a float64 reference, a row's result independent of its batch, and models with and without the copy
+alike."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,34 +18,39 @@ needs_row_lanes = pytest.mark.skipif(not _core.int8_row_lanes(),
                                      reason=f"the {_core.int8_isa()} variant has no row-lane kernels")
 
 
+COPIED = ["q8_0", "q4_0"]
+
+
 @needs_row_lanes
+@pytest.mark.parametrize("dtype", COPIED)
 @pytest.mark.parametrize("rows", [16, 32, 48, 80])
-def test_float_products_through_the_copy_match_float64(rows):
+def test_float_products_through_the_copy_match_float64(rows, dtype):
     """Every way the tokens and the groups of 16 rows are split into passes (1-3 tokens: 4 groups at
     a time, 4-7: 2 groups, 8 and more: one group with passes of up to 16 tokens)."""
     rng = np.random.default_rng(rows)
     k = 576
-    w = quantize(rng.standard_normal((rows, k)).astype(np.float32), "q8_0")
-    wf = dequantize(w, "q8_0", (rows, k)).astype(np.float64)
+    w = quantize(rng.standard_normal((rows, k)).astype(np.float32), dtype)
+    wf = dequantize(w, dtype, (rows, k)).astype(np.float64)
     for n in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 50, 100, 150):  # 150: the GEMM, its panels from the copy
         x = rng.standard_normal((n, k)).astype(np.float32)
-        y = _core.matmul(w, "q8_0", rows, k, x, row_lanes=True)
+        y = _core.matmul(w, dtype, rows, k, x, row_lanes=True)
         ref = x.astype(np.float64) @ wf.T
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=f"n={n}")
 
 
 @needs_row_lanes
-def test_a_row_through_the_copy_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("dtype", COPIED)
+def test_a_row_through_the_copy_does_not_depend_on_its_batch(dtype):
     """A token's sum runs over k in one lane in the same order at any batch size: each row of an
     n-token product equals the same row computed alone, bit for bit (float activations), the
     packed GEMM's past 128 tokens included."""
     rng = np.random.default_rng(3)
     rows, k = 80, 1536
-    w = quantize(rng.standard_normal((rows, k)).astype(np.float32), "q8_0")
+    w = quantize(rng.standard_normal((rows, k)).astype(np.float32), dtype)
     x = rng.standard_normal((200, k)).astype(np.float32)
-    alone = np.stack([_core.matmul(w, "q8_0", rows, k, x[t:t + 1], row_lanes=True)[0] for t in range(200)])
+    alone = np.stack([_core.matmul(w, dtype, rows, k, x[t:t + 1], row_lanes=True)[0] for t in range(200)])
     for n in (2, 3, 4, 6, 8, 13, 16, 33, 100, 200):
-        np.testing.assert_array_equal(_core.matmul(w, "q8_0", rows, k, x[:n], row_lanes=True), alone[:n],
+        np.testing.assert_array_equal(_core.matmul(w, dtype, rows, k, x[:n], row_lanes=True), alone[:n],
                                       err_msg=f"n={n}")
 
 
@@ -58,10 +64,10 @@ def _logits(model, prompts):
 
 
 @needs_row_lanes
-@pytest.mark.parametrize("exact", [True, False])
-def test_a_model_with_the_copy_gives_the_logits_of_one_without(exact):
-    with_copy = tokentrail.load(dtype="q8_0", exact=exact, repack=True)
-    without = tokentrail.load(dtype="q8_0", exact=exact, repack=False)
+@pytest.mark.parametrize("dtype,exact", [("q8_0", True), ("q8_0", False), ("q4_0", True)])
+def test_a_model_with_the_copy_gives_the_logits_of_one_without(dtype, exact):
+    with_copy = tokentrail.load(dtype=dtype, exact=exact, repack=True)
+    without = tokentrail.load(dtype=dtype, exact=exact, repack=False)
     assert with_copy.repacked and not without.repacked
     prompts = [[1, 2, 3], list(range(10, 60))]
     for a, b in zip(_logits(with_copy, prompts), _logits(without, prompts)):
@@ -72,19 +78,30 @@ def test_a_model_with_the_copy_gives_the_logits_of_one_without(exact):
 
 
 @needs_row_lanes
-def test_float_logits_with_the_copy_do_not_depend_on_the_batch():
-    assert_logits_do_not_depend_on_the_batch(tokentrail.load(dtype="q8_0", repack=True), seed=8)
+def test_q4_0_products_with_int8_activations_keep_no_copy():
+    """Int8 products of Q4_0 read the file's rows, so a model with int8 activations copies none
+    (its Q8_0 matrices keep theirs: the int8 row-lane kernel reads it)."""
+    assert tokentrail.load(dtype="q4_0", exact=False, repack=True).repacked is False
+    assert tokentrail.load(dtype="q8_0", exact=False, repack=True).repacked is True
 
 
 @needs_row_lanes
-def test_a_gguf_file_repacked_reads_its_embedding_rows_back_from_the_file(tmp_path):
+@pytest.mark.parametrize("dtype", COPIED)
+def test_float_logits_with_the_copy_do_not_depend_on_the_batch(dtype):
+    assert_logits_do_not_depend_on_the_batch(tokentrail.load(dtype=dtype, repack=True), seed=8)
+
+
+@needs_row_lanes
+@pytest.mark.parametrize("dtype", COPIED)
+def test_a_gguf_file_repacked_reads_its_embedding_rows_back_from_the_file(tmp_path, dtype):
     """The file's pages are handed back once copied; the tied embedding's lookups read them again."""
     source = tokentrail.load()
-    path = write_gguf(tokentrail.loading.read_checkpoint(source.source), tmp_path / "demo-q8_0.gguf", dtype="q8_0")
+    path = write_gguf(tokentrail.loading.read_checkpoint(source.source), tmp_path / f"demo-{dtype}.gguf", dtype=dtype)
     a = tokentrail.load(path, repack=True)
     b = tokentrail.load(path, repack=False)
-    q8 = [w for w in a.weights.values() if w.dtype == "q8_0"]
-    assert q8 and all(_in_read_only_file(np.ascontiguousarray(w.data)) for w in q8)
+    assert a.repacked
+    quantized = [w for w in a.weights.values() if w.dtype == dtype]
+    assert quantized and all(_in_read_only_file(np.ascontiguousarray(w.data)) for w in quantized)
     prompts = [list(range(1, 40))]
     for x, y in zip(_logits(a, prompts), _logits(b, prompts)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * np.abs(y).max())
@@ -93,11 +110,12 @@ def test_a_gguf_file_repacked_reads_its_embedding_rows_back_from_the_file(tmp_pa
 
 
 @needs_row_lanes
-def test_a_repacked_model_runs_on_another_kernel_variant_from_the_file(tmp_path):
+@pytest.mark.parametrize("dtype", COPIED)
+def test_a_repacked_model_runs_on_another_kernel_variant_from_the_file(tmp_path, dtype):
     """Kernels without row lanes read the original rows: switched to AVX2 after loading, a repacked
     GGUF model (whose file pages were handed back) gives the logits of one loaded without the copy."""
     source = tokentrail.load()
-    path = write_gguf(tokentrail.loading.read_checkpoint(source.source), tmp_path / "demo-q8_0.gguf", dtype="q8_0")
+    path = write_gguf(tokentrail.loading.read_checkpoint(source.source), tmp_path / f"demo-{dtype}.gguf", dtype=dtype)
     repacked, plain = tokentrail.load(path, repack=True), tokentrail.load(path, repack=False)
     default = _core.isa()
     try:

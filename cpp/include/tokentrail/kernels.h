@@ -79,6 +79,8 @@ struct KernelTable {
   double (*probe_read)(const float* p, size_t n);
   double (*probe_fma)(long long iters);
   int lanes;  // floats per vector
+  // Whether Q8_0 and Q4_0 products with float activations read a matrix's row-lane copy (AVX-512).
+  bool float_row_lanes;
 };
 
 // Products of block-quantized weights with activations rounded to int8 as
@@ -128,6 +130,21 @@ inline const uint8_t* row_lane_quants(const WeightView& w, const uint8_t* lanes,
 }
 inline const uint16_t* row_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
   return reinterpret_cast<const uint16_t*>(lanes + size_t(w.rows) * size_t(w.cols)) + row_lane_index(w, g, b) * 16;
+}
+// Q4_0 rows laid out for the float row-lane kernel (AVX-512), made at load (`repack`) like the
+// Q8_0 copy: per group g of 16 rows and block b, the rows' 16 quant bytes as 4 vectors of
+// [16 rows][4 bytes] (bytes 4j..4j+3 of every row in vector j, each holding values 4j+i in its
+// low nibble and 16+4j+i in its high one, as the file has them); after all the quants
+// (rows * cols / 2 bytes), the half-precision scales [g][b][16 rows]. As many bytes as Q4_0.
+// Bytes the layout takes for w, or 0 where the current kernels do not read it (not Q4_0, rows
+// not in whole groups of 16, or no float row-lane kernel).
+size_t q4_0_row_lane_bytes(const WeightView& w);
+void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out);
+inline const uint8_t* q4_0_lane_quants(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
+  return lanes + row_lane_index(w, g, b) * 256;
+}
+inline const uint16_t* q4_0_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
+  return reinterpret_cast<const uint16_t*>(lanes + size_t(w.rows) * size_t(w.cols) / 2) + row_lane_index(w, g, b) * 16;
 }
 // Values per activation block in products with weights of type t: 256 for the k-quants, else 32.
 inline int activation_block(DType t) { return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K ? 256 : 32; }

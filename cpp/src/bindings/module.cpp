@@ -61,15 +61,21 @@ struct ModelHandle {
   std::set<const void*> in_files;             // their data, as matrix() meets them
 };
 
-// Gives a Q8_0 view the row-lane copy that the AVX-512 kernels load as it lies (when the current
-// int8 variant has the row-lane kernel and the rows come in whole groups of 16). `file_backed`:
-// the view lies in a read-only file mapping, whose pages can be handed back once copied (the
-// products read the copy; the few rows an embedding lookup reads come back from the file).
+// Gives a Q8_0 or Q4_0 view the row-lane copy that the AVX-512 kernels load as it lies (Q8_0: when
+// the current int8 variant has the row-lane kernel; Q4_0: when the float kernels have theirs and
+// the view's products stay in float, as int8 ones read the original rows; rows in whole groups of
+// 16). A view in a read-only file mapping hands its pages back once copied (the products read the
+// copy; the few rows an embedding lookup reads come back from the file).
 void add_row_lanes(ModelHandle& h, WeightView& v) {
-  const size_t bytes = q8_0_row_lane_bytes(v);
+  const bool q4 = v.type == DType::Q4_0;
+  if (q4 && v.int8_activations) return;
+  const size_t bytes = q4 ? q4_0_row_lane_bytes(v) : q8_0_row_lane_bytes(v);
   if (!bytes) return;
   AlignedBytes copy = huge_page_bytes(bytes);
-  pack_q8_0_row_lanes(v, copy.get());
+  if (q4)
+    pack_q4_0_row_lanes(v, copy.get());
+  else
+    pack_q8_0_row_lanes(v, copy.get());
   v.row_lanes = copy.get();
   h.row_lane_copies.push_back(std::move(copy));
 #ifdef __linux__
@@ -223,10 +229,10 @@ Config config_from(const py::dict& d) {
 }
 
 // int8_activations: products of block-quantized weights round the activations to int8 (see
-// WeightView::int8_activations). repack_q8_0: Q8_0 matrices get their row-lane copy
+// WeightView::int8_activations). repack: Q8_0 and Q4_0 matrices get their row-lane copies
 // (add_row_lanes); file_backed names the weights that lie in read-only file mappings.
 std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd, bool int8_activations,
-                                        bool repack_q8_0, const std::vector<std::string>& file_backed) {
+                                        bool repack, const std::vector<std::string>& file_backed) {
   auto h = std::make_unique<ModelHandle>();
   for (const std::string& name : file_backed) {
     if (!wd.contains(name)) throw py::value_error("file_backed names '" + name + "', which is not among the weights");
@@ -286,15 +292,15 @@ std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd
     L.down_b = vec(*h, wd, p + "mlp.down.bias", d, false);
     w.layers.push_back(L);
   }
-  if (int8_activations || repack_q8_0) {
-    if (repack_q8_0 && !int8_kernels().every_row_count(DType::Q8_0))
-      throw py::value_error("repacking Q8_0 needs the row-lane kernels (AVX-512 VNNI), which this CPU or kernel "
+  if (int8_activations || repack) {
+    if (repack && !int8_kernels().every_row_count(DType::Q8_0))
+      throw py::value_error("repacking needs the row-lane kernels (AVX-512 VNNI), which this CPU or kernel "
                             "variant lacks");
     // Every matrix a token's hidden state meets: the unembedding (the embedding itself when
     // tied; its lookups read rows of the original and ignore the mark and the copy).
     auto mark = [&](WeightView& v) {
       if (int8_activations) v.int8_activations = int8_supported(v.type);
-      if (repack_q8_0) add_row_lanes(*h, v);
+      if (repack) add_row_lanes(*h, v);
     };
     mark(w.unembed.empty() ? w.embed : w.unembed);
     for (LayerWeights& L : w.layers) {
@@ -488,9 +494,10 @@ PYBIND11_MODULE(_core, m) {
     if (int8_activations && !int8_supported(view.type))
       throw py::value_error("int8 activations need a block-quantized weight type, not " + dtype);
     if (row_lanes) {
-      if (!q8_0_row_lane_bytes(view))
+      if (!q8_0_row_lane_bytes(view) && !(q4_0_row_lane_bytes(view) && !int8_activations))
         throw py::value_error("row_lanes needs Q8_0 rows in whole groups of 16 and the int8 row-lane kernel "
-                              "(AVX-512 VNNI)");
+                              "(AVX-512 VNNI), or Q4_0 rows in whole groups of 16, float activations and the "
+                              "AVX-512 kernels");
       add_row_lanes(keep, view);
     }
     if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error("x must be [n, cols]");
@@ -515,9 +522,11 @@ PYBIND11_MODULE(_core, m) {
     return to_numpy(std::move(y), {n, rows});
   }, py::arg("w"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("bias") = py::none(),
      py::arg("int8_activations") = false, py::arg("row_lanes") = false, py::arg("repeats") = 1,
-     "y = x . w^T (+ bias). int8_activations: the int8 kernel at any n; row_lanes: Q8_0 through the "
-     "row-lane copy a model keeps (needs int8_row_lanes()); repeats: the product that many times "
+     "y = x . w^T (+ bias). int8_activations: the int8 kernel at any n; row_lanes: Q8_0 or Q4_0 through the "
+     "row-lane copy a model keeps; repeats: the product that many times "
      "(for benchmarks: the weight's preparation once)");
+  m.def("float_row_lanes", []() { return kernels().float_row_lanes; },
+        "Whether the current kernel variant reads Q8_0 and Q4_0 row-lane copies in float products (AVX-512)");
   m.def("int8_row_lanes", []() { return int8_kernels().every_row_count(DType::Q8_0); },
         "Whether the current int8 variant streams Q8_0 through row lanes (models may then keep a row-lane "
         "copy of each Q8_0 matrix: load(repack=...))");
@@ -702,8 +711,10 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<ModelHandle>(m, "Model")
       .def(py::init(&make_model), py::arg("config"), py::arg("weights"), py::arg("int8_activations") = false,
-           py::arg("repack_q8_0") = false, py::arg("file_backed") = std::vector<std::string>{})
+           py::arg("repack") = false, py::arg("file_backed") = std::vector<std::string>{})
       .def_property_readonly("n_layers", [](const ModelHandle& h) { return h.model->config().n_layers; })
+      .def_property_readonly("row_lane_copies", [](const ModelHandle& h) { return h.row_lane_copies.size(); },
+                             "How many matrices carry a row-lane copy")
       .def("forward", [](const ModelHandle& h, GuardedCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
                          const std::string& mode, GuardedHooks* hooks) {
         const LogitsMode lm = logits_mode(mode);

@@ -156,6 +156,28 @@ void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out) {
   });
 }
 
+size_t q4_0_row_lane_bytes(const WeightView& w) {
+  if (w.type != DType::Q4_0 || w.rows % 16 != 0 || w.cols % 32 != 0 || !kernels().float_row_lanes) return 0;
+  return size_t(w.rows) * size_t(w.cols) / 32 * 18;
+}
+
+void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out) {
+  if (!q4_0_row_lane_bytes(w)) throw std::invalid_argument("these weights have no row-lane layout");
+  const int64_t groups = w.rows / 16, nb = w.cols / 32;
+  parallel_for_if(w.rows * w.cols > (int64_t(1) << 20), groups, 1, Split::Even, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* q = const_cast<uint8_t*>(q4_0_lane_quants(w, out, g, b));
+        uint16_t* scales = const_cast<uint16_t*>(q4_0_lane_scales(w, out, g, b));
+        for (int r = 0; r < 16; ++r) {
+          const uint8_t* blk = w.row(g * 16 + r) + b * 18;  // half scale, then 16 bytes of nibbles
+          std::memcpy(scales + r, blk, 2);
+          for (int j = 0; j < 4; ++j) std::memcpy(q + j * 64 + r * 4, blk + 2 + 4 * j, 4);
+        }
+      }
+  });
+}
+
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
   for (const char* isa : {"scalar", "avx2", "avx512"})

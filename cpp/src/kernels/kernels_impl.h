@@ -140,7 +140,7 @@ static void widen_row(const WeightView& w, int64_t r, float* out);
 static bool panel_from_row_lanes(const WeightView& wv, int n0, float* panel);
 
 static void pack_panel(const WeightView& wv, int n0, float* panel, float* scratch) {
-  // Q8_0 with its row-lane copy: widened from the copy (the same floats), so that a model that has
+  // Q8_0 or Q4_0 with its row-lane copy: widened from the copy (the same floats), so that a model that has
   // handed the file's pages back never reads them again.
   if (panel_from_row_lanes(wv, n0, panel)) return;
   const int rows = int(wv.rows), K = int(wv.cols), nr = std::min(NR, rows - n0);
@@ -963,49 +963,77 @@ static inline __m512 row_lane_scale(const uint16_t* halves) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves)));
 }
 
-// How many 32-value blocks (512 bytes of each group's quants) ahead the float row lanes ask for
-// their lines: 4 measured best on an Intel Xeon (2 and 8 were 3-10 % slower).
-constexpr int ROW_LANE_AHEAD = 4;
+// How far ahead the float row lanes ask for their lines: 2 KB of each group's quants (4 blocks
+// of Q8_0) measured best on an Intel Xeon (1 and 4 KB were 3-10 % slower).
+constexpr size_t ROW_LANE_AHEAD_BYTES = 2048;
+
+// What the float row-lane kernel needs of a type's copy: the bytes of a group's block, the offset
+// its quants carry, and unit(block, u): a vector holding, in byte i of each row's 4-byte lane,
+// that row's quant for k = 4u + i (u = 0..7), offset included.
+// Q8_0 (pack_q8_0_row_lanes): 8 vectors per block, each byte w + 128.
+struct Q8_0Lanes {
+  static constexpr size_t BLOCK_BYTES = 512;
+  static constexpr float OFFSET = -128.0f;
+  static __m512i unit(const uint8_t* block, int u) { return _mm512_load_si512(block + 64 * u); }
+  static const uint8_t* quants(const WeightView& w, int64_t g) { return row_lane_quants(w, w.row_lanes, g, 0); }
+  static const uint16_t* scales(const WeightView& w, int64_t g) { return row_lane_scales(w, w.row_lanes, g, 0); }
+};
+// Q4_0 (pack_q4_0_row_lanes): 4 vectors per block, each byte holding values 4j+i (low nibble) and
+// 16+4j+i (high nibble): one `and` gives units 0-3, a shift and an `and` units 4-7, values 0-15
+// with offset 8, so that the block's values come in order.
+struct Q4_0Lanes {
+  static constexpr size_t BLOCK_BYTES = 256;
+  static constexpr float OFFSET = -8.0f;
+  static __m512i unit(const uint8_t* block, int u) {
+    const __m512i v = _mm512_load_si512(block + 64 * (u % 4)), low4 = _mm512_set1_epi8(0x0F);
+    return _mm512_and_si512(u < 4 ? v : _mm512_srli_epi16(v, 4), low4);
+  }
+  static const uint8_t* quants(const WeightView& w, int64_t g) { return q4_0_lane_quants(w, w.row_lanes, g, 0); }
+  static const uint16_t* scales(const WeightView& w, int64_t g) { return q4_0_lane_scales(w, w.row_lanes, g, 0); }
+};
 
 // R groups of 16 rows (the copy's group g at lanes + g * gstride bytes, its scales at
 // scales + g * sstride) times C tokens: R * C chains of dependent FMAs, enough to cover their
-// latency (decode: 4 groups x 1 token; batches: 1 group x up to 16 tokens).
-template <int R, int C>
-static inline void q8_0_float_lanes_pass(const uint8_t* lanes, size_t gstride, const uint16_t* scales, size_t sstride,
-                                         int nb, const float* x, size_t ldx, float* y, size_t ldy) {
+// latency (decode: 4 groups x 1 token; batches: 1 group x up to 16 tokens). Each unit's
+// widening (pick, convert, (q + offset) * d in one FMA: the dequantized weight rounded once) is
+// shared by the C tokens, and a token's sum runs over k in order in its lane.
+template <class L, int R, int C>
+static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const uint16_t* scales, size_t sstride,
+                                    int nb, const float* x, size_t ldx, float* y, size_t ldy) {
+  constexpr int AHEAD = int(ROW_LANE_AHEAD_BYTES / L::BLOCK_BYTES);
   const __m512i pick0 = row_lane_pick(0), pick1 = row_lane_pick(1), pick2 = row_lane_pick(2),
                 pick3 = row_lane_pick(3);
   __m512 acc[R][C];
   for (int g = 0; g < R; ++g)
     for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
-  // Each group's stream asks for its lines ROW_LANE_AHEAD blocks on; near the end of its rows
-  // it asks for the start of the same group of the next pass (R groups on in the copy), so that
-  // no stream starts cold (short rows make short streams: 18 blocks at 576 columns). Asking
-  // instead for the whole next pass while reading this one ran 1.3x (576 columns) to 1.9x (2048)
-  // slower on an Intel Xeon, whose cores keep few lines in flight each: most of those lines
-  // arrived too early and left L1 before use.
+  // Each group's stream asks for its lines AHEAD blocks on; near the end of its rows it asks for
+  // the start of the same group of the next pass (R groups on in the copy), so that no stream
+  // starts cold (short rows make short streams: 18 blocks at 576 columns). Asking instead for
+  // the whole next pass while reading this one ran 1.3x (576 columns) to 1.9x (2048) slower on
+  // an Intel Xeon, whose cores keep few lines in flight each: most of those lines arrived too
+  // early and left L1 before use.
   const auto* quant_bytes = reinterpret_cast<const char*>(lanes);
   const auto* scale_bytes = reinterpret_cast<const char*>(scales);
   for (int b = 0; b < nb; ++b) {
-    const int ab = b + ROW_LANE_AHEAD;
-    const size_t q_off = ab < nb ? size_t(ab) * 512 : R * gstride + size_t(ab - nb) * 512;
+    const int ab = b + AHEAD;
+    const size_t q_off = ab < nb ? size_t(ab) * L::BLOCK_BYTES : R * gstride + size_t(ab - nb) * L::BLOCK_BYTES;
     const size_t s_off = ab < nb ? size_t(ab) * 32 : R * sstride * 2 + size_t(ab - nb) * 32;
     for (int g = 0; g < R; ++g) {
-      for (int l = 0; l < 8; ++l) _mm_prefetch(quant_bytes + g * gstride + q_off + l * 64, _MM_HINT_T0);
+      for (size_t l = 0; l < L::BLOCK_BYTES; l += 64) _mm_prefetch(quant_bytes + g * gstride + q_off + l, _MM_HINT_T0);
       if (ab % 2 == 0) _mm_prefetch(scale_bytes + g * sstride * 2 + s_off, _MM_HINT_T0);
     }
     __m512 d[R], m[R];
     for (int g = 0; g < R; ++g) {
       d[g] = row_lane_scale(scales + g * sstride + size_t(b) * 16);
-      m[g] = _mm512_mul_ps(d[g], _mm512_set1_ps(-128.0f));
+      m[g] = _mm512_mul_ps(d[g], _mm512_set1_ps(L::OFFSET));
     }
     const float* xb = x + size_t(b) * 32;
-    for (int j = 0; j < 8; ++j)
+    for (int u = 0; u < 8; ++u)
       for (int g = 0; g < R; ++g) {
-        const __m512i v = _mm512_load_si512(lanes + g * gstride + size_t(b) * 512 + 64 * j);
+        const __m512i v = L::unit(lanes + g * gstride + size_t(b) * L::BLOCK_BYTES, u);
         const __m512 w0 = row_lane_floats(v, pick0, d[g], m[g]), w1 = row_lane_floats(v, pick1, d[g], m[g]);
         const __m512 w2 = row_lane_floats(v, pick2, d[g], m[g]), w3 = row_lane_floats(v, pick3, d[g], m[g]);
-        const float* xk = xb + 4 * j;
+        const float* xk = xb + 4 * u;
         for (int c = 0; c < C; ++c) {
           const float* xc = xk + c * ldx;
           acc[g][c] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xc[0]), acc[g][c]);
@@ -1019,21 +1047,21 @@ static inline void q8_0_float_lanes_pass(const uint8_t* lanes, size_t gstride, c
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + c * ldy + 16 * g, acc[g][c]);
 }
 
-template <int R>
-static void q8_0_float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint16_t* scales, size_t sstride,
-                                    int nb, const float* x, int K, int n, float* y, size_t ldy) {
+// R groups of rows for all n tokens, in passes.
+template <class L, int R>
+static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint16_t* scales, size_t sstride,
+                               int nb, const float* x, int K, int n, float* y, size_t ldy) {
   int t = 0;
   if constexpr (R == 1) {
     // Passes of at most 16 tokens, as even as they come (33 tokens: 11 + 11 + 11, not 16 + 16 + 1),
     // so that every pass has 8 or more chains to cover the FMA latency.
     using Pass = void (*)(const uint8_t*, size_t, const uint16_t*, size_t, int, const float*, size_t, float*, size_t);
     static constexpr Pass by_tokens[17] = {
-        nullptr, q8_0_float_lanes_pass<1, 1>, q8_0_float_lanes_pass<1, 2>, q8_0_float_lanes_pass<1, 3>,
-        q8_0_float_lanes_pass<1, 4>, q8_0_float_lanes_pass<1, 5>, q8_0_float_lanes_pass<1, 6>,
-        q8_0_float_lanes_pass<1, 7>, q8_0_float_lanes_pass<1, 8>, q8_0_float_lanes_pass<1, 9>,
-        q8_0_float_lanes_pass<1, 10>, q8_0_float_lanes_pass<1, 11>, q8_0_float_lanes_pass<1, 12>,
-        q8_0_float_lanes_pass<1, 13>, q8_0_float_lanes_pass<1, 14>, q8_0_float_lanes_pass<1, 15>,
-        q8_0_float_lanes_pass<1, 16>};
+        nullptr, float_lanes_pass<L, 1, 1>, float_lanes_pass<L, 1, 2>, float_lanes_pass<L, 1, 3>,
+        float_lanes_pass<L, 1, 4>, float_lanes_pass<L, 1, 5>, float_lanes_pass<L, 1, 6>, float_lanes_pass<L, 1, 7>,
+        float_lanes_pass<L, 1, 8>, float_lanes_pass<L, 1, 9>, float_lanes_pass<L, 1, 10>, float_lanes_pass<L, 1, 11>,
+        float_lanes_pass<L, 1, 12>, float_lanes_pass<L, 1, 13>, float_lanes_pass<L, 1, 14>, float_lanes_pass<L, 1, 15>,
+        float_lanes_pass<L, 1, 16>};
     const int passes = (n + 15) / 16;
     for (int p = 0; p < passes; ++p) {
       const int c = (n - t) / (passes - p);  // the rest shared evenly by the passes left
@@ -1043,59 +1071,77 @@ static void q8_0_float_lanes_groups(const uint8_t* lanes, size_t gstride, const 
   } else {
     if constexpr (R <= 2)
       for (; t + 4 <= n; t += 4)
-        q8_0_float_lanes_pass<R, 4>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, y + t * ldy, ldy);
+        float_lanes_pass<L, R, 4>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, y + t * ldy, ldy);
     for (; t + 2 <= n; t += 2)
-      q8_0_float_lanes_pass<R, 2>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, y + t * ldy, ldy);
+      float_lanes_pass<L, R, 2>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, y + t * ldy, ldy);
   }
-  for (; t < n; ++t) q8_0_float_lanes_pass<R, 1>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, y + t * ldy, ldy);
+  for (; t < n; ++t) float_lanes_pass<L, R, 1>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, y + t * ldy, ldy);
 }
 
 // Rows [r0, r1) of w (whole groups of 16; w has its row-lane copy) for n tokens: a few tokens
 // take up to 4 groups at a time (2 from 4 tokens), 8 tokens or more one group at a time.
-static void q8_0_float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
+template <class L>
+static void float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
   const int K = int(w.cols), nb = K / 32;
-  const size_t gstride = size_t(nb) * 512, sstride = size_t(nb) * 16, ldy = size_t(w.rows);
+  const size_t gstride = size_t(nb) * L::BLOCK_BYTES, sstride = size_t(nb) * 16, ldy = size_t(w.rows);
   for (int r = r0; r < r1;) {
     const int left = (r1 - r) / 16, g = r / 16;
-    const uint8_t* lanes = row_lane_quants(w, w.row_lanes, g, 0);
-    const uint16_t* scales = row_lane_scales(w, w.row_lanes, g, 0);
+    const uint8_t* lanes = L::quants(w, g);
+    const uint16_t* scales = L::scales(w, g);
     const int R = n >= 8 ? 1 : std::min(left, n >= 4 ? 2 : 4);
     switch (R) {
-      case 4: q8_0_float_lanes_groups<4>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
-      case 3: q8_0_float_lanes_groups<3>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
-      case 2: q8_0_float_lanes_groups<2>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
-      default: q8_0_float_lanes_groups<1>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
+      case 4: float_lanes_groups<L, 4>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
+      case 3: float_lanes_groups<L, 3>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
+      case 2: float_lanes_groups<L, 2>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
+      default: float_lanes_groups<L, 1>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
     }
     r += 16 * R;
   }
 }
+
+static void q8_0_float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
+  float_row_lanes<Q8_0Lanes>(w, x, n, y, r0, r1);
+}
+static void q4_0_float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
+  float_row_lanes<Q4_0Lanes>(w, x, n, y, r0, r1);
+}
+
 // A GEMM panel (NR = 32 rows from n0, k-major) widened from the row-lane copy: per block and
-// 4-byte group, the 4 k-positions of 16 rows come out as the float kernel makes them (w * d
-// rounded once, as the Q8_0 row widening gives them).
-static bool panel_from_row_lanes(const WeightView& wv, int n0, float* panel) {
-  static_assert(NR == 32, "a panel is two groups of 16 rows");
-  if (wv.type != DType::Q8_0 || !wv.row_lanes || n0 % 16 != 0 || n0 + NR > wv.rows) return false;
+// 4-byte group, the k-positions of 16 rows come out as the float kernels make them (w * d
+// rounded once, as the row widening of Q8_0 and Q4_0 gives them).
+template <class L>
+static void panel_from_lanes(const WeightView& wv, int n0, float* panel) {
   const int nb = int(wv.cols) / 32;
   const __m512i picks[4] = {row_lane_pick(0), row_lane_pick(1), row_lane_pick(2), row_lane_pick(3)};
   for (int h = 0; h < 2; ++h) {
     const int g = n0 / 16 + h;
+    const uint8_t* lanes = L::quants(wv, g);
+    const uint16_t* scales = L::scales(wv, g);
     for (int b = 0; b < nb; ++b) {
-      const __m512 d = row_lane_scale(row_lane_scales(wv, wv.row_lanes, g, b));
-      const __m512 m = _mm512_mul_ps(d, _mm512_set1_ps(-128.0f));
-      const uint8_t* q = row_lane_quants(wv, wv.row_lanes, g, b);
-      for (int j = 0; j < 8; ++j) {
-        const __m512i v = _mm512_load_si512(q + 64 * j);
+      const __m512 d = row_lane_scale(scales + size_t(b) * 16);
+      const __m512 m = _mm512_mul_ps(d, _mm512_set1_ps(L::OFFSET));
+      for (int u = 0; u < 8; ++u) {
+        const __m512i v = L::unit(lanes + size_t(b) * L::BLOCK_BYTES, u);
         for (int i = 0; i < 4; ++i)
-          _mm512_storeu_ps(panel + size_t(b * 32 + 4 * j + i) * NR + 16 * h, row_lane_floats(v, picks[i], d, m));
+          _mm512_storeu_ps(panel + size_t(b * 32 + 4 * u + i) * NR + 16 * h, row_lane_floats(v, picks[i], d, m));
       }
     }
   }
+}
+
+static bool panel_from_row_lanes(const WeightView& wv, int n0, float* panel) {
+  static_assert(NR == 32, "a panel is two groups of 16 rows");
+  if (!wv.row_lanes || n0 % 16 != 0 || n0 + NR > wv.rows) return false;
+  if (wv.type == DType::Q8_0) panel_from_lanes<Q8_0Lanes>(wv, n0, panel);
+  else if (wv.type == DType::Q4_0) panel_from_lanes<Q4_0Lanes>(wv, n0, panel);
+  else return false;
   return true;
 }
 #else
 constexpr bool HAS_FLOAT_ROW_LANES = false;
 static bool panel_from_row_lanes(const WeightView&, int, float*) { return false; }
 static void q8_0_float_row_lanes(const WeightView&, const float*, int, float*, int, int) {}
+static void q4_0_float_row_lanes(const WeightView&, const float*, int, float*, int, int) {}
 #endif
 
 // Q8_0 products with a row-lane copy take it up to this many tokens; above, the packed GEMM,
@@ -1105,7 +1151,8 @@ static void q8_0_float_row_lanes(const WeightView&, const float*, int, float*, i
 constexpr int FLOAT_ROW_LANE_MAX = 128;
 
 static bool takes_float_row_lanes(const WeightView& w, int n) {
-  return HAS_FLOAT_ROW_LANES && w.type == DType::Q8_0 && w.row_lanes && n <= FLOAT_ROW_LANE_MAX;
+  return HAS_FLOAT_ROW_LANES && (w.type == DType::Q8_0 || w.type == DType::Q4_0) && w.row_lanes &&
+         n <= FLOAT_ROW_LANE_MAX;
 }
 
 // Rows [r0, r1) of one weight's GEMV, for every token. xsum: sums_of_32(x), for the types with offsets.
@@ -1117,7 +1164,9 @@ static void gemv_rows_of(const WeightView& w, const float* x, const float* xsum,
     case DType::Q8_0:
       if (takes_float_row_lanes(w, n)) return q8_0_float_row_lanes(w, x, n, y, r0, r1);
       return gemv_q_blocks<DType::Q8_0>(w, x, xsum, n, y, r0, r1);
-    case DType::Q4_0: return gemv_q_blocks<DType::Q4_0>(w, x, xsum, n, y, r0, r1);
+    case DType::Q4_0:
+      if (takes_float_row_lanes(w, n)) return q4_0_float_row_lanes(w, x, n, y, r0, r1);
+      return gemv_q_blocks<DType::Q4_0>(w, x, xsum, n, y, r0, r1);
     case DType::Q4_1: return gemv_q_blocks<DType::Q4_1>(w, x, xsum, n, y, r0, r1);
     case DType::Q5_0: return gemv_q_blocks<DType::Q5_0>(w, x, xsum, n, y, r0, r1);
     case DType::Q5_1: return gemv_q_blocks<DType::Q5_1>(w, x, xsum, n, y, r0, r1);
@@ -1294,5 +1343,6 @@ static double probe_fma(long long iters) {
 
 static const KernelTable make_table(const char* name) {
   return KernelTable{name, matmul, matmul_group, dequant_row, softmax, rmsnorm, layernorm, rope,
-                     gelu_tanh, gelu_erf, silu, relu, attention, probe_read, probe_fma, V::W};
+                     gelu_tanh, gelu_erf, silu, relu, attention, probe_read, probe_fma, V::W,
+                     HAS_FLOAT_ROW_LANES};
 }

@@ -56,36 +56,54 @@ AlignedBytes huge_page_bytes(size_t bytes) {
 struct ModelHandle {
   std::unique_ptr<Model> model;
   std::vector<py::object> keep_alive;  // the arrays the weight views point into
-  std::vector<AlignedBytes> row_lane_copies;  // what the views' row_lanes point into
-  std::set<std::string> file_backed;          // names of weights in read-only file mappings
-  std::set<const void*> in_files;             // their data, as matrix() meets them
+  AlignedBytes row_lane_copies;        // what the views' row_lanes point into, one after another
+  size_t row_lane_matrices = 0;        // how many views have a copy there
+  std::set<std::string> file_backed;   // names of weights in read-only file mappings
+  std::set<const void*> in_files;      // their data, as matrix() meets them
 };
 
-// Gives a Q8_0 or Q4_0 view the row-lane copy that the AVX-512 kernels load as it lies (Q8_0: when
-// the current int8 variant has the row-lane kernel; Q4_0: when the float kernels have theirs and
-// the view's products stay in float, as int8 ones read the original rows; rows in whole groups of
-// 16). A view in a read-only file mapping hands its pages back once copied (the products read the
-// copy; the few rows an embedding lookup reads come back from the file).
-void add_row_lanes(ModelHandle& h, WeightView& v) {
-  const bool q4 = v.type == DType::Q4_0;
-  if (q4 && v.int8_activations) return;
-  const size_t bytes = q4 ? q4_0_row_lane_bytes(v) : q8_0_row_lane_bytes(v);
-  if (!bytes) return;
-  AlignedBytes copy = huge_page_bytes(bytes);
-  if (q4)
-    pack_q4_0_row_lanes(v, copy.get());
-  else
-    pack_q8_0_row_lanes(v, copy.get());
-  v.row_lanes = copy.get();
-  h.row_lane_copies.push_back(std::move(copy));
-#ifdef __linux__
-  if (h.in_files.count(v.data)) {
-    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(v.data) + page - 1) / page * page;
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(v.data) + size_t(v.rows) * v.row_bytes) / page * page;
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // advice: failure is harmless
+// Bytes of the row-lane copy `v` gets, 0 for none: Q8_0 when the current int8 variant has the
+// row-lane kernel; Q4_0 when the float kernels have theirs and the view's products stay in float
+// (int8 ones read the original rows); rows in whole groups of 16 either way.
+size_t row_lane_bytes(const WeightView& v) {
+  if (v.type == DType::Q4_0) return v.int8_activations ? 0 : q4_0_row_lane_bytes(v);
+  return q8_0_row_lane_bytes(v);
+}
+
+// Gives the views that can have one their row-lane copies, which the AVX-512 kernels load as they
+// lie: all of them in one allocation, each at a 4 KiB boundary, so that small matrices share huge
+// pages (one 2 MiB-aligned block each took SmolLM2-135M's 77 MB of Q4_0 to 499 MB). A view in a
+// read-only file mapping hands its pages back once copied (the products read the copy; the few
+// rows an embedding lookup reads come back from the file).
+void add_row_lanes(ModelHandle& h, const std::vector<WeightView*>& views) {
+  constexpr size_t PLACE = 4096;
+  std::vector<size_t> offsets;
+  size_t total = 0;
+  for (const WeightView* v : views) {
+    offsets.push_back(total);
+    total += (row_lane_bytes(*v) + PLACE - 1) / PLACE * PLACE;
   }
+  if (total == 0) return;
+  h.row_lane_copies = huge_page_bytes(total);
+  for (size_t i = 0; i < views.size(); ++i) {
+    WeightView& v = *views[i];
+    if (!row_lane_bytes(v)) continue;
+    uint8_t* copy = h.row_lane_copies.get() + offsets[i];
+    if (v.type == DType::Q4_0)
+      pack_q4_0_row_lanes(v, copy);
+    else
+      pack_q8_0_row_lanes(v, copy);
+    v.row_lanes = copy;
+    ++h.row_lane_matrices;
+#ifdef __linux__
+    if (h.in_files.count(v.data)) {
+      const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+      const uintptr_t begin = (reinterpret_cast<uintptr_t>(v.data) + page - 1) / page * page;
+      const uintptr_t end = (reinterpret_cast<uintptr_t>(v.data) + size_t(v.rows) * v.row_bytes) / page * page;
+      if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // advice: failure is harmless
+    }
 #endif
+  }
 }
 
 // Largest side of a matrix the bindings accept: sizes are ints in the core.
@@ -298,16 +316,16 @@ std::unique_ptr<ModelHandle> make_model(const py::dict& cfgd, const py::dict& wd
                             "variant lacks");
     // Every matrix a token's hidden state meets: the unembedding (the embedding itself when
     // tied; its lookups read rows of the original and ignore the mark and the copy).
-    auto mark = [&](WeightView& v) {
-      if (int8_activations) v.int8_activations = int8_supported(v.type);
-      if (repack) add_row_lanes(*h, v);
-    };
-    mark(w.unembed.empty() ? w.embed : w.unembed);
+    std::vector<WeightView*> products;
+    products.push_back(w.unembed.empty() ? &w.embed : &w.unembed);
     for (LayerWeights& L : w.layers) {
-      for (WeightView* v : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.router}) mark(*v);
+      for (WeightView* v : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.router}) products.push_back(v);
       for (auto* group : {&L.expert_gate, &L.expert_up, &L.expert_down})
-        for (WeightView& v : *group) mark(v);
+        for (WeightView& v : *group) products.push_back(&v);
     }
+    for (WeightView* v : products)
+      if (int8_activations) v->int8_activations = int8_supported(v->type);
+    if (repack) add_row_lanes(*h, products);
   }
   h->model = std::make_unique<Model>(c, std::move(w));
   return h;
@@ -498,7 +516,7 @@ PYBIND11_MODULE(_core, m) {
         throw py::value_error("row_lanes needs Q8_0 rows in whole groups of 16 and the int8 row-lane kernel "
                               "(AVX-512 VNNI), or Q4_0 rows in whole groups of 16, float activations and the "
                               "AVX-512 kernels");
-      add_row_lanes(keep, view);
+      add_row_lanes(keep, {&view});
     }
     if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error("x must be [n, cols]");
     if (bias && bias->size() != rows) throw py::value_error("bias must have one value per row");
@@ -713,7 +731,7 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init(&make_model), py::arg("config"), py::arg("weights"), py::arg("int8_activations") = false,
            py::arg("repack") = false, py::arg("file_backed") = std::vector<std::string>{})
       .def_property_readonly("n_layers", [](const ModelHandle& h) { return h.model->config().n_layers; })
-      .def_property_readonly("row_lane_copies", [](const ModelHandle& h) { return h.row_lane_copies.size(); },
+      .def_property_readonly("row_lane_copies", [](const ModelHandle& h) { return h.row_lane_matrices; },
                              "How many matrices carry a row-lane copy")
       .def("forward", [](const ModelHandle& h, GuardedCache& cache, py::array_t<int, py::array::c_style | py::array::forcecast> tokens,
                          const std::string& mode, GuardedHooks* hooks) {

@@ -109,8 +109,8 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, thread
     (VNNI) kernels, which then load 16 rows' weights as they multiply them:
     faster products at every batch size (1.1x in decode, 1.3x for 8-48
     tokens), and float results that do not depend on the batch. With
-    `exact=True` it does the same for every q4_0 matrix (1.2-1.3x in decode,
-    1.6-2x for 3-128 tokens on an Intel Xeon). A copy takes as many bytes
+    `exact=True` it does the same for every q4_0 matrix (on an Intel Xeon
+    1.2-1.3x in decode, 1.5-2x for 3-21 tokens). A copy takes as many bytes
     again as its weights (a GGUF file's own pages are handed back once
     copied). None: where the CPU has those kernels; True insists (an error
     elsewhere); False never.

@@ -84,6 +84,7 @@ void add_row_lanes(ModelHandle& h, const std::vector<WeightView*>& views) {
     total += (row_lane_bytes(*v) + PLACE - 1) / PLACE * PLACE;
   }
   if (total == 0) return;
+  if (h.row_lane_copies) throw std::logic_error("a model's row-lane copies are made once");  // views point into it
   h.row_lane_copies = huge_page_bytes(total);
   for (size_t i = 0; i < views.size(); ++i) {
     WeightView& v = *views[i];

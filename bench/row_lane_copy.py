@@ -1,15 +1,16 @@
-"""Q8_0 products through the row-lane copy (load(repack=True)) against the file's own layout.
+"""Q8_0 and Q4_0 products through the row-lane copy (load(repack=True)) against the file's own layout.
 
-    python bench/q8_0_repack.py [--threads 1] [--tokens 1,2,4,8,16,32,48,128] [--repeats 5]
+    python bench/row_lane_copy.py [--dtype q8_0|q4_0] [--threads 1] [--tokens 1,2,4,8,16,32,48,128] [--repeats 5]
 
 The products of a SmolLM2-135M-shaped layer (1536 x 576 up/gate, 576 x 1536
-down, 192 x 576 k/v) and its 49152 x 576 unembedding, random Q8_0 weights, at
-several token counts, with float32 activations (the default path) and with
-int8 ones (exact=False), each with and without the copy. Times are per
-product, the copy made once outside them (the difference of 1 and 1 + R
-products in one call); with one thread they are CPU time, which load from
-other processes hardly moves. The copy needs the AVX-512 VNNI row-lane
-kernels; elsewhere the script says so and stops.
+down, 192 x 576 k/v) and its 49152 x 576 unembedding, random weights of the
+type, at several token counts, with float32 activations (the default path)
+and, for Q8_0, with int8 ones (exact=False; int8 products of Q4_0 read the
+file's rows, so Q4_0 has no int8 columns), each with and without the copy.
+Times are per product, the copy made once outside them (the difference of 1
+and 1 + R products in one call); with one thread they are CPU time, which
+load from other processes hardly moves. The copies need the AVX-512 VNNI
+row-lane kernels; elsewhere the script says so and stops.
 """
 from __future__ import annotations
 
@@ -23,22 +24,24 @@ from batch_generate import cpu_name
 SHAPES = [("up/gate", 1536, 576), ("down", 576, 1536), ("k/v", 192, 576), ("unembedding", 49152, 576)]
 
 
-def per_product(core, w, rows: int, k: int, x: np.ndarray, int8: bool, lanes: bool, repeats: int, clock) -> float:
+def per_product(core, w, dtype: str, rows: int, k: int, x: np.ndarray, int8: bool, lanes: bool, repeats: int,
+                clock) -> float:
     """Seconds per product, the copy's making (once per call) taken out."""
-    core.matmul(w, "q8_0", rows, k, x, int8_activations=int8, row_lanes=lanes, repeats=2)  # warm: scratch, caches
+    core.matmul(w, dtype, rows, k, x, int8_activations=int8, row_lanes=lanes, repeats=2)  # warm: scratch, caches
     best = float("inf")
     for _ in range(3):
         t = clock()
-        core.matmul(w, "q8_0", rows, k, x, int8_activations=int8, row_lanes=lanes, repeats=1)
+        core.matmul(w, dtype, rows, k, x, int8_activations=int8, row_lanes=lanes, repeats=1)
         once = clock() - t
         t = clock()
-        core.matmul(w, "q8_0", rows, k, x, int8_activations=int8, row_lanes=lanes, repeats=repeats + 1)
+        core.matmul(w, dtype, rows, k, x, int8_activations=int8, row_lanes=lanes, repeats=repeats + 1)
         best = min(best, (clock() - t - once) / repeats)
     return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", default="q8_0", choices=["q8_0", "q4_0"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", default="1,2,4,8,16,32,48,128")
     ap.add_argument("--repeats", type=int, default=10, help="products per timed call")
@@ -53,20 +56,23 @@ def main() -> None:
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     rng = np.random.default_rng(0)
     tokens = [int(t) for t in args.tokens.split(",")]
-    print(f"{cpu_name()}, {args.threads} thread(s), {'CPU' if args.threads == 1 else 'wall'} time per product, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{cpu_name()}, {args.dtype}, {args.threads} thread(s), {'CPU' if args.threads == 1 else 'wall'} time "
+          f"per product, {time.strftime('%Y-%m-%d %H:%M')}")
     print()
     print("| product | rows x cols | tokens | float: file layout (us) | float: copy (us) | ratio | "
           "int8: file layout (us) | int8: copy (us) | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, rows, k in SHAPES:
-        w = quantize(rng.standard_normal((rows, k)).astype(np.float32), "q8_0")
+        w = quantize(rng.standard_normal((rows, k)).astype(np.float32), args.dtype)
         for n in tokens:
             x = rng.standard_normal((n, k)).astype(np.float32)
             cells = []
             for int8 in (False, True):
-                plain = per_product(_core, w, rows, k, x, int8, False, args.repeats, clock)
-                copy = per_product(_core, w, rows, k, x, int8, True, args.repeats, clock)
+                if int8 and args.dtype != "q8_0":
+                    cells += ["", "", ""]
+                    continue
+                plain = per_product(_core, w, args.dtype, rows, k, x, int8, False, args.repeats, clock)
+                copy = per_product(_core, w, args.dtype, rows, k, x, int8, True, args.repeats, clock)
                 cells += [f"{plain * 1e6:.1f}", f"{copy * 1e6:.1f}", f"{plain / copy:.2f}x"]
             print(f"| {name} | {rows} x {k} | {n} | " + " | ".join(cells) + " |", flush=True)
 

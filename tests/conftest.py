@@ -97,13 +97,13 @@ def family_pair(family: str, tmp_path_factory):
     return name, ours, ref
 
 
-def assert_logits_do_not_depend_on_the_batch(model, seed: int) -> None:
-    """Prompts of 3, 11, 20 and 70 random ids, then one decode token each: the logits of every
-    sequence fed alone equal, bit for bit, those of all of them advanced together (forward_batch)."""
+def assert_logits_do_not_depend_on_the_batch(model, seed: int, lengths=(3, 11, 20, 70)) -> None:
+    """Prompts of `lengths` random ids, then one decode token each: the logits of every sequence fed
+    alone equal, bit for bit, those of all of them advanced together (forward_batch)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    prompts = [[int(t) for t in rng.integers(0, model.config.vocab_size, n)] for n in (3, 11, 20, 70)]
+    prompts = [[int(t) for t in rng.integers(0, model.config.vocab_size, n)] for n in lengths]
     alone = []
     for p in prompts:
         s = model.session()

@@ -1,6 +1,6 @@
-"""The row-lane copies of Q8_0 and Q4_0 matrices (`load(repack=...)`): products through them against
-a float64 reference, a row's result independent of its batch, and models with and without the copy
-alike."""
+"""The row-lane copies of Q8_0, Q4_0 and Q4_K matrices (`load(repack=...)`): products through them
+against a float64 reference, a row's result independent of its batch, and models with and without
+the copy alike."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +18,7 @@ needs_row_lanes = pytest.mark.skipif(not _core.int8_row_lanes(),
                                      reason=f"the {_core.int8_isa()} variant has no row-lane kernels")
 
 
-COPIED = ["q8_0", "q4_0"]
+COPIED = ["q8_0", "q4_0", "q4_k"]
 
 
 @needs_row_lanes
@@ -28,7 +28,7 @@ def test_float_products_through_the_copy_match_float64(rows, dtype):
     """Every way the tokens and the groups of 16 rows are split into passes (1-3 tokens: 4 groups at
     a time, 4-7: 2 groups, 8 and more: one group with passes of up to 16 tokens)."""
     rng = np.random.default_rng(rows)
-    k = 576
+    k = 768 if dtype == "q4_k" else 576  # whole super-blocks of 256 values for Q4_K
     w = quantize(rng.standard_normal((rows, k)).astype(np.float32), dtype)
     wf = dequantize(w, dtype, (rows, k)).astype(np.float64)
     for n in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 50, 100, 150):  # 150: the GEMM, its panels from the copy
@@ -78,6 +78,20 @@ def test_a_model_with_the_copy_gives_the_logits_of_one_without(dtype, exact):
 
 
 @needs_row_lanes
+def test_a_q4_k_model_with_the_copy_gives_the_logits_of_one_without(llama256_f32):
+    """A Llama whose rows hold whole 256-value super-blocks: every Q4_K matrix gets its copy; the logits
+    match a model without it, and a sequence's logits do not depend on its batch."""
+    with_copy = tokentrail.load(llama256_f32, dtype="q4_k", repack=True)
+    without = tokentrail.load(llama256_f32, dtype="q4_k", repack=False)
+    assert with_copy.repacked and not without.repacked
+    assert not tokentrail.load(llama256_f32, dtype="q4_k", exact=False, repack=True).repacked
+    prompts = [[1, 2, 3], list(range(10, 60))]
+    for a, b in zip(_logits(with_copy, prompts), _logits(without, prompts)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+    assert_logits_do_not_depend_on_the_batch(with_copy, seed=9, lengths=(3, 11, 20, 50))  # within its 64 positions
+
+
+@needs_row_lanes
 def test_q4_0_products_with_int8_activations_keep_no_copy():
     """Int8 products of Q4_0 read the file's rows, so a model with int8 activations copies none
     (its Q8_0 matrices keep theirs: the int8 row-lane kernel reads it)."""
@@ -86,13 +100,13 @@ def test_q4_0_products_with_int8_activations_keep_no_copy():
 
 
 @needs_row_lanes
-@pytest.mark.parametrize("dtype", COPIED)
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 def test_float_logits_with_the_copy_do_not_depend_on_the_batch(dtype):
     assert_logits_do_not_depend_on_the_batch(tokentrail.load(dtype=dtype, repack=True), seed=8)
 
 
 @needs_row_lanes
-@pytest.mark.parametrize("dtype", COPIED)
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])  # the demo's rows of 128 hold no Q4_K super-block
 def test_a_gguf_file_repacked_reads_its_embedding_rows_back_from_the_file(tmp_path, dtype):
     """The file's pages are handed back once copied; the tied embedding's lookups read them again."""
     source = tokentrail.load()
@@ -110,7 +124,7 @@ def test_a_gguf_file_repacked_reads_its_embedding_rows_back_from_the_file(tmp_pa
 
 
 @needs_row_lanes
-@pytest.mark.parametrize("dtype", COPIED)
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 def test_a_repacked_model_runs_on_another_kernel_variant_from_the_file(tmp_path, dtype):
     """Kernels without row lanes read the original rows: switched to AVX2 after loading, a repacked
     GGUF model (whose file pages were handed back) gives the logits of one loaded without the copy."""

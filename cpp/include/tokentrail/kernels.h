@@ -146,6 +146,16 @@ inline const uint8_t* q4_0_lane_quants(const WeightView& w, const uint8_t* lanes
 inline const uint16_t* q4_0_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
   return reinterpret_cast<const uint16_t*>(lanes + size_t(w.rows) * size_t(w.cols) / 2) + row_lane_index(w, g, b) * 16;
 }
+// Q4_K rows laid out for the float row-lane kernel: every 32-value sub-block's nibbles as the Q4_0
+// copy has a block's (so the quants take rows * cols / 2 bytes, at q4_0_lane_quants), then per
+// group of 16 rows and super-block of 256 values Q4_K_LANE_SCALE_BYTES: the rows' d [16] and dmin
+// [16] (halves), their 8 sub-blocks' scales [8][16] and mins [8][16] (6-bit values as bytes).
+constexpr size_t Q4_K_LANE_SCALE_BYTES = 320;
+size_t q4_k_row_lane_bytes(const WeightView& w);
+void pack_q4_k_row_lanes(const WeightView& w, uint8_t* out);
+inline const uint8_t* q4_k_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t s) {
+  return lanes + size_t(w.rows) * size_t(w.cols) / 2 + size_t(g * (w.cols / 256) + s) * Q4_K_LANE_SCALE_BYTES;
+}
 // Values per activation block in products with weights of type t: 256 for the k-quants, else 32.
 inline int activation_block(DType t) { return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K ? 256 : 32; }
 

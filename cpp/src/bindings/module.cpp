@@ -63,10 +63,11 @@ struct ModelHandle {
 };
 
 // Bytes of the row-lane copy `v` gets, 0 for none: Q8_0 when the current int8 variant has the
-// row-lane kernel; Q4_0 when the float kernels have theirs and the view's products stay in float
-// (int8 ones read the original rows); rows in whole groups of 16 either way.
+// row-lane kernel; Q4_0 and Q4_K when the float kernels have theirs and the view's products stay in
+// float (int8 ones read the original rows); rows in whole groups of 16 either way.
 size_t row_lane_bytes(const WeightView& v) {
   if (v.type == DType::Q4_0) return v.int8_activations ? 0 : q4_0_row_lane_bytes(v);
+  if (v.type == DType::Q4_K) return v.int8_activations ? 0 : q4_k_row_lane_bytes(v);
   return q8_0_row_lane_bytes(v);
 }
 
@@ -92,6 +93,8 @@ void add_row_lanes(ModelHandle& h, const std::vector<WeightView*>& views) {
     uint8_t* copy = h.row_lane_copies.get() + offsets[i];
     if (v.type == DType::Q4_0)
       pack_q4_0_row_lanes(v, copy);
+    else if (v.type == DType::Q4_K)
+      pack_q4_k_row_lanes(v, copy);
     else
       pack_q8_0_row_lanes(v, copy);
     v.row_lanes = copy;
@@ -513,9 +516,9 @@ PYBIND11_MODULE(_core, m) {
     if (int8_activations && !int8_supported(view.type))
       throw py::value_error("int8 activations need a block-quantized weight type, not " + dtype);
     if (row_lanes) {
-      if (!q8_0_row_lane_bytes(view) && !(q4_0_row_lane_bytes(view) && !int8_activations))
+      if (!q8_0_row_lane_bytes(view) && !((q4_0_row_lane_bytes(view) || q4_k_row_lane_bytes(view)) && !int8_activations))
         throw py::value_error("row_lanes needs Q8_0 rows in whole groups of 16 and the int8 row-lane kernel "
-                              "(AVX-512 VNNI), or Q4_0 rows in whole groups of 16, float activations and the "
+                              "(AVX-512 VNNI), or Q4_0 / Q4_K rows in whole groups of 16, float activations and the "
                               "AVX-512 kernels");
       add_row_lanes(keep, {&view});
     }

@@ -5,6 +5,7 @@
 
 #include "tokentrail/kernels.h"
 #include "tokentrail/thread_pool.h"
+#include "block_formats.h"
 
 #if defined(TOKENTRAIL_AMX) && defined(__linux__)
 #include <cpuid.h>
@@ -173,6 +174,40 @@ void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out) {
           const uint8_t* blk = w.row(g * 16 + r) + b * 18;  // half scale, then 16 bytes of nibbles
           std::memcpy(scales + r, blk, 2);
           for (int j = 0; j < 4; ++j) std::memcpy(q + j * 64 + r * 4, blk + 2 + 4 * j, 4);
+        }
+      }
+  });
+}
+
+size_t q4_k_row_lane_bytes(const WeightView& w) {
+  if (w.type != DType::Q4_K || w.rows % 16 != 0 || w.cols % 256 != 0 || !kernels().float_row_lanes) return 0;
+  return size_t(w.rows) * size_t(w.cols) / 2 + size_t(w.rows / 16) * size_t(w.cols / 256) * Q4_K_LANE_SCALE_BYTES;
+}
+
+void pack_q4_k_row_lanes(const WeightView& w, uint8_t* out) {
+  if (!q4_k_row_lane_bytes(w)) throw std::invalid_argument("these weights have no row-lane layout");
+  const int64_t groups = w.rows / 16, supers = w.cols / 256;
+  parallel_for_if(w.rows * w.cols > (int64_t(1) << 20), groups, 1, Split::Even, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t sb = 0; sb < supers; ++sb) {
+        uint8_t* s = const_cast<uint8_t*>(q4_k_lane_scales(w, out, g, sb));
+        for (int r = 0; r < 16; ++r) {
+          const uint8_t* blk = w.row(g * 16 + r) + sb * 144;  // d, dmin, scales[12], qs[128]
+          std::memcpy(s + 2 * r, blk, 2);
+          std::memcpy(s + 32 + 2 * r, blk + 2, 2);
+          for (int j = 0; j < 8; ++j) {
+            int sc, m;
+            scale_min_k4(j, blk + 4, sc, m);
+            s[64 + 16 * j + r] = uint8_t(sc);
+            s[192 + 16 * j + r] = uint8_t(m);
+            // Sub-block j: the low (even j) or high (odd j) nibbles of qs[32 * (j / 2) ..][0..31].
+            const uint8_t* q = blk + 16 + 32 * (j / 2);
+            uint8_t* lanes = const_cast<uint8_t*>(q4_0_lane_quants(w, out, g, sb * 8 + j));
+            for (int i = 0; i < 16; ++i) {
+              const int lo = j % 2 ? q[i] >> 4 : q[i] & 0xF, hi = j % 2 ? q[16 + i] >> 4 : q[16 + i] & 0xF;
+              lanes[(i / 4) * 64 + r * 4 + i % 4] = uint8_t(lo | hi << 4);
+            }
+          }
         }
       }
   });

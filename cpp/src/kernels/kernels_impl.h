@@ -967,29 +967,71 @@ static inline __m512 row_lane_scale(const uint16_t* halves) {
 // of Q8_0) measured best on an Intel Xeon (1 and 4 KB were 3-10 % slower).
 constexpr size_t ROW_LANE_AHEAD_BYTES = 2048;
 
-// What the float row-lane kernel needs of a type's copy: the bytes of a group's block, the offset
-// its quants carry, and unit(block, u): a vector holding, in byte i of each row's 4-byte lane,
-// that row's quant for k = 4u + i (u = 0..7), offset included.
+// What the float row-lane kernel needs of a type's copy: the bytes of a group's block,
+// unit(block, u): a vector holding, in byte i of each row's 4-byte lane, that row's quant for
+// k = 4u + i (u = 0..7), and block_scales: the rows' d and bias of a block, the weight being
+// q * d + bias.
 // Q8_0 (pack_q8_0_row_lanes): 8 vectors per block, each byte w + 128.
 struct Q8_0Lanes {
   static constexpr size_t BLOCK_BYTES = 512;
-  static constexpr float OFFSET = -128.0f;
   static __m512i unit(const uint8_t* block, int u) { return _mm512_load_si512(block + 64 * u); }
   static const uint8_t* quants(const WeightView& w, int64_t g) { return row_lane_quants(w, w.row_lanes, g, 0); }
-  static const uint16_t* scales(const WeightView& w, int64_t g) { return row_lane_scales(w, w.row_lanes, g, 0); }
+  // A group's scales: 16 halves per block, one line per two blocks.
+  static const uint8_t* scales(const WeightView& w, int64_t g) {
+    return reinterpret_cast<const uint8_t*>(row_lane_scales(w, w.row_lanes, g, 0));
+  }
+  static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 32) * 32; }
+  // d and (offset) * d of the 16 rows in block b.
+  static void block_scales(const uint8_t* scales, int b, __m512& d, __m512& bias, float offset = -128.0f) {
+    d = row_lane_scale(reinterpret_cast<const uint16_t*>(scales) + size_t(b) * 16);
+    bias = _mm512_mul_ps(d, _mm512_set1_ps(offset));
+  }
+  static void prefetch_scales(const uint8_t* scales, int b) {
+    if (b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(scales) + size_t(b) * 32, _MM_HINT_T0);
+  }
 };
 // Q4_0 (pack_q4_0_row_lanes): 4 vectors per block, each byte holding values 4j+i (low nibble) and
 // 16+4j+i (high nibble): one `and` gives units 0-3, a shift and an `and` units 4-7, values 0-15
 // with offset 8, so that the block's values come in order.
 struct Q4_0Lanes {
   static constexpr size_t BLOCK_BYTES = 256;
-  static constexpr float OFFSET = -8.0f;
   static __m512i unit(const uint8_t* block, int u) {
     const __m512i v = _mm512_load_si512(block + 64 * (u % 4)), low4 = _mm512_set1_epi8(0x0F);
     return _mm512_and_si512(u < 4 ? v : _mm512_srli_epi16(v, 4), low4);
   }
   static const uint8_t* quants(const WeightView& w, int64_t g) { return q4_0_lane_quants(w, w.row_lanes, g, 0); }
-  static const uint16_t* scales(const WeightView& w, int64_t g) { return q4_0_lane_scales(w, w.row_lanes, g, 0); }
+  static const uint8_t* scales(const WeightView& w, int64_t g) {
+    return reinterpret_cast<const uint8_t*>(q4_0_lane_scales(w, w.row_lanes, g, 0));
+  }
+  static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 32) * 32; }
+  static void block_scales(const uint8_t* scales, int b, __m512& d, __m512& bias) {
+    Q8_0Lanes::block_scales(scales, b, d, bias, -8.0f);
+  }
+  static void prefetch_scales(const uint8_t* scales, int b) { Q8_0Lanes::prefetch_scales(scales, b); }
+};
+// Q4_K (pack_q4_k_row_lanes): each 32-value sub-block's nibbles laid out as Q4_0's; per group and
+// super-block of 256 values, the rows' d and dmin (halves) and their 8 sub-blocks' 6-bit scales and
+// mins as bytes (Q4_K_LANE_SCALE_BYTES). d * sc and dmin * m are exact in float, and the weight
+// q * (d * sc) - dmin * m is rounded once, as the row widening has it.
+struct Q4_KLanes {
+  static constexpr size_t BLOCK_BYTES = 256;
+  static __m512i unit(const uint8_t* block, int u) { return Q4_0Lanes::unit(block, u); }
+  static const uint8_t* quants(const WeightView& w, int64_t g) { return q4_0_lane_quants(w, w.row_lanes, g, 0); }
+  static const uint8_t* scales(const WeightView& w, int64_t g) { return q4_k_lane_scales(w, w.row_lanes, g, 0); }
+  static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 256) * Q4_K_LANE_SCALE_BYTES; }
+  static void block_scales(const uint8_t* scales, int b, __m512& d, __m512& bias) {
+    const uint8_t* s = scales + size_t(b / 8) * Q4_K_LANE_SCALE_BYTES;
+    const int j = b % 8;
+    const __m512 dsup = row_lane_scale(reinterpret_cast<const uint16_t*>(s));
+    const __m512 dmin = row_lane_scale(reinterpret_cast<const uint16_t*>(s + 32));
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 64 + 16 * j))));
+    const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 192 + 16 * j))));
+    d = _mm512_mul_ps(dsup, sc);
+    bias = _mm512_mul_ps(_mm512_mul_ps(dmin, mn), _mm512_set1_ps(-1.0f));
+  }
+  static void prefetch_scales(const uint8_t* scales, int b) {
+    if (b % 8 < 5) _mm_prefetch(reinterpret_cast<const char*>(scales) + size_t(b / 8) * Q4_K_LANE_SCALE_BYTES + 64 * (b % 8), _MM_HINT_T0);
+  }
 };
 
 // R groups of 16 rows (the copy's group g at lanes + g * gstride bytes, its scales at
@@ -998,7 +1040,7 @@ struct Q4_0Lanes {
 // widening (pick, convert, (q + offset) * d in one FMA: the dequantized weight rounded once) is
 // shared by the C tokens, and a token's sum runs over k in order in its lane.
 template <class L, int R, int C>
-static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const uint16_t* scales, size_t sstride,
+static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const uint8_t* scales, size_t sstride,
                                     int nb, const float* x, size_t ldx, float* y, size_t ldy) {
   constexpr int AHEAD = int(ROW_LANE_AHEAD_BYTES / L::BLOCK_BYTES);
   const __m512i pick0 = row_lane_pick(0), pick1 = row_lane_pick(1), pick2 = row_lane_pick(2),
@@ -1013,20 +1055,15 @@ static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const 
   // an Intel Xeon, whose cores keep few lines in flight each: most of those lines arrived too
   // early and left L1 before use.
   const auto* quant_bytes = reinterpret_cast<const char*>(lanes);
-  const auto* scale_bytes = reinterpret_cast<const char*>(scales);
   for (int b = 0; b < nb; ++b) {
     const int ab = b + AHEAD;
     const size_t q_off = ab < nb ? size_t(ab) * L::BLOCK_BYTES : R * gstride + size_t(ab - nb) * L::BLOCK_BYTES;
-    const size_t s_off = ab < nb ? size_t(ab) * 32 : R * sstride * 2 + size_t(ab - nb) * 32;
     for (int g = 0; g < R; ++g) {
       for (size_t l = 0; l < L::BLOCK_BYTES; l += 64) _mm_prefetch(quant_bytes + g * gstride + q_off + l, _MM_HINT_T0);
-      if (ab % 2 == 0) _mm_prefetch(scale_bytes + g * sstride * 2 + s_off, _MM_HINT_T0);
+      L::prefetch_scales(scales + (ab < nb ? g : g + R) * sstride, ab < nb ? ab : ab - nb);
     }
     __m512 d[R], m[R];
-    for (int g = 0; g < R; ++g) {
-      d[g] = row_lane_scale(scales + g * sstride + size_t(b) * 16);
-      m[g] = _mm512_mul_ps(d[g], _mm512_set1_ps(L::OFFSET));
-    }
+    for (int g = 0; g < R; ++g) L::block_scales(scales + g * sstride, b, d[g], m[g]);
     const float* xb = x + size_t(b) * 32;
     for (int u = 0; u < 8; ++u)
       for (int g = 0; g < R; ++g) {
@@ -1049,13 +1086,13 @@ static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const 
 
 // R groups of rows for all n tokens, in passes.
 template <class L, int R>
-static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint16_t* scales, size_t sstride,
+static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint8_t* scales, size_t sstride,
                                int nb, const float* x, int K, int n, float* y, size_t ldy) {
   int t = 0;
   if constexpr (R == 1) {
     // Passes of at most 16 tokens, as even as they come (33 tokens: 11 + 11 + 11, not 16 + 16 + 1),
     // so that every pass has 8 or more chains to cover the FMA latency.
-    using Pass = void (*)(const uint8_t*, size_t, const uint16_t*, size_t, int, const float*, size_t, float*, size_t);
+    using Pass = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, int, const float*, size_t, float*, size_t);
     static constexpr Pass by_tokens[17] = {
         nullptr, float_lanes_pass<L, 1, 1>, float_lanes_pass<L, 1, 2>, float_lanes_pass<L, 1, 3>,
         float_lanes_pass<L, 1, 4>, float_lanes_pass<L, 1, 5>, float_lanes_pass<L, 1, 6>, float_lanes_pass<L, 1, 7>,
@@ -1083,11 +1120,11 @@ static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint1
 template <class L>
 static void float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
   const int K = int(w.cols), nb = K / 32;
-  const size_t gstride = size_t(nb) * L::BLOCK_BYTES, sstride = size_t(nb) * 16, ldy = size_t(w.rows);
+  const size_t gstride = size_t(nb) * L::BLOCK_BYTES, sstride = L::scale_stride(w), ldy = size_t(w.rows);
   for (int r = r0; r < r1;) {
     const int left = (r1 - r) / 16, g = r / 16;
     const uint8_t* lanes = L::quants(w, g);
-    const uint16_t* scales = L::scales(w, g);
+    const uint8_t* scales = L::scales(w, g);
     const int R = n >= 8 ? 1 : std::min(left, n >= 4 ? 2 : 4);
     switch (R) {
       case 4: float_lanes_groups<L, 4>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
@@ -1105,10 +1142,13 @@ static void q8_0_float_row_lanes(const WeightView& w, const float* x, int n, flo
 static void q4_0_float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
   float_row_lanes<Q4_0Lanes>(w, x, n, y, r0, r1);
 }
+static void q4_k_float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
+  float_row_lanes<Q4_KLanes>(w, x, n, y, r0, r1);
+}
 
 // A GEMM panel (NR = 32 rows from n0, k-major) widened from the row-lane copy: per block and
-// 4-byte group, the k-positions of 16 rows come out as the float kernels make them (w * d
-// rounded once, as the row widening of Q8_0 and Q4_0 gives them).
+// 4-byte group, the k-positions of 16 rows come out as the float kernels make them (the
+// dequantized weight rounded once).
 template <class L>
 static void panel_from_lanes(const WeightView& wv, int n0, float* panel) {
   const int nb = int(wv.cols) / 32;
@@ -1116,10 +1156,10 @@ static void panel_from_lanes(const WeightView& wv, int n0, float* panel) {
   for (int h = 0; h < 2; ++h) {
     const int g = n0 / 16 + h;
     const uint8_t* lanes = L::quants(wv, g);
-    const uint16_t* scales = L::scales(wv, g);
+    const uint8_t* scales = L::scales(wv, g);
     for (int b = 0; b < nb; ++b) {
-      const __m512 d = row_lane_scale(scales + size_t(b) * 16);
-      const __m512 m = _mm512_mul_ps(d, _mm512_set1_ps(L::OFFSET));
+      __m512 d, m;
+      L::block_scales(scales, b, d, m);
       for (int u = 0; u < 8; ++u) {
         const __m512i v = L::unit(lanes + size_t(b) * L::BLOCK_BYTES, u);
         for (int i = 0; i < 4; ++i)
@@ -1134,6 +1174,7 @@ static bool panel_from_row_lanes(const WeightView& wv, int n0, float* panel) {
   if (!wv.row_lanes || n0 % 16 != 0 || n0 + NR > wv.rows) return false;
   if (wv.type == DType::Q8_0) panel_from_lanes<Q8_0Lanes>(wv, n0, panel);
   else if (wv.type == DType::Q4_0) panel_from_lanes<Q4_0Lanes>(wv, n0, panel);
+  else if (wv.type == DType::Q4_K) panel_from_lanes<Q4_KLanes>(wv, n0, panel);
   else return false;
   return true;
 }
@@ -1142,6 +1183,7 @@ constexpr bool HAS_FLOAT_ROW_LANES = false;
 static bool panel_from_row_lanes(const WeightView&, int, float*) { return false; }
 static void q8_0_float_row_lanes(const WeightView&, const float*, int, float*, int, int) {}
 static void q4_0_float_row_lanes(const WeightView&, const float*, int, float*, int, int) {}
+static void q4_k_float_row_lanes(const WeightView&, const float*, int, float*, int, int) {}
 #endif
 
 // Q8_0 products with a row-lane copy take it up to this many tokens; above, the packed GEMM,
@@ -1151,8 +1193,8 @@ static void q4_0_float_row_lanes(const WeightView&, const float*, int, float*, i
 constexpr int FLOAT_ROW_LANE_MAX = 128;
 
 static bool takes_float_row_lanes(const WeightView& w, int n) {
-  return HAS_FLOAT_ROW_LANES && (w.type == DType::Q8_0 || w.type == DType::Q4_0) && w.row_lanes &&
-         n <= FLOAT_ROW_LANE_MAX;
+  return HAS_FLOAT_ROW_LANES && (w.type == DType::Q8_0 || w.type == DType::Q4_0 || w.type == DType::Q4_K) &&
+         w.row_lanes && n <= FLOAT_ROW_LANE_MAX;
 }
 
 // Rows [r0, r1) of one weight's GEMV, for every token. xsum: sums_of_32(x), for the types with offsets.
@@ -1171,7 +1213,9 @@ static void gemv_rows_of(const WeightView& w, const float* x, const float* xsum,
     case DType::Q5_0: return gemv_q_blocks<DType::Q5_0>(w, x, xsum, n, y, r0, r1);
     case DType::Q5_1: return gemv_q_blocks<DType::Q5_1>(w, x, xsum, n, y, r0, r1);
     case DType::IQ4_NL: return gemv_q_blocks<DType::IQ4_NL>(w, x, xsum, n, y, r0, r1);
-    case DType::Q4_K: return gemv_k_quant<DType::Q4_K>(w, x, xsum, n, y, r0, r1);
+    case DType::Q4_K:
+      if (takes_float_row_lanes(w, n)) return q4_k_float_row_lanes(w, x, n, y, r0, r1);
+      return gemv_k_quant<DType::Q4_K>(w, x, xsum, n, y, r0, r1);
     case DType::Q5_K: return gemv_k_quant<DType::Q5_K>(w, x, xsum, n, y, r0, r1);
     case DType::Q6_K: return gemv_q6_k(w, x, n, y, r0, r1);
   }

@@ -516,7 +516,9 @@ PYBIND11_MODULE(_core, m) {
     if (int8_activations && !int8_supported(view.type))
       throw py::value_error("int8 activations need a block-quantized weight type, not " + dtype);
     if (row_lanes) {
-      if (!q8_0_row_lane_bytes(view) && !((q4_0_row_lane_bytes(view) || q4_k_row_lane_bytes(view)) && !int8_activations))
+      WeightView as_used = view;  // the copy a model would make for these products
+      as_used.int8_activations = int8_activations;
+      if (!row_lane_bytes(as_used))
         throw py::value_error("row_lanes needs Q8_0 rows in whole groups of 16 and the int8 row-lane kernel "
                               "(AVX-512 VNNI), or Q4_0 / Q4_K rows in whole groups of 16, float activations and the "
                               "AVX-512 kernels");

@@ -135,25 +135,33 @@ size_t q8_0_row_lane_bytes(const WeightView& w) {
   return size_t(w.rows) * size_t(w.cols) / 32 * 34;
 }
 
+// Runs pack_group(g) for every group of 16 rows of w, spread over the threads for large matrices;
+// `bytes`: the layout's size for w, 0 where w has none (refused).
+template <class F>
+static void pack_groups(const WeightView& w, size_t bytes, F pack_group) {
+  if (!bytes) throw std::invalid_argument("these weights have no row-lane layout");
+  parallel_for_if(w.rows * w.cols > (int64_t(1) << 20), w.rows / 16, 1, Split::Even, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) pack_group(g);
+  });
+}
+
 void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out) {
-  if (!q8_0_row_lane_bytes(w)) throw std::invalid_argument("these weights have no row-lane layout");
-  const int64_t groups = w.rows / 16, nb = w.cols / 32;
-  parallel_for_if(w.rows * w.cols > (int64_t(1) << 20), groups, 1, Split::Even, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t b = 0; b < nb; ++b) {
-        uint8_t* q = const_cast<uint8_t*>(row_lane_quants(w, out, g, b));
-        uint16_t* scales = const_cast<uint16_t*>(row_lane_scales(w, out, g, b));
-        for (int r = 0; r < 16; ++r) {
-          const uint8_t* blk = w.row(g * 16 + r) + b * 34;  // half scale, then 32 quants
-          std::memcpy(scales + r, blk, 2);
-          for (int j = 0; j < 8; ++j) {  // 4 bytes at a time, each + 128
-            uint32_t four;
-            std::memcpy(&four, blk + 2 + 4 * j, 4);
-            four ^= 0x80808080u;
-            std::memcpy(q + j * 64 + r * 4, &four, 4);
-          }
+  const int64_t nb = w.cols / 32;
+  pack_groups(w, q8_0_row_lane_bytes(w), [&](int64_t g) {
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* q = const_cast<uint8_t*>(row_lane_quants(w, out, g, b));
+      uint16_t* scales = const_cast<uint16_t*>(row_lane_scales(w, out, g, b));
+      for (int r = 0; r < 16; ++r) {
+        const uint8_t* blk = w.row(g * 16 + r) + b * 34;  // half scale, then 32 quants
+        std::memcpy(scales + r, blk, 2);
+        for (int j = 0; j < 8; ++j) {  // 4 bytes at a time, each + 128
+          uint32_t four;
+          std::memcpy(&four, blk + 2 + 4 * j, 4);
+          four ^= 0x80808080u;
+          std::memcpy(q + j * 64 + r * 4, &four, 4);
         }
       }
+    }
   });
 }
 
@@ -163,19 +171,17 @@ size_t q4_0_row_lane_bytes(const WeightView& w) {
 }
 
 void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out) {
-  if (!q4_0_row_lane_bytes(w)) throw std::invalid_argument("these weights have no row-lane layout");
-  const int64_t groups = w.rows / 16, nb = w.cols / 32;
-  parallel_for_if(w.rows * w.cols > (int64_t(1) << 20), groups, 1, Split::Even, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t b = 0; b < nb; ++b) {
-        uint8_t* q = const_cast<uint8_t*>(q4_0_lane_quants(w, out, g, b));
-        uint16_t* scales = const_cast<uint16_t*>(q4_0_lane_scales(w, out, g, b));
-        for (int r = 0; r < 16; ++r) {
-          const uint8_t* blk = w.row(g * 16 + r) + b * 18;  // half scale, then 16 bytes of nibbles
-          std::memcpy(scales + r, blk, 2);
-          for (int j = 0; j < 4; ++j) std::memcpy(q + j * 64 + r * 4, blk + 2 + 4 * j, 4);
-        }
+  const int64_t nb = w.cols / 32;
+  pack_groups(w, q4_0_row_lane_bytes(w), [&](int64_t g) {
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* q = const_cast<uint8_t*>(q4_0_lane_quants(w, out, g, b));
+      uint16_t* scales = const_cast<uint16_t*>(q4_0_lane_scales(w, out, g, b));
+      for (int r = 0; r < 16; ++r) {
+        const uint8_t* blk = w.row(g * 16 + r) + b * 18;  // half scale, then 16 bytes of nibbles
+        std::memcpy(scales + r, blk, 2);
+        for (int j = 0; j < 4; ++j) std::memcpy(q + j * 64 + r * 4, blk + 2 + 4 * j, 4);
       }
+    }
   });
 }
 
@@ -185,31 +191,29 @@ size_t q4_k_row_lane_bytes(const WeightView& w) {
 }
 
 void pack_q4_k_row_lanes(const WeightView& w, uint8_t* out) {
-  if (!q4_k_row_lane_bytes(w)) throw std::invalid_argument("these weights have no row-lane layout");
-  const int64_t groups = w.rows / 16, supers = w.cols / 256;
-  parallel_for_if(w.rows * w.cols > (int64_t(1) << 20), groups, 1, Split::Even, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t sb = 0; sb < supers; ++sb) {
-        uint8_t* s = const_cast<uint8_t*>(q4_k_lane_scales(w, out, g, sb));
-        for (int r = 0; r < 16; ++r) {
-          const uint8_t* blk = w.row(g * 16 + r) + sb * 144;  // d, dmin, scales[12], qs[128]
-          std::memcpy(s + 2 * r, blk, 2);
-          std::memcpy(s + 32 + 2 * r, blk + 2, 2);
-          for (int j = 0; j < 8; ++j) {
-            int sc, m;
-            scale_min_k4(j, blk + 4, sc, m);
-            s[64 + 16 * j + r] = uint8_t(sc);
-            s[192 + 16 * j + r] = uint8_t(m);
-            // Sub-block j: the low (even j) or high (odd j) nibbles of qs[32 * (j / 2) ..][0..31].
-            const uint8_t* q = blk + 16 + 32 * (j / 2);
-            uint8_t* lanes = const_cast<uint8_t*>(q4_0_lane_quants(w, out, g, sb * 8 + j));
-            for (int i = 0; i < 16; ++i) {
-              const int lo = j % 2 ? q[i] >> 4 : q[i] & 0xF, hi = j % 2 ? q[16 + i] >> 4 : q[16 + i] & 0xF;
-              lanes[(i / 4) * 64 + r * 4 + i % 4] = uint8_t(lo | hi << 4);
-            }
+  const int64_t supers = w.cols / 256;
+  pack_groups(w, q4_k_row_lane_bytes(w), [&](int64_t g) {
+    for (int64_t sb = 0; sb < supers; ++sb) {
+      uint8_t* s = const_cast<uint8_t*>(q4_k_lane_scales(w, out, g, sb));
+      for (int r = 0; r < 16; ++r) {
+        const uint8_t* blk = w.row(g * 16 + r) + sb * 144;  // d, dmin, scales[12], qs[128]
+        std::memcpy(s + 2 * r, blk, 2);
+        std::memcpy(s + 32 + 2 * r, blk + 2, 2);
+        for (int j = 0; j < 8; ++j) {
+          int sc, m;
+          scale_min_k4(j, blk + 4, sc, m);
+          s[64 + 16 * j + r] = uint8_t(sc);
+          s[192 + 16 * j + r] = uint8_t(m);
+          // Sub-block j: the low (even j) or high (odd j) nibbles of qs[32 * (j / 2) ..][0..31].
+          const uint8_t* q = blk + 16 + 32 * (j / 2);
+          uint8_t* lanes = const_cast<uint8_t*>(q4_0_lane_quants(w, out, g, sb * 8 + j));
+          for (int i = 0; i < 16; ++i) {
+            const int lo = j % 2 ? q[i] >> 4 : q[i] & 0xF, hi = j % 2 ? q[16 + i] >> 4 : q[16 + i] & 0xF;
+            lanes[(i / 4) * 64 + r * 4 + i % 4] = uint8_t(lo | hi << 4);
           }
         }
       }
+    }
   });
 }
 

@@ -1186,10 +1186,11 @@ static void q4_0_float_row_lanes(const WeightView&, const float*, int, float*, i
 static void q4_k_float_row_lanes(const WeightView&, const float*, int, float*, int, int) {}
 #endif
 
-// Q8_0 products with a row-lane copy take it up to this many tokens; above, the packed GEMM,
-// whose arithmetic per token is the same (w * d rounded once, one lane summing over k in order),
-// so results still do not depend on the batch. Measured (SmolLM2-135M shapes, one thread): the
-// copy 1.1x the GEMM at 48-64 tokens, even at 128, 0.9x at 256.
+// Products with a row-lane copy (Q8_0, Q4_0, Q4_K) take it up to this many tokens; above, the
+// packed GEMM, whose panels widen from the copy and whose arithmetic per token is the same (the
+// dequantized weight rounded once, one lane summing over k in order), so results still do not
+// depend on the batch. Measured (SmolLM2-135M shapes, one thread): the Q8_0 copy 1.1x the GEMM at
+// 48-64 tokens, even at 128, 0.9x at 256; Q4_0 and Q4_K (2 threads) 0.93-1.18x at 128.
 constexpr int FLOAT_ROW_LANE_MAX = 128;
 
 static bool takes_float_row_lanes(const WeightView& w, int n) {

@@ -7,7 +7,7 @@ A random-weight model in the shape of a real one (gpt2: 124M parameters) is
 converted by `tokentrail.load(dir, dtype=...)` for tokentrail and written by
 `write_gguf` for llama.cpp (llama-cpp-python; the types it reads from
 tokentrail's writer: f32, f16, q8_0, q4_0). The llama.cpp mixes (q4_k_m,
-q5_k_m, q5_0, q5_1, q4_1, iq4_nl) are made by llama.cpp's own quantizer from
+q5_k_m, q6_k, q5_0, q5_1, q4_1, iq4_nl) are made by llama.cpp's own quantizer from
 the f32 file, and both engines read that very file. Both engines decode greedily one
 token at a time from a one-token prompt with the same thread count; figures
 are medians over repeats, each after a warm-up (bench/timing.py), the two
@@ -37,7 +37,8 @@ GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")  # what tokentrail writes and llama.
 # Files llama.cpp's quantizer makes (its file type constants), read by both engines as they are.
 LLAMA_MIXES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
                "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-               "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1", "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL"}
+               "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1", "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+               "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
 
 
 def llama_cpp_quantize(src: Path, dst: Path, mix: str, threads: int) -> Path:

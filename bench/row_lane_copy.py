@@ -1,12 +1,12 @@
-"""Q8_0, Q4_0 and Q4_K products through the row-lane copy (load(repack=True)) against the file's own layout.
+"""Q8_0, Q4_0, Q4_K and Q6_K products through the row-lane copy (load(repack=True)) against the file's own layout.
 
-    python bench/row_lane_copy.py [--dtype q8_0|q4_0|q4_k] [--threads 1] [--tokens 1,2,4,8,16,32,48,128] [--repeats 5]
+    python bench/row_lane_copy.py [--dtype q8_0|q4_0|q4_k|q6_k] [--threads 1] [--tokens 1,2,4,8,16,32,48,128] [--repeats 5]
 
 The products of a SmolLM2-135M-shaped layer (1536 x 576 up/gate, 576 x 1536
-down, 192 x 576 k/v) and its 49152 x 576 unembedding (Q4_K: a TinyLlama-1.1B
+down, 192 x 576 k/v) and its 49152 x 576 unembedding (Q4_K and Q6_K: a TinyLlama-1.1B
 layer, whose rows hold whole 256-value super-blocks), random weights of the
 type, at several token counts, with float32 activations (the default path)
-and, for Q8_0, with int8 ones (exact=False; int8 products of Q4_0 and Q4_K
+and, for Q8_0, with int8 ones (exact=False; int8 products of the other types
 read the file's rows, so they have no int8 columns), each with and without the copy.
 Times are per product, the copy made once outside them (the difference of 1
 and 1 + R products in one call); with one thread they are CPU time, which
@@ -23,7 +23,7 @@ import numpy as np
 from batch_generate import cpu_name
 
 SHAPES = [("up/gate", 1536, 576), ("down", 576, 1536), ("k/v", 192, 576), ("unembedding", 49152, 576)]
-# Q4_K's rows hold whole 256-value super-blocks, which SmolLM2's 576 are not: TinyLlama-1.1B's shapes.
+# The k-quants' rows hold whole 256-value super-blocks, which SmolLM2's 576 are not: TinyLlama-1.1B's shapes.
 K_QUANT_SHAPES = [("up/gate", 5632, 2048), ("down", 2048, 5632), ("k/v", 256, 2048), ("q/o", 2048, 2048)]
 
 
@@ -44,7 +44,7 @@ def per_product(core, w, dtype: str, rows: int, k: int, x: np.ndarray, int8: boo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dtype", default="q8_0", choices=["q8_0", "q4_0", "q4_k"])
+    ap.add_argument("--dtype", default="q8_0", choices=["q8_0", "q4_0", "q4_k", "q6_k"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", default="1,2,4,8,16,32,48,128")
     ap.add_argument("--repeats", type=int, default=10, help="products per timed call")
@@ -65,7 +65,7 @@ def main() -> None:
     print("| product | rows x cols | tokens | float: file layout (us) | float: copy (us) | ratio | "
           "int8: file layout (us) | int8: copy (us) | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, rows, k in K_QUANT_SHAPES if args.dtype == "q4_k" else SHAPES:
+    for name, rows, k in K_QUANT_SHAPES if args.dtype in ("q4_k", "q6_k") else SHAPES:
         w = quantize(rng.standard_normal((rows, k)).astype(np.float32), args.dtype)
         for n in tokens:
             x = rng.standard_normal((n, k)).astype(np.float32)

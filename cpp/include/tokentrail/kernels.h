@@ -79,7 +79,7 @@ struct KernelTable {
   double (*probe_read)(const float* p, size_t n);
   double (*probe_fma)(long long iters);
   int lanes;  // floats per vector
-  // Whether Q8_0 and Q4_0 products with float activations read a matrix's row-lane copy (AVX-512).
+  // Whether products with float activations read a matrix's row-lane copy (AVX-512; row_lane_bytes).
   bool float_row_lanes;
 };
 
@@ -119,10 +119,7 @@ bool int8_supported(DType t);
 // vectors of [16 rows][4 bytes] (values 4j..4j+3 of every row in vector j), each byte + 128
 // (vpdpbusd's unsigned side); after all the quants (rows * cols bytes), the half-precision
 // scales [g][b][16 rows]. As many bytes as Q8_0.
-// Bytes the layout takes for w, or 0 where the row-lane kernel does not take w (not Q8_0, rows
-// not in whole groups of 16, or no such kernel in the current int8 variant).
-size_t q8_0_row_lane_bytes(const WeightView& w);
-void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out);
+// Made where the current int8 variant has the row-lane kernel (rows in whole groups of 16).
 // Where a copy at `lanes` for w keeps group g's block b: its 512 bytes of quants, its 16 scales.
 inline size_t row_lane_index(const WeightView& w, int64_t g, int64_t b) { return size_t(g * (w.cols / 32) + b); }
 inline const uint8_t* row_lane_quants(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
@@ -136,10 +133,7 @@ inline const uint16_t* row_lane_scales(const WeightView& w, const uint8_t* lanes
 // [16 rows][4 bytes] (bytes 4j..4j+3 of every row in vector j, each holding values 4j+i in its
 // low nibble and 16+4j+i in its high one, as the file has them); after all the quants
 // (rows * cols / 2 bytes), the half-precision scales [g][b][16 rows]. As many bytes as Q4_0.
-// Bytes the layout takes for w, or 0 where the current kernels do not read it (not Q4_0, rows
-// not in whole groups of 16, or no float row-lane kernel).
-size_t q4_0_row_lane_bytes(const WeightView& w);
-void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out);
+// Made where the float kernels have the row-lane kernel, for products in float.
 inline const uint8_t* q4_0_lane_quants(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
   return lanes + row_lane_index(w, g, b) * 256;
 }
@@ -151,11 +145,29 @@ inline const uint16_t* q4_0_lane_scales(const WeightView& w, const uint8_t* lane
 // group of 16 rows and super-block of 256 values Q4_K_LANE_SCALE_BYTES: the rows' d [16] and dmin
 // [16] (halves), their 8 sub-blocks' scales [8][16] and mins [8][16] (6-bit values as bytes).
 constexpr size_t Q4_K_LANE_SCALE_BYTES = 320;
-size_t q4_k_row_lane_bytes(const WeightView& w);
-void pack_q4_k_row_lanes(const WeightView& w, uint8_t* out);
 inline const uint8_t* q4_k_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t s) {
   return lanes + size_t(w.rows) * size_t(w.cols) / 2 + size_t(g * (w.cols / 256) + s) * Q4_K_LANE_SCALE_BYTES;
 }
+// Q6_K rows laid out for the float row-lane kernel: per group g of 16 rows and 32-value block b,
+// the low nibbles as a Q4_0 block's (256 bytes), then the two high bits of each value in 2 vectors
+// of [16 rows][4 bytes] (unit u's, values 4u..4u+3 of every row, at bits 2 (u % 4) of vector
+// u / 4); after all the quants (rows * cols * 3 / 4 bytes), per group and super-block of 256
+// values Q6_K_LANE_SCALE_BYTES: the rows' d [16] (halves) and their 16 sub-blocks' int8 scales
+// [16][16]. 8 bytes more per 16 rows and super-block than Q6_K's 210 per row.
+constexpr size_t Q6_K_LANE_SCALE_BYTES = 288;
+inline const uint8_t* q6_k_lane_quants(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
+  return lanes + row_lane_index(w, g, b) * 384;
+}
+inline const uint8_t* q6_k_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t s) {
+  return lanes + size_t(w.rows) * size_t(w.cols) / 4 * 3 + size_t(g * (w.cols / 256) + s) * Q6_K_LANE_SCALE_BYTES;
+}
+// The one rule for which weights get a row-lane copy (`repack`), and its bytes (0: none): Q8_0
+// where the int8 variant has the row-lane kernel (its copy serves float and int8 products);
+// Q4_0, Q4_K and Q6_K where the float kernels have theirs and w's products stay in float (int8
+// ones read the original rows); rows in whole groups of 16, the k-quants' in whole super-blocks.
+size_t row_lane_bytes(const WeightView& w);
+// Lays w out at `out` (row_lane_bytes(w) bytes); refused where w gets no copy.
+void pack_row_lanes(const WeightView& w, uint8_t* out);
 // Values per activation block in products with weights of type t: 256 for the k-quants, else 32.
 inline int activation_block(DType t) { return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K ? 256 : 32; }
 

@@ -62,8 +62,8 @@ struct WeightView {
   // Products over several tokens round the activations to int8 per block and
   // multiply in integers (block-quantized types only; see Int8KernelTable).
   bool int8_activations = false;
-  // The same Q8_0 rows laid out for the row-lane kernels (pack_q8_0_row_lanes), when the model
-  // made that copy; the kernels that do not stream row lanes read `data`.
+  // The same rows laid out for the row-lane kernels (pack_row_lanes), when the model made that
+  // copy; the kernels that do not stream row lanes read `data`.
   const uint8_t* row_lanes = nullptr;
   bool empty() const { return data == nullptr; }
   const uint8_t* row(int64_t r) const { return static_cast<const uint8_t*>(data) + r * row_bytes; }

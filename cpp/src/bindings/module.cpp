@@ -62,15 +62,6 @@ struct ModelHandle {
   std::set<const void*> in_files;      // their data, as matrix() meets them
 };
 
-// Bytes of the row-lane copy `v` gets, 0 for none: Q8_0 when the current int8 variant has the
-// row-lane kernel; Q4_0 and Q4_K when the float kernels have theirs and the view's products stay in
-// float (int8 ones read the original rows); rows in whole groups of 16 either way.
-size_t row_lane_bytes(const WeightView& v) {
-  if (v.type == DType::Q4_0) return v.int8_activations ? 0 : q4_0_row_lane_bytes(v);
-  if (v.type == DType::Q4_K) return v.int8_activations ? 0 : q4_k_row_lane_bytes(v);
-  return q8_0_row_lane_bytes(v);
-}
-
 // Gives the views that can have one their row-lane copies, which the AVX-512 kernels load as they
 // lie: all of them in one allocation, each at a 4 KiB boundary, so that small matrices share huge
 // pages (one 2 MiB-aligned block each took SmolLM2-135M's 77 MB of Q4_0 to 499 MB). A view in a
@@ -91,12 +82,7 @@ void add_row_lanes(ModelHandle& h, const std::vector<WeightView*>& views) {
     WeightView& v = *views[i];
     if (!row_lane_bytes(v)) continue;
     uint8_t* copy = h.row_lane_copies.get() + offsets[i];
-    if (v.type == DType::Q4_0)
-      pack_q4_0_row_lanes(v, copy);
-    else if (v.type == DType::Q4_K)
-      pack_q4_k_row_lanes(v, copy);
-    else
-      pack_q8_0_row_lanes(v, copy);
+    pack_row_lanes(v, copy);
     v.row_lanes = copy;
     ++h.row_lane_matrices;
 #ifdef __linux__
@@ -520,8 +506,8 @@ PYBIND11_MODULE(_core, m) {
       as_used.int8_activations = int8_activations;
       if (!row_lane_bytes(as_used))
         throw py::value_error("row_lanes needs Q8_0 rows in whole groups of 16 and the int8 row-lane kernel "
-                              "(AVX-512 VNNI), or Q4_0 / Q4_K rows in whole groups of 16, float activations and the "
-                              "AVX-512 kernels");
+                              "(AVX-512 VNNI), or Q4_0 / Q4_K / Q6_K rows in whole groups of 16 (k-quants: of whole "
+                              "super-blocks), float activations and the AVX-512 kernels");
       add_row_lanes(keep, {&view});
     }
     if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error("x must be [n, cols]");
@@ -546,7 +532,7 @@ PYBIND11_MODULE(_core, m) {
     return to_numpy(std::move(y), {n, rows});
   }, py::arg("w"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("bias") = py::none(),
      py::arg("int8_activations") = false, py::arg("row_lanes") = false, py::arg("repeats") = 1,
-     "y = x . w^T (+ bias). int8_activations: the int8 kernel at any n; row_lanes: Q8_0 or Q4_0 through the "
+     "y = x . w^T (+ bias). int8_activations: the int8 kernel at any n; row_lanes: Q8_0, Q4_0, Q4_K or Q6_K through the "
      "row-lane copy a model keeps; repeats: the product that many times "
      "(for benchmarks: the weight's preparation once)");
   m.def("float_row_lanes", []() { return kernels().float_row_lanes; },

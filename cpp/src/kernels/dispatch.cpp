@@ -129,7 +129,7 @@ bool int8_supported(DType t) {
   }
 }
 
-size_t q8_0_row_lane_bytes(const WeightView& w) {
+static size_t q8_0_row_lane_bytes(const WeightView& w) {
   if (w.type != DType::Q8_0 || w.rows % 16 != 0 || w.cols % 32 != 0 || !int8_kernels().every_row_count(DType::Q8_0))
     return 0;
   return size_t(w.rows) * size_t(w.cols) / 32 * 34;
@@ -145,7 +145,7 @@ static void pack_groups(const WeightView& w, size_t bytes, F pack_group) {
   });
 }
 
-void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out) {
+static void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out) {
   const int64_t nb = w.cols / 32;
   pack_groups(w, q8_0_row_lane_bytes(w), [&](int64_t g) {
     for (int64_t b = 0; b < nb; ++b) {
@@ -165,12 +165,12 @@ void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out) {
   });
 }
 
-size_t q4_0_row_lane_bytes(const WeightView& w) {
+static size_t q4_0_row_lane_bytes(const WeightView& w) {
   if (w.type != DType::Q4_0 || w.rows % 16 != 0 || w.cols % 32 != 0 || !kernels().float_row_lanes) return 0;
   return size_t(w.rows) * size_t(w.cols) / 32 * 18;
 }
 
-void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out) {
+static void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out) {
   const int64_t nb = w.cols / 32;
   pack_groups(w, q4_0_row_lane_bytes(w), [&](int64_t g) {
     for (int64_t b = 0; b < nb; ++b) {
@@ -185,12 +185,12 @@ void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out) {
   });
 }
 
-size_t q4_k_row_lane_bytes(const WeightView& w) {
+static size_t q4_k_row_lane_bytes(const WeightView& w) {
   if (w.type != DType::Q4_K || w.rows % 16 != 0 || w.cols % 256 != 0 || !kernels().float_row_lanes) return 0;
   return size_t(w.rows) * size_t(w.cols) / 2 + size_t(w.rows / 16) * size_t(w.cols / 256) * Q4_K_LANE_SCALE_BYTES;
 }
 
-void pack_q4_k_row_lanes(const WeightView& w, uint8_t* out) {
+static void pack_q4_k_row_lanes(const WeightView& w, uint8_t* out) {
   const int64_t supers = w.cols / 256;
   pack_groups(w, q4_k_row_lane_bytes(w), [&](int64_t g) {
     for (int64_t sb = 0; sb < supers; ++sb) {
@@ -215,6 +215,82 @@ void pack_q4_k_row_lanes(const WeightView& w, uint8_t* out) {
       }
     }
   });
+}
+
+
+static size_t q6_k_row_lane_bytes(const WeightView& w) {
+  if (w.type != DType::Q6_K || w.rows % 16 != 0 || w.cols % 256 != 0 || !kernels().float_row_lanes) return 0;
+  return size_t(w.rows) * size_t(w.cols) / 4 * 3 + size_t(w.rows / 16) * size_t(w.cols / 256) * Q6_K_LANE_SCALE_BYTES;
+}
+
+static void pack_q6_k_row_lanes(const WeightView& w, uint8_t* out) {
+  const int64_t supers = w.cols / 256;
+  pack_groups(w, q6_k_row_lane_bytes(w), [&](int64_t g) {
+    for (int64_t sb = 0; sb < supers; ++sb) {
+      uint8_t* s = const_cast<uint8_t*>(q6_k_lane_scales(w, out, g, sb));
+      for (int r = 0; r < 16; ++r) {
+        const uint8_t* blk = w.row(g * 16 + r) + sb * 210;  // ql[128], qh[64], scales[16], d
+        std::memcpy(s + 2 * r, blk + 208, 2);
+        for (int j = 0; j < 16; ++j) s[32 + 16 * j + r] = blk[192 + j];
+        // The 6-bit values of the super-block in order: value 128h + 32p + l (p = 0..3, l = 0..31)
+        // has its low nibble in ql[64h + 32(p % 2) + l] (low half for p < 2) and its two high bits
+        // at bit 2p of qh[32h + l].
+        uint8_t q[256];
+        for (int h = 0; h < 2; ++h)
+          for (int p = 0; p < 4; ++p)
+            for (int l = 0; l < 32; ++l) {
+              const uint8_t low = blk[64 * h + 32 * (p % 2) + l], high = blk[128 + 32 * h + l];
+              q[128 * h + 32 * p + l] = uint8_t(((p < 2 ? low : low >> 4) & 0xF) | ((high >> (2 * p)) & 3) << 4);
+            }
+        for (int b = 0; b < 8; ++b) {
+          uint8_t* lanes = const_cast<uint8_t*>(q6_k_lane_quants(w, out, g, sb * 8 + b));
+          for (int i = 0; i < 32; ++i) {
+            const int v = q[32 * b + i], u = i / 4;
+            if (i < 16)  // low nibbles as a Q4_0 block: value i low, value 16 + i high
+              lanes[(i / 4) * 64 + r * 4 + i % 4] = uint8_t(v & 0xF);
+            else
+              lanes[((i - 16) / 4) * 64 + r * 4 + i % 4] |= uint8_t((v & 0xF) << 4);
+            // High bits: unit u's at bits 2 (u % 4) of vector u / 4
+            uint8_t& hb = lanes[256 + (u / 4) * 64 + r * 4 + i % 4];
+            if (u % 4 == 0) hb = 0;
+            hb |= uint8_t((v >> 4) << (2 * (u % 4)));
+          }
+        }
+      }
+    }
+  });
+}
+
+// The row-lane layouts, one row per weight type: the bytes a copy of w takes (0: none for w), how
+// it is made, and whether it serves only float products (int8 ones then read the original rows).
+struct RowLaneLayout {
+  DType type;
+  size_t (*bytes)(const WeightView&);
+  void (*pack)(const WeightView&, uint8_t*);
+  bool float_only;
+};
+static constexpr RowLaneLayout ROW_LANE_LAYOUTS[] = {
+    {DType::Q8_0, q8_0_row_lane_bytes, pack_q8_0_row_lanes, false},
+    {DType::Q4_0, q4_0_row_lane_bytes, pack_q4_0_row_lanes, true},
+    {DType::Q4_K, q4_k_row_lane_bytes, pack_q4_k_row_lanes, true},
+    {DType::Q6_K, q6_k_row_lane_bytes, pack_q6_k_row_lanes, true},
+};
+
+static const RowLaneLayout* row_lane_layout(const WeightView& w) {
+  for (const RowLaneLayout& l : ROW_LANE_LAYOUTS)
+    if (l.type == w.type) return l.float_only && w.int8_activations ? nullptr : &l;
+  return nullptr;
+}
+
+size_t row_lane_bytes(const WeightView& w) {
+  const RowLaneLayout* l = row_lane_layout(w);
+  return l ? l->bytes(w) : 0;
+}
+
+void pack_row_lanes(const WeightView& w, uint8_t* out) {
+  const RowLaneLayout* l = row_lane_layout(w);
+  if (!l) throw std::invalid_argument("these weights have no row-lane layout");
+  l->pack(w, out);
 }
 
 std::vector<std::string> available_isas() {

@@ -970,10 +970,17 @@ constexpr size_t ROW_LANE_AHEAD_BYTES = 2048;
 // What the float row-lane kernel needs of a type's copy: the bytes of a group's block,
 // unit(block, u): a vector holding, in byte i of each row's 4-byte lane, that row's quant for
 // k = 4u + i (u = 0..7), and block_scales: the rows' d and bias of a block, the weight being
-// q * d + bias.
+// q * d + bias; SCALE_PARTS: 1, or 2 for a type whose scales change after 16 values (units 0-3
+// take part 0's, units 4-7 part 1's); MAX_TOKENS: up to how many tokens products take this kernel
+// (above, the packed GEMM, its panels widened from the copy, so that results still do not depend on
+// the batch). Measured with 2 threads on an Intel Xeon, bench/row_lane_copy.py: Q8_0 1.1x the GEMM
+// at 48-64 tokens and even at 128 (SmolLM2-135M shapes, one thread), Q4_0 0.97-1.18x at 128; Q4_K
+// and Q6_K (TinyLlama-1.1B shapes) 0.93-1.44x at 64, 0.92-1.19x at 96, 0.83-0.99x at 128.
 // Q8_0 (pack_q8_0_row_lanes): 8 vectors per block, each byte w + 128.
 struct Q8_0Lanes {
   static constexpr size_t BLOCK_BYTES = 512;
+  static constexpr int SCALE_PARTS = 1;
+  static constexpr int MAX_TOKENS = 128;
   static __m512i unit(const uint8_t* block, int u) { return _mm512_load_si512(block + 64 * u); }
   static const uint8_t* quants(const WeightView& w, int64_t g) { return row_lane_quants(w, w.row_lanes, g, 0); }
   // A group's scales: 16 halves per block, one line per two blocks.
@@ -982,7 +989,8 @@ struct Q8_0Lanes {
   }
   static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 32) * 32; }
   // d and (offset) * d of the 16 rows in block b.
-  static void block_scales(const uint8_t* scales, int b, __m512& d, __m512& bias, float offset = -128.0f) {
+  static void block_scales(const uint8_t* scales, int b, int /*part*/, __m512& d, __m512& bias,
+                           float offset = -128.0f) {
     d = row_lane_scale(reinterpret_cast<const uint16_t*>(scales) + size_t(b) * 16);
     bias = _mm512_mul_ps(d, _mm512_set1_ps(offset));
   }
@@ -995,6 +1003,8 @@ struct Q8_0Lanes {
 // with offset 8, so that the block's values come in order.
 struct Q4_0Lanes {
   static constexpr size_t BLOCK_BYTES = 256;
+  static constexpr int SCALE_PARTS = 1;
+  static constexpr int MAX_TOKENS = 128;
   static __m512i unit(const uint8_t* block, int u) {
     const __m512i v = _mm512_load_si512(block + 64 * (u % 4)), low4 = _mm512_set1_epi8(0x0F);
     return _mm512_and_si512(u < 4 ? v : _mm512_srli_epi16(v, 4), low4);
@@ -1004,8 +1014,8 @@ struct Q4_0Lanes {
     return reinterpret_cast<const uint8_t*>(q4_0_lane_scales(w, w.row_lanes, g, 0));
   }
   static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 32) * 32; }
-  static void block_scales(const uint8_t* scales, int b, __m512& d, __m512& bias) {
-    Q8_0Lanes::block_scales(scales, b, d, bias, -8.0f);
+  static void block_scales(const uint8_t* scales, int b, int part, __m512& d, __m512& bias) {
+    Q8_0Lanes::block_scales(scales, b, part, d, bias, -8.0f);
   }
   static void prefetch_scales(const uint8_t* scales, int b) { Q8_0Lanes::prefetch_scales(scales, b); }
 };
@@ -1015,11 +1025,13 @@ struct Q4_0Lanes {
 // q * (d * sc) - dmin * m is rounded once, as the row widening has it.
 struct Q4_KLanes {
   static constexpr size_t BLOCK_BYTES = 256;
+  static constexpr int SCALE_PARTS = 1;
+  static constexpr int MAX_TOKENS = 64;
   static __m512i unit(const uint8_t* block, int u) { return Q4_0Lanes::unit(block, u); }
   static const uint8_t* quants(const WeightView& w, int64_t g) { return q4_0_lane_quants(w, w.row_lanes, g, 0); }
   static const uint8_t* scales(const WeightView& w, int64_t g) { return q4_k_lane_scales(w, w.row_lanes, g, 0); }
   static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 256) * Q4_K_LANE_SCALE_BYTES; }
-  static void block_scales(const uint8_t* scales, int b, __m512& d, __m512& bias) {
+  static void block_scales(const uint8_t* scales, int b, int /*part*/, __m512& d, __m512& bias) {
     const uint8_t* s = scales + size_t(b / 8) * Q4_K_LANE_SCALE_BYTES;
     const int j = b % 8;
     const __m512 dsup = row_lane_scale(reinterpret_cast<const uint16_t*>(s));
@@ -1031,6 +1043,37 @@ struct Q4_KLanes {
   }
   static void prefetch_scales(const uint8_t* scales, int b) {
     if (b % 8 < 5) _mm_prefetch(reinterpret_cast<const char*>(scales) + size_t(b / 8) * Q4_K_LANE_SCALE_BYTES + 64 * (b % 8), _MM_HINT_T0);
+  }
+};
+
+// Q6_K (pack_q6_k_row_lanes): the low nibbles as Q4_0's, then the high bits, 2 per value: unit u's
+// at bits 2 (u % 4) of vector u / 4, moved to bits 4-5 and merged in one ternary-logic op. Scales
+// change every 16 values (two parts per block); d * sc is exact in float, and the weight
+// q * (d * sc) - 32 * (d * sc) = (q - 32) * d * sc is exact too (24 significant bits at most).
+struct Q6_KLanes {
+  static constexpr size_t BLOCK_BYTES = 384;
+  static constexpr int SCALE_PARTS = 2;
+  static constexpr int MAX_TOKENS = 64;
+  static __m512i unit(const uint8_t* block, int u) {
+    const __m512i low = Q4_0Lanes::unit(block, u);
+    const __m512i h = _mm512_load_si512(block + 256 + 64 * (u / 4));
+    const int s = u % 4;
+    const __m512i at4 = s == 0 ? _mm512_slli_epi16(h, 4) : s == 1 ? _mm512_slli_epi16(h, 2)
+                                                        : s == 2 ? h : _mm512_srli_epi16(h, 2);
+    return _mm512_ternarylogic_epi32(at4, low, _mm512_set1_epi8(0x30), 0xEC);  // (at4 & 0x30) | low
+  }
+  static const uint8_t* quants(const WeightView& w, int64_t g) { return q6_k_lane_quants(w, w.row_lanes, g, 0); }
+  static const uint8_t* scales(const WeightView& w, int64_t g) { return q6_k_lane_scales(w, w.row_lanes, g, 0); }
+  static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 256) * Q6_K_LANE_SCALE_BYTES; }
+  static void block_scales(const uint8_t* scales, int b, int part, __m512& d, __m512& bias) {
+    const uint8_t* s = scales + size_t(b / 8) * Q6_K_LANE_SCALE_BYTES;
+    const int j = 2 * (b % 8) + part;
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 32 + 16 * j))));
+    d = _mm512_mul_ps(row_lane_scale(reinterpret_cast<const uint16_t*>(s)), sc);
+    bias = _mm512_mul_ps(d, _mm512_set1_ps(-32.0f));
+  }
+  static void prefetch_scales(const uint8_t* scales, int b) {
+    if (b % 8 < 5) _mm_prefetch(reinterpret_cast<const char*>(scales) + size_t(b / 8) * Q6_K_LANE_SCALE_BYTES + 64 * (b % 8), _MM_HINT_T0);
   }
 };
 
@@ -1062,23 +1105,25 @@ static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const 
       for (size_t l = 0; l < L::BLOCK_BYTES; l += 64) _mm_prefetch(quant_bytes + g * gstride + q_off + l, _MM_HINT_T0);
       L::prefetch_scales(scales + (ab < nb ? g : g + R) * sstride, ab < nb ? ab : ab - nb);
     }
-    __m512 d[R], m[R];
-    for (int g = 0; g < R; ++g) L::block_scales(scales + g * sstride, b, d[g], m[g]);
     const float* xb = x + size_t(b) * 32;
-    for (int u = 0; u < 8; ++u)
-      for (int g = 0; g < R; ++g) {
-        const __m512i v = L::unit(lanes + g * gstride + size_t(b) * L::BLOCK_BYTES, u);
-        const __m512 w0 = row_lane_floats(v, pick0, d[g], m[g]), w1 = row_lane_floats(v, pick1, d[g], m[g]);
-        const __m512 w2 = row_lane_floats(v, pick2, d[g], m[g]), w3 = row_lane_floats(v, pick3, d[g], m[g]);
-        const float* xk = xb + 4 * u;
-        for (int c = 0; c < C; ++c) {
-          const float* xc = xk + c * ldx;
-          acc[g][c] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xc[0]), acc[g][c]);
-          acc[g][c] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xc[1]), acc[g][c]);
-          acc[g][c] = _mm512_fmadd_ps(w2, _mm512_set1_ps(xc[2]), acc[g][c]);
-          acc[g][c] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xc[3]), acc[g][c]);
+    for (int part = 0; part < L::SCALE_PARTS; ++part) {
+      __m512 d[R], m[R];
+      for (int g = 0; g < R; ++g) L::block_scales(scales + g * sstride, b, part, d[g], m[g]);
+      for (int u = part * 8 / L::SCALE_PARTS; u < (part + 1) * 8 / L::SCALE_PARTS; ++u)
+        for (int g = 0; g < R; ++g) {
+          const __m512i v = L::unit(lanes + g * gstride + size_t(b) * L::BLOCK_BYTES, u);
+          const __m512 w0 = row_lane_floats(v, pick0, d[g], m[g]), w1 = row_lane_floats(v, pick1, d[g], m[g]);
+          const __m512 w2 = row_lane_floats(v, pick2, d[g], m[g]), w3 = row_lane_floats(v, pick3, d[g], m[g]);
+          const float* xk = xb + 4 * u;
+          for (int c = 0; c < C; ++c) {
+            const float* xc = xk + c * ldx;
+            acc[g][c] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xc[0]), acc[g][c]);
+            acc[g][c] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xc[1]), acc[g][c]);
+            acc[g][c] = _mm512_fmadd_ps(w2, _mm512_set1_ps(xc[2]), acc[g][c]);
+            acc[g][c] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xc[3]), acc[g][c]);
+          }
         }
-      }
+    }
   }
   for (int g = 0; g < R; ++g)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + c * ldy + 16 * g, acc[g][c]);
@@ -1136,14 +1181,21 @@ static void float_row_lanes(const WeightView& w, const float* x, int n, float* y
   }
 }
 
-static void q8_0_float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
-  float_row_lanes<Q8_0Lanes>(w, x, n, y, r0, r1);
+// The layout struct of each type with a row-lane copy (row_lane_bytes), handed to f as a value;
+// false for other types.
+template <class F>
+static bool with_row_lane_layout(DType t, F&& f) {
+  switch (t) {
+    case DType::Q8_0: f(Q8_0Lanes{}); return true;
+    case DType::Q4_0: f(Q4_0Lanes{}); return true;
+    case DType::Q4_K: f(Q4_KLanes{}); return true;
+    case DType::Q6_K: f(Q6_KLanes{}); return true;
+    default: return false;
+  }
 }
-static void q4_0_float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
-  float_row_lanes<Q4_0Lanes>(w, x, n, y, r0, r1);
-}
-static void q4_k_float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
-  float_row_lanes<Q4_KLanes>(w, x, n, y, r0, r1);
+
+static void float_row_lanes_of(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
+  with_row_lane_layout(w.type, [&](auto layout) { float_row_lanes<decltype(layout)>(w, x, n, y, r0, r1); });
 }
 
 // A GEMM panel (NR = 32 rows from n0, k-major) widened from the row-lane copy: per block and
@@ -1157,46 +1209,39 @@ static void panel_from_lanes(const WeightView& wv, int n0, float* panel) {
     const int g = n0 / 16 + h;
     const uint8_t* lanes = L::quants(wv, g);
     const uint8_t* scales = L::scales(wv, g);
-    for (int b = 0; b < nb; ++b) {
-      __m512 d, m;
-      L::block_scales(scales, b, d, m);
-      for (int u = 0; u < 8; ++u) {
-        const __m512i v = L::unit(lanes + size_t(b) * L::BLOCK_BYTES, u);
-        for (int i = 0; i < 4; ++i)
-          _mm512_storeu_ps(panel + size_t(b * 32 + 4 * u + i) * NR + 16 * h, row_lane_floats(v, picks[i], d, m));
+    for (int b = 0; b < nb; ++b)
+      for (int part = 0; part < L::SCALE_PARTS; ++part) {
+        __m512 d, m;
+        L::block_scales(scales, b, part, d, m);
+        for (int u = part * 8 / L::SCALE_PARTS; u < (part + 1) * 8 / L::SCALE_PARTS; ++u) {
+          const __m512i v = L::unit(lanes + size_t(b) * L::BLOCK_BYTES, u);
+          for (int i = 0; i < 4; ++i)
+            _mm512_storeu_ps(panel + size_t(b * 32 + 4 * u + i) * NR + 16 * h, row_lane_floats(v, picks[i], d, m));
+        }
       }
-    }
   }
 }
 
 static bool panel_from_row_lanes(const WeightView& wv, int n0, float* panel) {
   static_assert(NR == 32, "a panel is two groups of 16 rows");
   if (!wv.row_lanes || n0 % 16 != 0 || n0 + NR > wv.rows) return false;
-  if (wv.type == DType::Q8_0) panel_from_lanes<Q8_0Lanes>(wv, n0, panel);
-  else if (wv.type == DType::Q4_0) panel_from_lanes<Q4_0Lanes>(wv, n0, panel);
-  else if (wv.type == DType::Q4_K) panel_from_lanes<Q4_KLanes>(wv, n0, panel);
-  else return false;
-  return true;
+  return with_row_lane_layout(wv.type, [&](auto layout) { panel_from_lanes<decltype(layout)>(wv, n0, panel); });
+}
+
+// Whether products of w with n tokens take the float row-lane kernel: w has a copy (each has its
+// kernel) and n is at most its type's MAX_TOKENS.
+static bool takes_float_row_lanes(const WeightView& w, int n) {
+  if (!w.row_lanes) return false;
+  int most = 0;
+  with_row_lane_layout(w.type, [&](auto layout) { most = decltype(layout)::MAX_TOKENS; });
+  return n <= most;
 }
 #else
 constexpr bool HAS_FLOAT_ROW_LANES = false;
 static bool panel_from_row_lanes(const WeightView&, int, float*) { return false; }
-static void q8_0_float_row_lanes(const WeightView&, const float*, int, float*, int, int) {}
-static void q4_0_float_row_lanes(const WeightView&, const float*, int, float*, int, int) {}
-static void q4_k_float_row_lanes(const WeightView&, const float*, int, float*, int, int) {}
+static void float_row_lanes_of(const WeightView&, const float*, int, float*, int, int) {}
+static bool takes_float_row_lanes(const WeightView&, int) { return false; }
 #endif
-
-// Products with a row-lane copy (Q8_0, Q4_0, Q4_K) take it up to this many tokens; above, the
-// packed GEMM, whose panels widen from the copy and whose arithmetic per token is the same (the
-// dequantized weight rounded once, one lane summing over k in order), so results still do not
-// depend on the batch. Measured (SmolLM2-135M shapes, one thread): the Q8_0 copy 1.1x the GEMM at
-// 48-64 tokens, even at 128, 0.9x at 256; Q4_0 and Q4_K (2 threads) 0.93-1.18x at 128.
-constexpr int FLOAT_ROW_LANE_MAX = 128;
-
-static bool takes_float_row_lanes(const WeightView& w, int n) {
-  return HAS_FLOAT_ROW_LANES && (w.type == DType::Q8_0 || w.type == DType::Q4_0 || w.type == DType::Q4_K) &&
-         w.row_lanes && n <= FLOAT_ROW_LANE_MAX;
-}
 
 // Rows [r0, r1) of one weight's GEMV, for every token. xsum: sums_of_32(x), for the types with offsets.
 static void gemv_rows_of(const WeightView& w, const float* x, const float* xsum, int n, float* y, int r0, int r1) {
@@ -1205,20 +1250,22 @@ static void gemv_rows_of(const WeightView& w, const float* x, const float* xsum,
     case DType::F16: return gemv_typed<F16>(w, x, n, y, r0, r1);
     case DType::BF16: return gemv_typed<BF16>(w, x, n, y, r0, r1);
     case DType::Q8_0:
-      if (takes_float_row_lanes(w, n)) return q8_0_float_row_lanes(w, x, n, y, r0, r1);
+      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
       return gemv_q_blocks<DType::Q8_0>(w, x, xsum, n, y, r0, r1);
     case DType::Q4_0:
-      if (takes_float_row_lanes(w, n)) return q4_0_float_row_lanes(w, x, n, y, r0, r1);
+      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
       return gemv_q_blocks<DType::Q4_0>(w, x, xsum, n, y, r0, r1);
     case DType::Q4_1: return gemv_q_blocks<DType::Q4_1>(w, x, xsum, n, y, r0, r1);
     case DType::Q5_0: return gemv_q_blocks<DType::Q5_0>(w, x, xsum, n, y, r0, r1);
     case DType::Q5_1: return gemv_q_blocks<DType::Q5_1>(w, x, xsum, n, y, r0, r1);
     case DType::IQ4_NL: return gemv_q_blocks<DType::IQ4_NL>(w, x, xsum, n, y, r0, r1);
     case DType::Q4_K:
-      if (takes_float_row_lanes(w, n)) return q4_k_float_row_lanes(w, x, n, y, r0, r1);
+      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
       return gemv_k_quant<DType::Q4_K>(w, x, xsum, n, y, r0, r1);
     case DType::Q5_K: return gemv_k_quant<DType::Q5_K>(w, x, xsum, n, y, r0, r1);
-    case DType::Q6_K: return gemv_q6_k(w, x, n, y, r0, r1);
+    case DType::Q6_K:
+      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
+      return gemv_q6_k(w, x, n, y, r0, r1);
   }
 }
 

@@ -1,4 +1,4 @@
-"""The row-lane copies of Q8_0, Q4_0, Q4_K and Q6_K matrices (`load(repack=...)`): products through them
+"""The row-lane copies of Q8_0, Q4_0, Q4_K, Q5_K and Q6_K matrices (`load(repack=...)`): products through them
 against a float64 reference, a row's result independent of its batch, and models with and without
 the copy alike."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ needs_row_lanes = pytest.mark.skipif(not _core.int8_row_lanes(),
                                      reason=f"the {_core.int8_isa()} variant has no row-lane kernels")
 
 
-COPIED = ["q8_0", "q4_0", "q4_k", "q6_k"]
+COPIED = ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k"]
 
 
 @needs_row_lanes
@@ -28,7 +28,7 @@ def test_float_products_through_the_copy_match_float64(rows, dtype):
     """Every way the tokens and the groups of 16 rows are split into passes (1-3 tokens: 4 groups at
     a time, 4-7: 2 groups, 8 and more: one group with passes of up to 16 tokens)."""
     rng = np.random.default_rng(rows)
-    k = 768 if dtype in ("q4_k", "q6_k") else 576  # whole super-blocks of 256 values for Q4_K
+    k = 768 if dtype in ("q4_k", "q5_k", "q6_k") else 576  # whole super-blocks of 256 values for the k-quants
     w = quantize(rng.standard_normal((rows, k)).astype(np.float32), dtype)
     wf = dequantize(w, dtype, (rows, k)).astype(np.float64)
     for n in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 50, 100, 150):  # 150: the GEMM, its panels from the copy
@@ -78,9 +78,9 @@ def test_a_model_with_the_copy_gives_the_logits_of_one_without(dtype, exact):
 
 
 @needs_row_lanes
-@pytest.mark.parametrize("dtype", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("dtype", ["q4_k", "q5_k", "q6_k"])
 def test_a_k_quant_model_with_the_copy_gives_the_logits_of_one_without(llama256_f32, dtype):
-    """A Llama whose rows hold whole 256-value super-blocks: every Q4_K or Q6_K matrix gets its copy;
+    """A Llama whose rows hold whole 256-value super-blocks: every Q4_K, Q5_K or Q6_K matrix gets its copy;
     the logits match a model without it, and a sequence's logits do not depend on its batch."""
     with_copy = tokentrail.load(llama256_f32, dtype=dtype, repack=True)
     without = tokentrail.load(llama256_f32, dtype=dtype, repack=False)

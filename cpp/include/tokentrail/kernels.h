@@ -148,6 +148,16 @@ constexpr size_t Q4_K_LANE_SCALE_BYTES = 320;
 inline const uint8_t* q4_k_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t s) {
   return lanes + size_t(w.rows) * size_t(w.cols) / 2 + size_t(g * (w.cols / 256) + s) * Q4_K_LANE_SCALE_BYTES;
 }
+// Q5_K rows laid out for the float row-lane kernel: per group g and 32-value block b, the low
+// nibbles as a Q4_0 block's (256 bytes), then each value's fifth bit in one vector of [16 rows]
+// [4 bytes] (unit u's, values 4u..4u+3 of every row, at bit u); after all the quants
+// (rows * cols * 5 / 8 bytes), the scales as the Q4_K copy has them.
+inline const uint8_t* q5_k_lane_quants(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
+  return lanes + row_lane_index(w, g, b) * 320;
+}
+inline const uint8_t* q5_k_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t s) {
+  return lanes + size_t(w.rows) * size_t(w.cols) / 8 * 5 + size_t(g * (w.cols / 256) + s) * Q4_K_LANE_SCALE_BYTES;
+}
 // Q6_K rows laid out for the float row-lane kernel: per group g of 16 rows and 32-value block b,
 // the low nibbles as a Q4_0 block's (256 bytes), then the two high bits of each value in 2 vectors
 // of [16 rows][4 bytes] (unit u's, values 4u..4u+3 of every row, at bits 2 (u % 4) of vector
@@ -163,7 +173,7 @@ inline const uint8_t* q6_k_lane_scales(const WeightView& w, const uint8_t* lanes
 }
 // The one rule for which weights get a row-lane copy (`repack`), and its bytes (0: none): Q8_0
 // where the int8 variant has the row-lane kernel (its copy serves float and int8 products);
-// Q4_0, Q4_K and Q6_K where the float kernels have theirs and w's products stay in float (int8
+// Q4_0, Q4_K, Q5_K and Q6_K where the float kernels have theirs and w's products stay in float (int8
 // ones read the original rows); rows in whole groups of 16, the k-quants' in whole super-blocks.
 size_t row_lane_bytes(const WeightView& w);
 // Lays w out at `out` (row_lane_bytes(w) bytes); refused where w gets no copy.

@@ -185,80 +185,114 @@ static void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out) {
   });
 }
 
-static size_t q4_k_row_lane_bytes(const WeightView& w) {
-  if (w.type != DType::Q4_K || w.rows % 16 != 0 || w.cols % 256 != 0 || !kernels().float_row_lanes) return 0;
-  return size_t(w.rows) * size_t(w.cols) / 2 + size_t(w.rows / 16) * size_t(w.cols / 256) * Q4_K_LANE_SCALE_BYTES;
+// Helpers of the k-quant copies, for row r of a group: lay_nibbles puts 32 values' low nibbles in a
+// block as the Q4_0 copy has them (value i low, 16 + i high, in byte i of the row's 16);
+// lay_high_bits their higher bits (`bits` of them, from bit 4), unit u's (values 4u..4u+3) at bit
+// bits * (u % per) of vector u / per, per = 8 / bits units sharing a vector.
+static void lay_nibbles(uint8_t* block, int r, const uint8_t* v) {
+  for (int i = 0; i < 16; ++i) block[(i / 4) * 64 + r * 4 + i % 4] = uint8_t((v[i] & 0xF) | (v[16 + i] & 0xF) << 4);
+}
+static void lay_high_bits(uint8_t* vectors, int r, const uint8_t* v, int bits) {
+  const int per = 8 / bits;
+  for (int i = 0; i < 32; ++i) {
+    const int u = i / 4;
+    uint8_t& byte = vectors[(u / per) * 64 + r * 4 + i % 4];
+    if (u % per == 0) byte = 0;
+    byte |= uint8_t((v[i] >> 4) << (bits * (u % per)));
+  }
+}
+// Q4_K and Q5_K: a row's d, dmin, 8 scales and 8 mins (the file's 12 packed bytes unpacked) in a
+// super-block's Q4_K_LANE_SCALE_BYTES.
+static void lay_k4_scales(uint8_t* s, int r, const uint8_t* d_dmin_scales) {
+  std::memcpy(s + 2 * r, d_dmin_scales, 2);
+  std::memcpy(s + 32 + 2 * r, d_dmin_scales + 2, 2);
+  for (int j = 0; j < 8; ++j) {
+    int sc, m;
+    scale_min_k4(j, d_dmin_scales + 4, sc, m);
+    s[64 + 16 * j + r] = uint8_t(sc);
+    s[192 + 16 * j + r] = uint8_t(m);
+  }
 }
 
-static void pack_q4_k_row_lanes(const WeightView& w, uint8_t* out) {
+static size_t k_quant_row_lane_bytes(const WeightView& w, DType type, int bits, size_t scale_bytes) {
+  if (w.type != type || w.rows % 16 != 0 || w.cols % 256 != 0 || !kernels().float_row_lanes) return 0;
+  return size_t(w.rows) * size_t(w.cols) / 8 * bits + size_t(w.rows / 16) * size_t(w.cols / 256) * scale_bytes;
+}
+
+// Every super-block of every row of w: unpack(file block, values[256], scale bytes, r) and the
+// values' bits laid out in the blocks of the copy.
+template <class Unpack>
+static void pack_k_quant(const WeightView& w, uint8_t* out, size_t bytes, size_t file_block, int bits,
+                         const uint8_t* (*quants)(const WeightView&, const uint8_t*, int64_t, int64_t),
+                         const uint8_t* (*scales)(const WeightView&, const uint8_t*, int64_t, int64_t),
+                         Unpack unpack) {
   const int64_t supers = w.cols / 256;
-  pack_groups(w, q4_k_row_lane_bytes(w), [&](int64_t g) {
-    for (int64_t sb = 0; sb < supers; ++sb) {
-      uint8_t* s = const_cast<uint8_t*>(q4_k_lane_scales(w, out, g, sb));
+  pack_groups(w, bytes, [&](int64_t g) {
+    for (int64_t sb = 0; sb < supers; ++sb)
       for (int r = 0; r < 16; ++r) {
-        const uint8_t* blk = w.row(g * 16 + r) + sb * 144;  // d, dmin, scales[12], qs[128]
-        std::memcpy(s + 2 * r, blk, 2);
-        std::memcpy(s + 32 + 2 * r, blk + 2, 2);
-        for (int j = 0; j < 8; ++j) {
-          int sc, m;
-          scale_min_k4(j, blk + 4, sc, m);
-          s[64 + 16 * j + r] = uint8_t(sc);
-          s[192 + 16 * j + r] = uint8_t(m);
-          // Sub-block j: the low (even j) or high (odd j) nibbles of qs[32 * (j / 2) ..][0..31].
-          const uint8_t* q = blk + 16 + 32 * (j / 2);
-          uint8_t* lanes = const_cast<uint8_t*>(q4_0_lane_quants(w, out, g, sb * 8 + j));
-          for (int i = 0; i < 16; ++i) {
-            const int lo = j % 2 ? q[i] >> 4 : q[i] & 0xF, hi = j % 2 ? q[16 + i] >> 4 : q[16 + i] & 0xF;
-            lanes[(i / 4) * 64 + r * 4 + i % 4] = uint8_t(lo | hi << 4);
-          }
+        uint8_t v[256];
+        unpack(w.row(g * 16 + r) + sb * file_block, v, const_cast<uint8_t*>(scales(w, out, g, sb)), r);
+        for (int b = 0; b < 8; ++b) {
+          uint8_t* block = const_cast<uint8_t*>(quants(w, out, g, sb * 8 + b));
+          lay_nibbles(block, r, v + 32 * b);
+          if (bits > 4) lay_high_bits(block + 256, r, v + 32 * b, bits - 4);
         }
       }
-    }
   });
 }
 
+static size_t q4_k_row_lane_bytes(const WeightView& w) {
+  return k_quant_row_lane_bytes(w, DType::Q4_K, 4, Q4_K_LANE_SCALE_BYTES);
+}
+static void pack_q4_k_row_lanes(const WeightView& w, uint8_t* out) {
+  // d, dmin, scales[12], qs[128]: sub-block j's values are the low (even j) or high (odd j)
+  // nibbles of qs[32 (j / 2) ..][0..31].
+  pack_k_quant(w, out, q4_k_row_lane_bytes(w), 144, 4, q4_0_lane_quants, q4_k_lane_scales,
+               [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
+                 lay_k4_scales(s, r, blk);
+                 for (int j = 0; j < 8; ++j)
+                   for (int l = 0; l < 32; ++l) {
+                     const uint8_t q = blk[16 + 32 * (j / 2) + l];
+                     v[32 * j + l] = j % 2 ? q >> 4 : q & 0xF;
+                   }
+               });
+}
+
+static size_t q5_k_row_lane_bytes(const WeightView& w) {
+  return k_quant_row_lane_bytes(w, DType::Q5_K, 5, Q4_K_LANE_SCALE_BYTES);
+}
+static void pack_q5_k_row_lanes(const WeightView& w, uint8_t* out) {
+  // d, dmin, scales[12], qh[32], qs[128]: Q4_K's nibbles, and value l of sub-block j has its
+  // fifth bit at bit j of qh[l].
+  pack_k_quant(w, out, q5_k_row_lane_bytes(w), 176, 5, q5_k_lane_quants, q5_k_lane_scales,
+               [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
+                 lay_k4_scales(s, r, blk);
+                 for (int j = 0; j < 8; ++j)
+                   for (int l = 0; l < 32; ++l) {
+                     const uint8_t q = blk[48 + 32 * (j / 2) + l];
+                     v[32 * j + l] = uint8_t((j % 2 ? q >> 4 : q & 0xF) | ((blk[16 + l] >> j) & 1) << 4);
+                   }
+               });
+}
 
 static size_t q6_k_row_lane_bytes(const WeightView& w) {
-  if (w.type != DType::Q6_K || w.rows % 16 != 0 || w.cols % 256 != 0 || !kernels().float_row_lanes) return 0;
-  return size_t(w.rows) * size_t(w.cols) / 4 * 3 + size_t(w.rows / 16) * size_t(w.cols / 256) * Q6_K_LANE_SCALE_BYTES;
+  return k_quant_row_lane_bytes(w, DType::Q6_K, 6, Q6_K_LANE_SCALE_BYTES);
 }
-
 static void pack_q6_k_row_lanes(const WeightView& w, uint8_t* out) {
-  const int64_t supers = w.cols / 256;
-  pack_groups(w, q6_k_row_lane_bytes(w), [&](int64_t g) {
-    for (int64_t sb = 0; sb < supers; ++sb) {
-      uint8_t* s = const_cast<uint8_t*>(q6_k_lane_scales(w, out, g, sb));
-      for (int r = 0; r < 16; ++r) {
-        const uint8_t* blk = w.row(g * 16 + r) + sb * 210;  // ql[128], qh[64], scales[16], d
-        std::memcpy(s + 2 * r, blk + 208, 2);
-        for (int j = 0; j < 16; ++j) s[32 + 16 * j + r] = blk[192 + j];
-        // The 6-bit values of the super-block in order: value 128h + 32p + l (p = 0..3, l = 0..31)
-        // has its low nibble in ql[64h + 32(p % 2) + l] (low half for p < 2) and its two high bits
-        // at bit 2p of qh[32h + l].
-        uint8_t q[256];
-        for (int h = 0; h < 2; ++h)
-          for (int p = 0; p < 4; ++p)
-            for (int l = 0; l < 32; ++l) {
-              const uint8_t low = blk[64 * h + 32 * (p % 2) + l], high = blk[128 + 32 * h + l];
-              q[128 * h + 32 * p + l] = uint8_t(((p < 2 ? low : low >> 4) & 0xF) | ((high >> (2 * p)) & 3) << 4);
-            }
-        for (int b = 0; b < 8; ++b) {
-          uint8_t* lanes = const_cast<uint8_t*>(q6_k_lane_quants(w, out, g, sb * 8 + b));
-          for (int i = 0; i < 32; ++i) {
-            const int v = q[32 * b + i], u = i / 4;
-            if (i < 16)  // low nibbles as a Q4_0 block: value i low, value 16 + i high
-              lanes[(i / 4) * 64 + r * 4 + i % 4] = uint8_t(v & 0xF);
-            else
-              lanes[((i - 16) / 4) * 64 + r * 4 + i % 4] |= uint8_t((v & 0xF) << 4);
-            // High bits: unit u's at bits 2 (u % 4) of vector u / 4
-            uint8_t& hb = lanes[256 + (u / 4) * 64 + r * 4 + i % 4];
-            if (u % 4 == 0) hb = 0;
-            hb |= uint8_t((v >> 4) << (2 * (u % 4)));
-          }
-        }
-      }
-    }
-  });
+  // ql[128], qh[64], scales[16], d: value 128h + 32p + l (p = 0..3, l = 0..31) has its low nibble
+  // in ql[64h + 32(p % 2) + l] (the low one for p < 2) and its two high bits at bit 2p of
+  // qh[32h + l].
+  pack_k_quant(w, out, q6_k_row_lane_bytes(w), 210, 6, q6_k_lane_quants, q6_k_lane_scales,
+               [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
+                 std::memcpy(s + 2 * r, blk + 208, 2);
+                 for (int j = 0; j < 16; ++j) s[32 + 16 * j + r] = blk[192 + j];
+                 for (int h = 0; h < 2; ++h)
+                   for (int p = 0; p < 4; ++p)
+                     for (int l = 0; l < 32; ++l) {
+                       const uint8_t low = blk[64 * h + 32 * (p % 2) + l], high = blk[128 + 32 * h + l];
+                       v[128 * h + 32 * p + l] = uint8_t(((p < 2 ? low : low >> 4) & 0xF) | ((high >> (2 * p)) & 3) << 4);
+                     }
+               });
 }
 
 // The row-lane layouts, one row per weight type: the bytes a copy of w takes (0: none for w), how
@@ -273,6 +307,7 @@ static constexpr RowLaneLayout ROW_LANE_LAYOUTS[] = {
     {DType::Q8_0, q8_0_row_lane_bytes, pack_q8_0_row_lanes, false},
     {DType::Q4_0, q4_0_row_lane_bytes, pack_q4_0_row_lanes, true},
     {DType::Q4_K, q4_k_row_lane_bytes, pack_q4_k_row_lanes, true},
+    {DType::Q5_K, q5_k_row_lane_bytes, pack_q5_k_row_lanes, true},
     {DType::Q6_K, q6_k_row_lane_bytes, pack_q6_k_row_lanes, true},
 };
 

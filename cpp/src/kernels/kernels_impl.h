@@ -1046,6 +1046,26 @@ struct Q4_KLanes {
   }
 };
 
+// Q5_K (pack_q5_k_row_lanes): the low nibbles as Q4_0's, then one vector of fifth bits (unit u's at
+// bit u), moved to bit 4 and merged in one ternary-logic op; scales and mins as Q4_K's.
+struct Q5_KLanes {
+  static constexpr size_t BLOCK_BYTES = 320;
+  static constexpr int SCALE_PARTS = 1;
+  static constexpr int MAX_TOKENS = 64;
+  static __m512i unit(const uint8_t* block, int u) {
+    const __m512i low = Q4_0Lanes::unit(block, u);
+    const __m512i h = _mm512_load_si512(block + 256);
+    const __m512i at4 = u < 4 ? _mm512_slli_epi16(h, 4 - u) : u == 4 ? h : _mm512_srli_epi16(h, u - 4);
+    return _mm512_ternarylogic_epi32(at4, low, _mm512_set1_epi8(0x10), 0xEC);  // (at4 & 0x10) | low
+  }
+  static const uint8_t* quants(const WeightView& w, int64_t g) { return q5_k_lane_quants(w, w.row_lanes, g, 0); }
+  static const uint8_t* scales(const WeightView& w, int64_t g) { return q5_k_lane_scales(w, w.row_lanes, g, 0); }
+  static size_t scale_stride(const WeightView& w) { return Q4_KLanes::scale_stride(w); }
+  static void block_scales(const uint8_t* scales, int b, int part, __m512& d, __m512& bias) {
+    Q4_KLanes::block_scales(scales, b, part, d, bias);
+  }
+  static void prefetch_scales(const uint8_t* scales, int b) { Q4_KLanes::prefetch_scales(scales, b); }
+};
 // Q6_K (pack_q6_k_row_lanes): the low nibbles as Q4_0's, then the high bits, 2 per value: unit u's
 // at bits 2 (u % 4) of vector u / 4, moved to bits 4-5 and merged in one ternary-logic op. Scales
 // change every 16 values (two parts per block); d * sc is exact in float, and the weight
@@ -1189,6 +1209,7 @@ static bool with_row_lane_layout(DType t, F&& f) {
     case DType::Q8_0: f(Q8_0Lanes{}); return true;
     case DType::Q4_0: f(Q4_0Lanes{}); return true;
     case DType::Q4_K: f(Q4_KLanes{}); return true;
+    case DType::Q5_K: f(Q5_KLanes{}); return true;
     case DType::Q6_K: f(Q6_KLanes{}); return true;
     default: return false;
   }
@@ -1262,7 +1283,9 @@ static void gemv_rows_of(const WeightView& w, const float* x, const float* xsum,
     case DType::Q4_K:
       if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
       return gemv_k_quant<DType::Q4_K>(w, x, xsum, n, y, r0, r1);
-    case DType::Q5_K: return gemv_k_quant<DType::Q5_K>(w, x, xsum, n, y, r0, r1);
+    case DType::Q5_K:
+      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
+      return gemv_k_quant<DType::Q5_K>(w, x, xsum, n, y, r0, r1);
     case DType::Q6_K:
       if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
       return gemv_q6_k(w, x, n, y, r0, r1);

@@ -11,7 +11,8 @@ tokens/s at context 128 and 1024, time to first token (128-token prompt),
 load time and peak resident memory. tokentrail and llama.cpp keep the same
 KV cache type (--kv-dtype, float32 by default). Every engine reads the same GGUF file
 (tokentrail and llama.cpp) or its Hugging Face twin (transformers, float
-types only). Both roofs are measured in the same run: decode as a fraction of
+types only); the llama.cpp mixes (q4_k_m, q5_k_m, q6_k, ... as in
+bench/decode_by_type.py) are made by llama.cpp's own quantizer from the f32 file. Both roofs are measured in the same run: decode as a fraction of
 the read bandwidth (weight bytes + KV bytes per token / time), prefill as a
 fraction of the FMA peak.
 """
@@ -150,6 +151,7 @@ def worker(args) -> None:
 def prepare(shape: str, types: list[str], root: Path) -> dict:
     """HF directory of random weights, and a GGUF file per type written by tokentrail convert."""
     sys.path.insert(0, str(HERE))
+    from decode_by_type import LLAMA_MIXES, llama_cpp_quantize, read_with_tokenizer
     from shapes import make_model
 
     from tokentrail.loading import read_checkpoint
@@ -163,7 +165,13 @@ def prepare(shape: str, types: list[str], root: Path) -> dict:
     for t in types:
         g = root / shape / f"{shape}-{t}.gguf"
         if not g.exists():
-            write_gguf(ckpt, g, dtype=t)
+            if t in LLAMA_MIXES:  # llama.cpp's own quantizer, from the f32 file
+                f32 = root / shape / f"{shape}-f32.gguf"
+                if not f32.exists():
+                    write_gguf(read_with_tokenizer(hf), f32, dtype="f32")
+                llama_cpp_quantize(f32, g, t, threads=2)
+            else:
+                write_gguf(ckpt, g, dtype=t)
         files[t] = g
     c = ckpt.config
     files["weight_bytes"] = {t: os.path.getsize(files[t]) for t in types}

@@ -176,8 +176,8 @@ def test_non_finite_weight_named_at_load(model_dir, value):
 
 
 def test_non_finite_scan_of_every_type():
-    from tokentrail.loading.quant import quantize
-    from tokentrail.loading.weights import Weight, bf16_from_float32, has_non_finite
+    from tokentrail.loading.quant import dequantize, quantize
+    from tokentrail.loading.weights import BLOCK_TYPES, Weight, bf16_from_float32, has_non_finite
 
     x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
     for dtype, make in (("f32", lambda a: a), ("f16", lambda a: a.astype(np.float16)), ("bf16", bf16_from_float32)):
@@ -185,15 +185,17 @@ def test_non_finite_scan_of_every_type():
         y = x.copy()
         y[3, 200] = np.nan
         assert has_non_finite(Weight(make(y), dtype, x.shape))
-    for dtype in ("q8_0", "q4_0", "q4_k", "q6_k"):
+    for dtype, (_, block) in BLOCK_TYPES.items():
         q = quantize(x, dtype)
         assert not has_non_finite(Weight(q, dtype, x.shape))
-        # An infinite block scale (f16 0x7C00) in the last block of the last row.
-        block = {"q8_0": 34, "q4_0": 18, "q4_k": 144, "q6_k": 210}[dtype]
-        at = q.shape[1] - block + (208 if dtype == "q6_k" else 0)
-        bad = q.copy()
-        bad[3, at:at + 2] = np.frombuffer(np.uint16(0x7C00).tobytes(), np.uint8)
-        assert has_non_finite(Weight(bad, dtype, x.shape))
+        # An infinity (f16 0x7C00) at every byte offset of the last row's last block: the scan
+        # must find it exactly where the reference dequantizer then gives a NaN or an infinity.
+        for at in range(q.shape[1] - block, q.shape[1] - 1):
+            bad = q.copy()
+            bad[3, at:at + 2] = np.frombuffer(np.uint16(0x7C00).tobytes(), np.uint8)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 and the like, on purpose
+                expected = not np.isfinite(dequantize(bad, dtype, x.shape)).all()
+            assert has_non_finite(Weight(bad, dtype, x.shape)) == expected, (dtype, at % block)
 
 
 # ---------------------------------------------------------------- GGUF metadata of the wrong kind

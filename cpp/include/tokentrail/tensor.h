@@ -9,25 +9,28 @@
 namespace tokentrail {
 
 // Every weight type the engine computes with, one row each: enumerator, name,
-// GGML type id (its number in GGUF files), values per block and bytes per
-// block (1 and sizeof(element) for the float types). Everything else about the
-// types (enum, names, layouts, the table Python reads) is generated from these
-// rows; a new type is one row here plus its kernels in kernels_impl.h.
-#define TOKENTRAIL_WEIGHT_TYPES(X)    \
-  X(F32, "f32", 0, 1, 4)              \
-  X(F16, "f16", 1, 1, 2)              \
-  X(BF16, "bf16", 30, 1, 2)           \
-  X(Q8_0, "q8_0", 8, 32, 34)          \
-  X(Q4_0, "q4_0", 2, 32, 18)          \
-  X(Q4_1, "q4_1", 3, 32, 20)          \
-  X(Q5_0, "q5_0", 6, 32, 22)          \
-  X(Q5_1, "q5_1", 7, 32, 24)          \
-  X(IQ4_NL, "iq4_nl", 20, 32, 18)     \
-  X(Q4_K, "q4_k", 12, 256, 144)       \
-  X(Q5_K, "q5_k", 13, 256, 176)       \
-  X(Q6_K, "q6_k", 14, 256, 210)
+// GGML type id (its number in GGUF files), values per block, bytes per block
+// (1 and sizeof(element) for the float types), and where a block keeps its
+// half-precision scales: the byte offset of the first and how many follow it
+// (0, 0 for the float types; a NaN or an infinity there is what makes a block
+// non-finite). Everything else about the types (enum, names, layouts, the
+// table Python reads) is generated from these rows; a new type is one row
+// here plus its kernels in kernels_impl.h.
+#define TOKENTRAIL_WEIGHT_TYPES(X)             \
+  X(F32, "f32", 0, 1, 4, 0, 0)                 \
+  X(F16, "f16", 1, 1, 2, 0, 0)                 \
+  X(BF16, "bf16", 30, 1, 2, 0, 0)              \
+  X(Q8_0, "q8_0", 8, 32, 34, 0, 1)             \
+  X(Q4_0, "q4_0", 2, 32, 18, 0, 1)             \
+  X(Q4_1, "q4_1", 3, 32, 20, 0, 2)             \
+  X(Q5_0, "q5_0", 6, 32, 22, 0, 1)             \
+  X(Q5_1, "q5_1", 7, 32, 24, 0, 2)             \
+  X(IQ4_NL, "iq4_nl", 20, 32, 18, 0, 1)        \
+  X(Q4_K, "q4_k", 12, 256, 144, 0, 2)          \
+  X(Q5_K, "q5_k", 13, 256, 176, 0, 2)          \
+  X(Q6_K, "q6_k", 14, 256, 210, 208, 1)
 
-#define TOKENTRAIL_ENUMERATOR(e, name, ggml, values, bytes) e,
+#define TOKENTRAIL_ENUMERATOR(e, name, ggml, values, bytes, scales_at, scales) e,
 enum class DType : int { TOKENTRAIL_WEIGHT_TYPES(TOKENTRAIL_ENUMERATOR) };
 #undef TOKENTRAIL_ENUMERATOR
 
@@ -38,8 +41,11 @@ struct WeightTypeInfo {
   int ggml_id;
   int values;  // per block
   int bytes;   // per block
+  int half_scales_at;  // byte offset of a block's first half-precision scale
+  int half_scales;     // how many follow one another there (0: a float type)
 };
-#define TOKENTRAIL_TYPE_ROW(e, name, ggml, values, bytes) WeightTypeInfo{DType::e, name, ggml, values, bytes},
+#define TOKENTRAIL_TYPE_ROW(e, name, ggml, values, bytes, scales_at, scales) \
+  WeightTypeInfo{DType::e, name, ggml, values, bytes, scales_at, scales},
 inline constexpr WeightTypeInfo WEIGHT_TYPES[] = {TOKENTRAIL_WEIGHT_TYPES(TOKENTRAIL_TYPE_ROW)};
 #undef TOKENTRAIL_TYPE_ROW
 inline constexpr int N_WEIGHT_TYPES = int(sizeof(WEIGHT_TYPES) / sizeof(WEIGHT_TYPES[0]));

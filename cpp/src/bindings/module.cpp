@@ -706,9 +706,11 @@ PYBIND11_MODULE(_core, m) {
   }, "float32 to IEEE half bit patterns, as the f16 KV cache stores them");
   m.def("weight_types", [] {
     py::list out;
-    for (const WeightTypeInfo& t : WEIGHT_TYPES) out.append(py::make_tuple(t.name, t.ggml_id, t.values, t.bytes));
+    for (const WeightTypeInfo& t : WEIGHT_TYPES)
+      out.append(py::make_tuple(t.name, t.ggml_id, t.values, t.bytes, t.half_scales_at, t.half_scales));
     return out;
-  }, "Every weight type the kernels read: (name, GGML type id, values per block, bytes per block)");
+  }, "Every weight type the kernels read: (name, GGML type id, values per block, bytes per block, byte offset of "
+     "a block's half-precision scales, how many)");
   m.def("row_to_f32", [](py::array w, const std::string& dtype, int64_t rows, int64_t cols) {
     ModelHandle keep;
     py::dict wd;

@@ -1,6 +1,6 @@
-"""The row-lane copies of Q8_0, Q4_0, Q4_K, Q5_K and Q6_K matrices (`load(repack=...)`): products through them
-against a float64 reference, a row's result independent of its batch, and models with and without
-the copy alike."""
+"""The row-lane copies of quantized matrices (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K;
+`load(repack=...)`): products through them against a float64 reference, a row's result independent
+of its batch, and models with and without the copy alike."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +18,7 @@ needs_row_lanes = pytest.mark.skipif(not _core.int8_row_lanes(),
                                      reason=f"the {_core.int8_isa()} variant has no row-lane kernels")
 
 
-COPIED = ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k"]
+COPIED = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
 
 
 @needs_row_lanes
@@ -64,7 +64,8 @@ def _logits(model, prompts):
 
 
 @needs_row_lanes
-@pytest.mark.parametrize("dtype,exact", [("q8_0", True), ("q8_0", False), ("q4_0", True)])
+@pytest.mark.parametrize("dtype,exact", [("q8_0", True), ("q8_0", False), ("q4_0", True), ("q4_1", True),
+                                         ("q5_0", True), ("q5_1", True)])
 def test_a_model_with_the_copy_gives_the_logits_of_one_without(dtype, exact):
     with_copy = tokentrail.load(dtype=dtype, exact=exact, repack=True)
     without = tokentrail.load(dtype=dtype, exact=exact, repack=False)

@@ -140,6 +140,20 @@ inline const uint8_t* q4_0_lane_quants(const WeightView& w, const uint8_t* lanes
 inline const uint16_t* q4_0_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
   return reinterpret_cast<const uint16_t*>(lanes + size_t(w.rows) * size_t(w.cols) / 2) + row_lane_index(w, g, b) * 16;
 }
+// The other 32-value types with offsets or a fifth bit (Q4_1, Q5_0, Q5_1) the same way: per group
+// and block, the low nibbles as Q4_0's and, with 5 bits, the fifth bits in one more vector of
+// [16 rows][4 bytes] (unit u's, values 4u..4u+3 of every row, at bit u): 256 or 320 bytes; after
+// all the quants, per group and block the rows' d [16] and, for Q4_1 and Q5_1, m [16] (halves).
+// As many bytes as the file's rows.
+inline size_t q32_lane_block_bytes(int bits) { return bits == 4 ? 256 : 320; }
+inline const uint8_t* q32_lane_quants(const WeightView& w, const uint8_t* lanes, int bits, int64_t g, int64_t b) {
+  return lanes + row_lane_index(w, g, b) * q32_lane_block_bytes(bits);
+}
+inline const uint16_t* q32_lane_scales(const WeightView& w, const uint8_t* lanes, int bits, int halves, int64_t g,
+                                       int64_t b) {
+  const size_t quants = size_t(w.rows / 16) * size_t(w.cols / 32) * q32_lane_block_bytes(bits);
+  return reinterpret_cast<const uint16_t*>(lanes + quants) + row_lane_index(w, g, b) * 16 * halves;
+}
 // Q4_K rows laid out for the float row-lane kernel: every 32-value sub-block's nibbles as the Q4_0
 // copy has a block's (so the quants take rows * cols / 2 bytes, at q4_0_lane_quants), then per
 // group of 16 rows and super-block of 256 values Q4_K_LANE_SCALE_BYTES: the rows' d [16] and dmin
@@ -173,7 +187,7 @@ inline const uint8_t* q6_k_lane_scales(const WeightView& w, const uint8_t* lanes
 }
 // The one rule for which weights get a row-lane copy (`repack`), and its bytes (0: none): Q8_0
 // where the int8 variant has the row-lane kernel (its copy serves float and int8 products);
-// Q4_0, Q4_K, Q5_K and Q6_K where the float kernels have theirs and w's products stay in float (int8
+// Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K where the float kernels have theirs and w's products stay in float (int8
 // ones read the original rows); rows in whole groups of 16, the k-quants' in whole super-blocks.
 size_t row_lane_bytes(const WeightView& w);
 // Lays w out at `out` (row_lane_bytes(w) bytes); refused where w gets no copy.

@@ -214,6 +214,56 @@ static void lay_k4_scales(uint8_t* s, int r, const uint8_t* d_dmin_scales) {
   }
 }
 
+static size_t q32_row_lane_bytes(const WeightView& w, DType type, int bits, int halves) {
+  if (w.type != type || w.rows % 16 != 0 || w.cols % 32 != 0 || !kernels().float_row_lanes) return 0;
+  return size_t(w.rows / 16) * size_t(w.cols / 32) * (q32_lane_block_bytes(bits) + 32 * size_t(halves));
+}
+
+// Every block of every row of a Q4_1, Q5_0 or Q5_1 matrix: unpack(file block, values[32]), the
+// half scales (d, and m where halves = 2) at the block's start.
+template <class Unpack>
+static void pack_q32(const WeightView& w, uint8_t* out, int bits, int halves, size_t file_block, Unpack unpack) {
+  const int64_t nb = w.cols / 32;
+  pack_groups(w, q32_row_lane_bytes(w, w.type, bits, halves), [&](int64_t g) {
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* block = const_cast<uint8_t*>(q32_lane_quants(w, out, bits, g, b));
+      uint16_t* scales = const_cast<uint16_t*>(q32_lane_scales(w, out, bits, halves, g, b));
+      for (int r = 0; r < 16; ++r) {
+        const uint8_t* blk = w.row(g * 16 + r) + b * int64_t(file_block);
+        for (int h = 0; h < halves; ++h) std::memcpy(scales + 16 * h + r, blk + 2 * h, 2);
+        uint8_t v[32];
+        unpack(blk, v);
+        lay_nibbles(block, r, v);
+        if (bits == 5) lay_high_bits(block + 256, r, v, 1);
+      }
+    }
+  });
+}
+
+// The 32 values of a block whose 16 nibble bytes lie at qs (value i low, 16 + i high) and, with
+// qh, whose fifth bits are the bits of the little-endian 32-bit word there (bit i: value i).
+static void nibbles_and_fifth_bits(const uint8_t* qs, const uint8_t* qh, uint8_t* v) {
+  uint32_t high = 0;
+  if (qh) std::memcpy(&high, qh, 4);  // GGML's files are little-endian, as x86 is
+  for (int i = 0; i < 16; ++i) {
+    v[i] = uint8_t((qs[i] & 0xF) | ((high >> i) & 1) << 4);
+    v[16 + i] = uint8_t((qs[i] >> 4) | ((high >> (16 + i)) & 1) << 4);
+  }
+}
+
+static size_t q4_1_row_lane_bytes(const WeightView& w) { return q32_row_lane_bytes(w, DType::Q4_1, 4, 2); }
+static void pack_q4_1_row_lanes(const WeightView& w, uint8_t* out) {  // d, m, qs[16]
+  pack_q32(w, out, 4, 2, 20, [](const uint8_t* blk, uint8_t* v) { nibbles_and_fifth_bits(blk + 4, nullptr, v); });
+}
+static size_t q5_0_row_lane_bytes(const WeightView& w) { return q32_row_lane_bytes(w, DType::Q5_0, 5, 1); }
+static void pack_q5_0_row_lanes(const WeightView& w, uint8_t* out) {  // d, qh[4], qs[16]
+  pack_q32(w, out, 5, 1, 22, [](const uint8_t* blk, uint8_t* v) { nibbles_and_fifth_bits(blk + 6, blk + 2, v); });
+}
+static size_t q5_1_row_lane_bytes(const WeightView& w) { return q32_row_lane_bytes(w, DType::Q5_1, 5, 2); }
+static void pack_q5_1_row_lanes(const WeightView& w, uint8_t* out) {  // d, m, qh[4], qs[16]
+  pack_q32(w, out, 5, 2, 24, [](const uint8_t* blk, uint8_t* v) { nibbles_and_fifth_bits(blk + 8, blk + 4, v); });
+}
+
 static size_t k_quant_row_lane_bytes(const WeightView& w, DType type, int bits, size_t scale_bytes) {
   if (w.type != type || w.rows % 16 != 0 || w.cols % 256 != 0 || !kernels().float_row_lanes) return 0;
   return size_t(w.rows) * size_t(w.cols) / 8 * bits + size_t(w.rows / 16) * size_t(w.cols / 256) * scale_bytes;
@@ -306,6 +356,9 @@ struct RowLaneLayout {
 static constexpr RowLaneLayout ROW_LANE_LAYOUTS[] = {
     {DType::Q8_0, q8_0_row_lane_bytes, pack_q8_0_row_lanes, false},
     {DType::Q4_0, q4_0_row_lane_bytes, pack_q4_0_row_lanes, true},
+    {DType::Q4_1, q4_1_row_lane_bytes, pack_q4_1_row_lanes, true},
+    {DType::Q5_0, q5_0_row_lane_bytes, pack_q5_0_row_lanes, true},
+    {DType::Q5_1, q5_1_row_lane_bytes, pack_q5_1_row_lanes, true},
     {DType::Q4_K, q4_k_row_lane_bytes, pack_q4_k_row_lanes, true},
     {DType::Q5_K, q5_k_row_lane_bytes, pack_q5_k_row_lanes, true},
     {DType::Q6_K, q6_k_row_lane_bytes, pack_q6_k_row_lanes, true},

@@ -1066,6 +1066,35 @@ struct Q5_KLanes {
   }
   static void prefetch_scales(const uint8_t* scales, int b) { Q4_KLanes::prefetch_scales(scales, b); }
 };
+// Q4_1, Q5_0 and Q5_1 (pack_q32): Q4_0's nibbles and, with 5 bits, Q5_K's vector of fifth bits; per
+// block the rows' d and either their m (Q4_1, Q5_1: weight q * d + m) or OFFSET (Q5_0: q * d - 16 * d,
+// q * d exact), one FMA and one rounding either way, as the row widening has it.
+template <int BITS, int HALVES, int OFFSET>
+struct Q32Lanes {
+  static constexpr size_t BLOCK_BYTES = BITS == 4 ? 256 : 320;
+  static constexpr int SCALE_PARTS = 1;
+  static constexpr int MAX_TOKENS = 128;
+  static __m512i unit(const uint8_t* block, int u) {
+    return BITS == 4 ? Q4_0Lanes::unit(block, u) : Q5_KLanes::unit(block, u);
+  }
+  static const uint8_t* quants(const WeightView& w, int64_t g) { return q32_lane_quants(w, w.row_lanes, BITS, g, 0); }
+  static const uint8_t* scales(const WeightView& w, int64_t g) {
+    return reinterpret_cast<const uint8_t*>(q32_lane_scales(w, w.row_lanes, BITS, HALVES, g, 0));
+  }
+  static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 32) * 32 * HALVES; }
+  static void block_scales(const uint8_t* scales, int b, int /*part*/, __m512& d, __m512& bias) {
+    const uint16_t* halves = reinterpret_cast<const uint16_t*>(scales) + size_t(b) * 16 * HALVES;
+    d = row_lane_scale(halves);
+    bias = HALVES == 2 ? row_lane_scale(halves + 16) : _mm512_mul_ps(d, _mm512_set1_ps(float(OFFSET)));
+  }
+  static void prefetch_scales(const uint8_t* scales, int b) {  // a line per block (d and m) or per two
+    if (HALVES == 2 || b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(scales) + size_t(b) * 32 * HALVES, _MM_HINT_T0);
+  }
+};
+using Q4_1Lanes = Q32Lanes<4, 2, 0>;
+using Q5_0Lanes = Q32Lanes<5, 1, -16>;
+using Q5_1Lanes = Q32Lanes<5, 2, 0>;
+
 // Q6_K (pack_q6_k_row_lanes): the low nibbles as Q4_0's, then the high bits, 2 per value: unit u's
 // at bits 2 (u % 4) of vector u / 4, moved to bits 4-5 and merged in one ternary-logic op. Scales
 // change every 16 values (two parts per block); d * sc is exact in float, and the weight
@@ -1208,6 +1237,9 @@ static bool with_row_lane_layout(DType t, F&& f) {
   switch (t) {
     case DType::Q8_0: f(Q8_0Lanes{}); return true;
     case DType::Q4_0: f(Q4_0Lanes{}); return true;
+    case DType::Q4_1: f(Q4_1Lanes{}); return true;
+    case DType::Q5_0: f(Q5_0Lanes{}); return true;
+    case DType::Q5_1: f(Q5_1Lanes{}); return true;
     case DType::Q4_K: f(Q4_KLanes{}); return true;
     case DType::Q5_K: f(Q5_KLanes{}); return true;
     case DType::Q6_K: f(Q6_KLanes{}); return true;
@@ -1276,9 +1308,15 @@ static void gemv_rows_of(const WeightView& w, const float* x, const float* xsum,
     case DType::Q4_0:
       if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
       return gemv_q_blocks<DType::Q4_0>(w, x, xsum, n, y, r0, r1);
-    case DType::Q4_1: return gemv_q_blocks<DType::Q4_1>(w, x, xsum, n, y, r0, r1);
-    case DType::Q5_0: return gemv_q_blocks<DType::Q5_0>(w, x, xsum, n, y, r0, r1);
-    case DType::Q5_1: return gemv_q_blocks<DType::Q5_1>(w, x, xsum, n, y, r0, r1);
+    case DType::Q4_1:
+      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
+      return gemv_q_blocks<DType::Q4_1>(w, x, xsum, n, y, r0, r1);
+    case DType::Q5_0:
+      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
+      return gemv_q_blocks<DType::Q5_0>(w, x, xsum, n, y, r0, r1);
+    case DType::Q5_1:
+      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
+      return gemv_q_blocks<DType::Q5_1>(w, x, xsum, n, y, r0, r1);
     case DType::IQ4_NL: return gemv_q_blocks<DType::IQ4_NL>(w, x, xsum, n, y, r0, r1);
     case DType::Q4_K:
       if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);

@@ -1298,35 +1298,20 @@ static bool takes_float_row_lanes(const WeightView&, int) { return false; }
 
 // Rows [r0, r1) of one weight's GEMV, for every token. xsum: sums_of_32(x), for the types with offsets.
 static void gemv_rows_of(const WeightView& w, const float* x, const float* xsum, int n, float* y, int r0, int r1) {
+  if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
   switch (w.type) {
     case DType::F32: return gemv_typed<float>(w, x, n, y, r0, r1);
     case DType::F16: return gemv_typed<F16>(w, x, n, y, r0, r1);
     case DType::BF16: return gemv_typed<BF16>(w, x, n, y, r0, r1);
-    case DType::Q8_0:
-      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
-      return gemv_q_blocks<DType::Q8_0>(w, x, xsum, n, y, r0, r1);
-    case DType::Q4_0:
-      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
-      return gemv_q_blocks<DType::Q4_0>(w, x, xsum, n, y, r0, r1);
-    case DType::Q4_1:
-      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
-      return gemv_q_blocks<DType::Q4_1>(w, x, xsum, n, y, r0, r1);
-    case DType::Q5_0:
-      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
-      return gemv_q_blocks<DType::Q5_0>(w, x, xsum, n, y, r0, r1);
-    case DType::Q5_1:
-      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
-      return gemv_q_blocks<DType::Q5_1>(w, x, xsum, n, y, r0, r1);
+    case DType::Q8_0: return gemv_q_blocks<DType::Q8_0>(w, x, xsum, n, y, r0, r1);
+    case DType::Q4_0: return gemv_q_blocks<DType::Q4_0>(w, x, xsum, n, y, r0, r1);
+    case DType::Q4_1: return gemv_q_blocks<DType::Q4_1>(w, x, xsum, n, y, r0, r1);
+    case DType::Q5_0: return gemv_q_blocks<DType::Q5_0>(w, x, xsum, n, y, r0, r1);
+    case DType::Q5_1: return gemv_q_blocks<DType::Q5_1>(w, x, xsum, n, y, r0, r1);
     case DType::IQ4_NL: return gemv_q_blocks<DType::IQ4_NL>(w, x, xsum, n, y, r0, r1);
-    case DType::Q4_K:
-      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
-      return gemv_k_quant<DType::Q4_K>(w, x, xsum, n, y, r0, r1);
-    case DType::Q5_K:
-      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
-      return gemv_k_quant<DType::Q5_K>(w, x, xsum, n, y, r0, r1);
-    case DType::Q6_K:
-      if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
-      return gemv_q6_k(w, x, n, y, r0, r1);
+    case DType::Q4_K: return gemv_k_quant<DType::Q4_K>(w, x, xsum, n, y, r0, r1);
+    case DType::Q5_K: return gemv_k_quant<DType::Q5_K>(w, x, xsum, n, y, r0, r1);
+    case DType::Q6_K: return gemv_q6_k(w, x, n, y, r0, r1);
   }
 }
 
@@ -1346,7 +1331,8 @@ static void gemv_group(const MatmulJob* jobs, int count, const float* x, int n) 
   for (int j = 0; j < count; ++j) lanes = lanes && takes_float_row_lanes(*jobs[j].w, n);
   const ProductGroup group(jobs, count, lanes && n < 8 ? 4 * GEMV_ROW_BLOCK : GEMV_ROW_BLOCK, n);
   bool sums = false;
-  for (int j = 0; j < count; ++j) sums = sums || needs_sums_of_32(jobs[j].w->type);
+  for (int j = 0; j < count; ++j)  // (the row-lane kernels fold offsets into each weight)
+    sums = sums || (needs_sums_of_32(jobs[j].w->type) && !takes_float_row_lanes(*jobs[j].w, n));
   const float* xsum = sums ? sums_of_32(x, n, group.K()) : nullptr;
   parallel_for_if(group.work() > 200000.0, group.blocks(), 1, Split::Guided, [&](int64_t b0, int64_t b1) {
     // The kernels prefetch ahead of where they read; the first bytes of a chunk nobody asked for.

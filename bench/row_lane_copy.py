@@ -1,6 +1,6 @@
-"""Quantized products (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) through the row-lane copy (load(repack=True)) against the file's own layout.
+"""Quantized products (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K) through the row-lane copy (load(repack=True)) against the file's own layout.
 
-    python bench/row_lane_copy.py [--dtype q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q5_k|q6_k] [--threads 1] [--tokens 1,2,4,8,16,32,48,128] [--repeats 30]
+    python bench/row_lane_copy.py [--dtype q8_0|q4_0|q4_1|q5_0|q5_1|iq4_nl|q4_k|q5_k|q6_k] [--threads 1] [--tokens 1,2,4,8,16,32,48,128] [--repeats 30]
 
 The products of a SmolLM2-135M-shaped layer (1536 x 576 up/gate, 576 x 1536
 down, 192 x 576 k/v) and its 49152 x 576 unembedding (the k-quants: a TinyLlama-1.1B
@@ -47,7 +47,7 @@ def per_product(core, w, dtype: str, rows: int, k: int, x: np.ndarray, int8: boo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dtype", default="q8_0", choices=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
+    ap.add_argument("--dtype", default="q8_0", choices=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "q6_k"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", default="1,2,4,8,16,32,48,128")
     ap.add_argument("--repeats", type=int, default=30, help="products per timed call")

@@ -1,4 +1,4 @@
-"""The row-lane copies of quantized matrices (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K;
+"""The row-lane copies of quantized matrices (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL and the k-quants;
 `load(repack=...)`): products through them against a float64 reference, a row's result independent
 of its batch, and models with and without the copy alike."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ needs_row_lanes = pytest.mark.skipif(not _core.int8_row_lanes(),
                                      reason=f"the {_core.int8_isa()} variant has no row-lane kernels")
 
 
-COPIED = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+COPIED = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "q6_k"]
 
 
 @needs_row_lanes
@@ -65,7 +65,7 @@ def _logits(model, prompts):
 
 @needs_row_lanes
 @pytest.mark.parametrize("dtype,exact", [("q8_0", True), ("q8_0", False), ("q4_0", True), ("q4_1", True),
-                                         ("q5_0", True), ("q5_1", True)])
+                                         ("q5_0", True), ("q5_1", True), ("iq4_nl", True)])
 def test_a_model_with_the_copy_gives_the_logits_of_one_without(dtype, exact):
     with_copy = tokentrail.load(dtype=dtype, exact=exact, repack=True)
     without = tokentrail.load(dtype=dtype, exact=exact, repack=False)

@@ -187,7 +187,7 @@ inline const uint8_t* q6_k_lane_scales(const WeightView& w, const uint8_t* lanes
 }
 // The one rule for which weights get a row-lane copy (`repack`), and its bytes (0: none): Q8_0
 // where the int8 variant has the row-lane kernel (its copy serves float and int8 products);
-// Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K where the float kernels have theirs and w's products stay in float (int8
+// every other block type where the float kernels have theirs and w's products stay in float (int8
 // ones read the original rows); rows in whole groups of 16, the k-quants' in whole super-blocks.
 size_t row_lane_bytes(const WeightView& w);
 // Lays w out at `out` (row_lane_bytes(w) bytes); refused where w gets no copy.

@@ -506,8 +506,8 @@ PYBIND11_MODULE(_core, m) {
       as_used.int8_activations = int8_activations;
       if (!row_lane_bytes(as_used))
         throw py::value_error("row_lanes needs Q8_0 rows in whole groups of 16 and the int8 row-lane kernel "
-                              "(AVX-512 VNNI), or Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K rows in whole groups of 16 "
-                              "(k-quants: of whole super-blocks), float activations and the AVX-512 kernels");
+                              "(AVX-512 VNNI), or rows of another block type in whole groups of 16 (k-quants: of whole "
+                              "super-blocks), float activations and the AVX-512 kernels");
       add_row_lanes(keep, {&view});
     }
     if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error("x must be [n, cols]");
@@ -532,7 +532,7 @@ PYBIND11_MODULE(_core, m) {
     return to_numpy(std::move(y), {n, rows});
   }, py::arg("w"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("x"), py::arg("bias") = py::none(),
      py::arg("int8_activations") = false, py::arg("row_lanes") = false, py::arg("repeats") = 1,
-     "y = x . w^T (+ bias). int8_activations: the int8 kernel at any n; row_lanes: a block type (not IQ4_NL) through the "
+     "y = x . w^T (+ bias). int8_activations: the int8 kernel at any n; row_lanes: a block type through the "
      "row-lane copy a model keeps; repeats: the product that many times "
      "(for benchmarks: the weight's preparation once)");
   m.def("float_row_lanes", []() { return kernels().float_row_lanes; },

@@ -165,8 +165,11 @@ static void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out) {
   });
 }
 
+// Q4_0 and IQ4_NL: blocks of a half scale and 16 bytes of nibbles, laid out alike.
 static size_t q4_0_row_lane_bytes(const WeightView& w) {
-  if (w.type != DType::Q4_0 || w.rows % 16 != 0 || w.cols % 32 != 0 || !kernels().float_row_lanes) return 0;
+  if ((w.type != DType::Q4_0 && w.type != DType::IQ4_NL) || w.rows % 16 != 0 || w.cols % 32 != 0 ||
+      !kernels().float_row_lanes)
+    return 0;
   return size_t(w.rows) * size_t(w.cols) / 32 * 18;
 }
 
@@ -356,6 +359,7 @@ struct RowLaneLayout {
 static constexpr RowLaneLayout ROW_LANE_LAYOUTS[] = {
     {DType::Q8_0, q8_0_row_lane_bytes, pack_q8_0_row_lanes, false},
     {DType::Q4_0, q4_0_row_lane_bytes, pack_q4_0_row_lanes, true},
+    {DType::IQ4_NL, q4_0_row_lane_bytes, pack_q4_0_row_lanes, true},
     {DType::Q4_1, q4_1_row_lane_bytes, pack_q4_1_row_lanes, true},
     {DType::Q5_0, q5_0_row_lane_bytes, pack_q5_0_row_lanes, true},
     {DType::Q5_1, q5_1_row_lane_bytes, pack_q5_1_row_lanes, true},

@@ -1019,6 +1019,26 @@ struct Q4_0Lanes {
   }
   static void prefetch_scales(const uint8_t* scales, int b) { Q8_0Lanes::prefetch_scales(scales, b); }
 };
+// IQ4_NL (pack_q4_0_row_lanes, as Q4_0): each nibble picks its level from the 16 of IQ4_NL_LEVELS
+// by one vpshufb from a table of level + 128 (a byte the pick widens unsigned), the weight then
+// (level + 128) * d - 128 * d: level * d, exact in float.
+struct IQ4_NLLanes {
+  static constexpr size_t BLOCK_BYTES = 256;
+  static constexpr int SCALE_PARTS = 1;
+  static constexpr int MAX_TOKENS = 128;
+  static __m512i unit(const uint8_t* block, int u) {
+    const __m512i levels = _mm512_broadcast_i32x4(_mm_add_epi8(
+        _mm_load_si128(reinterpret_cast<const __m128i*>(IQ4_NL_LEVELS)), _mm_set1_epi8(char(0x80))));
+    return _mm512_shuffle_epi8(levels, Q4_0Lanes::unit(block, u));
+  }
+  static const uint8_t* quants(const WeightView& w, int64_t g) { return Q4_0Lanes::quants(w, g); }
+  static const uint8_t* scales(const WeightView& w, int64_t g) { return Q4_0Lanes::scales(w, g); }
+  static size_t scale_stride(const WeightView& w) { return Q4_0Lanes::scale_stride(w); }
+  static void block_scales(const uint8_t* scales, int b, int part, __m512& d, __m512& bias) {
+    Q8_0Lanes::block_scales(scales, b, part, d, bias, -128.0f);
+  }
+  static void prefetch_scales(const uint8_t* scales, int b) { Q8_0Lanes::prefetch_scales(scales, b); }
+};
 // Q4_K (pack_q4_k_row_lanes): each 32-value sub-block's nibbles laid out as Q4_0's; per group and
 // super-block of 256 values, the rows' d and dmin (halves) and their 8 sub-blocks' 6-bit scales and
 // mins as bytes (Q4_K_LANE_SCALE_BYTES). d * sc and dmin * m are exact in float, and the weight
@@ -1240,6 +1260,7 @@ static bool with_row_lane_layout(DType t, F&& f) {
     case DType::Q4_1: f(Q4_1Lanes{}); return true;
     case DType::Q5_0: f(Q5_0Lanes{}); return true;
     case DType::Q5_1: f(Q5_1Lanes{}); return true;
+    case DType::IQ4_NL: f(IQ4_NLLanes{}); return true;
     case DType::Q4_K: f(Q4_KLanes{}); return true;
     case DType::Q5_K: f(Q5_KLanes{}); return true;
     case DType::Q6_K: f(Q6_KLanes{}); return true;

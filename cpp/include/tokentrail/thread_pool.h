@@ -11,9 +11,11 @@
 //    microseconds), then sleep on a futex, so an idle pool burns no core;
 //  - the caller, once no chunk is left to claim, also spins briefly and then sleeps, which
 //    frees its core for the scheduler to run a straggler there;
-//  - when the callers keep waiting for threads the scheduler set aside, the pool backs off to
-//    fewer threads for a while, and tries them all again only once /proc/stat shows that other
-//    processes have left it the CPUs for them.
+//  - when the callers keep waiting for threads the scheduler set aside, the pool backs off for
+//    a while: first its workers sleep between jobs instead of polling (so that each is woken
+//    for its share and runs at once, instead of sharing a core in whole time slices), then, if
+//    that is not enough, it asks fewer threads; it goes back to polling with every thread only
+//    once /proc/stat shows that other processes have left it the CPUs for them.
 #pragma once
 #include <cstdint>
 #include <type_traits>

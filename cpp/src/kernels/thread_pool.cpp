@@ -32,20 +32,28 @@ namespace {
 
 // How long an idle worker polls for the next job before it sleeps: the regions of one
 // forward pass follow each other within microseconds, the gap between tokens is longer.
-constexpr auto WORKER_SPIN = std::chrono::microseconds(200);
+// (While the pool backs off, workers sleep at once: see account().)
+constexpr int WORKER_SPIN_US = 200;
 // How long the caller polls for a chunk still running on another thread before it sleeps
 // (which lets the scheduler run that thread on the caller's core, if it was descheduled).
 constexpr auto CALLER_SPIN = std::chrono::microseconds(50);
 // Callers that, over a window of WINDOW, waited for chunks in progress elsewhere longer than
 // half the time their own chunks took were held up by threads the scheduler had set aside:
-// the pool then asks fewer threads for a while and tries all of them again after
-// (MIN_BACKOFF at first, twice the last backoff when the contention is back in the first
-// window after it, up to MAX_BACKOFF). A single wait of LONG_STALL, over half the job, is a
-// whole time slice of the scheduler given to another process that keeps a core busy: the pool
-// backs off for MAX_BACKOFF at once. Short, scattered waits (a server's own HTTP threads
-// taking a core for a millisecond now and then) cost less than a backoff would and leave
-// every thread at work. Measured on 2 cores: next to a spinning process stalls last 3-4 ms;
-// under a 16-client server's HTTP threads, 1-2 ms.
+// the pool then backs off for a while and tries again after (MIN_BACKOFF at first, twice the
+// last backoff when the contention is back in the first window after it, up to MAX_BACKOFF).
+// A single wait of LONG_STALL, over half the job, is a whole time slice of the scheduler given
+// to another process that keeps a core busy: the pool backs off for MAX_BACKOFF at once. Short,
+// scattered waits (a server's own HTTP threads taking a core for a millisecond now and then)
+// cost less than a backoff would and leave every thread at work. Measured on 2 cores: next to
+// a spinning process stalls last 3-4 ms; under a 16-client server's HTTP threads, 1-2 ms.
+//
+// Backing off has two steps. First every thread stays, but workers sleep as soon as they run
+// out of chunks instead of polling for the next job: a worker that keeps polling is always
+// runnable, shares its core with the other process in whole time slices and is set aside in the
+// middle of a chunk, while one that sleeps between jobs is woken for each and, having used
+// little of its share, runs at once and finishes its chunks (SmolLM2-shaped decode next to a
+// spinning process, 2 cores: 1.06x (Q4_0) and 1.12x (Q8_0) the speed of one thread, where
+// falling back to one thread gave 0.97-0.99x). Then, if callers still wait, fewer threads.
 constexpr auto WINDOW = std::chrono::milliseconds(20);
 constexpr auto STALL = std::chrono::microseconds(250);  // less waiting in a window is never a reason
 constexpr auto LONG_STALL = std::chrono::microseconds(2500);
@@ -156,9 +164,16 @@ double others_busy(const CpuUse& before, const CpuUse& after, double min_seconds
 // Whether, from `before` to `after`, other processes kept so many of our CPUs busy that fewer
 // than `threads` were left to this process (with half a CPU to spare for rounding: /proc/stat
 // counts in ticks of 10 ms, so readings under 50 ms apart cannot tell).
+constexpr double CPU_USE_MIN_SECONDS = 0.05;
 bool cpus_taken(const CpuUse& before, const CpuUse& after, int threads) {
-  const double others = others_busy(before, after, 0.05);
+  const double others = others_busy(before, after, CPU_USE_MIN_SECONDS);
   return others >= 0.0 && double(after.cpus) - others < double(threads) - 0.5;
+}
+
+// Whether the two readings are valid but too close together for /proc/stat to tell.
+bool too_soon_to_tell(const CpuUse& before, const CpuUse& after) {
+  return before.valid && after.valid && before.cpus == after.cpus &&
+         std::chrono::duration<double>(after.at - before.at).count() < CPU_USE_MIN_SECONDS;
 }
 
 thread_local bool tls_in_parallel = false;  // inside a chunk: nested loops run inline
@@ -170,15 +185,18 @@ class Pool {
     std::unique_lock<std::mutex> hold(busy_, std::try_to_lock);
     if (!hold.owns_lock()) return fn(ctx, 0, n);  // another OS thread's job is running: no waiting for it
     const Clock::time_point start = Clock::now();
-    if (backoff_threads_ && start >= backoff_until_) {
+    if (backing_off() && start >= backoff_until_) {
       // Other processes still hold the CPUs the other threads would need: back off again
       // without trying them (a try costs a hold-up of a whole time slice).
       const CpuUse now = read_cpu_use();
-      if (cpus_taken(backoff_use_, now, threads)) {
+      if (too_soon_to_tell(backoff_use_, now)) {  // keep backing off; the next look spans a longer time
+        backoff_until_ = start + backoff_length_;
+      } else if (cpus_taken(backoff_use_, now, threads)) {
         backoff_until_ = start + backoff_length_;
         backoff_use_ = now;
-      } else {  // back to every thread: a new window
+      } else {  // back to every thread, polling: a new window
         backoff_threads_ = 0;
+        set_sleepy_workers(false);
         window_start_ = start;
         window_own_ = window_waited_ = Clock::duration::zero();
       }
@@ -247,7 +265,10 @@ class Pool {
       backoff_length_ = set_aside ? std::chrono::microseconds(MAX_BACKOFF)
                         : again   ? std::min<std::chrono::microseconds>(2 * backoff_length_, MAX_BACKOFF)
                                   : std::chrono::microseconds(MIN_BACKOFF);
-      backoff_threads_ = std::max(1, threads / 2);
+      if (sleepy_workers_)  // the first step did not stop the waiting: fewer threads
+        backoff_threads_ = std::max(1, threads / 2);
+      else
+        set_sleepy_workers(true);
       backoff_until_ = finish + backoff_length_;
       backoff_use_ = read_cpu_use();
     }
@@ -297,10 +318,18 @@ class Pool {
     }
   }
 
+  bool backing_off() const { return backoff_threads_ > 0 || sleepy_workers_; }
+
+  void set_sleepy_workers(bool sleepy) {
+    sleepy_workers_ = sleepy;
+    worker_spin_us_.store(sleepy ? 0 : WORKER_SPIN_US, std::memory_order_relaxed);
+  }
+
   void worker_main(int index) {
     uint32_t seen = job_word_.load();
     for (;;) {
-      if (!spin_until([&] { return job_word_.load(std::memory_order_acquire) != seen; }, WORKER_SPIN)) {
+      const std::chrono::microseconds spin(worker_spin_us_.load(std::memory_order_relaxed));
+      if (!spin_until([&] { return job_word_.load(std::memory_order_acquire) != seen; }, spin)) {
         sleepers_.fetch_add(1);
         while (job_word_.load() == seen) wait_on(job_word_, seen);
         sleepers_.fetch_sub(1);
@@ -336,6 +365,8 @@ class Pool {
   std::exception_ptr error_ = nullptr;  // the first exception a chunk of the running job threw
   std::mutex busy_;  // held by the caller of the running job
   int backoff_threads_ = 0;  // > 0: at most this many threads until backoff_until_
+  bool sleepy_workers_ = false;  // workers sleep between jobs until backoff_until_
+  std::atomic<int> worker_spin_us_{WORKER_SPIN_US};  // how long an idle worker polls
   std::chrono::steady_clock::time_point backoff_until_;
   std::chrono::microseconds backoff_length_{0};  // the last backoff's (0: none yet)
   CpuUse backoff_use_;  // the CPUs' use when the backoff began (or was last extended)

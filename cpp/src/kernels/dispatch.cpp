@@ -188,7 +188,8 @@ static void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out) {
   });
 }
 
-// Helpers of the k-quant copies, for row r of a group: lay_nibbles puts 32 values' low nibbles in a
+// Helpers of the copies made from unpacked values (Q4_1, Q5_0, Q5_1 and the k-quants), for row r
+// of a group of 16: lay_nibbles puts 32 values' low nibbles in a
 // block as the Q4_0 copy has them (value i low, 16 + i high, in byte i of the row's 16);
 // lay_high_bits their higher bits (`bits` of them, from bit 4), unit u's (values 4u..4u+3) at bit
 // bits * (u % per) of vector u / per, per = 8 / bits units sharing a vector.

@@ -187,9 +187,12 @@ inline const uint8_t* q6_k_lane_scales(const WeightView& w, const uint8_t* lanes
 }
 // The one rule for which weights get a row-lane copy (`repack`), and its bytes (0: none): Q8_0
 // where the int8 variant has the row-lane kernel (its copy serves float and int8 products);
-// every other block type where the float kernels have theirs and w's products stay in float (int8
-// ones read the original rows); rows in whole groups of 16, the k-quants' in whole super-blocks.
+// every other block type where the float kernels have theirs (its copy serves float products:
+// with int8 activations, those of fewer than INT8_MIN_ROWS tokens; int8 ones read the original
+// rows); rows in whole groups of 16, the k-quants' in whole super-blocks.
 size_t row_lane_bytes(const WeightView& w);
+// Whether w's copy also serves its int8 products (Q8_0's).
+bool row_lanes_serve_int8(const WeightView& w);
 // Lays w out at `out` (row_lane_bytes(w) bytes); refused where w gets no copy.
 void pack_row_lanes(const WeightView& w, uint8_t* out);
 // Values per activation block in products with weights of type t: 256 for the k-quants, else 32.

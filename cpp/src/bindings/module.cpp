@@ -504,7 +504,7 @@ PYBIND11_MODULE(_core, m) {
     if (row_lanes) {
       WeightView as_used = view;  // the copy a model would make for these products
       as_used.int8_activations = int8_activations;
-      if (!row_lane_bytes(as_used))
+      if (!row_lane_bytes(as_used) || (int8_activations && !row_lanes_serve_int8(as_used)))
         throw py::value_error("row_lanes needs Q8_0 rows in whole groups of 16 and the int8 row-lane kernel "
                               "(AVX-512 VNNI), or rows of another block type in whole groups of 16 (k-quants: of whole "
                               "super-blocks), float activations and the AVX-512 kernels");

@@ -350,7 +350,9 @@ static void pack_q6_k_row_lanes(const WeightView& w, uint8_t* out) {
 }
 
 // The row-lane layouts, one row per weight type: the bytes a copy of w takes (0: none for w), how
-// it is made, and whether it serves only float products (int8 ones then read the original rows).
+// it is made, and whether it serves only float products (int8 ones then read the original rows;
+// a model with int8 activations still keeps the copy for its float products, those of fewer than
+// INT8_MIN_ROWS tokens: decode).
 struct RowLaneLayout {
   DType type;
   size_t (*bytes)(const WeightView&);
@@ -371,8 +373,13 @@ static constexpr RowLaneLayout ROW_LANE_LAYOUTS[] = {
 
 static const RowLaneLayout* row_lane_layout(const WeightView& w) {
   for (const RowLaneLayout& l : ROW_LANE_LAYOUTS)
-    if (l.type == w.type) return l.float_only && w.int8_activations ? nullptr : &l;
+    if (l.type == w.type) return &l;
   return nullptr;
+}
+
+bool row_lanes_serve_int8(const WeightView& w) {
+  const RowLaneLayout* l = row_lane_layout(w);
+  return l && !l->float_only && l->bytes(w) > 0;
 }
 
 size_t row_lane_bytes(const WeightView& w) {

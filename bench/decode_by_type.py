@@ -44,13 +44,23 @@ LLAMA_MIXES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOS
 def llama_cpp_quantize(src: Path, dst: Path, mix: str, threads: int) -> Path:
     """`src` (an f32 GGUF) quantized by llama.cpp to one of LLAMA_MIXES, as llama-quantize does."""
     import ctypes
+    import logging
 
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_MIXES[mix])
     params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+    # llama-cpp-python prints llama.cpp's log through this logger: the quantizer reports every
+    # tensor (hundreds of lines per file); keep its errors only.
+    log = logging.getLogger("llama-cpp-python")
+    previous = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        failed = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0
+    finally:
+        log.setLevel(previous)
+    if failed:
         raise RuntimeError(f"llama.cpp could not quantize {src} to {mix}")
     return dst
 

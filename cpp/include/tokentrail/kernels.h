@@ -120,70 +120,47 @@ bool int8_supported(DType t);
 // (vpdpbusd's unsigned side); after all the quants (rows * cols bytes), the half-precision
 // scales [g][b][16 rows]. As many bytes as Q8_0.
 // Made where the current int8 variant has the row-lane kernel (rows in whole groups of 16).
-// Where a copy at `lanes` for w keeps group g's block b: its 512 bytes of quants, its 16 scales.
+// Where a copy at `lanes` for w keeps group g's block b: 32 values of 16 rows at `bits` bits each,
+// 64 * bits bytes; every copy keeps all its quants first (rows * cols * bits / 8 bytes), then its
+// scales.
 inline size_t row_lane_index(const WeightView& w, int64_t g, int64_t b) { return size_t(g * (w.cols / 32) + b); }
+inline const uint8_t* lane_block(const WeightView& w, const uint8_t* lanes, int bits, int64_t g, int64_t b) {
+  return lanes + row_lane_index(w, g, b) * 64 * size_t(bits);
+}
+inline const uint8_t* lane_scales_start(const WeightView& w, const uint8_t* lanes, int bits) {
+  return lanes + size_t(w.rows) * size_t(w.cols) / 8 * size_t(bits);
+}
+// The 32-value block types' scales: per group and block, the rows' halves, `halves` sets of 16
+// (Q8_0's: 16 d at row_lane_scales).
+inline const uint16_t* block_lane_scales(const WeightView& w, const uint8_t* lanes, int bits, int halves, int64_t g,
+                                         int64_t b) {
+  return reinterpret_cast<const uint16_t*>(lane_scales_start(w, lanes, bits)) + row_lane_index(w, g, b) * 16 * halves;
+}
 inline const uint8_t* row_lane_quants(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
-  return lanes + row_lane_index(w, g, b) * 512;
+  return lane_block(w, lanes, 8, g, b);
 }
 inline const uint16_t* row_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
-  return reinterpret_cast<const uint16_t*>(lanes + size_t(w.rows) * size_t(w.cols)) + row_lane_index(w, g, b) * 16;
+  return block_lane_scales(w, lanes, 8, 1, g, b);
 }
-// Q4_0 rows laid out for the float row-lane kernel (AVX-512), made at load (`repack`) like the
-// Q8_0 copy: per group g of 16 rows and block b, the rows' 16 quant bytes as 4 vectors of
-// [16 rows][4 bytes] (bytes 4j..4j+3 of every row in vector j, each holding values 4j+i in its
-// low nibble and 16+4j+i in its high one, as the file has them); after all the quants
-// (rows * cols / 2 bytes), the half-precision scales [g][b][16 rows]. As many bytes as Q4_0.
-// Made where the float kernels have the row-lane kernel, for products in float.
-inline const uint8_t* q4_0_lane_quants(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
-  return lanes + row_lane_index(w, g, b) * 256;
-}
-inline const uint16_t* q4_0_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
-  return reinterpret_cast<const uint16_t*>(lanes + size_t(w.rows) * size_t(w.cols) / 2) + row_lane_index(w, g, b) * 16;
-}
-// The other 32-value types with offsets or a fifth bit (Q4_1, Q5_0, Q5_1) the same way: per group
-// and block, the low nibbles as Q4_0's and, with 5 bits, the fifth bits in one more vector of
-// [16 rows][4 bytes] (unit u's, values 4u..4u+3 of every row, at bit u): 256 or 320 bytes; after
-// all the quants, per group and block the rows' d [16] and, for Q4_1 and Q5_1, m [16] (halves).
-// As many bytes as the file's rows.
-inline size_t q32_lane_block_bytes(int bits) { return bits == 4 ? 256 : 320; }
-inline const uint8_t* q32_lane_quants(const WeightView& w, const uint8_t* lanes, int bits, int64_t g, int64_t b) {
-  return lanes + row_lane_index(w, g, b) * q32_lane_block_bytes(bits);
-}
-inline const uint16_t* q32_lane_scales(const WeightView& w, const uint8_t* lanes, int bits, int halves, int64_t g,
-                                       int64_t b) {
-  const size_t quants = size_t(w.rows / 16) * size_t(w.cols / 32) * q32_lane_block_bytes(bits);
-  return reinterpret_cast<const uint16_t*>(lanes + quants) + row_lane_index(w, g, b) * 16 * halves;
-}
-// Q4_K rows laid out for the float row-lane kernel: every 32-value sub-block's nibbles as the Q4_0
-// copy has a block's (so the quants take rows * cols / 2 bytes, at q4_0_lane_quants), then per
-// group of 16 rows and super-block of 256 values Q4_K_LANE_SCALE_BYTES: the rows' d [16] and dmin
-// [16] (halves), their 8 sub-blocks' scales [8][16] and mins [8][16] (6-bit values as bytes).
+// The other block types' copies, for the float row-lane kernel (AVX-512), in the same shape: per
+// group g of 16 rows and 32-value block b, the rows' low nibbles as 4 vectors of [16 rows][4 bytes]
+// (bytes 4j..4j+3 of every row in vector j, each holding values 4j+i in its low nibble and 16+4j+i
+// in its high one, as Q4_0 files have them), then the higher bits, `bits - 4` per value, in vectors
+// of the same shape (unit u's, values 4u..4u+3 of every row, at bit (bits - 4) * (u % per) of
+// vector u / per, per = 8 / (bits - 4)). The scales that follow all the quants:
+// - Q4_0, IQ4_NL, Q5_0: the rows' d [16] per block (halves); Q4_1, Q5_1: d [16] and m [16];
+// - Q4_K, Q5_K: per group and super-block of 256 values, Q4_K_LANE_SCALE_BYTES: the rows' d [16]
+//   and dmin [16] (halves), their 8 sub-blocks' scales [8][16] and mins [8][16] (6-bit values as
+//   bytes);
+// - Q6_K: per group and super-block, Q6_K_LANE_SCALE_BYTES: the rows' d [16] (halves) and their 16
+//   sub-blocks' int8 scales [16][16].
+// The 32-value types take as many bytes as the file's rows; the k-quants 64 (Q4_K, Q5_K) or 8
+// (Q6_K) more per 16 rows and super-block.
 constexpr size_t Q4_K_LANE_SCALE_BYTES = 320;
-inline const uint8_t* q4_k_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t s) {
-  return lanes + size_t(w.rows) * size_t(w.cols) / 2 + size_t(g * (w.cols / 256) + s) * Q4_K_LANE_SCALE_BYTES;
-}
-// Q5_K rows laid out for the float row-lane kernel: per group g and 32-value block b, the low
-// nibbles as a Q4_0 block's (256 bytes), then each value's fifth bit in one vector of [16 rows]
-// [4 bytes] (unit u's, values 4u..4u+3 of every row, at bit u); after all the quants
-// (rows * cols * 5 / 8 bytes), the scales as the Q4_K copy has them.
-inline const uint8_t* q5_k_lane_quants(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
-  return lanes + row_lane_index(w, g, b) * 320;
-}
-inline const uint8_t* q5_k_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t s) {
-  return lanes + size_t(w.rows) * size_t(w.cols) / 8 * 5 + size_t(g * (w.cols / 256) + s) * Q4_K_LANE_SCALE_BYTES;
-}
-// Q6_K rows laid out for the float row-lane kernel: per group g of 16 rows and 32-value block b,
-// the low nibbles as a Q4_0 block's (256 bytes), then the two high bits of each value in 2 vectors
-// of [16 rows][4 bytes] (unit u's, values 4u..4u+3 of every row, at bits 2 (u % 4) of vector
-// u / 4); after all the quants (rows * cols * 3 / 4 bytes), per group and super-block of 256
-// values Q6_K_LANE_SCALE_BYTES: the rows' d [16] (halves) and their 16 sub-blocks' int8 scales
-// [16][16]. 8 bytes more per 16 rows and super-block than Q6_K's 210 per row.
 constexpr size_t Q6_K_LANE_SCALE_BYTES = 288;
-inline const uint8_t* q6_k_lane_quants(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t b) {
-  return lanes + row_lane_index(w, g, b) * 384;
-}
-inline const uint8_t* q6_k_lane_scales(const WeightView& w, const uint8_t* lanes, int64_t g, int64_t s) {
-  return lanes + size_t(w.rows) * size_t(w.cols) / 4 * 3 + size_t(g * (w.cols / 256) + s) * Q6_K_LANE_SCALE_BYTES;
+inline const uint8_t* k_quant_lane_scales(const WeightView& w, const uint8_t* lanes, int bits, size_t scale_bytes,
+                                          int64_t g, int64_t s) {
+  return lane_scales_start(w, lanes, bits) + size_t(g * (w.cols / 256) + s) * scale_bytes;
 }
 // The one rule for which weights get a row-lane copy (`repack`), and its bytes (0: none): Q8_0
 // where the int8 variant has the row-lane kernel (its copy serves float and int8 products);

@@ -177,8 +177,8 @@ static void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out) {
   const int64_t nb = w.cols / 32;
   pack_groups(w, q4_0_row_lane_bytes(w), [&](int64_t g) {
     for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* q = const_cast<uint8_t*>(q4_0_lane_quants(w, out, g, b));
-      uint16_t* scales = const_cast<uint16_t*>(q4_0_lane_scales(w, out, g, b));
+      uint8_t* q = const_cast<uint8_t*>(lane_block(w, out, 4, g, b));
+      uint16_t* scales = const_cast<uint16_t*>(block_lane_scales(w, out, 4, 1, g, b));
       for (int r = 0; r < 16; ++r) {
         const uint8_t* blk = w.row(g * 16 + r) + b * 18;  // half scale, then 16 bytes of nibbles
         std::memcpy(scales + r, blk, 2);
@@ -220,7 +220,7 @@ static void lay_k4_scales(uint8_t* s, int r, const uint8_t* d_dmin_scales) {
 
 static size_t q32_row_lane_bytes(const WeightView& w, DType type, int bits, int halves) {
   if (w.type != type || w.rows % 16 != 0 || w.cols % 32 != 0 || !kernels().float_row_lanes) return 0;
-  return size_t(w.rows / 16) * size_t(w.cols / 32) * (q32_lane_block_bytes(bits) + 32 * size_t(halves));
+  return size_t(w.rows / 16) * size_t(w.cols / 32) * (64 * size_t(bits) + 32 * size_t(halves));
 }
 
 // Every block of every row of a Q4_1, Q5_0 or Q5_1 matrix: unpack(file block, values[32]), the
@@ -230,8 +230,8 @@ static void pack_q32(const WeightView& w, uint8_t* out, int bits, int halves, si
   const int64_t nb = w.cols / 32;
   pack_groups(w, q32_row_lane_bytes(w, w.type, bits, halves), [&](int64_t g) {
     for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* block = const_cast<uint8_t*>(q32_lane_quants(w, out, bits, g, b));
-      uint16_t* scales = const_cast<uint16_t*>(q32_lane_scales(w, out, bits, halves, g, b));
+      uint8_t* block = const_cast<uint8_t*>(lane_block(w, out, bits, g, b));
+      uint16_t* scales = const_cast<uint16_t*>(block_lane_scales(w, out, bits, halves, g, b));
       for (int r = 0; r < 16; ++r) {
         const uint8_t* blk = w.row(g * 16 + r) + b * int64_t(file_block);
         for (int h = 0; h < halves; ++h) std::memcpy(scales + 16 * h + r, blk + 2 * h, 2);
@@ -276,18 +276,17 @@ static size_t k_quant_row_lane_bytes(const WeightView& w, DType type, int bits, 
 // Every super-block of every row of w: unpack(file block, values[256], scale bytes, r) and the
 // values' bits laid out in the blocks of the copy.
 template <class Unpack>
-static void pack_k_quant(const WeightView& w, uint8_t* out, size_t bytes, size_t file_block, int bits,
-                         const uint8_t* (*quants)(const WeightView&, const uint8_t*, int64_t, int64_t),
-                         const uint8_t* (*scales)(const WeightView&, const uint8_t*, int64_t, int64_t),
+static void pack_k_quant(const WeightView& w, uint8_t* out, int bits, size_t scale_bytes, size_t file_block,
                          Unpack unpack) {
   const int64_t supers = w.cols / 256;
-  pack_groups(w, bytes, [&](int64_t g) {
+  pack_groups(w, k_quant_row_lane_bytes(w, w.type, bits, scale_bytes), [&](int64_t g) {
     for (int64_t sb = 0; sb < supers; ++sb)
       for (int r = 0; r < 16; ++r) {
         uint8_t v[256];
-        unpack(w.row(g * 16 + r) + sb * file_block, v, const_cast<uint8_t*>(scales(w, out, g, sb)), r);
+        unpack(w.row(g * 16 + r) + sb * file_block, v,
+               const_cast<uint8_t*>(k_quant_lane_scales(w, out, bits, scale_bytes, g, sb)), r);
         for (int b = 0; b < 8; ++b) {
-          uint8_t* block = const_cast<uint8_t*>(quants(w, out, g, sb * 8 + b));
+          uint8_t* block = const_cast<uint8_t*>(lane_block(w, out, bits, g, sb * 8 + b));
           lay_nibbles(block, r, v + 32 * b);
           if (bits > 4) lay_high_bits(block + 256, r, v + 32 * b, bits - 4);
         }
@@ -295,38 +294,34 @@ static void pack_k_quant(const WeightView& w, uint8_t* out, size_t bytes, size_t
   });
 }
 
+// Q4_K and Q5_K: d, dmin, scales[12], (Q5_K: qh[32],) qs[128]. Sub-block j's values are the low
+// (even j) or high (odd j) nibbles of qs[32 (j / 2) ..][0..31]; Q5_K's value l of sub-block j has
+// its fifth bit at bit j of qh[l].
+static void unpack_k4(const uint8_t* blk, const uint8_t* qh, const uint8_t* qs, uint8_t* v, uint8_t* s, int r) {
+  lay_k4_scales(s, r, blk);
+  for (int j = 0; j < 8; ++j)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t q = qs[32 * (j / 2) + l];
+      v[32 * j + l] = uint8_t((j % 2 ? q >> 4 : q & 0xF) | (qh ? ((qh[l] >> j) & 1) << 4 : 0));
+    }
+}
+
 static size_t q4_k_row_lane_bytes(const WeightView& w) {
   return k_quant_row_lane_bytes(w, DType::Q4_K, 4, Q4_K_LANE_SCALE_BYTES);
 }
 static void pack_q4_k_row_lanes(const WeightView& w, uint8_t* out) {
-  // d, dmin, scales[12], qs[128]: sub-block j's values are the low (even j) or high (odd j)
-  // nibbles of qs[32 (j / 2) ..][0..31].
-  pack_k_quant(w, out, q4_k_row_lane_bytes(w), 144, 4, q4_0_lane_quants, q4_k_lane_scales,
-               [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
-                 lay_k4_scales(s, r, blk);
-                 for (int j = 0; j < 8; ++j)
-                   for (int l = 0; l < 32; ++l) {
-                     const uint8_t q = blk[16 + 32 * (j / 2) + l];
-                     v[32 * j + l] = j % 2 ? q >> 4 : q & 0xF;
-                   }
-               });
+  pack_k_quant(w, out, 4, Q4_K_LANE_SCALE_BYTES, 144, [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
+    unpack_k4(blk, nullptr, blk + 16, v, s, r);
+  });
 }
 
 static size_t q5_k_row_lane_bytes(const WeightView& w) {
   return k_quant_row_lane_bytes(w, DType::Q5_K, 5, Q4_K_LANE_SCALE_BYTES);
 }
 static void pack_q5_k_row_lanes(const WeightView& w, uint8_t* out) {
-  // d, dmin, scales[12], qh[32], qs[128]: Q4_K's nibbles, and value l of sub-block j has its
-  // fifth bit at bit j of qh[l].
-  pack_k_quant(w, out, q5_k_row_lane_bytes(w), 176, 5, q5_k_lane_quants, q5_k_lane_scales,
-               [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
-                 lay_k4_scales(s, r, blk);
-                 for (int j = 0; j < 8; ++j)
-                   for (int l = 0; l < 32; ++l) {
-                     const uint8_t q = blk[48 + 32 * (j / 2) + l];
-                     v[32 * j + l] = uint8_t((j % 2 ? q >> 4 : q & 0xF) | ((blk[16 + l] >> j) & 1) << 4);
-                   }
-               });
+  pack_k_quant(w, out, 5, Q4_K_LANE_SCALE_BYTES, 176, [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
+    unpack_k4(blk, blk + 16, blk + 48, v, s, r);
+  });
 }
 
 static size_t q6_k_row_lane_bytes(const WeightView& w) {
@@ -336,17 +331,16 @@ static void pack_q6_k_row_lanes(const WeightView& w, uint8_t* out) {
   // ql[128], qh[64], scales[16], d: value 128h + 32p + l (p = 0..3, l = 0..31) has its low nibble
   // in ql[64h + 32(p % 2) + l] (the low one for p < 2) and its two high bits at bit 2p of
   // qh[32h + l].
-  pack_k_quant(w, out, q6_k_row_lane_bytes(w), 210, 6, q6_k_lane_quants, q6_k_lane_scales,
-               [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
-                 std::memcpy(s + 2 * r, blk + 208, 2);
-                 for (int j = 0; j < 16; ++j) s[32 + 16 * j + r] = blk[192 + j];
-                 for (int h = 0; h < 2; ++h)
-                   for (int p = 0; p < 4; ++p)
-                     for (int l = 0; l < 32; ++l) {
-                       const uint8_t low = blk[64 * h + 32 * (p % 2) + l], high = blk[128 + 32 * h + l];
-                       v[128 * h + 32 * p + l] = uint8_t(((p < 2 ? low : low >> 4) & 0xF) | ((high >> (2 * p)) & 3) << 4);
-                     }
-               });
+  pack_k_quant(w, out, 6, Q6_K_LANE_SCALE_BYTES, 210, [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
+    std::memcpy(s + 2 * r, blk + 208, 2);
+    for (int j = 0; j < 16; ++j) s[32 + 16 * j + r] = blk[192 + j];
+    for (int h = 0; h < 2; ++h)
+      for (int p = 0; p < 4; ++p)
+        for (int l = 0; l < 32; ++l) {
+          const uint8_t low = blk[64 * h + 32 * (p % 2) + l], high = blk[128 + 32 * h + l];
+          v[128 * h + 32 * p + l] = uint8_t(((p < 2 ? low : low >> 4) & 0xF) | ((high >> (2 * p)) & 3) << 4);
+        }
+  });
 }
 
 // The row-lane layouts, one row per weight type: the bytes a copy of w takes (0: none for w), how

@@ -976,80 +976,87 @@ constexpr size_t ROW_LANE_AHEAD_BYTES = 2048;
 // the batch). Measured with 2 threads on an Intel Xeon, bench/row_lane_copy.py: Q8_0 1.1x the GEMM
 // at 48-64 tokens and even at 128 (SmolLM2-135M shapes, one thread), Q4_0 0.97-1.18x at 128; Q4_K
 // and Q6_K (TinyLlama-1.1B shapes) 0.93-1.44x at 64, 0.92-1.19x at 96, 0.83-0.99x at 128.
-// Q8_0 (pack_q8_0_row_lanes): 8 vectors per block, each byte w + 128.
-struct Q8_0Lanes {
-  static constexpr size_t BLOCK_BYTES = 512;
-  static constexpr int SCALE_PARTS = 1;
-  static constexpr int MAX_TOKENS = 128;
-  static __m512i unit(const uint8_t* block, int u) { return _mm512_load_si512(block + 64 * u); }
-  static const uint8_t* quants(const WeightView& w, int64_t g) { return row_lane_quants(w, w.row_lanes, g, 0); }
-  // A group's scales: 16 halves per block, one line per two blocks.
-  static const uint8_t* scales(const WeightView& w, int64_t g) {
-    return reinterpret_cast<const uint8_t*>(row_lane_scales(w, w.row_lanes, g, 0));
-  }
-  static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 32) * 32; }
-  // d and (offset) * d of the 16 rows in block b.
-  static void block_scales(const uint8_t* scales, int b, int /*part*/, __m512& d, __m512& bias,
-                           float offset = -128.0f) {
-    d = row_lane_scale(reinterpret_cast<const uint16_t*>(scales) + size_t(b) * 16);
-    bias = _mm512_mul_ps(d, _mm512_set1_ps(offset));
-  }
-  static void prefetch_scales(const uint8_t* scales, int b) {
-    if (b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(scales) + size_t(b) * 32, _MM_HINT_T0);
-  }
-};
-// Q4_0 (pack_q4_0_row_lanes): 4 vectors per block, each byte holding values 4j+i (low nibble) and
-// 16+4j+i (high nibble): one `and` gives units 0-3, a shift and an `and` units 4-7, values 0-15
-// with offset 8, so that the block's values come in order.
-struct Q4_0Lanes {
-  static constexpr size_t BLOCK_BYTES = 256;
-  static constexpr int SCALE_PARTS = 1;
-  static constexpr int MAX_TOKENS = 128;
-  static __m512i unit(const uint8_t* block, int u) {
+// Unit u of a block of a copy with `BITS` bits per value (kernels.h: lane_block): Q8_0's 8
+// vectors are loaded as they lie (each byte w + 128); the other types' low nibbles come from 4
+// vectors, each byte holding values 4j+i (low nibble) and 16+4j+i (high nibble): one `and` gives
+// units 0-3, a shift and an `and` units 4-7, so that the block's values come in order; their
+// higher bits (BITS - 4 per value, unit u's at bit (BITS - 4) * (u % per) of vector u / per) are
+// shifted to bit 4 and merged in one ternary-logic op.
+template <int BITS>
+static inline __m512i lane_unit(const uint8_t* block, int u) {
+  if constexpr (BITS == 8) {
+    return _mm512_load_si512(block + 64 * u);
+  } else {
     const __m512i v = _mm512_load_si512(block + 64 * (u % 4)), low4 = _mm512_set1_epi8(0x0F);
-    return _mm512_and_si512(u < 4 ? v : _mm512_srli_epi16(v, 4), low4);
+    const __m512i low = _mm512_and_si512(u < 4 ? v : _mm512_srli_epi16(v, 4), low4);
+    if constexpr (BITS == 4) {
+      return low;
+    } else {
+      constexpr int HIGH = BITS - 4, PER = 8 / HIGH;
+      const __m512i h = _mm512_load_si512(block + 256 + 64 * (u / PER));
+      const int shift = 4 - HIGH * (u % PER);  // to bit 4; within each byte, as the mask keeps it
+      const __m512i at4 = shift > 0 ? _mm512_slli_epi16(h, unsigned(shift))
+                          : shift < 0 ? _mm512_srli_epi16(h, unsigned(-shift)) : h;
+      const __m512i mask = _mm512_set1_epi8(char(((1 << HIGH) - 1) << 4));
+      return _mm512_ternarylogic_epi32(at4, low, mask, 0xEC);  // (at4 & mask) | low
+    }
   }
-  static const uint8_t* quants(const WeightView& w, int64_t g) { return q4_0_lane_quants(w, w.row_lanes, g, 0); }
+}
+
+// The 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; pack_q8_0_row_lanes, pack_q4_0_row_lanes,
+// pack_q32): per block the rows' d and either their m (Q4_1, Q5_1: weight q * d + m) or a fixed
+// OFFSET (q * d + OFFSET * d, q * d exact), one FMA and one rounding either way: the dequantized
+// weight, as the row widening has it.
+template <int BITS, int HALVES, int OFFSET>
+struct BlockLanes {
+  static constexpr size_t BLOCK_BYTES = 64 * BITS;
+  static constexpr int SCALE_PARTS = 1;
+  static constexpr int MAX_TOKENS = 128;
+  static __m512i unit(const uint8_t* block, int u) { return lane_unit<BITS>(block, u); }
+  static const uint8_t* quants(const WeightView& w, int64_t g) { return lane_block(w, w.row_lanes, BITS, g, 0); }
   static const uint8_t* scales(const WeightView& w, int64_t g) {
-    return reinterpret_cast<const uint8_t*>(q4_0_lane_scales(w, w.row_lanes, g, 0));
+    return reinterpret_cast<const uint8_t*>(block_lane_scales(w, w.row_lanes, BITS, HALVES, g, 0));
   }
-  static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 32) * 32; }
-  static void block_scales(const uint8_t* scales, int b, int part, __m512& d, __m512& bias) {
-    Q8_0Lanes::block_scales(scales, b, part, d, bias, -8.0f);
+  static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 32) * 32 * HALVES; }
+  static void block_scales(const uint8_t* scales, int b, int /*part*/, __m512& d, __m512& bias) {
+    const uint16_t* halves = reinterpret_cast<const uint16_t*>(scales) + size_t(b) * 16 * HALVES;
+    d = row_lane_scale(halves);
+    bias = HALVES == 2 ? row_lane_scale(halves + 16) : _mm512_mul_ps(d, _mm512_set1_ps(float(OFFSET)));
   }
-  static void prefetch_scales(const uint8_t* scales, int b) { Q8_0Lanes::prefetch_scales(scales, b); }
+  static void prefetch_scales(const uint8_t* scales, int b) {  // a line per block (d and m) or per two
+    if (HALVES == 2 || b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(scales) + size_t(b) * 32 * HALVES, _MM_HINT_T0);
+  }
 };
+using Q8_0Lanes = BlockLanes<8, 1, -128>;
+using Q4_0Lanes = BlockLanes<4, 1, -8>;
+using Q4_1Lanes = BlockLanes<4, 2, 0>;
+using Q5_0Lanes = BlockLanes<5, 1, -16>;
+using Q5_1Lanes = BlockLanes<5, 2, 0>;
 // IQ4_NL (pack_q4_0_row_lanes, as Q4_0): each nibble picks its level from the 16 of IQ4_NL_LEVELS
 // by one vpshufb from a table of level + 128 (a byte the pick widens unsigned), the weight then
 // (level + 128) * d - 128 * d: level * d, exact in float.
-struct IQ4_NLLanes {
-  static constexpr size_t BLOCK_BYTES = 256;
-  static constexpr int SCALE_PARTS = 1;
-  static constexpr int MAX_TOKENS = 128;
+struct IQ4_NLLanes : BlockLanes<4, 1, -128> {
   static __m512i unit(const uint8_t* block, int u) {
     const __m512i levels = _mm512_broadcast_i32x4(_mm_add_epi8(
         _mm_load_si128(reinterpret_cast<const __m128i*>(IQ4_NL_LEVELS)), _mm_set1_epi8(char(0x80))));
-    return _mm512_shuffle_epi8(levels, Q4_0Lanes::unit(block, u));
+    return _mm512_shuffle_epi8(levels, lane_unit<4>(block, u));
   }
-  static const uint8_t* quants(const WeightView& w, int64_t g) { return Q4_0Lanes::quants(w, g); }
-  static const uint8_t* scales(const WeightView& w, int64_t g) { return Q4_0Lanes::scales(w, g); }
-  static size_t scale_stride(const WeightView& w) { return Q4_0Lanes::scale_stride(w); }
-  static void block_scales(const uint8_t* scales, int b, int part, __m512& d, __m512& bias) {
-    Q8_0Lanes::block_scales(scales, b, part, d, bias, -128.0f);
-  }
-  static void prefetch_scales(const uint8_t* scales, int b) { Q8_0Lanes::prefetch_scales(scales, b); }
 };
-// Q4_K (pack_q4_k_row_lanes): each 32-value sub-block's nibbles laid out as Q4_0's; per group and
-// super-block of 256 values, the rows' d and dmin (halves) and their 8 sub-blocks' 6-bit scales and
-// mins as bytes (Q4_K_LANE_SCALE_BYTES). d * sc and dmin * m are exact in float, and the weight
-// q * (d * sc) - dmin * m is rounded once, as the row widening has it.
-struct Q4_KLanes {
-  static constexpr size_t BLOCK_BYTES = 256;
+
+// Q4_K and Q5_K (pack_k_quant): each 32-value sub-block laid out as a Q4_0 (or, with 5 bits, Q5_0)
+// block; per group and super-block of 256 values, the rows' d and dmin (halves) and their 8
+// sub-blocks' 6-bit scales and mins as bytes (Q4_K_LANE_SCALE_BYTES). d * sc and dmin * m are exact
+// in float, and the weight q * (d * sc) - dmin * m is rounded once, as the row widening has it.
+template <int BITS>
+struct K4Lanes {
+  static constexpr size_t BLOCK_BYTES = 64 * BITS;
   static constexpr int SCALE_PARTS = 1;
   static constexpr int MAX_TOKENS = 64;
-  static __m512i unit(const uint8_t* block, int u) { return Q4_0Lanes::unit(block, u); }
-  static const uint8_t* quants(const WeightView& w, int64_t g) { return q4_0_lane_quants(w, w.row_lanes, g, 0); }
-  static const uint8_t* scales(const WeightView& w, int64_t g) { return q4_k_lane_scales(w, w.row_lanes, g, 0); }
+  static __m512i unit(const uint8_t* block, int u) { return lane_unit<BITS>(block, u); }
+  static const uint8_t* quants(const WeightView& w, int64_t g) { return lane_block(w, w.row_lanes, BITS, g, 0); }
+  static const uint8_t* scales(const WeightView& w, int64_t g) {
+    return k_quant_lane_scales(w, w.row_lanes, BITS, Q4_K_LANE_SCALE_BYTES, g, 0);
+  }
   static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 256) * Q4_K_LANE_SCALE_BYTES; }
   static void block_scales(const uint8_t* scales, int b, int /*part*/, __m512& d, __m512& bias) {
     const uint8_t* s = scales + size_t(b / 8) * Q4_K_LANE_SCALE_BYTES;
@@ -1065,74 +1072,21 @@ struct Q4_KLanes {
     if (b % 8 < 5) _mm_prefetch(reinterpret_cast<const char*>(scales) + size_t(b / 8) * Q4_K_LANE_SCALE_BYTES + 64 * (b % 8), _MM_HINT_T0);
   }
 };
+using Q4_KLanes = K4Lanes<4>;
+using Q5_KLanes = K4Lanes<5>;
 
-// Q5_K (pack_q5_k_row_lanes): the low nibbles as Q4_0's, then one vector of fifth bits (unit u's at
-// bit u), moved to bit 4 and merged in one ternary-logic op; scales and mins as Q4_K's.
-struct Q5_KLanes {
-  static constexpr size_t BLOCK_BYTES = 320;
-  static constexpr int SCALE_PARTS = 1;
-  static constexpr int MAX_TOKENS = 64;
-  static __m512i unit(const uint8_t* block, int u) {
-    const __m512i low = Q4_0Lanes::unit(block, u);
-    const __m512i h = _mm512_load_si512(block + 256);
-    const __m512i at4 = u < 4 ? _mm512_slli_epi16(h, 4 - u) : u == 4 ? h : _mm512_srli_epi16(h, u - 4);
-    return _mm512_ternarylogic_epi32(at4, low, _mm512_set1_epi8(0x10), 0xEC);  // (at4 & 0x10) | low
-  }
-  static const uint8_t* quants(const WeightView& w, int64_t g) { return q5_k_lane_quants(w, w.row_lanes, g, 0); }
-  static const uint8_t* scales(const WeightView& w, int64_t g) { return q5_k_lane_scales(w, w.row_lanes, g, 0); }
-  static size_t scale_stride(const WeightView& w) { return Q4_KLanes::scale_stride(w); }
-  static void block_scales(const uint8_t* scales, int b, int part, __m512& d, __m512& bias) {
-    Q4_KLanes::block_scales(scales, b, part, d, bias);
-  }
-  static void prefetch_scales(const uint8_t* scales, int b) { Q4_KLanes::prefetch_scales(scales, b); }
-};
-// Q4_1, Q5_0 and Q5_1 (pack_q32): Q4_0's nibbles and, with 5 bits, Q5_K's vector of fifth bits; per
-// block the rows' d and either their m (Q4_1, Q5_1: weight q * d + m) or OFFSET (Q5_0: q * d - 16 * d,
-// q * d exact), one FMA and one rounding either way, as the row widening has it.
-template <int BITS, int HALVES, int OFFSET>
-struct Q32Lanes {
-  static constexpr size_t BLOCK_BYTES = BITS == 4 ? 256 : 320;
-  static constexpr int SCALE_PARTS = 1;
-  static constexpr int MAX_TOKENS = 128;
-  static __m512i unit(const uint8_t* block, int u) {
-    return BITS == 4 ? Q4_0Lanes::unit(block, u) : Q5_KLanes::unit(block, u);
-  }
-  static const uint8_t* quants(const WeightView& w, int64_t g) { return q32_lane_quants(w, w.row_lanes, BITS, g, 0); }
-  static const uint8_t* scales(const WeightView& w, int64_t g) {
-    return reinterpret_cast<const uint8_t*>(q32_lane_scales(w, w.row_lanes, BITS, HALVES, g, 0));
-  }
-  static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 32) * 32 * HALVES; }
-  static void block_scales(const uint8_t* scales, int b, int /*part*/, __m512& d, __m512& bias) {
-    const uint16_t* halves = reinterpret_cast<const uint16_t*>(scales) + size_t(b) * 16 * HALVES;
-    d = row_lane_scale(halves);
-    bias = HALVES == 2 ? row_lane_scale(halves + 16) : _mm512_mul_ps(d, _mm512_set1_ps(float(OFFSET)));
-  }
-  static void prefetch_scales(const uint8_t* scales, int b) {  // a line per block (d and m) or per two
-    if (HALVES == 2 || b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(scales) + size_t(b) * 32 * HALVES, _MM_HINT_T0);
-  }
-};
-using Q4_1Lanes = Q32Lanes<4, 2, 0>;
-using Q5_0Lanes = Q32Lanes<5, 1, -16>;
-using Q5_1Lanes = Q32Lanes<5, 2, 0>;
-
-// Q6_K (pack_q6_k_row_lanes): the low nibbles as Q4_0's, then the high bits, 2 per value: unit u's
-// at bits 2 (u % 4) of vector u / 4, moved to bits 4-5 and merged in one ternary-logic op. Scales
-// change every 16 values (two parts per block); d * sc is exact in float, and the weight
+// Q6_K (pack_k_quant): the 6-bit values laid out as lane_unit<6> reads them. Scales change every 16
+// values (two parts per block); d * sc is exact in float, and the weight
 // q * (d * sc) - 32 * (d * sc) = (q - 32) * d * sc is exact too (24 significant bits at most).
 struct Q6_KLanes {
   static constexpr size_t BLOCK_BYTES = 384;
   static constexpr int SCALE_PARTS = 2;
   static constexpr int MAX_TOKENS = 64;
-  static __m512i unit(const uint8_t* block, int u) {
-    const __m512i low = Q4_0Lanes::unit(block, u);
-    const __m512i h = _mm512_load_si512(block + 256 + 64 * (u / 4));
-    const int s = u % 4;
-    const __m512i at4 = s == 0 ? _mm512_slli_epi16(h, 4) : s == 1 ? _mm512_slli_epi16(h, 2)
-                                                        : s == 2 ? h : _mm512_srli_epi16(h, 2);
-    return _mm512_ternarylogic_epi32(at4, low, _mm512_set1_epi8(0x30), 0xEC);  // (at4 & 0x30) | low
+  static __m512i unit(const uint8_t* block, int u) { return lane_unit<6>(block, u); }
+  static const uint8_t* quants(const WeightView& w, int64_t g) { return lane_block(w, w.row_lanes, 6, g, 0); }
+  static const uint8_t* scales(const WeightView& w, int64_t g) {
+    return k_quant_lane_scales(w, w.row_lanes, 6, Q6_K_LANE_SCALE_BYTES, g, 0);
   }
-  static const uint8_t* quants(const WeightView& w, int64_t g) { return q6_k_lane_quants(w, w.row_lanes, g, 0); }
-  static const uint8_t* scales(const WeightView& w, int64_t g) { return q6_k_lane_scales(w, w.row_lanes, g, 0); }
   static size_t scale_stride(const WeightView& w) { return size_t(w.cols / 256) * Q6_K_LANE_SCALE_BYTES; }
   static void block_scales(const uint8_t* scales, int b, int part, __m512& d, __m512& bias) {
     const uint8_t* s = scales + size_t(b / 8) * Q6_K_LANE_SCALE_BYTES;

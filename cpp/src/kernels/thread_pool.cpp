@@ -33,7 +33,7 @@ namespace {
 // How long an idle worker polls for the next job before it sleeps: the regions of one
 // forward pass follow each other within microseconds, the gap between tokens is longer.
 // (While the pool backs off, workers sleep at once: see account().)
-constexpr int WORKER_SPIN_US = 200;
+constexpr auto WORKER_SPIN = std::chrono::microseconds(200);
 // How long the caller polls for a chunk still running on another thread before it sleeps
 // (which lets the scheduler run that thread on the caller's core, if it was descheduled).
 constexpr auto CALLER_SPIN = std::chrono::microseconds(50);
@@ -265,7 +265,7 @@ class Pool {
       backoff_length_ = set_aside ? std::chrono::microseconds(MAX_BACKOFF)
                         : again   ? std::min<std::chrono::microseconds>(2 * backoff_length_, MAX_BACKOFF)
                                   : std::chrono::microseconds(MIN_BACKOFF);
-      if (sleepy_workers_)  // the first step did not stop the waiting: fewer threads
+      if (sleepy_workers_.load(std::memory_order_relaxed))  // the first step did not stop the waiting: fewer threads
         backoff_threads_ = std::max(1, threads / 2);
       else
         set_sleepy_workers(true);
@@ -318,17 +318,14 @@ class Pool {
     }
   }
 
-  bool backing_off() const { return backoff_threads_ > 0 || sleepy_workers_; }
+  bool backing_off() const { return backoff_threads_ > 0 || sleepy_workers_.load(std::memory_order_relaxed); }
 
-  void set_sleepy_workers(bool sleepy) {
-    sleepy_workers_ = sleepy;
-    worker_spin_us_.store(sleepy ? 0 : WORKER_SPIN_US, std::memory_order_relaxed);
-  }
+  void set_sleepy_workers(bool sleepy) { sleepy_workers_.store(sleepy, std::memory_order_relaxed); }
 
   void worker_main(int index) {
     uint32_t seen = job_word_.load();
     for (;;) {
-      const std::chrono::microseconds spin(worker_spin_us_.load(std::memory_order_relaxed));
+      const auto spin = sleepy_workers_.load(std::memory_order_relaxed) ? std::chrono::microseconds(0) : WORKER_SPIN;
       if (!spin_until([&] { return job_word_.load(std::memory_order_acquire) != seen; }, spin)) {
         sleepers_.fetch_add(1);
         while (job_word_.load() == seen) wait_on(job_word_, seen);
@@ -365,8 +362,7 @@ class Pool {
   std::exception_ptr error_ = nullptr;  // the first exception a chunk of the running job threw
   std::mutex busy_;  // held by the caller of the running job
   int backoff_threads_ = 0;  // > 0: at most this many threads until backoff_until_
-  bool sleepy_workers_ = false;  // workers sleep between jobs until backoff_until_
-  std::atomic<int> worker_spin_us_{WORKER_SPIN_US};  // how long an idle worker polls
+  std::atomic<bool> sleepy_workers_{false};  // workers sleep between jobs (no polling) until backoff_until_
   std::chrono::steady_clock::time_point backoff_until_;
   std::chrono::microseconds backoff_length_{0};  // the last backoff's (0: none yet)
   CpuUse backoff_use_;  // the CPUs' use when the backoff began (or was last extended)

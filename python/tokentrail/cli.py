@@ -72,9 +72,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="float32 activations in quantized products; --no-exact rounds them to int8 per block "
                         "as llama.cpp does (faster prefill, logits differ by that rounding; default: exact)")
     g.add_argument("--repack", action=argparse.BooleanOptionalAction, default=None,
-                   help="lay q8_0 matrices (and q4_0 and q4_k ones, with float activations) out once more for the AVX-512 "
-                        "row-lane kernels (faster products, as many bytes again as those weights; default: where "
-                        "the CPU has the AVX-512 VNNI kernels)")
+                   help="lay block-quantized matrices out once more for the AVX-512 row-lane kernels (faster "
+                        "products, as many bytes again as those weights; default: where the CPU has the AVX-512 "
+                        "VNNI kernels)")
     add_progress_option(g)
 
 

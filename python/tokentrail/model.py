@@ -118,8 +118,8 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, thread
     int8 products of 8 tokens or more read the original rows, so both stay
     in memory). A copy takes about as many bytes again as its weights (a GGUF
     file's own pages are handed back once copied, and come back only where
-    int8 products read them). None: where the CPU has those kernels; True insists (an error
-    elsewhere); False never.
+    int8 products read them). None: where the CPU has those kernels; True
+    insists (an error elsewhere); False never.
 
     Errors: CheckpointError for a file that cannot be read as a model,
     InvalidArgumentError for a bad argument (see tokentrail.errors).

@@ -236,7 +236,9 @@ def test_a_few_tokens_give_the_rows_of_a_full_tile_bit_for_bit(each_isa):
 def test_q8_0_rows_give_the_same_int8_products_in_either_kernel(each_isa):
     """Q8_0 weights in whole blocks of 16 rows stream through the row-lane kernel (with AVX-512
     VNNI, at any number of tokens, 64 at a time); a matrix with a tail of rows runs the token-lane
-    kernel for all of its rows. The same rows give the same results bit for bit either way."""
+    kernel for all of its rows. The same rows give the same results bit for bit either way (the
+    row lanes round their activations sixteen blocks at a time, the token lanes block by block:
+    non-finite activations included)."""
     rng = np.random.default_rng(12)
     k = 576
     w = rng.standard_normal((37, k)).astype(np.float32)
@@ -246,6 +248,8 @@ def test_q8_0_rows_give_the_same_int8_products_in_either_kernel(each_isa):
         _core.set_isa(isa)
         for n in (1, 5, 17, 64, 65, 100, 130):
             x = activations(rng, n, k)
+            if n >= 5:  # an infinity, a NaN and a huge value, in blocks of either rounding
+                x[3, 40], x[4, 70], x[n - 1, 550] = np.inf, np.nan, 3e38
             a = _core.matmul(tail, "q8_0", 37, k, x, int8_activations=True)
             b = _core.matmul(whole, "q8_0", 32, k, x, int8_activations=True)
             np.testing.assert_array_equal(b, a[:, :32], err_msg=f"{isa} n={n}")

@@ -140,6 +140,60 @@ static inline float quantize_block_32(const float* x, int8_t* q, int& sum) {
 #endif
 }
 
+#if defined(__AVX512BW__)
+// Sixteen vectors to one: lane j holds op (max or add, both associative and commutative) over the
+// 16 lanes of v[j], in four rounds of pairs instead of sixteen horizontal reductions.
+template <class Op>
+static inline __m512i reduce_16_vectors(const __m512i* v, Op op) {
+  __m512i a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit chunk: [v0 0+2, v1 0+2, v0 1+3, v1 1+3]
+    a[i] = op(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per chunk: the chunk's four lanes of v[4i .. 4i + 3]
+    b[i] = op(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)  // chunks 0+1 and 2+3 of b[2i], then of b[2i + 1]
+    c[i] = op(_mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return op(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
+}
+
+// Sixteen consecutive 32-value blocks of one token, each rounded exactly as quantize_block_32
+// rounds it (the same operations on the same values; the maxima and sums, exact in integers,
+// reduced for all sixteen blocks together): block j's quants to q + j * q_stride, its correction
+// -128 * sum(q) to corr[j * stride] and its scale to scale[j * stride]. A batched step rounds its
+// activations in about a third of the time the blocks take one by one.
+static inline void quantize_16_blocks_32(const float* x, int8_t* q, size_t q_stride, int32_t* corr, float* scale,
+                                         size_t stride) {
+  const __m512i no_sign = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512i v[16];
+  for (int j = 0; j < 16; ++j)
+    v[j] = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + 32 * j)), no_sign),
+                            _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + 32 * j + 16)), no_sign));
+  const __m512 amax = _mm512_castsi512_ps(reduce_16_vectors(v, [](__m512i a, __m512i b) { return _mm512_max_epu32(a, b); }));
+  alignas(64) float ids[16], ds[16];
+  _mm512_store_ps(ids, _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                           _mm512_set1_ps(127.0f), amax));
+  _mm512_store_ps(ds, _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_div_ps(amax, _mm512_set1_ps(127.0f)),
+                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
+  for (int j = 0; j < 16; ++j) {
+    const __m512 id = _mm512_set1_ps(ids[j]);
+    const __m512i qlo = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * j), id), bottom), top),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i qhi = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * j + 16), id), bottom), top),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j * q_stride),
+                        _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(qlo)),
+                                                _mm512_cvtepi32_epi8(qhi), 1));
+    v[j] = _mm512_add_epi32(qlo, qhi);
+  }
+  alignas(64) int32_t sums[16];
+  _mm512_store_si512(sums, reduce_16_vectors(v, [](__m512i a, __m512i b) { return _mm512_add_epi32(a, b); }));
+  for (int j = 0; j < 16; ++j) {
+    corr[j * stride] = -128 * sums[j];
+    scale[j * stride] = ds[j];
+  }
+}
+#endif
+
 // One 256-value block as llama.cpp rounds the inputs of k-quant products (Q8_K): the value of
 // largest magnitude (the first, on ties) becomes -127, iscale = -127 / that value,
 // q = min(127, round-half-even(x * iscale)), scale 1 / iscale. `sums` receives the sum of q per 32.
@@ -201,14 +255,29 @@ static void quantize_acts(const float* x, int n, int K, int block, bool tiles, b
     a.flat_scale.resize(size_t(n) * nb + 16);
   }
   // Split over the threads from a few rows up: a batched step's 16-64 rows took 10 % of its time
-  // on one thread while the others waited (each block costs ~25 cycles; a dispatch a few µs).
-  parallel_for_if(double(n) * K > 8192.0, n, 1, Split::Even, [&](int64_t t0, int64_t t1) {
+  // on one thread while the others waited (block by block, each block costs ~25 cycles; a dispatch a
+  // few µs). Sixteen blocks at a time (quantize_16_blocks_32: the flat layout alone, AVX-512) a
+  // step's rows take less than a dispatch: a 16-sequence int8 decode step (SmolLM2 shape, Q8_0, 2
+  // threads, Intel Xeon) 1.16x faster with both changes, 1.08x with the sixteen-block rounding alone.
+  bool sixteen_at_a_time = false;
+#if defined(__AVX512BW__)
+  sixteen_at_a_time = block == 32 && flat && !tiles;
+#endif
+  parallel_for_if(double(n) * K > (sixteen_at_a_time ? 65536.0 : 8192.0), n, 1, Split::Even, [&](int64_t t0, int64_t t1) {
   for (int t = int(t0); t < int(t1); ++t) {
     const int tile = t / L, lane = t % L;
     alignas(64) int8_t q[256];
     int sums[8];
     float d = 0.0f;
-    for (int b = 0; b < nb; ++b) {
+    int b = 0;
+#if defined(__AVX512BW__)
+    if (sixteen_at_a_time)  // straight into the flat layout
+      for (; b + 16 <= nb; b += 16)
+        quantize_16_blocks_32(x + size_t(t) * K + size_t(b) * 32, a.flat.data() + (size_t(b) * n + t) * 32,
+                              size_t(n) * 32, a.flat_corr.data() + size_t(b) * n + t,
+                              a.flat_scale.data() + size_t(b) * n + t, size_t(n));
+#endif
+    for (; b < nb; ++b) {
       const float* xb = x + size_t(t) * K + size_t(b) * 32;
       int8_t* flat_q = flat ? a.flat.data() + (size_t(b) * n + t) * 32 : nullptr;
       // Only the flat layout: a 32-value block is rounded straight into its place there.

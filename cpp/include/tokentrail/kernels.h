@@ -25,6 +25,11 @@ struct AttentionShape {
   float scale = 1.0f;    // multiplies q.k
   int window = 0;        // > 0: a query at position p reads keys p - window + 1 .. p only
   float softcap = 0.0f;  // > 0: scores become softcap * tanh(scores / softcap) before the softmax
+  // Keys the same thread reads next (another sequence's first KV head, of the cache's element
+  // type, `next_rows` rows of head_dim): asked for while this call works on its last KV head, so
+  // that memory is busy while the thread computes (a hint; nullptr: none).
+  const void* next_keys = nullptr;
+  int next_rows = 0;
 };
 
 // Products over this many tokens or more use the packed GEMM, fewer the GEMV

@@ -449,10 +449,14 @@ constexpr int ATTENTION_HEADS = 2;
 // together (V::sum_lanes), not one horizontal sum per key.
 template <class T>
 static inline void attention_scores(const float* const* q, int H, const T* k, int len, int D, float scale,
-                                    float* const* s) {
+                                    float* const* s, const T* values = nullptr) {
   int j = 0;
   if (D % V::W == 0)
-    for (; j + V::W <= len; j += V::W)
+    for (; j + V::W <= len; j += V::W) {
+      if (values) {
+        const char* rows = reinterpret_cast<const char*>(values + size_t(j) * D);
+        for (size_t o = 0; o < size_t(V::W) * D * sizeof(T); o += 64) __builtin_prefetch(rows + o, 0, 2);
+      }
       for (int h = 0; h < H; ++h) {  // the block of keys stays in L1 for the next head
         typename V::R part[V::W];
         for (int u = 0; u < V::W; ++u) part[u] = V::zero();
@@ -462,6 +466,7 @@ static inline void attention_scores(const float* const* q, int H, const T* k, in
         }
         V::store(s[h] + j, V::mul(V::sum_lanes(part), V::set1(scale)));
       }
+    }
   for (; j < len; ++j)
     for (int h = 0; h < H; ++h) s[h][j] = dot(q[h], k + size_t(j) * D, D) * scale;
 }
@@ -470,12 +475,17 @@ static inline void attention_scores(const float* const* q, int H, const T* k, in
 // registers across all keys, with even and odd keys in separate chains, and each value vector is
 // loaded once for all the heads. CH is a compile-time count, so the key loop carries no tests of it.
 template <int H, int CH, class T>
-static inline void attention_mix_columns(const float* const* p, const T* v, int len, int D, int d, float* const* z) {
+static inline void attention_mix_columns(const float* const* p, const T* v, int len, int D, int d, float* const* z,
+                                         const T* ahead, int ahead_rows) {
   typename V::R a[H][CH], b[H][CH];
   for (int h = 0; h < H; ++h)
     for (int c = 0; c < CH; ++c) a[h][c] = b[h][c] = V::zero();
   int j = 0;
   for (; j + 2 <= len; j += 2) {
+    if (j + 2 <= ahead_rows) {  // two rows of the keys asked for ahead per two values read
+      const char* rows = reinterpret_cast<const char*>(ahead + size_t(j) * D);
+      for (size_t o = 0; o < 2 * size_t(D) * sizeof(T); o += 64) __builtin_prefetch(rows + o, 0, 2);
+    }
     typename V::R p0[H], p1[H];
     for (int h = 0; h < H; ++h) {
       p0[h] = V::set1(p[h][j]);
@@ -502,15 +512,17 @@ static inline void attention_mix_columns(const float* const* p, const T* v, int 
 // z[h] = sum_j p[h][j] v_j over rows of D elements, for H heads: up to 4 vectors of each z at a
 // time (16 accumulators for two heads, of the 32 AVX-512 registers), the rest one element at a time.
 template <int H, class T>
-static inline void attention_mix(const float* const* p, const T* v, int len, int D, float* const* z) {
+static inline void attention_mix(const float* const* p, const T* v, int len, int D, float* const* z,
+                                 const T* ahead = nullptr, int ahead_rows = 0) {
   constexpr int CH = 4;
   const int vec_end = D - D % V::W;
   for (int d = 0; d < vec_end; d += CH * V::W) {
+    const int a = d == 0 ? ahead_rows : 0;  // (once per key)
     switch (std::min(CH, (vec_end - d) / V::W)) {
-      case 4: attention_mix_columns<H, 4>(p, v, len, D, d, z); break;
-      case 3: attention_mix_columns<H, 3>(p, v, len, D, d, z); break;
-      case 2: attention_mix_columns<H, 2>(p, v, len, D, d, z); break;
-      default: attention_mix_columns<H, 1>(p, v, len, D, d, z); break;
+      case 4: attention_mix_columns<H, 4>(p, v, len, D, d, z, ahead, a); break;
+      case 3: attention_mix_columns<H, 3>(p, v, len, D, d, z, ahead, a); break;
+      case 2: attention_mix_columns<H, 2>(p, v, len, D, d, z, ahead, a); break;
+      default: attention_mix_columns<H, 1>(p, v, len, D, d, z, ahead, a); break;
     }
   }
   for (int h = 0; h < H; ++h)
@@ -574,7 +586,13 @@ static void attention_typed(const float* q, const T* k, const T* v, const Attent
       }
       const T* kh = k + (size_t(g) * cap + first) * head_dim;
       const T* vh = v + (size_t(g) * cap + first) * head_dim;
-      attention_scores(qv, H, kh, len, head_dim, a.scale, s);
+      // Decode (one query): the first chunk of a KV head asks for its values while it reads the keys,
+      // and then, one row per value row it reads, for the keys this thread reads next: the next KV
+      // head's if the same thread takes it, or after the last one the keys of the caller's next call.
+      // Memory stays busy while the thread computes (a 16-sequence decode step at 200-600 positions
+      // 1.04-1.07x faster on an Intel Xeon). Prompts read each key for many queries from cache.
+      const bool streams = n == 1 && chunk == 0;
+      attention_scores(qv, H, kh, len, head_dim, a.scale, s, streams ? vh : nullptr);
       for (int h = 0; h < H; ++h) {
         float* sh = s[h];
         if (a.softcap > 0.0f)
@@ -593,10 +611,19 @@ static void attention_typed(const float* q, const T* k, const T* v, const Attent
         }
       }
       static_assert(ATTENTION_HEADS == 2, "the mix below is instantiated for one and two heads");
+      const T* ahead = nullptr;
+      int ahead_rows = 0;
+      if (streams && g + 1 < a.n_kv && int64_t(g + 1) * chunks < item1) {
+        ahead = k + (size_t(g + 1) * cap + first) * head_dim;
+        ahead_rows = len;
+      } else if (streams && g + 1 == a.n_kv && item1 == per_query && a.next_keys) {
+        ahead = static_cast<const T*>(a.next_keys);
+        ahead_rows = a.next_rows;
+      }
       if (H == 2)
-        attention_mix<2>(s, vh, len, head_dim, zv);
+        attention_mix<2>(s, vh, len, head_dim, zv, ahead, ahead_rows);
       else
-        attention_mix<1>(s, vh, len, head_dim, zv);
+        attention_mix<1>(s, vh, len, head_dim, zv, ahead, ahead_rows);
     }
   });
 }

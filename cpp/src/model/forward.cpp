@@ -213,7 +213,9 @@ void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const At
     }
   }
   // Each sequence's new keys and values go into its cache by the thread that then attends over it.
-  auto attend = [&](int i) {
+  // `next`: the sequence the same thread attends over next (-1: none), whose first KV head's keys
+  // this call asks for near its end.
+  auto attend = [&](int i, int next) {
     const Rows& s = seqs[i];
     KVCache& cache = *s.step->cache;
     cache.store(l, s.pos0, s.n, k + size_t(s.row0) * kvs, v + size_t(s.row0) * kvs);
@@ -221,14 +223,19 @@ void attend_each(const Config& c, int l, const std::vector<Rows>& seqs, const At
     mine.n = s.n;
     mine.pos0 = s.pos0;
     mine.cap = cache.capacity();
+    if (next >= 0 && seqs[next].pos0 > 0) {
+      const Rows& t = seqs[next];
+      mine.next_keys = t.step->cache->k(l);
+      mine.next_rows = t.pos0;  // its rows already cached (its new ones it stores itself)
+    }
     const AttentionCapture& t = records[i].tables;
     kernels().attention(q + size_t(s.row0) * qs, cache.k(l), cache.v(l), cache.type(), mine,
                         z + size_t(s.row0) * qs, (t.scores || t.pattern) ? &t : nullptr);
   };
-  for (int i : large) attend(i);  // each spread over the threads inside
+  for (int i : large) attend(i, -1);  // each spread over the threads inside
   const std::vector<int>& side = small;  // (named for the lambda: a thread_local's own name would be the worker's)
   parallel_for_if(side.size() > 1, int64_t(side.size()), 1, Split::Even, [&](int64_t i0, int64_t i1) {
-    for (int64_t j = i0; j < i1; ++j) attend(side[size_t(j)]);
+    for (int64_t j = i0; j < i1; ++j) attend(side[size_t(j)], j + 1 < i1 ? side[size_t(j + 1)] : -1);
   });
   for (int i = 0; i < count; ++i) {
     const Rows& s = seqs[i];

@@ -158,8 +158,7 @@ static inline __m512i reduce_16_vectors(const __m512i* v, Op op) {
 // Sixteen consecutive 32-value blocks of one token, each rounded exactly as quantize_block_32
 // rounds it (the same operations on the same values; the maxima and sums, exact in integers,
 // reduced for all sixteen blocks together): block j's quants to q + j * q_stride, its correction
-// -128 * sum(q) to corr[j * stride] and its scale to scale[j * stride]. A batched step rounds its
-// activations in about a third of the time the blocks take one by one.
+// -128 * sum(q) to corr[j * stride] and its scale to scale[j * stride].
 static inline void quantize_16_blocks_32(const float* x, int8_t* q, size_t q_stride, int32_t* corr, float* scale,
                                          size_t stride) {
   const __m512i no_sign = _mm512_set1_epi32(0x7FFFFFFF);

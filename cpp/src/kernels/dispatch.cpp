@@ -165,12 +165,16 @@ static void pack_q8_0_row_lanes(const WeightView& w, uint8_t* out) {
   });
 }
 
+// The copy of a 32-value block type: per group of 16 rows and block, 64 * bits bytes of quants and
+// `halves` sets of 16 half scales (0 bytes: no copy for w).
+static size_t q32_row_lane_bytes(const WeightView& w, DType type, int bits, int halves) {
+  if (w.type != type || w.rows % 16 != 0 || w.cols % 32 != 0 || !kernels().float_row_lanes) return 0;
+  return size_t(w.rows / 16) * size_t(w.cols / 32) * (64 * size_t(bits) + 32 * size_t(halves));
+}
+
 // Q4_0 and IQ4_NL: blocks of a half scale and 16 bytes of nibbles, laid out alike.
 static size_t q4_0_row_lane_bytes(const WeightView& w) {
-  if ((w.type != DType::Q4_0 && w.type != DType::IQ4_NL) || w.rows % 16 != 0 || w.cols % 32 != 0 ||
-      !kernels().float_row_lanes)
-    return 0;
-  return size_t(w.rows) * size_t(w.cols) / 32 * 18;
+  return w.type == DType::IQ4_NL ? q32_row_lane_bytes(w, DType::IQ4_NL, 4, 1) : q32_row_lane_bytes(w, DType::Q4_0, 4, 1);
 }
 
 static void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out) {
@@ -218,10 +222,6 @@ static void lay_k4_scales(uint8_t* s, int r, const uint8_t* d_dmin_scales) {
   }
 }
 
-static size_t q32_row_lane_bytes(const WeightView& w, DType type, int bits, int halves) {
-  if (w.type != type || w.rows % 16 != 0 || w.cols % 32 != 0 || !kernels().float_row_lanes) return 0;
-  return size_t(w.rows / 16) * size_t(w.cols / 32) * (64 * size_t(bits) + 32 * size_t(halves));
-}
 
 // Every block of every row of a Q4_1, Q5_0 or Q5_1 matrix: unpack(file block, values[32]), the
 // half scales (d, and m where halves = 2) at the block's start.

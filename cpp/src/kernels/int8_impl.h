@@ -84,29 +84,40 @@ struct QuantizedActs {
   const int32_t* correction(int tile, int j) const { return corr.data() + (size_t(tile) * (K / 16) + j) * IV::LANES; }
 };
 
-// One 32-value block to int8 as llama.cpp rounds Q8_0 inputs: q = round-half-even(x * 127 / amax),
-// the scale amax / 127 rounded to half precision. `sum` receives the sum of q.
-static inline float quantize_block_32(const float* x, int8_t* q, int& sum) {
 #if defined(__AVX512BW__)
-  // The same steps on two vectors of 16: the maximum over the magnitudes' bit patterns, the
-  // clamp to +-127 and a conversion that rounds half to even.
+// The steps of rounding a 32-value block, on two vectors of 16, shared by quantize_block_32 and
+// quantize_16_blocks_32 so that the two agree bit for bit. block_magnitudes: per lane, the larger
+// of the two halves' magnitudes as bit patterns without the sign (the same order as the values
+// for every finite one); its maximum over the lanes is the block's amax.
+static inline __m512i block_magnitudes(const float* x) {
   const __m512i no_sign = _mm512_set1_epi32(0x7FFFFFFF);
-  const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
-  const uint32_t amax_bits = _mm512_reduce_max_epu32(
-      _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(lo), no_sign), _mm512_and_si512(_mm512_castps_si512(hi), no_sign)));
-  float amax;
-  std::memcpy(&amax, &amax_bits, 4);
-  const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+  return _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x)), no_sign),
+                          _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + 16)), no_sign));
+}
+// q = round-half-even(clamp(x * id, +-127)) stored at q; returns the lanes' partial sums of q.
+static inline __m512i round_block(const float* x, float id, int8_t* q) {
   const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f), scale = _mm512_set1_ps(id);
-  const __m512i qlo = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(lo, scale), bottom), top),
+  const __m512i qlo = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x), scale), bottom), top),
                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512i qhi = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(hi, scale), bottom), top),
+  const __m512i qhi = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + 16), scale), bottom), top),
                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // One 32-byte store: two 16-byte halves read back as one would wait for both stores to retire.
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
                       _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(qlo)),
                                               _mm512_cvtepi32_epi8(qhi), 1));
-  sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+  return _mm512_add_epi32(qlo, qhi);
+}
+#endif
+
+// One 32-value block to int8 as llama.cpp rounds Q8_0 inputs: q = round-half-even(x * 127 / amax),
+// the scale amax / 127 rounded to half precision. `sum` receives the sum of q.
+static inline float quantize_block_32(const float* x, int8_t* q, int& sum) {
+#if defined(__AVX512BW__)
+  const uint32_t amax_bits = _mm512_reduce_max_epu32(block_magnitudes(x));
+  float amax;
+  std::memcpy(&amax, &amax_bits, 4);
+  const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+  sum = _mm512_reduce_add_epi32(round_block(x, id, q));
   return _cvtsh_ss(_cvtss_sh(amax / 127.0f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
   // The largest magnitude as the largest bit pattern without the sign (the same order for
@@ -161,29 +172,17 @@ static inline __m512i reduce_16_vectors(const __m512i* v, Op op) {
 // -128 * sum(q) to corr[j * stride] and its scale to scale[j * stride].
 static inline void quantize_16_blocks_32(const float* x, int8_t* q, size_t q_stride, int32_t* corr, float* scale,
                                          size_t stride) {
-  const __m512i no_sign = _mm512_set1_epi32(0x7FFFFFFF);
   __m512i v[16];
-  for (int j = 0; j < 16; ++j)
-    v[j] = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + 32 * j)), no_sign),
-                            _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + 32 * j + 16)), no_sign));
+  for (int j = 0; j < 16; ++j) v[j] = block_magnitudes(x + 32 * j);
   const __m512 amax = _mm512_castsi512_ps(reduce_16_vectors(v, [](__m512i a, __m512i b) { return _mm512_max_epu32(a, b); }));
+  // 127 / amax, or 0 where amax is not above 0 (NaN included), and amax / 127 in half precision,
+  // for the sixteen blocks at once: each division rounds as the scalar one does.
   alignas(64) float ids[16], ds[16];
   _mm512_store_ps(ids, _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ),
                                            _mm512_set1_ps(127.0f), amax));
   _mm512_store_ps(ds, _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_div_ps(amax, _mm512_set1_ps(127.0f)),
                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
-  for (int j = 0; j < 16; ++j) {
-    const __m512 id = _mm512_set1_ps(ids[j]);
-    const __m512i qlo = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * j), id), bottom), top),
-                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512i qhi = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * j + 16), id), bottom), top),
-                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j * q_stride),
-                        _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(qlo)),
-                                                _mm512_cvtepi32_epi8(qhi), 1));
-    v[j] = _mm512_add_epi32(qlo, qhi);
-  }
+  for (int j = 0; j < 16; ++j) v[j] = round_block(x + 32 * j, ids[j], q + j * q_stride);
   alignas(64) int32_t sums[16];
   _mm512_store_si512(sums, reduce_16_vectors(v, [](__m512i a, __m512i b) { return _mm512_add_epi32(a, b); }));
   for (int j = 0; j < 16; ++j) {

@@ -253,6 +253,8 @@ def main() -> None:
                             repack=False if served.no_repack else None, kv_dtype=served.kv_dtype)
     if args.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
+    if args.requests < 0:
+        raise SystemExit("--requests must be at least 1 (or 0: the default count)")
     plan = levels * args.rounds  # round after round, every level in each
     counts = [args.requests or _requests_for(c) for c in plan]
     # Each level has prompts of its own (both engines get the same ones): a prompt seen at an earlier

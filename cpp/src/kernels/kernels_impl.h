@@ -995,9 +995,8 @@ static inline __m512 row_lane_scale(const uint16_t* halves) {
 constexpr size_t ROW_LANE_AHEAD_BYTES = 2048;
 
 // What the float row-lane kernel needs of a type's copy: the bytes of a group's block,
-// unit(block, u): a vector holding, in byte i of each row's 4-byte lane, that row's quant for
-// k = 4u + i (u = 0..7), and block_scales: the rows' d and bias of a block, the weight being
-// q * d + bias; SCALE_PARTS: 1, or 2 for a type whose scales change after 16 values (units 0-3
+// weights<u>(block, d, bias, w): the 16 rows' weights q * d + bias for k = 4u + i (u = 0..7) in
+// w[i], i = 0..3, and block_scales: the rows' d and bias of a block; SCALE_PARTS: 1, or 2 for a type whose scales change after 16 values (units 0-3
 // take part 0's, units 4-7 part 1's); MAX_TOKENS: up to how many tokens products take this kernel
 // (above, the packed GEMM, its panels widened from the copy, so that results still do not depend on
 // the batch). Measured with 2 threads on an Intel Xeon, bench/row_lane_copy.py: Q8_0 1.1x the GEMM
@@ -1030,6 +1029,84 @@ static inline __m512i lane_unit(const uint8_t* block, int u) {
   }
 }
 
+// A unit's four weight vectors (k = 4u + i, i = 0..3, in w[i]) from a vector holding in byte i of
+// each row's lane that row's quant, or its byte (Q8_0: w + 128): pick, convert, q * d + bias.
+static inline void picked_weights(__m512i v, __m512 d, __m512 bias, __m512 (&w)[4]) {
+  for (int i = 0; i < 4; ++i) w[i] = row_lane_floats(v, row_lane_pick(i), d, bias);
+}
+
+// 4- and 5-bit quants become floats by a permute from a table of 16 or 32 floats instead: vpermps
+// and vpermt2ps read only the low 4 or 5 bits of each index lane, so shifting the whole lane
+// brings byte i's quant down and no mask or pick is needed. That is one shift and one permute per
+// 16 weights where the pick takes a shuffle and a conversion; on an Intel core all of these share
+// the two ports of the FMAs, which bound the decode of these types. The tables hold the small
+// integers (IQ4_NL: its levels + 128) that a conversion would give.
+struct FloatTable {
+  alignas(64) float v[32];
+};
+constexpr FloatTable quant_floats() {
+  FloatTable t{};
+  for (int q = 0; q < 32; ++q) t.v[q] = float(q);
+  return t;
+}
+inline constexpr FloatTable QUANT_FLOATS = quant_floats();
+template <unsigned SHIFT>
+static inline __m512i lanes_shifted(__m512i v) {
+  if constexpr (SHIFT == 0) return v; else return _mm512_srli_epi32(v, SHIFT);
+}
+
+// 4 bits: unit U's quants are the low nibbles (U < 4) or the high nibbles (U >= 4) of vector U % 4
+// (lane_unit), so byte i's quant sits at bit 8i or 8i + 4 of the lane.
+template <int U>
+static inline void nibble_weights(const uint8_t* block, __m512 table, __m512 d, __m512 bias, __m512 (&w)[4]) {
+  const __m512i v = _mm512_load_si512(block + 64 * (U % 4));
+  constexpr unsigned BASE = U < 4 ? 0 : 4;
+  w[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_shifted<BASE>(v), table), d, bias);
+  w[1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_shifted<BASE + 8>(v), table), d, bias);
+  w[2] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_shifted<BASE + 16>(v), table), d, bias);
+  w[3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_shifted<BASE + 24>(v), table), d, bias);
+}
+
+// 5 bits: the fifth bit (lane_unit's vector at byte 256, bit U of each byte) is put at bit 4 of each
+// byte beside the nibble; bits 5-7 keep whatever they held, as the permute never reads them.
+template <int U>
+static inline void five_bit_weights(const uint8_t* block, __m512 low, __m512 high, __m512 d, __m512 bias,
+                                    __m512 (&w)[4]) {
+  const __m512i v = _mm512_load_si512(block + 64 * (U % 4));
+  const __m512i nibble = U < 4 ? v : _mm512_srli_epi16(v, 4);
+  const __m512i h = _mm512_load_si512(block + 256);
+  constexpr int SHIFT = 4 - U;
+  const __m512i at4 = SHIFT > 0 ? _mm512_slli_epi16(h, unsigned(SHIFT))
+                      : SHIFT < 0 ? _mm512_srli_epi16(h, unsigned(-SHIFT)) : h;
+  const __m512i q = _mm512_ternarylogic_epi32(at4, nibble, _mm512_set1_epi8(0x10), 0xE4);  // bit 4 from at4
+  w[0] = _mm512_fmadd_ps(_mm512_permutex2var_ps(low, q, high), d, bias);
+  w[1] = _mm512_fmadd_ps(_mm512_permutex2var_ps(low, lanes_shifted<8>(q), high), d, bias);
+  w[2] = _mm512_fmadd_ps(_mm512_permutex2var_ps(low, lanes_shifted<16>(q), high), d, bias);
+  w[3] = _mm512_fmadd_ps(_mm512_permutex2var_ps(low, lanes_shifted<24>(q), high), d, bias);
+}
+
+// The weights of unit U of a block of a copy with BITS bits per value.
+template <int BITS, int U>
+static inline void lane_weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
+  if constexpr (BITS == 4) {
+    nibble_weights<U>(block, _mm512_load_ps(QUANT_FLOATS.v), d, bias, w);
+  } else if constexpr (BITS == 5) {
+    five_bit_weights<U>(block, _mm512_load_ps(QUANT_FLOATS.v), _mm512_load_ps(QUANT_FLOATS.v + 16), d, bias, w);
+  } else {
+    picked_weights(lane_unit<BITS>(block, U), d, bias, w);
+  }
+}
+
+// Calls f(std::integral_constant<int, U>{}) for U = FIRST .. END - 1 in order: the units of a block
+// as compile-time numbers, so that their shifts are immediates.
+template <int FIRST, int END, class F>
+static inline void each_unit(F&& f) {
+  if constexpr (FIRST < END) {
+    f(std::integral_constant<int, FIRST>{});
+    each_unit<FIRST + 1, END>(f);
+  }
+}
+
 // The 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; pack_q8_0_row_lanes, pack_q4_0_row_lanes,
 // pack_q32): per block the rows' d and either their m (Q4_1, Q5_1: weight q * d + m) or a fixed
 // OFFSET (q * d + OFFSET * d, q * d exact), one FMA and one rounding either way: the dequantized
@@ -1039,7 +1116,10 @@ struct BlockLanes {
   static constexpr size_t BLOCK_BYTES = 64 * BITS;
   static constexpr int SCALE_PARTS = 1;
   static constexpr int MAX_TOKENS = 128;
-  static __m512i unit(const uint8_t* block, int u) { return lane_unit<BITS>(block, u); }
+  template <int U>
+  static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
+    lane_weights<BITS, U>(block, d, bias, w);
+  }
   static const uint8_t* quants(const WeightView& w, int64_t g) { return lane_block(w, w.row_lanes, BITS, g, 0); }
   static const uint8_t* scales(const WeightView& w, int64_t g) {
     return reinterpret_cast<const uint8_t*>(block_lane_scales(w, w.row_lanes, BITS, HALVES, g, 0));
@@ -1059,14 +1139,18 @@ using Q4_0Lanes = BlockLanes<4, 1, -8>;
 using Q4_1Lanes = BlockLanes<4, 2, 0>;
 using Q5_0Lanes = BlockLanes<5, 1, -16>;
 using Q5_1Lanes = BlockLanes<5, 2, 0>;
-// IQ4_NL (pack_q4_0_row_lanes, as Q4_0): each nibble picks its level from the 16 of IQ4_NL_LEVELS
-// by one vpshufb from a table of level + 128 (a byte the pick widens unsigned), the weight then
-// (level + 128) * d - 128 * d: level * d, exact in float.
+// IQ4_NL (pack_q4_0_row_lanes, as Q4_0): each nibble picks its level + 128 from a table of 16
+// floats, the weight then (level + 128) * d - 128 * d: level * d, exact in float.
+constexpr FloatTable iq4_nl_levels_plus_128() {
+  FloatTable t{};
+  for (int q = 0; q < 16; ++q) t.v[q] = float(IQ4_NL_LEVELS[q] + 128);
+  return t;
+}
+inline constexpr FloatTable IQ4_NL_LEVELS_PLUS_128 = iq4_nl_levels_plus_128();
 struct IQ4_NLLanes : BlockLanes<4, 1, -128> {
-  static __m512i unit(const uint8_t* block, int u) {
-    const __m512i levels = _mm512_broadcast_i32x4(_mm_add_epi8(
-        _mm_load_si128(reinterpret_cast<const __m128i*>(IQ4_NL_LEVELS)), _mm_set1_epi8(char(0x80))));
-    return _mm512_shuffle_epi8(levels, lane_unit<4>(block, u));
+  template <int U>
+  static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
+    nibble_weights<U>(block, _mm512_load_ps(IQ4_NL_LEVELS_PLUS_128.v), d, bias, w);
   }
 };
 
@@ -1079,7 +1163,10 @@ struct K4Lanes {
   static constexpr size_t BLOCK_BYTES = 64 * BITS;
   static constexpr int SCALE_PARTS = 1;
   static constexpr int MAX_TOKENS = 64;
-  static __m512i unit(const uint8_t* block, int u) { return lane_unit<BITS>(block, u); }
+  template <int U>
+  static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
+    lane_weights<BITS, U>(block, d, bias, w);
+  }
   static const uint8_t* quants(const WeightView& w, int64_t g) { return lane_block(w, w.row_lanes, BITS, g, 0); }
   static const uint8_t* scales(const WeightView& w, int64_t g) {
     return k_quant_lane_scales(w, w.row_lanes, BITS, Q4_K_LANE_SCALE_BYTES, g, 0);
@@ -1109,7 +1196,10 @@ struct Q6_KLanes {
   static constexpr size_t BLOCK_BYTES = 384;
   static constexpr int SCALE_PARTS = 2;
   static constexpr int MAX_TOKENS = 64;
-  static __m512i unit(const uint8_t* block, int u) { return lane_unit<6>(block, u); }
+  template <int U>
+  static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
+    lane_weights<6, U>(block, d, bias, w);
+  }
   static const uint8_t* quants(const WeightView& w, int64_t g) { return lane_block(w, w.row_lanes, 6, g, 0); }
   static const uint8_t* scales(const WeightView& w, int64_t g) {
     return k_quant_lane_scales(w, w.row_lanes, 6, Q6_K_LANE_SCALE_BYTES, g, 0);
@@ -1136,8 +1226,6 @@ template <class L, int R, int C>
 static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const uint8_t* scales, size_t sstride,
                                     int nb, const float* x, size_t ldx, float* y, size_t ldy) {
   constexpr int AHEAD = int(ROW_LANE_AHEAD_BYTES / L::BLOCK_BYTES);
-  const __m512i pick0 = row_lane_pick(0), pick1 = row_lane_pick(1), pick2 = row_lane_pick(2),
-                pick3 = row_lane_pick(3);
   __m512 acc[R][C];
   for (int g = 0; g < R; ++g)
     for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
@@ -1156,24 +1244,24 @@ static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const 
       L::prefetch_scales(scales + (ab < nb ? g : g + R) * sstride, ab < nb ? ab : ab - nb);
     }
     const float* xb = x + size_t(b) * 32;
-    for (int part = 0; part < L::SCALE_PARTS; ++part) {
-      __m512 d[R], m[R];
-      for (int g = 0; g < R; ++g) L::block_scales(scales + g * sstride, b, part, d[g], m[g]);
-      for (int u = part * 8 / L::SCALE_PARTS; u < (part + 1) * 8 / L::SCALE_PARTS; ++u)
-        for (int g = 0; g < R; ++g) {
-          const __m512i v = L::unit(lanes + g * gstride + size_t(b) * L::BLOCK_BYTES, u);
-          const __m512 w0 = row_lane_floats(v, pick0, d[g], m[g]), w1 = row_lane_floats(v, pick1, d[g], m[g]);
-          const __m512 w2 = row_lane_floats(v, pick2, d[g], m[g]), w3 = row_lane_floats(v, pick3, d[g], m[g]);
-          const float* xk = xb + 4 * u;
-          for (int c = 0; c < C; ++c) {
-            const float* xc = xk + c * ldx;
-            acc[g][c] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xc[0]), acc[g][c]);
-            acc[g][c] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xc[1]), acc[g][c]);
-            acc[g][c] = _mm512_fmadd_ps(w2, _mm512_set1_ps(xc[2]), acc[g][c]);
-            acc[g][c] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xc[3]), acc[g][c]);
-          }
+    __m512 d[R], m[R];
+    each_unit<0, 8>([&](auto unit) {
+      constexpr int u = decltype(unit)::value;
+      if constexpr (u % (8 / L::SCALE_PARTS) == 0)  // a block's scales, or a part's
+        for (int g = 0; g < R; ++g) L::block_scales(scales + g * sstride, b, u * L::SCALE_PARTS / 8, d[g], m[g]);
+      for (int g = 0; g < R; ++g) {
+        __m512 w[4];
+        L::template weights<u>(lanes + g * gstride + size_t(b) * L::BLOCK_BYTES, d[g], m[g], w);
+        const float* xk = xb + 4 * u;
+        for (int c = 0; c < C; ++c) {
+          const float* xc = xk + c * ldx;
+          acc[g][c] = _mm512_fmadd_ps(w[0], _mm512_set1_ps(xc[0]), acc[g][c]);
+          acc[g][c] = _mm512_fmadd_ps(w[1], _mm512_set1_ps(xc[1]), acc[g][c]);
+          acc[g][c] = _mm512_fmadd_ps(w[2], _mm512_set1_ps(xc[2]), acc[g][c]);
+          acc[g][c] = _mm512_fmadd_ps(w[3], _mm512_set1_ps(xc[3]), acc[g][c]);
         }
-    }
+      }
+    });
   }
   for (int g = 0; g < R; ++g)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + c * ldy + 16 * g, acc[g][c]);
@@ -1259,21 +1347,20 @@ static void float_row_lanes_of(const WeightView& w, const float* x, int n, float
 template <class L>
 static void panel_from_lanes(const WeightView& wv, int n0, float* panel) {
   const int nb = int(wv.cols) / 32;
-  const __m512i picks[4] = {row_lane_pick(0), row_lane_pick(1), row_lane_pick(2), row_lane_pick(3)};
   for (int h = 0; h < 2; ++h) {
     const int g = n0 / 16 + h;
     const uint8_t* lanes = L::quants(wv, g);
     const uint8_t* scales = L::scales(wv, g);
-    for (int b = 0; b < nb; ++b)
-      for (int part = 0; part < L::SCALE_PARTS; ++part) {
-        __m512 d, m;
-        L::block_scales(scales, b, part, d, m);
-        for (int u = part * 8 / L::SCALE_PARTS; u < (part + 1) * 8 / L::SCALE_PARTS; ++u) {
-          const __m512i v = L::unit(lanes + size_t(b) * L::BLOCK_BYTES, u);
-          for (int i = 0; i < 4; ++i)
-            _mm512_storeu_ps(panel + size_t(b * 32 + 4 * u + i) * NR + 16 * h, row_lane_floats(v, picks[i], d, m));
-        }
-      }
+    for (int b = 0; b < nb; ++b) {
+      __m512 d, m;
+      each_unit<0, 8>([&](auto unit) {
+        constexpr int u = decltype(unit)::value;
+        if constexpr (u % (8 / L::SCALE_PARTS) == 0) L::block_scales(scales, b, u * L::SCALE_PARTS / 8, d, m);
+        __m512 w[4];
+        L::template weights<u>(lanes + size_t(b) * L::BLOCK_BYTES, d, m, w);
+        for (int i = 0; i < 4; ++i) _mm512_storeu_ps(panel + size_t(b * 32 + 4 * u + i) * NR + 16 * h, w[i]);
+      });
+    }
   }
 }
 

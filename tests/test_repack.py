@@ -54,6 +54,25 @@ def test_a_row_through_the_copy_does_not_depend_on_its_batch(dtype):
                                       err_msg=f"n={n}")
 
 
+@needs_row_lanes
+def test_a_grouped_product_gives_each_weight_its_rows_alone_at_any_batch():
+    """The forward pass multiplies q/k/v and gate/up as one group. A weight whose copy takes any number
+    of tokens (Q5_0, IQ4_NL: block sums scaled once per block) keeps to it beside weights whose copies
+    stop at 64 (Q6_K) or 128 tokens (Q8_0) and go to the packed GEMM above: each weight's rows equal
+    those it gives alone, one token at a time, bit for bit."""
+    rng = np.random.default_rng(5)
+    k = 512
+    weights = [(quantize(rng.standard_normal((32, k)).astype(np.float32), dt), dt, 32)
+               for dt in ("q5_0", "q6_k", "iq4_nl", "q8_0")]
+    x = rng.standard_normal((200, k)).astype(np.float32)
+    alone = [np.concatenate([_core.matmul(w, dt, rows, k, x[t:t + 1], row_lanes=True) for t in range(200)])
+             for w, dt, rows in weights]
+    for n in (1, 5, 40, 60, 100, 150, 200):
+        together = _core.matmul_group(weights, k, x[:n], row_lanes=True)
+        for (_, dt, _), got, want in zip(weights, together, alone):
+            np.testing.assert_array_equal(got, want[:n], err_msg=f"{dt}, n={n}")
+
+
 def _logits(model, prompts):
     out = []
     for p in prompts:
@@ -108,9 +127,12 @@ def test_with_int8_activations_the_copy_serves_the_float_products(llama256_f32, 
 
 
 @needs_row_lanes
-@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q5_0", "iq4_nl"])
 def test_float_logits_with_the_copy_do_not_depend_on_the_batch(dtype):
-    assert_logits_do_not_depend_on_the_batch(tokentrail.load(dtype=dtype, repack=True), seed=8)
+    """194 prompt tokens in one batched step: past 128, Q8_0 goes to the packed GEMM, the others stay on
+    their copies in blocks of tokens."""
+    assert_logits_do_not_depend_on_the_batch(tokentrail.load(dtype=dtype, repack=True), seed=8,
+                                             lengths=(3, 11, 20, 70, 90))
 
 
 @needs_row_lanes

@@ -542,7 +542,8 @@ PYBIND11_MODULE(_core, m) {
         "copy of each Q8_0 matrix: load(repack=...))");
 
   m.def("matmul_group", [](py::list weights, int64_t cols,
-                           py::array_t<float, py::array::c_style | py::array::forcecast> x, bool int8_activations) {
+                           py::array_t<float, py::array::c_style | py::array::forcecast> x, bool int8_activations,
+                           bool row_lanes) {
     // Several products of one x in one call, as the forward pass runs q/k/v and gate/up.
     const size_t count = weights.size();
     if (count < 1 || count > 8) throw py::value_error("matmul_group takes 1..8 weights");
@@ -564,6 +565,12 @@ PYBIND11_MODULE(_core, m) {
       ys[j].resize(size_t(n) * views[j].rows);
       jobs[j] = MatmulJob{&views[j], ys[j].data(), nullptr};
     }
+    if (row_lanes) {  // a copy for every weight that can have one, as a model makes them
+      std::vector<WeightView*> copied;
+      for (auto& v : views)
+        if (row_lane_bytes(v)) copied.push_back(&v);
+      add_row_lanes(keep, copied);
+    }
     {
       py::gil_scoped_release nogil;
       kernels().matmul_group(jobs.data(), int(count), x.data(), n);
@@ -571,7 +578,10 @@ PYBIND11_MODULE(_core, m) {
     py::list out;
     for (size_t j = 0; j < count; ++j) out.append(to_numpy(std::move(ys[j]), {n, views[j].rows}));
     return out;
-  }, py::arg("weights"), py::arg("cols"), py::arg("x"), py::arg("int8_activations") = false);
+  }, py::arg("weights"), py::arg("cols"), py::arg("x"), py::arg("int8_activations") = false,
+     py::arg("row_lanes") = false,
+     "Each weight's x . w^T, the products in one call as the forward pass groups q/k/v and gate/up; "
+     "row_lanes: every weight that can have a row-lane copy reads one");
 
   m.def("int8_quantize", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int block) {
     if (block != 32 && block != 256) throw py::value_error("block must be 32 or 256");

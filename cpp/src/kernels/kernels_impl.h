@@ -993,6 +993,9 @@ static inline __m512 row_lane_scale(const uint16_t* halves) {
 // How far ahead the float row lanes ask for their lines: 2 KB of each group's quants (4 blocks
 // of Q8_0) measured best on an Intel Xeon (1 and 4 KB were 3-10 % slower).
 constexpr size_t ROW_LANE_AHEAD_BYTES = 2048;
+// MAX_TOKENS of a layout whose products take the row-lane kernel at any number of tokens (in
+// blocks: row_lane_token_block).
+constexpr int ANY_TOKENS = std::numeric_limits<int>::max();
 
 // What the float row-lane kernel needs of a type's copy: the bytes of a group's block,
 // weights<u>(block, d, bias, w): the 16 rows' weights q * d + bias for k = 4u + i (u = 0..7) in
@@ -1044,34 +1047,33 @@ static inline void picked_weights(__m512i v, __m512 d, __m512 bias, __m512 (&w)[
 struct FloatTable {
   alignas(64) float v[32];
 };
-constexpr FloatTable quant_floats() {
+constexpr FloatTable quant_floats(int offset) {  // q + offset for q = 0..31
   FloatTable t{};
-  for (int q = 0; q < 32; ++q) t.v[q] = float(q);
+  for (int q = 0; q < 32; ++q) t.v[q] = float(q + offset);
   return t;
 }
-inline constexpr FloatTable QUANT_FLOATS = quant_floats();
+inline constexpr FloatTable QUANT_FLOATS = quant_floats(0);
 template <unsigned SHIFT>
 static inline __m512i lanes_shifted(__m512i v) {
   if constexpr (SHIFT == 0) return v; else return _mm512_srli_epi32(v, SHIFT);
 }
 
 // 4 bits: unit U's quants are the low nibbles (U < 4) or the high nibbles (U >= 4) of vector U % 4
-// (lane_unit), so byte i's quant sits at bit 8i or 8i + 4 of the lane.
+// (lane_unit), so byte i's quant sits at bit 8i or 8i + 4 of the lane. f[i]: table[quant].
 template <int U>
-static inline void nibble_weights(const uint8_t* block, __m512 table, __m512 d, __m512 bias, __m512 (&w)[4]) {
+static inline void nibble_floats(const uint8_t* block, __m512 table, __m512 (&f)[4]) {
   const __m512i v = _mm512_load_si512(block + 64 * (U % 4));
   constexpr unsigned BASE = U < 4 ? 0 : 4;
-  w[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_shifted<BASE>(v), table), d, bias);
-  w[1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_shifted<BASE + 8>(v), table), d, bias);
-  w[2] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_shifted<BASE + 16>(v), table), d, bias);
-  w[3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes_shifted<BASE + 24>(v), table), d, bias);
+  f[0] = _mm512_permutexvar_ps(lanes_shifted<BASE>(v), table);
+  f[1] = _mm512_permutexvar_ps(lanes_shifted<BASE + 8>(v), table);
+  f[2] = _mm512_permutexvar_ps(lanes_shifted<BASE + 16>(v), table);
+  f[3] = _mm512_permutexvar_ps(lanes_shifted<BASE + 24>(v), table);
 }
 
 // 5 bits: the fifth bit (lane_unit's vector at byte 256, bit U of each byte) is put at bit 4 of each
 // byte beside the nibble; bits 5-7 keep whatever they held, as the permute never reads them.
 template <int U>
-static inline void five_bit_weights(const uint8_t* block, __m512 low, __m512 high, __m512 d, __m512 bias,
-                                    __m512 (&w)[4]) {
+static inline void five_bit_floats(const uint8_t* block, __m512 low, __m512 high, __m512 (&f)[4]) {
   const __m512i v = _mm512_load_si512(block + 64 * (U % 4));
   const __m512i nibble = U < 4 ? v : _mm512_srli_epi16(v, 4);
   const __m512i h = _mm512_load_si512(block + 256);
@@ -1079,19 +1081,28 @@ static inline void five_bit_weights(const uint8_t* block, __m512 low, __m512 hig
   const __m512i at4 = SHIFT > 0 ? _mm512_slli_epi16(h, unsigned(SHIFT))
                       : SHIFT < 0 ? _mm512_srli_epi16(h, unsigned(-SHIFT)) : h;
   const __m512i q = _mm512_ternarylogic_epi32(at4, nibble, _mm512_set1_epi8(0x10), 0xE4);  // bit 4 from at4
-  w[0] = _mm512_fmadd_ps(_mm512_permutex2var_ps(low, q, high), d, bias);
-  w[1] = _mm512_fmadd_ps(_mm512_permutex2var_ps(low, lanes_shifted<8>(q), high), d, bias);
-  w[2] = _mm512_fmadd_ps(_mm512_permutex2var_ps(low, lanes_shifted<16>(q), high), d, bias);
-  w[3] = _mm512_fmadd_ps(_mm512_permutex2var_ps(low, lanes_shifted<24>(q), high), d, bias);
+  f[0] = _mm512_permutex2var_ps(low, q, high);
+  f[1] = _mm512_permutex2var_ps(low, lanes_shifted<8>(q), high);
+  f[2] = _mm512_permutex2var_ps(low, lanes_shifted<16>(q), high);
+  f[3] = _mm512_permutex2var_ps(low, lanes_shifted<24>(q), high);
+}
+
+// Unit U's quants of a 4- or 5-bit copy as table[quant] (a table of 16 or 32 floats).
+template <int BITS, int U>
+static inline void table_floats(const uint8_t* block, const FloatTable& table, __m512 (&f)[4]) {
+  static_assert(BITS == 4 || BITS == 5, "table lookups take 4 or 5 bits");
+  if constexpr (BITS == 4)
+    nibble_floats<U>(block, _mm512_load_ps(table.v), f);
+  else
+    five_bit_floats<U>(block, _mm512_load_ps(table.v), _mm512_load_ps(table.v + 16), f);
 }
 
 // The weights of unit U of a block of a copy with BITS bits per value.
 template <int BITS, int U>
 static inline void lane_weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
-  if constexpr (BITS == 4) {
-    nibble_weights<U>(block, _mm512_load_ps(QUANT_FLOATS.v), d, bias, w);
-  } else if constexpr (BITS == 5) {
-    five_bit_weights<U>(block, _mm512_load_ps(QUANT_FLOATS.v), _mm512_load_ps(QUANT_FLOATS.v + 16), d, bias, w);
+  if constexpr (BITS == 4 || BITS == 5) {
+    table_floats<BITS, U>(block, QUANT_FLOATS, w);
+    for (int i = 0; i < 4; ++i) w[i] = _mm512_fmadd_ps(w[i], d, bias);
   } else {
     picked_weights(lane_unit<BITS>(block, U), d, bias, w);
   }
@@ -1111,14 +1122,28 @@ static inline void each_unit(F&& f) {
 // pack_q32): per block the rows' d and either their m (Q4_1, Q5_1: weight q * d + m) or a fixed
 // OFFSET (q * d + OFFSET * d, q * d exact), one FMA and one rounding either way: the dequantized
 // weight, as the row widening has it.
+// FACTORED (Q4_0, Q5_0; IQ4_NL below): the weight is d * factor, factor = q + OFFSET (or a level),
+// so the kernel sums factor * x over the block and multiplies by d once per block: per 16 weights
+// a shift, a permute and the FMA with x, against a further FMA per weight for the dequantized
+// weight, which bounded the decode of these types. Their sums differ from those of dequantized
+// rows (the GEMM's panels) by rounding; so that a row's result still does not depend on its
+// batch, their copies take every product (MAX_TOKENS = ANY_TOKENS, passes of up to 12 tokens,
+// blocks of tokens beyond: row_lane_token_block). Q8_0 (bound by the bytes it reads) keeps the dequantized
+// weight.
 template <int BITS, int HALVES, int OFFSET>
 struct BlockLanes {
   static constexpr size_t BLOCK_BYTES = 64 * BITS;
   static constexpr int SCALE_PARTS = 1;
-  static constexpr int MAX_TOKENS = 128;
+  static constexpr bool FACTORED = HALVES == 1 && (BITS == 4 || BITS == 5);
+  static constexpr int MAX_TOKENS = FACTORED ? ANY_TOKENS : 128;
   template <int U>
   static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
     lane_weights<BITS, U>(block, d, bias, w);
+  }
+  static constexpr FloatTable FACTORS = quant_floats(OFFSET);
+  template <int U>
+  static void factors(const uint8_t* block, __m512 (&f)[4]) {
+    if constexpr (FACTORED) table_floats<BITS, U>(block, FACTORS, f);
   }
   static const uint8_t* quants(const WeightView& w, int64_t g) { return lane_block(w, w.row_lanes, BITS, g, 0); }
   static const uint8_t* scales(const WeightView& w, int64_t g) {
@@ -1147,10 +1172,21 @@ constexpr FloatTable iq4_nl_levels_plus_128() {
   return t;
 }
 inline constexpr FloatTable IQ4_NL_LEVELS_PLUS_128 = iq4_nl_levels_plus_128();
+constexpr FloatTable iq4_nl_levels() {
+  FloatTable t{};
+  for (int q = 0; q < 16; ++q) t.v[q] = float(IQ4_NL_LEVELS[q]);
+  return t;
+}
+inline constexpr FloatTable IQ4_NL_LEVEL_FLOATS = iq4_nl_levels();
 struct IQ4_NLLanes : BlockLanes<4, 1, -128> {
   template <int U>
   static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
-    nibble_weights<U>(block, _mm512_load_ps(IQ4_NL_LEVELS_PLUS_128.v), d, bias, w);
+    nibble_floats<U>(block, _mm512_load_ps(IQ4_NL_LEVELS_PLUS_128.v), w);
+    for (int i = 0; i < 4; ++i) w[i] = _mm512_fmadd_ps(w[i], d, bias);
+  }
+  template <int U>
+  static void factors(const uint8_t* block, __m512 (&f)[4]) {
+    nibble_floats<U>(block, _mm512_load_ps(IQ4_NL_LEVEL_FLOATS.v), f);
   }
 };
 
@@ -1162,6 +1198,7 @@ template <int BITS>
 struct K4Lanes {
   static constexpr size_t BLOCK_BYTES = 64 * BITS;
   static constexpr int SCALE_PARTS = 1;
+  static constexpr bool FACTORED = false;
   static constexpr int MAX_TOKENS = 64;
   template <int U>
   static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
@@ -1195,6 +1232,7 @@ using Q5_KLanes = K4Lanes<5>;
 struct Q6_KLanes {
   static constexpr size_t BLOCK_BYTES = 384;
   static constexpr int SCALE_PARTS = 2;
+  static constexpr bool FACTORED = false;
   static constexpr int MAX_TOKENS = 64;
   template <int U>
   static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
@@ -1220,8 +1258,10 @@ struct Q6_KLanes {
 // R groups of 16 rows (the copy's group g at lanes + g * gstride bytes, its scales at
 // scales + g * sstride) times C tokens: R * C chains of dependent FMAs, enough to cover their
 // latency (decode: 4 groups x 1 token; batches: 1 group x up to 16 tokens). Each unit's
-// widening (pick, convert, (q + offset) * d in one FMA: the dequantized weight rounded once) is
-// shared by the C tokens, and a token's sum runs over k in order in its lane.
+// widening (pick and convert, or shift and permute; then (q + offset) * d in one FMA: the
+// dequantized weight rounded once) is shared by the C tokens, and a token's sum runs over k in
+// order in its lane. A FACTORED layout's token instead sums factor * x over each block, in order,
+// and adds d times that sum to its total.
 template <class L, int R, int C>
 static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const uint8_t* scales, size_t sstride,
                                     int nb, const float* x, size_t ldx, float* y, size_t ldy) {
@@ -1244,6 +1284,32 @@ static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const 
       L::prefetch_scales(scales + (ab < nb ? g : g + R) * sstride, ab < nb ? ab : ab - nb);
     }
     const float* xb = x + size_t(b) * 32;
+    if constexpr (L::FACTORED) {
+      // The block's sum of factor * x for each row and token, then one FMA with the rows' d.
+      __m512 block_sum[R][C];
+      each_unit<0, 8>([&](auto unit) {
+        constexpr int u = decltype(unit)::value;
+        for (int g = 0; g < R; ++g) {
+          __m512 f[4];
+          L::template factors<u>(lanes + g * gstride + size_t(b) * L::BLOCK_BYTES, f);
+          const float* xk = xb + 4 * u;
+          for (int c = 0; c < C; ++c) {
+            const float* xc = xk + c * ldx;
+            __m512& sum = block_sum[g][c];
+            sum = u == 0 ? _mm512_mul_ps(f[0], _mm512_set1_ps(xc[0])) : _mm512_fmadd_ps(f[0], _mm512_set1_ps(xc[0]), sum);
+            sum = _mm512_fmadd_ps(f[1], _mm512_set1_ps(xc[1]), sum);
+            sum = _mm512_fmadd_ps(f[2], _mm512_set1_ps(xc[2]), sum);
+            sum = _mm512_fmadd_ps(f[3], _mm512_set1_ps(xc[3]), sum);
+          }
+        }
+      });
+      for (int g = 0; g < R; ++g) {
+        __m512 d, unused_bias;
+        L::block_scales(scales + g * sstride, b, 0, d, unused_bias);
+        for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(d, block_sum[g][c], acc[g][c]);
+      }
+      continue;
+    }
     __m512 d[R], m[R];
     each_unit<0, 8>([&](auto unit) {
       constexpr int u = decltype(unit)::value;
@@ -1267,13 +1333,20 @@ static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const 
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + c * ldy + 16 * g, acc[g][c]);
 }
 
+// Tokens per pass of one group: 16, or 12 where each token also keeps a block sum (FACTORED: 24
+// accumulators, within the 32 registers with the factors, the table and d).
+template <class L>
+constexpr int max_pass_tokens() {
+  return L::FACTORED ? 12 : 16;
+}
+
 // R groups of rows for all n tokens, in passes.
 template <class L, int R>
 static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint8_t* scales, size_t sstride,
                                int nb, const float* x, int K, int n, float* y, size_t ldy) {
   int t = 0;
   if constexpr (R == 1) {
-    // Passes of at most 16 tokens, as even as they come (33 tokens: 11 + 11 + 11, not 16 + 16 + 1),
+    // Passes of at most 16 (or 12) tokens, as even as they come (33 tokens: 11 + 11 + 11, not 16 + 16 + 1),
     // so that every pass has 8 or more chains to cover the FMA latency.
     using Pass = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, int, const float*, size_t, float*, size_t);
     static constexpr Pass by_tokens[17] = {
@@ -1282,7 +1355,7 @@ static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint8
         float_lanes_pass<L, 1, 8>, float_lanes_pass<L, 1, 9>, float_lanes_pass<L, 1, 10>, float_lanes_pass<L, 1, 11>,
         float_lanes_pass<L, 1, 12>, float_lanes_pass<L, 1, 13>, float_lanes_pass<L, 1, 14>, float_lanes_pass<L, 1, 15>,
         float_lanes_pass<L, 1, 16>};
-    const int passes = (n + 15) / 16;
+    const int passes = (n + max_pass_tokens<L>() - 1) / max_pass_tokens<L>();
     for (int p = 0; p < passes; ++p) {
       const int c = (n - t) / (passes - p);  // the rest shared evenly by the passes left
       by_tokens[c](lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, y + t * ldy, ldy);
@@ -1408,6 +1481,10 @@ static bool needs_sums_of_32(DType t) {
   return t == DType::Q4_1 || t == DType::Q5_1 || t == DType::Q4_K || t == DType::Q5_K;
 }
 
+// Tokens per block of a product through the row-lane copies: whole passes of 12, about 512 KB of
+// activations (half of L2 or less on the cores measured), at most 96.
+static inline int row_lane_token_block(int K) { return std::clamp((1 << 19) / (4 * K) / 12 * 12, 12, 96); }
+
 // The GEMV of several weights sharing x: rows split among threads in blocks of 16, the
 // blocks of all the weights in one guided split (each thread first takes a long contiguous
 // run: one sequential stream, prefetched within itself; shrinking chunks even out the end,
@@ -1434,7 +1511,15 @@ static void gemv_group(const MatmulJob* jobs, int count, const float* x, int n) 
         return budget > 0;  // no further blocks once the bytes are asked for
       });
     }
-    group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) { gemv_rows_of(*job.w, x, xsum, n, job.y, r0, r1); });
+    // Through the row-lane copies, a block of tokens at a time (row_lane_token_block) over all the
+    // chunk's rows, so that the block's activations stay in L2 while the rows stream past them
+    // (a token's sums do not depend on the others).
+    const int tokens = lanes ? std::min(n, row_lane_token_block(group.K())) : n;
+    for (int t = 0; t < n; t += tokens)
+      group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) {
+        const size_t rows = size_t(job.w->rows);
+        gemv_rows_of(*job.w, x + size_t(t) * group.K(), xsum, std::min(tokens, n - t), job.y + t * rows, r0, r1);
+      });
   });
 }
 
@@ -1460,13 +1545,20 @@ static void matmul_group(const MatmulJob* jobs, int count, const float* x, int n
   } else if (lanes) {
     gemv_group(jobs, count, x, n);
   } else if (n >= GEMM_MIN_ROWS) {
+    // A weight whose copy takes these tokens goes through it even beside weights that do not:
+    // its results must be those of any other batch size.
+    MatmulJob through_lanes[MAX_PRODUCT_GROUP];
+    int nl = 0;
     for (int j = 0; j < count; ++j) {
       const WeightView& w = *jobs[j].w;
       if (rounds(w))
         int8_kernels().matmul(w, x, n, jobs[j].y);
+      else if (takes_float_row_lanes(w, n))
+        through_lanes[nl++] = jobs[j];
       else
         gemm(w, x, n, jobs[j].y);
     }
+    if (nl) gemv_group(through_lanes, nl, x, n);
   } else {
     // Weights of mixed kinds below GEMM_MIN_ROWS: the int8 ones alone, the float ones together.
     MatmulJob floats[MAX_PRODUCT_GROUP];

@@ -57,13 +57,13 @@ def test_a_row_through_the_copy_does_not_depend_on_its_batch(dtype):
 @needs_row_lanes
 def test_a_grouped_product_gives_each_weight_its_rows_alone_at_any_batch():
     """The forward pass multiplies q/k/v and gate/up as one group. A weight whose copy takes any number
-    of tokens (Q5_0, IQ4_NL: block sums scaled once per block) keeps to it beside weights whose copies
-    stop at 64 (Q6_K) or 128 tokens (Q8_0) and go to the packed GEMM above: each weight's rows equal
-    those it gives alone, one token at a time, bit for bit."""
+    of tokens (Q5_0, IQ4_NL, Q4_K, Q5_1: block sums scaled once per block) keeps to it beside weights
+    whose copies stop at 64 (Q6_K) or 128 tokens (Q8_0) and go to the packed GEMM above: each weight's
+    rows equal those it gives alone, one token at a time, bit for bit."""
     rng = np.random.default_rng(5)
     k = 512
     weights = [(quantize(rng.standard_normal((32, k)).astype(np.float32), dt), dt, 32)
-               for dt in ("q5_0", "q6_k", "iq4_nl", "q8_0")]
+               for dt in ("q5_0", "q6_k", "iq4_nl", "q8_0", "q4_k", "q5_1")]
     x = rng.standard_normal((200, k)).astype(np.float32)
     alone = [np.concatenate([_core.matmul(w, dt, rows, k, x[t:t + 1], row_lanes=True) for t in range(200)])
              for w, dt, rows in weights]
@@ -127,7 +127,7 @@ def test_with_int8_activations_the_copy_serves_the_float_products(llama256_f32, 
 
 
 @needs_row_lanes
-@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q5_0", "iq4_nl"])
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"])
 def test_float_logits_with_the_copy_do_not_depend_on_the_batch(dtype):
     """194 prompt tokens in one batched step: past 128, Q8_0 goes to the packed GEMM, the others stay on
     their copies in blocks of tokens."""

@@ -1003,8 +1003,9 @@ constexpr int ANY_TOKENS = std::numeric_limits<int>::max();
 // take part 0's, units 4-7 part 1's); MAX_TOKENS: up to how many tokens products take this kernel
 // (above, the packed GEMM, its panels widened from the copy, so that results still do not depend on
 // the batch). Measured with 2 threads on an Intel Xeon, bench/row_lane_copy.py: Q8_0 1.1x the GEMM
-// at 48-64 tokens and even at 128 (SmolLM2-135M shapes, one thread), Q4_0 0.97-1.18x at 128; Q4_K
-// and Q6_K (TinyLlama-1.1B shapes) 0.93-1.44x at 64, 0.92-1.19x at 96, 0.83-0.99x at 128.
+// at 48-64 tokens and even at 128 (SmolLM2-135M shapes, one thread); Q4_K and Q6_K (TinyLlama-1.1B
+// shapes), while both made dequantized weights, 0.93-1.44x at 64, 0.92-1.19x at 96, 0.83-0.99x at
+// 128. The FACTORED layouts (below) take every product: ANY_TOKENS.
 // Unit u of a block of a copy with `BITS` bits per value (kernels.h: lane_block): Q8_0's 8
 // vectors are loaded as they lie (each byte w + 128); the other types' low nibbles come from 4
 // vectors, each byte holding values 4j+i (low nibble) and 16+4j+i (high nibble): one `and` gives
@@ -1122,10 +1123,11 @@ static inline void each_unit(F&& f) {
 // pack_q32): per block the rows' d and either their m (Q4_1, Q5_1: weight q * d + m) or a fixed
 // OFFSET (q * d + OFFSET * d, q * d exact), one FMA and one rounding either way: the dequantized
 // weight, as the row widening has it.
-// FACTORED (Q4_0, Q5_0; IQ4_NL below): the weight is d * factor, factor = q + OFFSET (or a level),
-// so the kernel sums factor * x over the block and multiplies by d once per block: per 16 weights
-// a shift, a permute and the FMA with x, against a further FMA per weight for the dequantized
-// weight, which bounded the decode of these types. Their sums differ from those of dequantized
+// FACTORED (the 4- and 5-bit types; IQ4_NL and the k-quants below): the weight is d * factor (+ m
+// where the type has one, HAS_BIAS), factor = q + OFFSET (or a level), so the kernel sums
+// factor * x over the block and multiplies by d once per block (and adds m times the block's sum
+// of x): per 16 weights a shift, a permute and the FMA with x, against a further FMA per weight
+// for the dequantized weight, which bounded the decode of these types. Their sums differ from those of dequantized
 // rows (the GEMM's panels) by rounding; so that a row's result still does not depend on its
 // batch, their copies take every product (MAX_TOKENS = ANY_TOKENS, passes of up to 12 tokens,
 // blocks of tokens beyond: row_lane_token_block). Q8_0 (bound by the bytes it reads) keeps the dequantized
@@ -1134,7 +1136,8 @@ template <int BITS, int HALVES, int OFFSET>
 struct BlockLanes {
   static constexpr size_t BLOCK_BYTES = 64 * BITS;
   static constexpr int SCALE_PARTS = 1;
-  static constexpr bool FACTORED = HALVES == 1 && (BITS == 4 || BITS == 5);
+  static constexpr bool FACTORED = BITS == 4 || BITS == 5;
+  static constexpr bool HAS_BIAS = HALVES == 2;
   static constexpr int MAX_TOKENS = FACTORED ? ANY_TOKENS : 128;
   template <int U>
   static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
@@ -1193,16 +1196,22 @@ struct IQ4_NLLanes : BlockLanes<4, 1, -128> {
 // Q4_K and Q5_K (pack_k_quant): each 32-value sub-block laid out as a Q4_0 (or, with 5 bits, Q5_0)
 // block; per group and super-block of 256 values, the rows' d and dmin (halves) and their 8
 // sub-blocks' 6-bit scales and mins as bytes (Q4_K_LANE_SCALE_BYTES). d * sc and dmin * m are exact
-// in float, and the weight q * (d * sc) - dmin * m is rounded once, as the row widening has it.
+// in float, and the weight q * (d * sc) - dmin * m is rounded once, as the row widening has it
+// (the GEMM's panels); the kernel's products are factored: (d * sc) * sum(q * x) - (dmin * m) * sum(x)
+// per sub-block.
 template <int BITS>
 struct K4Lanes {
   static constexpr size_t BLOCK_BYTES = 64 * BITS;
   static constexpr int SCALE_PARTS = 1;
-  static constexpr bool FACTORED = false;
-  static constexpr int MAX_TOKENS = 64;
+  static constexpr bool FACTORED = true, HAS_BIAS = true;
+  static constexpr int MAX_TOKENS = ANY_TOKENS;
   template <int U>
   static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
     lane_weights<BITS, U>(block, d, bias, w);
+  }
+  template <int U>
+  static void factors(const uint8_t* block, __m512 (&f)[4]) {
+    table_floats<BITS, U>(block, QUANT_FLOATS, f);
   }
   static const uint8_t* quants(const WeightView& w, int64_t g) { return lane_block(w, w.row_lanes, BITS, g, 0); }
   static const uint8_t* scales(const WeightView& w, int64_t g) {
@@ -1232,7 +1241,7 @@ using Q5_KLanes = K4Lanes<5>;
 struct Q6_KLanes {
   static constexpr size_t BLOCK_BYTES = 384;
   static constexpr int SCALE_PARTS = 2;
-  static constexpr bool FACTORED = false;
+  static constexpr bool FACTORED = false, HAS_BIAS = false;
   static constexpr int MAX_TOKENS = 64;
   template <int U>
   static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
@@ -1264,7 +1273,7 @@ struct Q6_KLanes {
 // and adds d times that sum to its total.
 template <class L, int R, int C>
 static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const uint8_t* scales, size_t sstride,
-                                    int nb, const float* x, size_t ldx, float* y, size_t ldy) {
+                                    int nb, const float* x, size_t ldx, const float* xsum, float* y, size_t ldy) {
   constexpr int AHEAD = int(ROW_LANE_AHEAD_BYTES / L::BLOCK_BYTES);
   __m512 acc[R][C];
   for (int g = 0; g < R; ++g)
@@ -1285,7 +1294,8 @@ static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const 
     }
     const float* xb = x + size_t(b) * 32;
     if constexpr (L::FACTORED) {
-      // The block's sum of factor * x for each row and token, then one FMA with the rows' d.
+      // The block's sum of factor * x for each row and token, then one FMA with the rows' d (and,
+      // HAS_BIAS, one with their m and the block's sum of x: sums_of_32, xsum[token * nb + block]).
       __m512 block_sum[R][C];
       each_unit<0, 8>([&](auto unit) {
         constexpr int u = decltype(unit)::value;
@@ -1304,9 +1314,13 @@ static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const 
         }
       });
       for (int g = 0; g < R; ++g) {
-        __m512 d, unused_bias;
-        L::block_scales(scales + g * sstride, b, 0, d, unused_bias);
-        for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(d, block_sum[g][c], acc[g][c]);
+        __m512 d, bias;
+        L::block_scales(scales + g * sstride, b, 0, d, bias);
+        for (int c = 0; c < C; ++c) {
+          acc[g][c] = _mm512_fmadd_ps(d, block_sum[g][c], acc[g][c]);
+          if constexpr (L::HAS_BIAS)  // + m * (the block's sum of x)
+            acc[g][c] = _mm512_fmadd_ps(bias, _mm512_set1_ps(xsum[size_t(c) * nb + b]), acc[g][c]);
+        }
       }
       continue;
     }
@@ -1343,12 +1357,14 @@ constexpr int max_pass_tokens() {
 // R groups of rows for all n tokens, in passes.
 template <class L, int R>
 static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint8_t* scales, size_t sstride,
-                               int nb, const float* x, int K, int n, float* y, size_t ldy) {
+                               int nb, const float* x, const float* xsum, int K, int n, float* y, size_t ldy) {
   int t = 0;
+  auto sums_at = [&](int token) { return xsum ? xsum + size_t(token) * nb : nullptr; };
   if constexpr (R == 1) {
     // Passes of at most 16 (or 12) tokens, as even as they come (33 tokens: 11 + 11 + 11, not 16 + 16 + 1),
     // so that every pass has 8 or more chains to cover the FMA latency.
-    using Pass = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, int, const float*, size_t, float*, size_t);
+    using Pass = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, int, const float*, size_t, const float*,
+                          float*, size_t);
     static constexpr Pass by_tokens[17] = {
         nullptr, float_lanes_pass<L, 1, 1>, float_lanes_pass<L, 1, 2>, float_lanes_pass<L, 1, 3>,
         float_lanes_pass<L, 1, 4>, float_lanes_pass<L, 1, 5>, float_lanes_pass<L, 1, 6>, float_lanes_pass<L, 1, 7>,
@@ -1358,23 +1374,23 @@ static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint8
     const int passes = (n + max_pass_tokens<L>() - 1) / max_pass_tokens<L>();
     for (int p = 0; p < passes; ++p) {
       const int c = (n - t) / (passes - p);  // the rest shared evenly by the passes left
-      by_tokens[c](lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, y + t * ldy, ldy);
+      by_tokens[c](lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, sums_at(t), y + t * ldy, ldy);
       t += c;
     }
   } else {
     if constexpr (R <= 2)
       for (; t + 4 <= n; t += 4)
-        float_lanes_pass<L, R, 4>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, y + t * ldy, ldy);
+        float_lanes_pass<L, R, 4>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, sums_at(t), y + t * ldy, ldy);
     for (; t + 2 <= n; t += 2)
-      float_lanes_pass<L, R, 2>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, y + t * ldy, ldy);
+      float_lanes_pass<L, R, 2>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, sums_at(t), y + t * ldy, ldy);
   }
-  for (; t < n; ++t) float_lanes_pass<L, R, 1>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, y + t * ldy, ldy);
+  for (; t < n; ++t) float_lanes_pass<L, R, 1>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, sums_at(t), y + t * ldy, ldy);
 }
 
 // Rows [r0, r1) of w (whole groups of 16; w has its row-lane copy) for n tokens: a few tokens
 // take up to 4 groups at a time (2 from 4 tokens), 8 tokens or more one group at a time.
 template <class L>
-static void float_row_lanes(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
+static void float_row_lanes(const WeightView& w, const float* x, const float* xsum, int n, float* y, int r0, int r1) {
   const int K = int(w.cols), nb = K / 32;
   const size_t gstride = size_t(nb) * L::BLOCK_BYTES, sstride = L::scale_stride(w), ldy = size_t(w.rows);
   for (int r = r0; r < r1;) {
@@ -1383,10 +1399,10 @@ static void float_row_lanes(const WeightView& w, const float* x, int n, float* y
     const uint8_t* scales = L::scales(w, g);
     const int R = n >= 8 ? 1 : std::min(left, n >= 4 ? 2 : 4);
     switch (R) {
-      case 4: float_lanes_groups<L, 4>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
-      case 3: float_lanes_groups<L, 3>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
-      case 2: float_lanes_groups<L, 2>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
-      default: float_lanes_groups<L, 1>(lanes, gstride, scales, sstride, nb, x, K, n, y + r, ldy); break;
+      case 4: float_lanes_groups<L, 4>(lanes, gstride, scales, sstride, nb, x, xsum, K, n, y + r, ldy); break;
+      case 3: float_lanes_groups<L, 3>(lanes, gstride, scales, sstride, nb, x, xsum, K, n, y + r, ldy); break;
+      case 2: float_lanes_groups<L, 2>(lanes, gstride, scales, sstride, nb, x, xsum, K, n, y + r, ldy); break;
+      default: float_lanes_groups<L, 1>(lanes, gstride, scales, sstride, nb, x, xsum, K, n, y + r, ldy); break;
     }
     r += 16 * R;
   }
@@ -1410,8 +1426,9 @@ static bool with_row_lane_layout(DType t, F&& f) {
   }
 }
 
-static void float_row_lanes_of(const WeightView& w, const float* x, int n, float* y, int r0, int r1) {
-  with_row_lane_layout(w.type, [&](auto layout) { float_row_lanes<decltype(layout)>(w, x, n, y, r0, r1); });
+static void float_row_lanes_of(const WeightView& w, const float* x, const float* xsum, int n, float* y, int r0,
+                               int r1) {
+  with_row_lane_layout(w.type, [&](auto layout) { float_row_lanes<decltype(layout)>(w, x, xsum, n, y, r0, r1); });
 }
 
 // A GEMM panel (NR = 32 rows from n0, k-major) widened from the row-lane copy: per block and
@@ -1454,13 +1471,13 @@ static bool takes_float_row_lanes(const WeightView& w, int n) {
 #else
 constexpr bool HAS_FLOAT_ROW_LANES = false;
 static bool panel_from_row_lanes(const WeightView&, int, float*) { return false; }
-static void float_row_lanes_of(const WeightView&, const float*, int, float*, int, int) {}
+static void float_row_lanes_of(const WeightView&, const float*, const float*, int, float*, int, int) {}
 static bool takes_float_row_lanes(const WeightView&, int) { return false; }
 #endif
 
 // Rows [r0, r1) of one weight's GEMV, for every token. xsum: sums_of_32(x), for the types with offsets.
 static void gemv_rows_of(const WeightView& w, const float* x, const float* xsum, int n, float* y, int r0, int r1) {
-  if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, n, y, r0, r1);
+  if (takes_float_row_lanes(w, n)) return float_row_lanes_of(w, x, xsum, n, y, r0, r1);
   switch (w.type) {
     case DType::F32: return gemv_typed<float>(w, x, n, y, r0, r1);
     case DType::F16: return gemv_typed<F16>(w, x, n, y, r0, r1);
@@ -1497,8 +1514,7 @@ static void gemv_group(const MatmulJob* jobs, int count, const float* x, int n) 
   for (int j = 0; j < count; ++j) lanes = lanes && takes_float_row_lanes(*jobs[j].w, n);
   const ProductGroup group(jobs, count, lanes && n < 8 ? 4 * GEMV_ROW_BLOCK : GEMV_ROW_BLOCK, n);
   bool sums = false;
-  for (int j = 0; j < count; ++j)  // (the row-lane kernels fold offsets into each weight)
-    sums = sums || (needs_sums_of_32(jobs[j].w->type) && !takes_float_row_lanes(*jobs[j].w, n));
+  for (int j = 0; j < count; ++j) sums = sums || needs_sums_of_32(jobs[j].w->type);
   const float* xsum = sums ? sums_of_32(x, n, group.K()) : nullptr;
   parallel_for_if(group.work() > 200000.0, group.blocks(), 1, Split::Guided, [&](int64_t b0, int64_t b1) {
     // The kernels prefetch ahead of where they read; the first bytes of a chunk nobody asked for.
@@ -1518,7 +1534,8 @@ static void gemv_group(const MatmulJob* jobs, int count, const float* x, int n) 
     for (int t = 0; t < n; t += tokens)
       group.for_blocks(b0, b1, [&](const MatmulJob& job, int r0, int r1) {
         const size_t rows = size_t(job.w->rows);
-        gemv_rows_of(*job.w, x + size_t(t) * group.K(), xsum, std::min(tokens, n - t), job.y + t * rows, r0, r1);
+        gemv_rows_of(*job.w, x + size_t(t) * group.K(), xsum ? xsum + size_t(t) * (group.K() / 32) : nullptr,
+                     std::min(tokens, n - t), job.y + t * rows, r0, r1);
       });
   });
 }

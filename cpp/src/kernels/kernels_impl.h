@@ -999,8 +999,9 @@ constexpr int ANY_TOKENS = std::numeric_limits<int>::max();
 
 // What the float row-lane kernel needs of a type's copy: the bytes of a group's block,
 // weights<u>(block, d, bias, w): the 16 rows' weights q * d + bias for k = 4u + i (u = 0..7) in
-// w[i], i = 0..3, and block_scales: the rows' d and bias of a block; SCALE_PARTS: 1, or 2 for a type whose scales change after 16 values (units 0-3
-// take part 0's, units 4-7 part 1's); MAX_TOKENS: up to how many tokens products take this kernel
+// w[i], i = 0..3, and block_scales: the rows' d and bias of a block; SCALE_PARTS: 1, or 2 for a
+// type whose scales change after 16 values (units 0-3 take part 0's, units 4-7 part 1's);
+// FACTORED, HAS_BIAS and factors<u> (below); MAX_TOKENS: up to how many tokens products take this kernel
 // (above, the packed GEMM, its panels widened from the copy, so that results still do not depend on
 // the batch). Measured with 2 threads on an Intel Xeon, bench/row_lane_copy.py: Q8_0 1.1x the GEMM
 // at 48-64 tokens and even at 128 (SmolLM2-135M shapes, one thread); Q4_K and Q6_K (TinyLlama-1.1B
@@ -1124,14 +1125,14 @@ static inline void each_unit(F&& f) {
 // OFFSET (q * d + OFFSET * d, q * d exact), one FMA and one rounding either way: the dequantized
 // weight, as the row widening has it.
 // FACTORED (the 4- and 5-bit types; IQ4_NL and the k-quants below): the weight is d * factor (+ m
-// where the type has one, HAS_BIAS), factor = q + OFFSET (or a level), so the kernel sums
-// factor * x over the block and multiplies by d once per block (and adds m times the block's sum
-// of x): per 16 weights a shift, a permute and the FMA with x, against a further FMA per weight
-// for the dequantized weight, which bounded the decode of these types. Their sums differ from those of dequantized
-// rows (the GEMM's panels) by rounding; so that a row's result still does not depend on its
-// batch, their copies take every product (MAX_TOKENS = ANY_TOKENS, passes of up to 12 tokens,
-// blocks of tokens beyond: row_lane_token_block). Q8_0 (bound by the bytes it reads) keeps the dequantized
-// weight.
+// where the type has one, HAS_BIAS), factor = q + OFFSET (or a level: factors<u>), so the kernel
+// sums factor * x over the block and multiplies by d once per block (and adds m times the block's
+// sum of x): per 16 weights a shift, a permute and the FMA with x, against a further FMA per
+// weight for the dequantized weight, which bounded the decode of these types. Their sums differ
+// from those of dequantized rows (the GEMM's panels) by rounding; so that a row's result still
+// does not depend on its batch, their copies take every product (MAX_TOKENS = ANY_TOKENS, passes
+// of up to 12 tokens, blocks of tokens beyond: row_lane_token_block). Q8_0 (bound by the bytes it
+// reads) keeps the dequantized weight.
 template <int BITS, int HALVES, int OFFSET>
 struct BlockLanes {
   static constexpr size_t BLOCK_BYTES = 64 * BITS;
@@ -1167,8 +1168,9 @@ using Q4_0Lanes = BlockLanes<4, 1, -8>;
 using Q4_1Lanes = BlockLanes<4, 2, 0>;
 using Q5_0Lanes = BlockLanes<5, 1, -16>;
 using Q5_1Lanes = BlockLanes<5, 2, 0>;
-// IQ4_NL (pack_q4_0_row_lanes, as Q4_0): each nibble picks its level + 128 from a table of 16
-// floats, the weight then (level + 128) * d - 128 * d: level * d, exact in float.
+// IQ4_NL (pack_q4_0_row_lanes, as Q4_0): each nibble picks its level from a table of 16 floats, the
+// kernel's factor; the weights of the GEMM's panels pick level + 128, the weight then
+// (level + 128) * d - 128 * d: level * d, exact in float.
 constexpr FloatTable iq4_nl_levels_plus_128() {
   FloatTable t{};
   for (int q = 0; q < 16; ++q) t.v[q] = float(IQ4_NL_LEVELS[q] + 128);
@@ -1306,7 +1308,8 @@ static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const 
           for (int c = 0; c < C; ++c) {
             const float* xc = xk + c * ldx;
             __m512& sum = block_sum[g][c];
-            sum = u == 0 ? _mm512_mul_ps(f[0], _mm512_set1_ps(xc[0])) : _mm512_fmadd_ps(f[0], _mm512_set1_ps(xc[0]), sum);
+            sum = u == 0 ? _mm512_mul_ps(f[0], _mm512_set1_ps(xc[0]))
+                         : _mm512_fmadd_ps(f[0], _mm512_set1_ps(xc[0]), sum);
             sum = _mm512_fmadd_ps(f[1], _mm512_set1_ps(xc[1]), sum);
             sum = _mm512_fmadd_ps(f[2], _mm512_set1_ps(xc[2]), sum);
             sum = _mm512_fmadd_ps(f[3], _mm512_set1_ps(xc[3]), sum);
@@ -1361,8 +1364,8 @@ static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint8
   int t = 0;
   auto sums_at = [&](int token) { return xsum ? xsum + size_t(token) * nb : nullptr; };
   if constexpr (R == 1) {
-    // Passes of at most 16 (or 12) tokens, as even as they come (33 tokens: 11 + 11 + 11, not 16 + 16 + 1),
-    // so that every pass has 8 or more chains to cover the FMA latency.
+    // Passes of at most 16 (or 12: max_pass_tokens) tokens, as even as they come (33 tokens:
+    // 11 + 11 + 11, not 16 + 16 + 1), so that every pass has 8 or more chains to cover the FMA latency.
     using Pass = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, int, const float*, size_t, const float*,
                           float*, size_t);
     static constexpr Pass by_tokens[17] = {
@@ -1380,11 +1383,14 @@ static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint8
   } else {
     if constexpr (R <= 2)
       for (; t + 4 <= n; t += 4)
-        float_lanes_pass<L, R, 4>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, sums_at(t), y + t * ldy, ldy);
+        float_lanes_pass<L, R, 4>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, sums_at(t), y + t * ldy,
+                                  ldy);
     for (; t + 2 <= n; t += 2)
-      float_lanes_pass<L, R, 2>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, sums_at(t), y + t * ldy, ldy);
+      float_lanes_pass<L, R, 2>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, sums_at(t), y + t * ldy,
+                                ldy);
   }
-  for (; t < n; ++t) float_lanes_pass<L, R, 1>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, sums_at(t), y + t * ldy, ldy);
+  for (; t < n; ++t)
+    float_lanes_pass<L, R, 1>(lanes, gstride, scales, sstride, nb, x + size_t(t) * K, K, sums_at(t), y + t * ldy, ldy);
 }
 
 // Rows [r0, r1) of w (whole groups of 16; w has its row-lane copy) for n tokens: a few tokens

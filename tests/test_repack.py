@@ -108,7 +108,9 @@ def test_a_k_quant_model_with_the_copy_gives_the_logits_of_one_without(llama256_
     prompts = [[1, 2, 3], list(range(10, 60))]
     for a, b in zip(_logits(with_copy, prompts), _logits(without, prompts)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
-    assert_logits_do_not_depend_on_the_batch(with_copy, seed=9, lengths=(3, 11, 20, 50))  # within its 64 positions
+    # Within its 64 positions; 144 tokens in one step: Q6_K past its 64 goes to the GEMM, Q4_K and Q5_K
+    # stay on their copies in two blocks of tokens.
+    assert_logits_do_not_depend_on_the_batch(with_copy, seed=9, lengths=(3, 11, 20, 50, 60))
 
 
 @needs_row_lanes

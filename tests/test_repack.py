@@ -71,6 +71,9 @@ def test_a_grouped_product_gives_each_weight_its_rows_alone_at_any_batch():
         together = _core.matmul_group(weights, k, x[:n], row_lanes=True)
         for (_, dt, _), got, want in zip(weights, together, alone):
             np.testing.assert_array_equal(got, want[:n], err_msg=f"{dt}, n={n}")
+    with pytest.raises(ValueError, match="row_lanes"):  # f32 has no copy: refused, not left out
+        _core.matmul_group(weights[:1] + [(rng.standard_normal((32, k)).astype(np.float32), "f32", 32)], k, x,
+                           row_lanes=True)
 
 
 def _logits(model, prompts):

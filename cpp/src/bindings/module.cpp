@@ -565,10 +565,13 @@ PYBIND11_MODULE(_core, m) {
       ys[j].resize(size_t(n) * views[j].rows);
       jobs[j] = MatmulJob{&views[j], ys[j].data(), nullptr};
     }
-    if (row_lanes) {  // a copy for every weight that can have one, as a model makes them
+    if (row_lanes) {  // every weight's copy, as a model makes them
       std::vector<WeightView*> copied;
-      for (auto& v : views)
-        if (row_lane_bytes(v)) copied.push_back(&v);
+      for (auto& v : views) {
+        if (!row_lane_bytes(v))
+          throw py::value_error("row_lanes needs weights that have a row-lane copy on this CPU (see matmul)");
+        copied.push_back(&v);
+      }
       add_row_lanes(keep, copied);
     }
     {
@@ -581,7 +584,7 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("weights"), py::arg("cols"), py::arg("x"), py::arg("int8_activations") = false,
      py::arg("row_lanes") = false,
      "Each weight's x . w^T, the products in one call as the forward pass groups q/k/v and gate/up; "
-     "row_lanes: every weight that can have a row-lane copy reads one");
+     "row_lanes: every weight reads its row-lane copy (refused for a weight that cannot have one)");
 
   m.def("int8_quantize", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int block) {
     if (block != 32 && block != 256) throw py::value_error("block must be 32 or 256");

@@ -1013,13 +1013,16 @@ constexpr int ANY_TOKENS = std::numeric_limits<int>::max();
 // units 0-3, a shift and an `and` units 4-7, so that the block's values come in order; their
 // higher bits (BITS - 4 per value, unit u's at bit (BITS - 4) * (u % per) of vector u / per) are
 // shifted to bit 4 and merged in one ternary-logic op.
-template <int BITS>
+// CLEAN = false leaves whatever the bytes held above the value's bits (one `and` less), for readers
+// that look at the low BITS bits only (the permutes of table_floats).
+template <int BITS, bool CLEAN = true>
 static inline __m512i lane_unit(const uint8_t* block, int u) {
   if constexpr (BITS == 8) {
     return _mm512_load_si512(block + 64 * u);
   } else {
-    const __m512i v = _mm512_load_si512(block + 64 * (u % 4)), low4 = _mm512_set1_epi8(0x0F);
-    const __m512i low = _mm512_and_si512(u < 4 ? v : _mm512_srli_epi16(v, 4), low4);
+    const __m512i v = _mm512_load_si512(block + 64 * (u % 4));
+    const __m512i nibble = u < 4 ? v : _mm512_srli_epi16(v, 4);
+    const __m512i low = CLEAN ? _mm512_and_si512(nibble, _mm512_set1_epi8(0x0F)) : nibble;
     if constexpr (BITS == 4) {
       return low;
     } else {
@@ -1029,7 +1032,7 @@ static inline __m512i lane_unit(const uint8_t* block, int u) {
       const __m512i at4 = shift > 0 ? _mm512_slli_epi16(h, unsigned(shift))
                           : shift < 0 ? _mm512_srli_epi16(h, unsigned(-shift)) : h;
       const __m512i mask = _mm512_set1_epi8(char(((1 << HIGH) - 1) << 4));
-      return _mm512_ternarylogic_epi32(at4, low, mask, 0xEC);  // (at4 & mask) | low
+      return _mm512_ternarylogic_epi32(at4, low, mask, 0xE4);  // the mask's bits from at4, the rest from low
     }
   }
 }
@@ -1072,17 +1075,11 @@ static inline void nibble_floats(const uint8_t* block, __m512 table, __m512 (&f)
   f[3] = _mm512_permutexvar_ps(lanes_shifted<BASE + 24>(v), table);
 }
 
-// 5 bits: the fifth bit (lane_unit's vector at byte 256, bit U of each byte) is put at bit 4 of each
-// byte beside the nibble; bits 5-7 keep whatever they held, as the permute never reads them.
+// 5 bits: lane_unit's byte of each value, its bits 5-7 left as they come (the permute never reads
+// them).
 template <int U>
 static inline void five_bit_floats(const uint8_t* block, __m512 low, __m512 high, __m512 (&f)[4]) {
-  const __m512i v = _mm512_load_si512(block + 64 * (U % 4));
-  const __m512i nibble = U < 4 ? v : _mm512_srli_epi16(v, 4);
-  const __m512i h = _mm512_load_si512(block + 256);
-  constexpr int SHIFT = 4 - U;
-  const __m512i at4 = SHIFT > 0 ? _mm512_slli_epi16(h, unsigned(SHIFT))
-                      : SHIFT < 0 ? _mm512_srli_epi16(h, unsigned(-SHIFT)) : h;
-  const __m512i q = _mm512_ternarylogic_epi32(at4, nibble, _mm512_set1_epi8(0x10), 0xE4);  // bit 4 from at4
+  const __m512i q = lane_unit<5, false>(block, U);
   f[0] = _mm512_permutex2var_ps(low, q, high);
   f[1] = _mm512_permutex2var_ps(low, lanes_shifted<8>(q), high);
   f[2] = _mm512_permutex2var_ps(low, lanes_shifted<16>(q), high);
@@ -1147,7 +1144,7 @@ struct BlockLanes {
   static constexpr FloatTable FACTORS = quant_floats(OFFSET);
   template <int U>
   static void factors(const uint8_t* block, __m512 (&f)[4]) {
-    if constexpr (FACTORED) table_floats<BITS, U>(block, FACTORS, f);
+    table_floats<BITS, U>(block, FACTORS, f);
   }
   static const uint8_t* quants(const WeightView& w, int64_t g) { return lane_block(w, w.row_lanes, BITS, g, 0); }
   static const uint8_t* scales(const WeightView& w, int64_t g) {
@@ -1171,18 +1168,12 @@ using Q5_1Lanes = BlockLanes<5, 2, 0>;
 // IQ4_NL (pack_q4_0_row_lanes, as Q4_0): each nibble picks its level from a table of 16 floats, the
 // kernel's factor; the weights of the GEMM's panels pick level + 128, the weight then
 // (level + 128) * d - 128 * d: level * d, exact in float.
-constexpr FloatTable iq4_nl_levels_plus_128() {
+constexpr FloatTable iq4_nl_levels(int offset) {  // level + offset for the 16 nibbles
   FloatTable t{};
-  for (int q = 0; q < 16; ++q) t.v[q] = float(IQ4_NL_LEVELS[q] + 128);
+  for (int q = 0; q < 16; ++q) t.v[q] = float(IQ4_NL_LEVELS[q] + offset);
   return t;
 }
-inline constexpr FloatTable IQ4_NL_LEVELS_PLUS_128 = iq4_nl_levels_plus_128();
-constexpr FloatTable iq4_nl_levels() {
-  FloatTable t{};
-  for (int q = 0; q < 16; ++q) t.v[q] = float(IQ4_NL_LEVELS[q]);
-  return t;
-}
-inline constexpr FloatTable IQ4_NL_LEVEL_FLOATS = iq4_nl_levels();
+inline constexpr FloatTable IQ4_NL_LEVELS_PLUS_128 = iq4_nl_levels(128), IQ4_NL_LEVEL_FLOATS = iq4_nl_levels(0);
 struct IQ4_NLLanes : BlockLanes<4, 1, -128> {
   template <int U>
   static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
@@ -1357,6 +1348,14 @@ constexpr int max_pass_tokens() {
   return L::FACTORED ? 12 : 16;
 }
 
+using LanesPass = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, int, const float*, size_t, const float*,
+                           float*, size_t);
+// One group's pass of C tokens, or none past the layout's max_pass_tokens (never called).
+template <class L, int C>
+constexpr LanesPass pass_of() {
+  if constexpr (C <= max_pass_tokens<L>()) return float_lanes_pass<L, 1, C>; else return nullptr;
+}
+
 // R groups of rows for all n tokens, in passes.
 template <class L, int R>
 static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint8_t* scales, size_t sstride,
@@ -1366,14 +1365,10 @@ static void float_lanes_groups(const uint8_t* lanes, size_t gstride, const uint8
   if constexpr (R == 1) {
     // Passes of at most 16 (or 12: max_pass_tokens) tokens, as even as they come (33 tokens:
     // 11 + 11 + 11, not 16 + 16 + 1), so that every pass has 8 or more chains to cover the FMA latency.
-    using Pass = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, int, const float*, size_t, const float*,
-                          float*, size_t);
-    static constexpr Pass by_tokens[17] = {
-        nullptr, float_lanes_pass<L, 1, 1>, float_lanes_pass<L, 1, 2>, float_lanes_pass<L, 1, 3>,
-        float_lanes_pass<L, 1, 4>, float_lanes_pass<L, 1, 5>, float_lanes_pass<L, 1, 6>, float_lanes_pass<L, 1, 7>,
-        float_lanes_pass<L, 1, 8>, float_lanes_pass<L, 1, 9>, float_lanes_pass<L, 1, 10>, float_lanes_pass<L, 1, 11>,
-        float_lanes_pass<L, 1, 12>, float_lanes_pass<L, 1, 13>, float_lanes_pass<L, 1, 14>, float_lanes_pass<L, 1, 15>,
-        float_lanes_pass<L, 1, 16>};
+    static constexpr LanesPass by_tokens[17] = {
+        nullptr, pass_of<L, 1>(), pass_of<L, 2>(), pass_of<L, 3>(), pass_of<L, 4>(), pass_of<L, 5>(),
+        pass_of<L, 6>(), pass_of<L, 7>(), pass_of<L, 8>(), pass_of<L, 9>(), pass_of<L, 10>(), pass_of<L, 11>(),
+        pass_of<L, 12>(), pass_of<L, 13>(), pass_of<L, 14>(), pass_of<L, 15>(), pass_of<L, 16>()};
     const int passes = (n + max_pass_tokens<L>() - 1) / max_pass_tokens<L>();
     for (int p = 0; p < passes; ++p) {
       const int c = (n - t) / (passes - p);  // the rest shared evenly by the passes left
@@ -1558,15 +1553,10 @@ static void matmul_group(const MatmulJob* jobs, int count, const float* x, int n
     return w.int8_activations && int8_supported(w.type) &&
            (n >= INT8_MIN_ROWS || int8_kernels().every_row_count(w.type));
   };
-  bool int8 = true, lanes = true;
-  for (int j = 0; j < count; ++j) {
-    int8 = int8 && rounds(*jobs[j].w);
-    lanes = lanes && takes_float_row_lanes(*jobs[j].w, n);
-  }
+  bool int8 = true;
+  for (int j = 0; j < count; ++j) int8 = int8 && rounds(*jobs[j].w);
   if (int8) {
     int8_kernels().matmul_group(jobs, count, x, n);
-  } else if (lanes) {
-    gemv_group(jobs, count, x, n);
   } else if (n >= GEMM_MIN_ROWS) {
     // A weight whose copy takes these tokens goes through it even beside weights that do not:
     // its results must be those of any other batch size.
@@ -1583,7 +1573,7 @@ static void matmul_group(const MatmulJob* jobs, int count, const float* x, int n
     }
     if (nl) gemv_group(through_lanes, nl, x, n);
   } else {
-    // Weights of mixed kinds below GEMM_MIN_ROWS: the int8 ones alone, the float ones together.
+    // Below GEMM_MIN_ROWS: the int8 ones alone, the float ones (each through its copy or its GEMV) together.
     MatmulJob floats[MAX_PRODUCT_GROUP];
     int nf = 0;
     for (int j = 0; j < count; ++j) {

@@ -175,3 +175,30 @@ def test_quantized_matmul_against_numpy_dequantize(isa, dtype, source, n, rows):
 def test_quantized_columns_must_fill_blocks():
     with pytest.raises(ValueError, match="block size"):
         _core.matmul(np.zeros((2, 34), np.uint8), "q8_0", 2, 33, np.zeros((1, 33), np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", *SCALE_OFFSETS])
+def test_a_decode_product_gives_each_token_what_it_gets_alone(isa, dtype):
+    """Below GEMM_MIN_ROWS tokens, a token's result does not depend on how many tokens share its
+    register tile: every product of 2..GEMM_MIN_ROWS-1 tokens equals, bit for bit, each token's
+    product alone (the architecture's promise for batched decoding; a compiler that fuses a scalar
+    multiply-add in some tiles and not in others breaks it)."""
+    from tokentrail.loading.quant import block_info, quantize
+
+    rows = 37
+    cols = 2 * 256 if dtype in ("q4_k", "q5_k", "q6_k") else 3 * 32 if dtype in SCALE_OFFSETS else 3 * 32 + 7
+    rng = np.random.default_rng(len(dtype))
+    w32 = rng.standard_normal((rows, cols)).astype(np.float32)
+    if dtype == "f32":
+        w = w32
+    elif dtype == "f16":
+        w = w32.astype(np.float16)
+    elif dtype == "bf16":
+        w = bf16_from_float32(w32)
+    else:
+        assert cols % block_info(dtype)[0] == 0
+        w = quantize(w32, dtype)
+    x = rng.standard_normal((_core.GEMM_MIN_ROWS - 1, cols)).astype(np.float32)
+    alone = np.concatenate([_core.matmul(w, dtype, rows, cols, x[i:i + 1]) for i in range(len(x))])
+    for n in (2, 3, 4, 5, 8, 13, 16, 17, len(x)):
+        np.testing.assert_array_equal(_core.matmul(w, dtype, rows, cols, x[:n]), alone[:n], err_msg=f"{n} tokens")

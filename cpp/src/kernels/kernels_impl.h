@@ -14,6 +14,17 @@ static inline float to_f32(float v) { return v; }
 static inline float to_f32(F16 v) { return f16_to_f32(v.bits); }
 static inline float to_f32(BF16 v) { return bf16_to_f32(v.bits); }
 
+// a * b + c in one rounding where the variant has FMA, else two: written out, because the
+// compiler would otherwise fuse `c += a * b` in some register tiles and not in others, and a
+// row's result would then depend on how many tokens shared its tile.
+static inline float mul_add(float a, float b, float c) {
+#ifdef __FMA__
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // Working memory of the calling thread that keeps its size between calls, so that a
 // product or an attention call allocates nothing once warm. One buffer per use:
 enum ScratchSlot { SCRATCH_PACKED, SCRATCH_WIDENED, SCRATCH_SCORES, SCRATCH_XSUM, SCRATCH_SLOTS };
@@ -57,7 +68,7 @@ static inline void micro_tile(const T* w, size_t ldw, const float* x, size_t ldx
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       float s = V::sum(acc[r][c]);
-      for (int kk = k; kk < K; ++kk) s += to_f32(w[r * ldw + kk]) * x[c * ldx + kk];
+      for (int kk = k; kk < K; ++kk) s = mul_add(to_f32(w[r * ldw + kk]), x[c * ldx + kk], s);
       y[c * ldy + r] = s;
     }
 }
@@ -218,7 +229,7 @@ static inline float dot(const float* a, const T* b, int n) {
   int i = 0;
   for (; i + V::W <= n; i += V::W) acc = V::fma(V::load(a + i), V::loadw(b + i), acc);
   float s = V::sum(acc);
-  for (; i < n; ++i) s += a[i] * to_f32(b[i]);
+  for (; i < n; ++i) s = mul_add(a[i], to_f32(b[i]), s);
   return s;
 }
 
@@ -528,7 +539,7 @@ static inline void attention_mix(const float* const* p, const T* v, int len, int
   for (int h = 0; h < H; ++h)
     for (int d = vec_end; d < D; ++d) {
       float acc = 0.0f;
-      for (int j = 0; j < len; ++j) acc += p[h][j] * to_f32(v[size_t(j) * D + d]);
+      for (int j = 0; j < len; ++j) acc = mul_add(p[h][j], to_f32(v[size_t(j) * D + d]), acc);
       z[h][d] = acc;
     }
 }
@@ -642,6 +653,7 @@ static void attention(const float* q, const void* k, const void* v, DType kv_typ
 // product. The deq_* routines widen whole rows, for GEMM panels and lookups.
 
 static inline float half_at(const uint8_t* p) { return V::half(p); }
+
 
 static inline void deq_q8_0(const uint8_t* __restrict b, float* __restrict y) {  // d:f16, qs:int8[32]
   const float d = half_at(b);
@@ -827,7 +839,7 @@ static inline void q_block_tile(const uint8_t* row0, size_t row_bytes, int K, co
       }
       if constexpr (WITH_MIN) {
         const float m = V::half(blk + 2);
-        for (int c = 0; c < C; ++c) offset[r][c] += m * xsum[c * lds + b];
+        for (int c = 0; c < C; ++c) offset[r][c] = mul_add(m, xsum[c * lds + b], offset[r][c]);
       }
     }
   }
@@ -891,7 +903,7 @@ static inline void k_quant_tile(const uint8_t* row0, size_t row_bytes, int K, co
         const size_t sb = size_t(b) * 8 + 2 * j;
         for (int c = 0; c < C; ++c) {
           acc[r][c] = V::fma(d2, p2[c], V::fma(d1, p1[c], acc[r][c]));
-          corr[r][c] += dmin * (m1 * xsum[c * lds + sb] + m2 * xsum[c * lds + sb + 1]);
+          corr[r][c] = mul_add(dmin, mul_add(float(m1), xsum[c * lds + sb], float(m2) * xsum[c * lds + sb + 1]), corr[r][c]);
         }
       }
     }

@@ -270,3 +270,49 @@ def test_pool_chunks_checks_its_arguments():
         _core.pool_chunks(10, 1, "sideways", 2)
     with pytest.raises(ValueError, match="grain"):
         _core.pool_chunks(10, 0, "even", 2)
+
+
+@needs_proc_stat
+def test_pool_backs_off_by_trial_next_to_busy_cpus_and_returns(restore_threads):
+    # With every CPU of ours held by another process, the pool's callers wait for workers the
+    # scheduler set aside: it must back off, first timing sleepy workers and then fewer threads, and
+    # keep the faster of the two; once the CPUs are free again it must go back to every thread.
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 2 <= len(cpus) <= 8:
+        pytest.skip("needs 2-8 CPUs to hold")
+    _core.set_threads(2)
+
+    def jobs_until(done, seconds):
+        seen = []
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            _core.pool_chunks(64, 1, "guided", 2, work_us=20.0)
+            state = _core.pool_backoff()
+            if not seen or seen[-1]["state"] != state["state"]:
+                seen.append(state)
+            if done(seen):
+                break
+        return seen
+
+    spinners = [subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{c}}})\nwhile True: pass"])
+                for c in cpus]
+    try:
+        time.sleep(0.3)
+        settled = ("sleepy workers", "fewer threads")
+        seen = jobs_until(lambda s: any(x["state"].startswith("trial") for x in s) and s[-1]["state"] in settled, 6.0)
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    states = [x["state"] for x in seen]
+    assert "trial: sleepy workers" in states and "trial: fewer threads" in states, states
+    assert states.index("trial: sleepy workers") < states.index("trial: fewer threads"), states
+    last = seen[-1]
+    assert last["state"] in settled, states
+    assert last["sleepy_us_per_job"] > 0 and last["fewer_us_per_job"] > 0, last
+    # The faster way is kept (ties go to every thread, sleepy).
+    faster = "fewer threads" if last["fewer_us_per_job"] < last["sleepy_us_per_job"] else "sleepy workers"
+    assert last["state"] == faster, last
+
+    after = jobs_until(lambda s: s[-1]["state"] == "none", 6.0)
+    assert after[-1]["state"] == "none", [x["state"] for x in after]

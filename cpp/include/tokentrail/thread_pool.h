@@ -12,12 +12,13 @@
 //  - the caller, once no chunk is left to claim, also spins briefly and then sleeps, which
 //    frees its core for the scheduler to run a straggler there;
 //  - when the callers keep waiting for threads the scheduler set aside, the pool backs off for
-//    a while: first its workers sleep between jobs instead of polling (so that each is woken
-//    for its share and runs at once, instead of sharing a core in whole time slices), then, if
-//    that is not enough, it asks fewer threads; it goes back to polling with every thread only
-//    once /proc/stat shows that other processes have left it the CPUs for them.
+//    a while: its workers sleep between jobs instead of polling (so that each is woken for its
+//    share and runs at once, instead of sharing a core in whole time slices), or it asks fewer
+//    threads, whichever a short trial of both timed faster; it goes back to polling with every
+//    thread only once /proc/stat shows that other processes have left it the CPUs for them.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -39,6 +40,17 @@ struct OtherLoad {
   double busy_cpus = 0.0;
 };
 OtherLoad measure_other_load(double seconds);
+
+// What the pool is doing about other processes that hold its CPUs: state "none", "sleepy workers",
+// "fewer threads", or one of the two halves of the trial that chooses between those ("trial: sleepy
+// workers", "trial: fewer threads"); the microseconds per job each half of the last trial took (0 for
+// fewer threads when the trial ended after its first half), and how many trials the pool has begun.
+struct PoolBackoff {
+  std::string state;
+  double sleepy_us_per_job = 0.0, fewer_us_per_job = 0.0;
+  int64_t trials = 0;
+};
+PoolBackoff pool_backoff();
 
 // How a range is cut into chunks.
 enum class Split {

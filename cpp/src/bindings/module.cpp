@@ -445,6 +445,21 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("seconds") = 0.5,
      "(CPUs this process may use, how many of them other processes kept busy on average over `seconds`), "
      "as the thread pool's back-off reads them from /proc/stat; (0, 0.0) where that cannot be read");
+  m.def("pool_backoff", [] {
+    PoolBackoff b;
+    {
+      py::gil_scoped_release nogil;  // waits for a job another Python thread runs
+      b = pool_backoff();
+    }
+    py::dict d;
+    d["state"] = b.state;
+    d["sleepy_us_per_job"] = b.sleepy_us_per_job;
+    d["fewer_us_per_job"] = b.fewer_us_per_job;
+    d["trials"] = b.trials;
+    return d;
+  }, "What the thread pool is doing about other processes holding its CPUs: {'state': 'none', 'sleepy workers', "
+     "'fewer threads' or 'trial: ...', the microseconds per job of each half of its last trial, and 'trials': how "
+     "many it has begun}");
   m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;
   m.attr("ATTENTION_PARALLEL_WORK") = ATTENTION_PARALLEL_WORK;
   m.attr("INT8_MIN_ROWS") = INT8_MIN_ROWS;

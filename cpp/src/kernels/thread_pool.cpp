@@ -47,18 +47,26 @@ constexpr auto CALLER_SPIN = std::chrono::microseconds(50);
 // cost less than a backoff would and leave every thread at work. Measured on 2 cores: next to
 // a spinning process stalls last 3-4 ms; under a 16-client server's HTTP threads, 1-2 ms.
 //
-// Backing off has two steps. First every thread stays, but workers sleep as soon as they run
-// out of chunks instead of polling for the next job: a worker that keeps polling is always
-// runnable, shares its core with the other process in whole time slices and is set aside in the
-// middle of a chunk, while one that sleeps between jobs is woken for each and, having used
-// little of its share, runs at once and finishes its chunks (SmolLM2-shaped decode next to a
-// spinning process, 2 cores: 1.06x (Q4_0) and 1.12x (Q8_0) the speed of one thread, where
-// falling back to one thread gave 0.97-0.99x). Then, if callers still wait, fewer threads.
+// Backing off is one of two things. Sleepy workers: every thread stays, but workers sleep as soon
+// as they run out of chunks instead of polling for the next job. A worker that keeps polling is
+// always runnable, shares its core with the other process in whole time slices and is set aside
+// in the middle of a chunk, while one that sleeps between jobs is woken for each and, having used
+// little of its share, runs at once and finishes its chunks. Or fewer threads (half, the workers
+// still sleepy). Which is faster depends on the jobs: a wake per job costs the caller a system call
+// and the worker a few microseconds before it starts, which short jobs do not repay (SmolLM2-shaped
+// decode next to a spinning process, 2 cores: sleepy workers 1.06-1.12x one thread in one run,
+// 0.86-0.89x for Q4_0 in another). So a backoff begins with a trial: TRIAL of sleepy workers,
+// timing every job; then, if /proc/stat shows other processes on the CPUs the threads need,
+// TRIAL of fewer threads, and the pool keeps the one whose jobs took less time on average (if not,
+// the wait was a passing burst: back to every thread). It tries again when a backoff is extended
+// RETRIAL or more after the last trial.
 constexpr auto WINDOW = std::chrono::milliseconds(20);
 constexpr auto STALL = std::chrono::microseconds(250);  // less waiting in a window is never a reason
 constexpr auto LONG_STALL = std::chrono::microseconds(2500);
 constexpr auto MIN_BACKOFF = std::chrono::milliseconds(5);
 constexpr auto MAX_BACKOFF = std::chrono::milliseconds(100);
+constexpr auto TRIAL = std::chrono::milliseconds(60);
+constexpr auto RETRIAL = std::chrono::seconds(1);
 // A guided claim takes this fraction of the remaining items per thread: the caller's 1/threads,
 // the workers' half that. The caller, already running, takes one long stretch (on 2 threads,
 // half the product) and a worker streams the rest in shrinking claims that follow one another
@@ -185,15 +193,19 @@ class Pool {
     std::unique_lock<std::mutex> hold(busy_, std::try_to_lock);
     if (!hold.owns_lock()) return fn(ctx, 0, n);  // another OS thread's job is running: no waiting for it
     const Clock::time_point start = Clock::now();
-    if (backing_off() && start >= backoff_until_) {
+    if (!trial_ && backing_off() && start >= backoff_until_) {
       // Other processes still hold the CPUs the other threads would need: back off again
       // without trying them (a try costs a hold-up of a whole time slice).
       const CpuUse now = read_cpu_use();
       if (too_soon_to_tell(backoff_use_, now)) {  // keep backing off; the next look spans a longer time
         backoff_until_ = start + backoff_length_;
       } else if (cpus_taken(backoff_use_, now, threads)) {
-        backoff_until_ = start + backoff_length_;
-        backoff_use_ = now;
+        if (start - last_trial_ >= RETRIAL) {
+          begin_trial(start, threads);
+        } else {
+          backoff_until_ = start + backoff_length_;
+          backoff_use_ = now;
+        }
       } else {  // back to every thread, polling: a new window
         backoff_threads_ = 0;
         set_sleepy_workers(false);
@@ -211,6 +223,7 @@ class Pool {
         throw;
       }
       tls_in_parallel = false;
+      time_trial(start, Clock::now());
       return;
     }
     grow(threads - 1);
@@ -247,6 +260,21 @@ class Pool {
     }
   }
 
+  // What the pool is doing about other processes, read between jobs (the caller's lock held).
+  PoolBackoff backoff() {
+    std::lock_guard<std::mutex> hold(busy_);
+    PoolBackoff b;
+    b.state = trial_ == 1                           ? "trial: sleepy workers"
+              : trial_ == 2                         ? "trial: fewer threads"
+              : backoff_threads_ > 0                ? "fewer threads"
+              : sleepy_workers_.load() ? "sleepy workers"
+                                                    : "none";
+    b.sleepy_us_per_job = 1e6 * sleepy_per_job_;
+    b.fewer_us_per_job = 1e6 * fewer_per_job_;
+    b.trials = trials_;
+    return b;
+  }
+
  private:
   using Clock = std::chrono::steady_clock;
 
@@ -254,6 +282,8 @@ class Pool {
   // waiting outweighed the gain of the other threads.
   void account(Clock::time_point start, Clock::time_point own_done, Clock::time_point finish, int threads) {
     const Clock::duration own = own_done - start, waited = finish - own_done;
+    time_trial(start, finish);
+    if (backing_off()) return;  // the trial chose how; the next look at the CPUs decides how long
     window_own_ += own;
     window_waited_ += waited;
     // One wait as long as a scheduler's time slice: a thread was set aside, no need to wait for the window.
@@ -265,15 +295,60 @@ class Pool {
       backoff_length_ = set_aside ? std::chrono::microseconds(MAX_BACKOFF)
                         : again   ? std::min<std::chrono::microseconds>(2 * backoff_length_, MAX_BACKOFF)
                                   : std::chrono::microseconds(MIN_BACKOFF);
-      if (sleepy_workers_.load(std::memory_order_relaxed))  // the first step did not stop the waiting: fewer threads
-        backoff_threads_ = std::max(1, threads / 2);
-      else
-        set_sleepy_workers(true);
-      backoff_until_ = finish + backoff_length_;
-      backoff_use_ = read_cpu_use();
+      begin_trial(finish, threads);
     }
     window_start_ = finish;
     window_own_ = window_waited_ = Clock::duration::zero();
+  }
+
+  // Backs off with sleepy workers first, timing jobs for TRIAL, then with fewer threads; see time_trial.
+  void begin_trial(Clock::time_point now, int threads) {
+    trial_ = 1;
+    ++trials_;
+    trial_threads_ = threads;
+    trial_use_ = read_cpu_use();
+    backoff_threads_ = 0;
+    set_sleepy_workers(true);
+    trial_start_ = now;
+    trial_time_ = Clock::duration::zero();
+    trial_jobs_ = 0;
+  }
+
+  // Adds a job to the running trial. At the end of the first half: if /proc/stat shows that other
+  // processes left this one its CPUs (the waiting was a passing burst, or the hypervisor's), the
+  // backoff ends there; else on to fewer threads. At the end of the second, the faster of the two is
+  // kept for backoff_length_.
+  void time_trial(Clock::time_point start, Clock::time_point finish) {
+    if (!trial_) return;
+    trial_time_ += finish - start;
+    ++trial_jobs_;
+    if (finish - trial_start_ < TRIAL) return;
+    const double per_job = std::chrono::duration<double>(trial_time_).count() / double(trial_jobs_);
+    trial_start_ = finish;
+    trial_time_ = Clock::duration::zero();
+    trial_jobs_ = 0;
+    if (trial_ == 1) {
+      sleepy_per_job_ = per_job;
+      fewer_per_job_ = 0.0;
+      const CpuUse now = read_cpu_use();
+      if (others_busy(trial_use_, now, CPU_USE_MIN_SECONDS) >= 0.0 && !cpus_taken(trial_use_, now, trial_threads_)) {
+        trial_ = 0;  // back to every thread, polling: a new window
+        set_sleepy_workers(false);
+        window_start_ = finish;
+        window_own_ = window_waited_ = Clock::duration::zero();
+        return;
+      }
+      trial_ = 2;
+      backoff_threads_ = std::max(1, trial_threads_ / 2);
+      return;
+    } else {
+      fewer_per_job_ = per_job;
+      if (per_job >= sleepy_per_job_) backoff_threads_ = 0;  // sleepy workers were as fast: every thread
+    }
+    trial_ = 0;
+    last_trial_ = finish;
+    backoff_until_ = finish + backoff_length_;
+    backoff_use_ = read_cpu_use();
   }
 
   // Claims and runs chunks of generation `gen` until none is left.
@@ -366,6 +441,14 @@ class Pool {
   std::chrono::steady_clock::time_point backoff_until_;
   std::chrono::microseconds backoff_length_{0};  // the last backoff's (0: none yet)
   CpuUse backoff_use_;  // the CPUs' use when the backoff began (or was last extended)
+  int trial_ = 0;        // 0: none running; 1: timing sleepy workers; 2: timing fewer threads
+  int trial_threads_ = 1;  // the threads asked for when the trial began
+  Clock::time_point trial_start_, last_trial_;
+  Clock::duration trial_time_{};  // the jobs of the trial's current half
+  CpuUse trial_use_;              // the CPUs' use when the trial began
+  int64_t trial_jobs_ = 0;
+  int64_t trials_ = 0;  // trials begun since the pool started
+  double sleepy_per_job_ = 0.0, fewer_per_job_ = 0.0;  // seconds per job in each half of the last trial
   Clock::time_point window_start_;
   Clock::duration window_own_{}, window_waited_{};  // the callers' own work and waiting in the window
   uint32_t generation_ = 0;
@@ -428,6 +511,8 @@ OtherLoad measure_other_load(double seconds) {
   if (others >= 0.0) load = OtherLoad{after.cpus, others};
   return load;
 }
+
+PoolBackoff pool_backoff() { return pool().backoff(); }
 
 void set_threads(int n) {
   if (n < 1) throw std::invalid_argument("threads must be at least 1");

@@ -264,11 +264,11 @@ class Pool {
   PoolBackoff backoff() {
     std::lock_guard<std::mutex> hold(busy_);
     PoolBackoff b;
-    b.state = trial_ == 1                           ? "trial: sleepy workers"
-              : trial_ == 2                         ? "trial: fewer threads"
-              : backoff_threads_ > 0                ? "fewer threads"
+    b.state = trial_ == 1              ? "trial: sleepy workers"
+              : trial_ == 2            ? "trial: fewer threads"
+              : backoff_threads_ > 0   ? "fewer threads"
               : sleepy_workers_.load() ? "sleepy workers"
-                                                    : "none";
+                                       : "none";
     b.sleepy_us_per_job = 1e6 * sleepy_per_job_;
     b.fewer_us_per_job = 1e6 * fewer_per_job_;
     b.trials = trials_;
@@ -341,10 +341,9 @@ class Pool {
       trial_ = 2;
       backoff_threads_ = std::max(1, trial_threads_ / 2);
       return;
-    } else {
-      fewer_per_job_ = per_job;
-      if (per_job >= sleepy_per_job_) backoff_threads_ = 0;  // sleepy workers were as fast: every thread
     }
+    fewer_per_job_ = per_job;
+    if (per_job >= sleepy_per_job_) backoff_threads_ = 0;  // sleepy workers were as fast: every thread
     trial_ = 0;
     last_trial_ = finish;
     backoff_until_ = finish + backoff_length_;

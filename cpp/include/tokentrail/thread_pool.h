@@ -43,8 +43,9 @@ OtherLoad measure_other_load(double seconds);
 
 // What the pool is doing about other processes that hold its CPUs: state "none", "sleepy workers",
 // "fewer threads", or one of the two halves of the trial that chooses between those ("trial: sleepy
-// workers", "trial: fewer threads"); the microseconds per job each half of the last trial took (0 for
-// fewer threads when the trial ended after its first half), and how many trials the pool has begun.
+// workers", "trial: fewer threads"); the microseconds per job each half of the last trial took, on the
+// kinds of job both halves ran (0 for fewer threads when the trial ended after its first half); and
+// how many trials the pool has begun.
 struct PoolBackoff {
   std::string state;
   double sleepy_us_per_job = 0.0, fewer_us_per_job = 0.0;

@@ -654,7 +654,6 @@ static void attention(const float* q, const void* k, const void* v, DType kv_typ
 
 static inline float half_at(const uint8_t* p) { return V::half(p); }
 
-
 static inline void deq_q8_0(const uint8_t* __restrict b, float* __restrict y) {  // d:f16, qs:int8[32]
   const float d = half_at(b);
   const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
@@ -903,7 +902,8 @@ static inline void k_quant_tile(const uint8_t* row0, size_t row_bytes, int K, co
         const size_t sb = size_t(b) * 8 + 2 * j;
         for (int c = 0; c < C; ++c) {
           acc[r][c] = V::fma(d2, p2[c], V::fma(d1, p1[c], acc[r][c]));
-          corr[r][c] = mul_add(dmin, mul_add(float(m1), xsum[c * lds + sb], float(m2) * xsum[c * lds + sb + 1]), corr[r][c]);
+          const float mins = mul_add(float(m1), xsum[c * lds + sb], float(m2) * xsum[c * lds + sb + 1]);
+          corr[r][c] = mul_add(dmin, mins, corr[r][c]);
         }
       }
     }

@@ -223,7 +223,7 @@ class Pool {
         throw;
       }
       tls_in_parallel = false;
-      time_trial(start, Clock::now());
+      time_trial(start, Clock::now(), fn, n);
       return;
     }
     grow(threads - 1);
@@ -252,7 +252,7 @@ class Pool {
       for (uint32_t d; (d = done_.load()) != total;) wait_on(done_, d);
       caller_sleeping_.store(0);
     }
-    account(start, own_done, Clock::now(), threads);
+    account(start, own_done, Clock::now(), threads, fn, n);
     if (error_) {
       std::exception_ptr e = nullptr;
       std::swap(e, error_);
@@ -280,9 +280,10 @@ class Pool {
 
   // Adds one job's own work and waiting to the window; at the window's end, backs off if the
   // waiting outweighed the gain of the other threads.
-  void account(Clock::time_point start, Clock::time_point own_done, Clock::time_point finish, int threads) {
+  void account(Clock::time_point start, Clock::time_point own_done, Clock::time_point finish, int threads,
+               detail::ChunkFn fn, int64_t n) {
     const Clock::duration own = own_done - start, waited = finish - own_done;
-    time_trial(start, finish);
+    time_trial(start, finish, fn, n);
     if (backing_off()) return;  // the trial chose how; the next look at the CPUs decides how long
     window_own_ += own;
     window_waited_ += waited;
@@ -312,16 +313,46 @@ class Pool {
     trial_start_ = now;
     trial_time_ = Clock::duration::zero();
     trial_jobs_ = 0;
+    for (JobKind& k : kinds_) k = JobKind{};
+  }
+
+  // The kind of a job (its loop and its item count), so that the trial's halves are compared on the
+  // same work: a half's jobs are a different mix of short and long ones (60 ms is a few tokens of
+  // decode, and a token's last job, the unembedding, is its longest), which alone moved per-job
+  // means by 10 % or more.
+  struct JobKind {
+    detail::ChunkFn fn = nullptr;
+    int64_t n = 0;
+    double seconds[2] = {0.0, 0.0};
+    int64_t count[2] = {0, 0};
+  };
+  static constexpr int TRIAL_KINDS = 64;
+
+  void add_to_kind(int half, detail::ChunkFn fn, int64_t n, double seconds) {
+    const size_t h = (reinterpret_cast<uintptr_t>(fn) >> 4) * 31u + size_t(n) * 0x9E3779B97F4A7C15ull;
+    for (int probe = 0; probe < TRIAL_KINDS; ++probe) {
+      JobKind& k = kinds_[(h + size_t(probe)) % TRIAL_KINDS];
+      if (k.fn == nullptr) {
+        k.fn = fn;
+        k.n = n;
+      }
+      if (k.fn == fn && k.n == n) {
+        k.seconds[half] += seconds;
+        ++k.count[half];
+        return;
+      }
+    }  // a full table leaves the job out
   }
 
   // Adds a job to the running trial. At the end of the first half: if /proc/stat shows that other
   // processes left this one its CPUs (the waiting was a passing burst, or the hypervisor's), the
   // backoff ends there; else on to fewer threads. At the end of the second, the faster of the two is
   // kept for backoff_length_.
-  void time_trial(Clock::time_point start, Clock::time_point finish) {
+  void time_trial(Clock::time_point start, Clock::time_point finish, detail::ChunkFn fn, int64_t n) {
     if (!trial_) return;
     trial_time_ += finish - start;
     ++trial_jobs_;
+    add_to_kind(trial_ - 1, fn, n, std::chrono::duration<double>(finish - start).count());
     if (finish - trial_start_ < TRIAL) return;
     const double per_job = std::chrono::duration<double>(trial_time_).count() / double(trial_jobs_);
     trial_start_ = finish;
@@ -342,8 +373,22 @@ class Pool {
       backoff_threads_ = std::max(1, trial_threads_ / 2);
       return;
     }
-    fewer_per_job_ = per_job;
-    if (per_job >= sleepy_per_job_) backoff_threads_ = 0;  // sleepy workers were as fast: every thread
+    // Both ways on the kinds of job both halves ran, each kind weighted by how often it ran.
+    double sleepy = 0.0, fewer = 0.0, weight = 0.0;
+    for (const JobKind& k : kinds_)
+      if (k.count[0] > 0 && k.count[1] > 0) {
+        const double w = double(k.count[0] + k.count[1]);
+        sleepy += w * k.seconds[0] / double(k.count[0]);
+        fewer += w * k.seconds[1] / double(k.count[1]);
+        weight += w;
+      }
+    if (weight > 0.0) {
+      sleepy_per_job_ = sleepy / weight;
+      fewer_per_job_ = fewer / weight;
+    } else {  // no kind of job in both halves: their plain means
+      fewer_per_job_ = per_job;
+    }
+    if (fewer_per_job_ >= sleepy_per_job_) backoff_threads_ = 0;  // sleepy workers were as fast: every thread
     trial_ = 0;
     last_trial_ = finish;
     backoff_until_ = finish + backoff_length_;
@@ -448,6 +493,7 @@ class Pool {
   int64_t trial_jobs_ = 0;
   int64_t trials_ = 0;  // trials begun since the pool started
   double sleepy_per_job_ = 0.0, fewer_per_job_ = 0.0;  // seconds per job in each half of the last trial
+  JobKind kinds_[TRIAL_KINDS];  // the running trial's jobs by kind
   Clock::time_point window_start_;
   Clock::duration window_own_{}, window_waited_{};  // the callers' own work and waiting in the window
   uint32_t generation_ = 0;

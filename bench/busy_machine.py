@@ -20,6 +20,10 @@ Swapping builds: `--core omp=/tmp/core_openmp.so --core pool=...` loads each fil
 `tokentrail._core` in its child, so two builds of the core compare in one run.
 `--llama-cpp` adds llama.cpp (through llama-cpp-python, the same GGUF files and thread
 counts) as one more engine taking its turn in every round.
+
+For builds that report it (`_core.pool_backoff()`), a last line gives what the thread pool was
+doing about the load at the end of each round's measurement with 2+ threads: "fewer threads",
+"sleepy workers", "none", or a trial between the two still running.
 """
 from __future__ import annotations
 
@@ -132,13 +136,18 @@ class SpinningProcess:
 LOADS = {"idle": contextlib.nullcontext, "busy": SpinningProcess, "numpy": NumpyLoop}
 
 
-def measure_loads(rate, loads: list[str]) -> dict[str, float]:
-    """rate() under each load."""
+def measure_loads(rate, loads: list[str], state=lambda: None) -> dict[str, tuple]:
+    """(rate(), state()) under each load; state() is read before the load ends."""
     out = {}
     for load in loads:
         with LOADS[load]():
-            out[load] = rate()
+            out[load] = (rate(), state())
     return out
+
+
+def pool_state(core) -> str | None:
+    """What the thread pool is doing about other processes (None for builds without the report)."""
+    return core.pool_backoff()["state"] if hasattr(core, "pool_backoff") else None
 
 
 def child(args) -> None:
@@ -151,7 +160,7 @@ def child(args) -> None:
             for threads in map(int, args.threads.split(",")):
                 llm = llama_cpp.Llama(model_path=str(Path(args.files) / f"{dtype}.gguf"), n_ctx=256, n_threads=threads,
                                       n_threads_batch=threads, logits_all=True, verbose=False)
-                for load, rate in measure_loads(lambda: decode_rate(llama_cpp_sequence(llm), args.new), loads).items():
+                for load, (rate, _) in measure_loads(lambda: decode_rate(llama_cpp_sequence(llm), args.new), loads).items():
                     results.append({"type": dtype, "threads": threads, "load": load, "tok_s": rate})
                 llm.close()
         print(json.dumps(results))
@@ -159,13 +168,16 @@ def child(args) -> None:
     if args.core_path:
         use_core(args.core_path)
     import tokentrail
+    from tokentrail import _core as core
 
     for dtype in args.types.split(","):
         model = tokentrail.load(Path(args.files) / f"{dtype}.gguf", threads=1)
         for threads in map(int, args.threads.split(",")):
             model.threads = threads
-            for load, rate in measure_loads(lambda: decode_rate(tokentrail_sequence(model), args.new), loads).items():
-                results.append({"type": dtype, "threads": threads, "load": load, "tok_s": rate})
+            measured = measure_loads(lambda: decode_rate(tokentrail_sequence(model), args.new), loads,
+                                     lambda: pool_state(core))
+            for load, (rate, pool) in measured.items():
+                results.append({"type": dtype, "threads": threads, "load": load, "tok_s": rate, "pool": pool})
         del model
     print(json.dumps(results))
 
@@ -213,6 +225,7 @@ def main() -> None:
         cores.append(("llama.cpp", "llama.cpp", ""))
     load_before = os.getloadavg()
     samples: dict[tuple, list[float]] = {}
+    pools: dict[tuple, list[str]] = {}  # the pool's back-off state at the end of each round's measurement
     with tempfile.TemporaryDirectory() as tmp:
         write_models(args.shape, args.types.split(","), Path(tmp))
         for _ in range(args.rounds):
@@ -224,6 +237,8 @@ def main() -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 for r in json.loads(out.strip().splitlines()[-1]):
                     samples.setdefault((name, r["type"], r["threads"], r["load"]), []).append(r["tok_s"])
+                    if r.get("pool") and r["threads"] > 1 and r["load"] != "idle":
+                        pools.setdefault((name, r["type"], r["threads"], r["load"]), []).append(r["pool"])
     load_after = os.getloadavg()
 
     import tokentrail
@@ -253,6 +268,9 @@ def main() -> None:
                 f"{d} {med[(name, d, most, 'busy')] / med[(name, d, most, 'idle')]:.2f}x idle, "
                 f"{med[(name, d, most, 'busy')] / med[(name, d, 1, 'busy')]:.2f}x 1 thread"
                 for d in args.types.split(",")))
+    if pools:
+        print("the pool's back-off at the end of each round (2+ threads under load): " + "; ".join(
+            f"{name} {d} {t}t {load}: {', '.join(states)}" for (name, d, t, load), states in pools.items()))
     if len(cores) > 1:
         base = cores[0][0]
         for name, _, _ in cores[1:]:

@@ -1010,12 +1010,12 @@ constexpr size_t ROW_LANE_AHEAD_BYTES = 2048;
 constexpr int ANY_TOKENS = std::numeric_limits<int>::max();
 
 // What the float row-lane kernel needs of a type's copy: the bytes of a group's block,
-// weights<u>(block, d, bias, w): the 16 rows' weights q * d + bias for k = 4u + i (u = 0..7) in
-// w[i], i = 0..3, and block_scales: the rows' d and bias of a block; SCALE_PARTS: 1, or 2 for a
-// type whose scales change after 16 values (units 0-3 take part 0's, units 4-7 part 1's);
-// FACTORED, HAS_BIAS and factors<u> (below); MAX_TOKENS: up to how many tokens products take this kernel
-// (above, the packed GEMM, its panels widened from the copy, so that results still do not depend on
-// the batch). Measured with 2 threads on an Intel Xeon, bench/row_lane_copy.py: Q8_0 1.1x the GEMM
+// block_scales: the rows' d and bias of a block; SCALE_PARTS: 1, or 2 for a type whose scales change
+// after 16 values (units 0-3 take part 0's, units 4-7 part 1's); FACTORED (below): factors<u>, and
+// HAS_BIAS; otherwise weights<u>(block, d, bias, w): the 16 rows' weights q * d + bias for
+// k = 4u + i (u = 0..7) in w[i], i = 0..3; MAX_TOKENS: up to how many tokens products take this
+// kernel (above, the packed GEMM, its panels widened from the copy by weights<u>, so that results
+// still do not depend on the batch). Measured with 2 threads on an Intel Xeon, bench/row_lane_copy.py: Q8_0 1.1x the GEMM
 // at 48-64 tokens and even at 128 (SmolLM2-135M shapes, one thread); Q4_K and Q6_K (TinyLlama-1.1B
 // shapes), while both made dequantized weights, 0.93-1.44x at 64, 0.92-1.19x at 96, 0.83-0.99x at
 // 128. The FACTORED layouts (below) take every product: ANY_TOKENS.
@@ -1060,7 +1060,7 @@ static inline void picked_weights(__m512i v, __m512 d, __m512 bias, __m512 (&w)[
 // brings byte i's quant down and no mask or pick is needed. That is one shift and one permute per
 // 16 weights where the pick takes a shuffle and a conversion; on an Intel core all of these share
 // the two ports of the FMAs, which bound the decode of these types. The tables hold the small
-// integers (IQ4_NL: its levels + 128) that a conversion would give.
+// integers (IQ4_NL: its levels) that a conversion would give.
 struct FloatTable {
   alignas(64) float v[32];
 };
@@ -1108,15 +1108,12 @@ static inline void table_floats(const uint8_t* block, const FloatTable& table, _
     five_bit_floats<U>(block, _mm512_load_ps(table.v), _mm512_load_ps(table.v + 16), f);
 }
 
-// The weights of unit U of a block of a copy with BITS bits per value.
+// The weights of unit U of a block of a copy with BITS bits per value (the 4- and 5-bit copies are
+// FACTORED: the kernel never makes their weights).
 template <int BITS, int U>
 static inline void lane_weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
-  if constexpr (BITS == 4 || BITS == 5) {
-    table_floats<BITS, U>(block, QUANT_FLOATS, w);
-    for (int i = 0; i < 4; ++i) w[i] = _mm512_fmadd_ps(w[i], d, bias);
-  } else {
-    picked_weights(lane_unit<BITS>(block, U), d, bias, w);
-  }
+  static_assert(BITS == 6 || BITS == 8, "weights of the 6- and 8-bit copies only");
+  picked_weights(lane_unit<BITS>(block, U), d, bias, w);
 }
 
 // Calls f(std::integral_constant<int, U>{}) for U = FIRST .. END - 1 in order: the units of a block
@@ -1131,8 +1128,8 @@ static inline void each_unit(F&& f) {
 
 // The 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; pack_q8_0_row_lanes, pack_q4_0_row_lanes,
 // pack_q32): per block the rows' d and either their m (Q4_1, Q5_1: weight q * d + m) or a fixed
-// OFFSET (q * d + OFFSET * d, q * d exact), one FMA and one rounding either way: the dequantized
-// weight, as the row widening has it.
+// OFFSET. Q8_0's weight is q * d + OFFSET * d (q * d exact), one FMA and one rounding: the
+// dequantized weight, as the row widening has it.
 // FACTORED (the 4- and 5-bit types; IQ4_NL and the k-quants below): the weight is d * factor (+ m
 // where the type has one, HAS_BIAS), factor = q + OFFSET (or a level: factors<u>), so the kernel
 // sums factor * x over the block and multiplies by d once per block (and adds m times the block's
@@ -1177,21 +1174,15 @@ using Q4_0Lanes = BlockLanes<4, 1, -8>;
 using Q4_1Lanes = BlockLanes<4, 2, 0>;
 using Q5_0Lanes = BlockLanes<5, 1, -16>;
 using Q5_1Lanes = BlockLanes<5, 2, 0>;
-// IQ4_NL (pack_q4_0_row_lanes, as Q4_0): each nibble picks its level from a table of 16 floats, the
-// kernel's factor; the weights of the GEMM's panels pick level + 128, the weight then
-// (level + 128) * d - 128 * d: level * d, exact in float.
-constexpr FloatTable iq4_nl_levels(int offset) {  // level + offset for the 16 nibbles
+// IQ4_NL (pack_q4_0_row_lanes, as Q4_0): each nibble picks its level, the kernel's factor, from a
+// table of 16 floats.
+constexpr FloatTable iq4_nl_levels() {
   FloatTable t{};
-  for (int q = 0; q < 16; ++q) t.v[q] = float(IQ4_NL_LEVELS[q] + offset);
+  for (int q = 0; q < 16; ++q) t.v[q] = float(IQ4_NL_LEVELS[q]);
   return t;
 }
-inline constexpr FloatTable IQ4_NL_LEVELS_PLUS_128 = iq4_nl_levels(128), IQ4_NL_LEVEL_FLOATS = iq4_nl_levels(0);
-struct IQ4_NLLanes : BlockLanes<4, 1, -128> {
-  template <int U>
-  static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
-    nibble_floats<U>(block, _mm512_load_ps(IQ4_NL_LEVELS_PLUS_128.v), w);
-    for (int i = 0; i < 4; ++i) w[i] = _mm512_fmadd_ps(w[i], d, bias);
-  }
+inline constexpr FloatTable IQ4_NL_LEVEL_FLOATS = iq4_nl_levels();
+struct IQ4_NLLanes : BlockLanes<4, 1, 0> {
   template <int U>
   static void factors(const uint8_t* block, __m512 (&f)[4]) {
     nibble_floats<U>(block, _mm512_load_ps(IQ4_NL_LEVEL_FLOATS.v), f);
@@ -1201,19 +1192,14 @@ struct IQ4_NLLanes : BlockLanes<4, 1, -128> {
 // Q4_K and Q5_K (pack_k_quant): each 32-value sub-block laid out as a Q4_0 (or, with 5 bits, Q5_0)
 // block; per group and super-block of 256 values, the rows' d and dmin (halves) and their 8
 // sub-blocks' 6-bit scales and mins as bytes (Q4_K_LANE_SCALE_BYTES). d * sc and dmin * m are exact
-// in float, and the weight q * (d * sc) - dmin * m is rounded once, as the row widening has it
-// (the GEMM's panels); the kernel's products are factored: (d * sc) * sum(q * x) - (dmin * m) * sum(x)
-// per sub-block.
+// in float; the kernel's products are factored: (d * sc) * sum(q * x) - (dmin * m) * sum(x) per
+// sub-block.
 template <int BITS>
 struct K4Lanes {
   static constexpr size_t BLOCK_BYTES = 64 * BITS;
   static constexpr int SCALE_PARTS = 1;
   static constexpr bool FACTORED = true, HAS_BIAS = true;
   static constexpr int MAX_TOKENS = ANY_TOKENS;
-  template <int U>
-  static void weights(const uint8_t* block, __m512 d, __m512 bias, __m512 (&w)[4]) {
-    lane_weights<BITS, U>(block, d, bias, w);
-  }
   template <int U>
   static void factors(const uint8_t* block, __m512 (&f)[4]) {
     table_floats<BITS, U>(block, QUANT_FLOATS, f);
@@ -1272,7 +1258,7 @@ struct Q6_KLanes {
 // R groups of 16 rows (the copy's group g at lanes + g * gstride bytes, its scales at
 // scales + g * sstride) times C tokens: R * C chains of dependent FMAs, enough to cover their
 // latency (decode: 4 groups x 1 token; batches: 1 group x up to 16 tokens). Each unit's
-// widening (pick and convert, or shift and permute; then (q + offset) * d in one FMA: the
+// widening (pick and convert, then (q + offset) * d in one FMA: the
 // dequantized weight rounded once) is shared by the C tokens, and a token's sum runs over k in
 // order in its lane. A FACTORED layout's token instead sums factor * x over each block, in order,
 // and adds d times that sum to its total.
@@ -1328,26 +1314,26 @@ static inline void float_lanes_pass(const uint8_t* lanes, size_t gstride, const 
             acc[g][c] = _mm512_fmadd_ps(bias, _mm512_set1_ps(xsum[size_t(c) * nb + b]), acc[g][c]);
         }
       }
-      continue;
-    }
-    __m512 d[R], m[R];
-    each_unit<0, 8>([&](auto unit) {
-      constexpr int u = decltype(unit)::value;
-      if constexpr (u % (8 / L::SCALE_PARTS) == 0)  // a block's scales, or a part's
-        for (int g = 0; g < R; ++g) L::block_scales(scales + g * sstride, b, u * L::SCALE_PARTS / 8, d[g], m[g]);
-      for (int g = 0; g < R; ++g) {
-        __m512 w[4];
-        L::template weights<u>(lanes + g * gstride + size_t(b) * L::BLOCK_BYTES, d[g], m[g], w);
-        const float* xk = xb + 4 * u;
-        for (int c = 0; c < C; ++c) {
-          const float* xc = xk + c * ldx;
-          acc[g][c] = _mm512_fmadd_ps(w[0], _mm512_set1_ps(xc[0]), acc[g][c]);
-          acc[g][c] = _mm512_fmadd_ps(w[1], _mm512_set1_ps(xc[1]), acc[g][c]);
-          acc[g][c] = _mm512_fmadd_ps(w[2], _mm512_set1_ps(xc[2]), acc[g][c]);
-          acc[g][c] = _mm512_fmadd_ps(w[3], _mm512_set1_ps(xc[3]), acc[g][c]);
+    } else {
+      __m512 d[R], m[R];
+      each_unit<0, 8>([&](auto unit) {
+        constexpr int u = decltype(unit)::value;
+        if constexpr (u % (8 / L::SCALE_PARTS) == 0)  // a block's scales, or a part's
+          for (int g = 0; g < R; ++g) L::block_scales(scales + g * sstride, b, u * L::SCALE_PARTS / 8, d[g], m[g]);
+        for (int g = 0; g < R; ++g) {
+          __m512 w[4];
+          L::template weights<u>(lanes + g * gstride + size_t(b) * L::BLOCK_BYTES, d[g], m[g], w);
+          const float* xk = xb + 4 * u;
+          for (int c = 0; c < C; ++c) {
+            const float* xc = xk + c * ldx;
+            acc[g][c] = _mm512_fmadd_ps(w[0], _mm512_set1_ps(xc[0]), acc[g][c]);
+            acc[g][c] = _mm512_fmadd_ps(w[1], _mm512_set1_ps(xc[1]), acc[g][c]);
+            acc[g][c] = _mm512_fmadd_ps(w[2], _mm512_set1_ps(xc[2]), acc[g][c]);
+            acc[g][c] = _mm512_fmadd_ps(w[3], _mm512_set1_ps(xc[3]), acc[g][c]);
+          }
         }
-      }
-    });
+      });
+    }
   }
   for (int g = 0; g < R; ++g)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + c * ldy + 16 * g, acc[g][c]);
@@ -1470,7 +1456,15 @@ static void panel_from_lanes(const WeightView& wv, int n0, float* panel) {
 static bool panel_from_row_lanes(const WeightView& wv, int n0, float* panel) {
   static_assert(NR == 32, "a panel is two groups of 16 rows");
   if (!wv.row_lanes || n0 % 16 != 0 || n0 + NR > wv.rows) return false;
-  return with_row_lane_layout(wv.type, [&](auto layout) { panel_from_lanes<decltype(layout)>(wv, n0, panel); });
+  bool made = false;
+  with_row_lane_layout(wv.type, [&](auto layout) {
+    using L = decltype(layout);
+    if constexpr (!L::FACTORED) {  // FACTORED copies take every product: never the GEMM's
+      panel_from_lanes<L>(wv, n0, panel);
+      made = true;
+    }
+  });
+  return made;
 }
 
 // Whether products of w with n tokens take the float row-lane kernel: w has a copy (each has its

@@ -21,6 +21,10 @@ Swapping builds: `--core omp=/tmp/core_openmp.so --core pool=...` loads each fil
 `--llama-cpp` adds llama.cpp (through llama-cpp-python, the same GGUF files and thread
 counts) as one more engine taking its turn in every round.
 
+With 1 thread and more among --threads, the read bandwidth of one thread against that of the
+most threads (`_core.probe_bandwidth`) bounds what a decode bound by memory bandwidth (f32, f16,
+q8_0) can keep of its idle rate while another process holds a core: about one core's share.
+
 For builds that report it (`_core.pool_backoff()`), a last line gives what the thread pool was
 doing about the load at the end of each round's measurement with 2+ threads: "fewer threads",
 "sleepy workers", "none", or a trial between the two still running.
@@ -268,6 +272,15 @@ def main() -> None:
                 f"{d} {med[(name, d, most, 'busy')] / med[(name, d, most, 'idle')]:.2f}x idle, "
                 f"{med[(name, d, most, 'busy')] / med[(name, d, 1, 'busy')]:.2f}x 1 thread"
                 for d in args.types.split(",")))
+        # What one free core can read, against all of them: the most a type bound by memory bandwidth
+        # (f32, f16, q8_0 decode) can keep of its idle rate while another process holds the other cores.
+        per_threads = {}
+        for t in (1, most):
+            tokentrail._core.set_threads(t)
+            per_threads[t] = tokentrail._core.probe_bandwidth(512, 3)
+        print(f"read bandwidth (probe_bandwidth, 512 MB): 1 thread {per_threads[1]:.1f} GB/s, {most} threads "
+              f"{per_threads[most]:.1f} GB/s = {per_threads[1] / per_threads[most]:.2f}x: the most a bandwidth-bound "
+              f"decode can keep of its idle rate with one free core")
     if pools:
         print("the pool's back-off at the end of each round (2+ threads under load): " + "; ".join(
             f"{name} {d} {t}t {load}: {', '.join(states)}" for (name, d, t, load), states in pools.items()))

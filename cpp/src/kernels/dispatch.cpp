@@ -1,4 +1,5 @@
 // Chooses the kernel variant at run time.
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -196,17 +197,22 @@ static void pack_q4_0_row_lanes(const WeightView& w, uint8_t* out) {
 // of a group of 16: lay_nibbles puts 32 values' low nibbles in a
 // block as the Q4_0 copy has them (value i low, 16 + i high, in byte i of the row's 16);
 // lay_high_bits their higher bits (`bits` of them, from bit 4), unit u's (values 4u..4u+3) at bit
-// bits * (u % per) of vector u / per, per = 8 / bits units sharing a vector.
+// bits * (u % per) of vector u / per, per = 8 / bits units sharing a vector. Both first gather a
+// row's bytes, then store them 4 at a time: loops the compiler turns into vector code, where a
+// store per value (each to another vector of the copy) kept loading a large model for seconds.
 static void lay_nibbles(uint8_t* block, int r, const uint8_t* v) {
-  for (int i = 0; i < 16; ++i) block[(i / 4) * 64 + r * 4 + i % 4] = uint8_t((v[i] & 0xF) | (v[16 + i] & 0xF) << 4);
+  uint8_t bytes[16];  // byte i: value i in the low nibble, value 16 + i in the high one
+  for (int i = 0; i < 16; ++i) bytes[i] = uint8_t((v[i] & 0xF) | (v[16 + i] & 0xF) << 4);
+  for (int j = 0; j < 4; ++j) std::memcpy(block + j * 64 + r * 4, bytes + 4 * j, 4);
 }
-static void lay_high_bits(uint8_t* vectors, int r, const uint8_t* v, int bits) {
-  const int per = 8 / bits;
-  for (int i = 0; i < 32; ++i) {
-    const int u = i / 4;
-    uint8_t& byte = vectors[(u / per) * 64 + r * 4 + i % 4];
-    if (u % per == 0) byte = 0;
-    byte |= uint8_t((v[i] >> 4) << (bits * (u % per)));
+template <int BITS>
+static void lay_high_bits(uint8_t* vectors, int r, const uint8_t* v) {
+  constexpr int PER = 8 / BITS;
+  for (int k = 0; k < 8 / PER; ++k) {  // vector k holds units k * PER .. k * PER + PER - 1
+    uint8_t bytes[4] = {};
+    for (int unit = 0; unit < PER; ++unit)
+      for (int c = 0; c < 4; ++c) bytes[c] |= uint8_t((v[4 * (k * PER + unit) + c] >> 4) << (BITS * unit));
+    std::memcpy(vectors + k * 64 + r * 4, bytes, 4);
   }
 }
 // Q4_K and Q5_K: a row's d, dmin, 8 scales and 8 mins (the file's 12 packed bytes unpacked) in a
@@ -238,21 +244,37 @@ static void pack_q32(const WeightView& w, uint8_t* out, int bits, int halves, si
         uint8_t v[32];
         unpack(blk, v);
         lay_nibbles(block, r, v);
-        if (bits == 5) lay_high_bits(block + 256, r, v, 1);
+        if (bits == 5) lay_high_bits<1>(block + 256, r, v);
       }
     }
   });
 }
 
+// FIFTH_BITS[b]: 8 bytes, byte j holding bit j of b at bit 4 (GGML's files are little-endian, as
+// x86 is, so byte j of the word is value j of eight).
+static constexpr std::array<uint64_t, 256> fifth_bits_table() {
+  std::array<uint64_t, 256> t{};
+  for (int b = 0; b < 256; ++b)
+    for (int j = 0; j < 8; ++j) t[b] |= uint64_t((b >> j) & 1) << (8 * j + 4);
+  return t;
+}
+static constexpr std::array<uint64_t, 256> FIFTH_BITS = fifth_bits_table();
+
 // The 32 values of a block whose 16 nibble bytes lie at qs (value i low, 16 + i high) and, with
-// qh, whose fifth bits are the bits of the little-endian 32-bit word there (bit i: value i).
+// qh, whose fifth bits are the bits of the little-endian 32-bit word there (bit i: value i), eight
+// values' at a time from byte i / 8 of qh.
 static void nibbles_and_fifth_bits(const uint8_t* qs, const uint8_t* qh, uint8_t* v) {
-  uint32_t high = 0;
-  if (qh) std::memcpy(&high, qh, 4);  // GGML's files are little-endian, as x86 is
   for (int i = 0; i < 16; ++i) {
-    v[i] = uint8_t((qs[i] & 0xF) | ((high >> i) & 1) << 4);
-    v[16 + i] = uint8_t((qs[i] >> 4) | ((high >> (16 + i)) & 1) << 4);
+    v[i] = qs[i] & 0xF;
+    v[16 + i] = qs[i] >> 4;
   }
+  if (qh)
+    for (int j = 0; j < 4; ++j) {
+      uint64_t eight;
+      std::memcpy(&eight, v + 8 * j, 8);
+      eight |= FIFTH_BITS[qh[j]];
+      std::memcpy(v + 8 * j, &eight, 8);
+    }
 }
 
 static size_t q4_1_row_lane_bytes(const WeightView& w) { return q32_row_lane_bytes(w, DType::Q4_1, 4, 2); }
@@ -275,20 +297,19 @@ static size_t k_quant_row_lane_bytes(const WeightView& w, DType type, int bits, 
 
 // Every super-block of every row of w: unpack(file block, values[256], scale bytes, r) and the
 // values' bits laid out in the blocks of the copy.
-template <class Unpack>
-static void pack_k_quant(const WeightView& w, uint8_t* out, int bits, size_t scale_bytes, size_t file_block,
-                         Unpack unpack) {
+template <int BITS, class Unpack>
+static void pack_k_quant(const WeightView& w, uint8_t* out, size_t scale_bytes, size_t file_block, Unpack unpack) {
   const int64_t supers = w.cols / 256;
-  pack_groups(w, k_quant_row_lane_bytes(w, w.type, bits, scale_bytes), [&](int64_t g) {
+  pack_groups(w, k_quant_row_lane_bytes(w, w.type, BITS, scale_bytes), [&](int64_t g) {
     for (int64_t sb = 0; sb < supers; ++sb)
       for (int r = 0; r < 16; ++r) {
         uint8_t v[256];
         unpack(w.row(g * 16 + r) + sb * file_block, v,
-               const_cast<uint8_t*>(k_quant_lane_scales(w, out, bits, scale_bytes, g, sb)), r);
+               const_cast<uint8_t*>(k_quant_lane_scales(w, out, BITS, scale_bytes, g, sb)), r);
         for (int b = 0; b < 8; ++b) {
-          uint8_t* block = const_cast<uint8_t*>(lane_block(w, out, bits, g, sb * 8 + b));
+          uint8_t* block = const_cast<uint8_t*>(lane_block(w, out, BITS, g, sb * 8 + b));
           lay_nibbles(block, r, v + 32 * b);
-          if (bits > 4) lay_high_bits(block + 256, r, v + 32 * b, bits - 4);
+          if constexpr (BITS > 4) lay_high_bits<BITS - 4>(block + 256, r, v + 32 * b);
         }
       }
   });
@@ -299,18 +320,22 @@ static void pack_k_quant(const WeightView& w, uint8_t* out, int bits, size_t sca
 // its fifth bit at bit j of qh[l].
 static void unpack_k4(const uint8_t* blk, const uint8_t* qh, const uint8_t* qs, uint8_t* v, uint8_t* s, int r) {
   lay_k4_scales(s, r, blk);
-  for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < 8; j += 2)  // sub-blocks j and j + 1: the low and high nibbles of the same 32 bytes
     for (int l = 0; l < 32; ++l) {
-      const uint8_t q = qs[32 * (j / 2) + l];
-      v[32 * j + l] = uint8_t((j % 2 ? q >> 4 : q & 0xF) | (qh ? ((qh[l] >> j) & 1) << 4 : 0));
+      const uint8_t q = qs[16 * j + l];
+      v[32 * j + l] = q & 0xF;
+      v[32 * j + 32 + l] = q >> 4;
     }
+  if (qh)
+    for (int j = 0; j < 8; ++j)
+      for (int l = 0; l < 32; ++l) v[32 * j + l] |= uint8_t(((qh[l] >> j) & 1) << 4);
 }
 
 static size_t q4_k_row_lane_bytes(const WeightView& w) {
   return k_quant_row_lane_bytes(w, DType::Q4_K, 4, Q4_K_LANE_SCALE_BYTES);
 }
 static void pack_q4_k_row_lanes(const WeightView& w, uint8_t* out) {
-  pack_k_quant(w, out, 4, Q4_K_LANE_SCALE_BYTES, 144, [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
+  pack_k_quant<4>(w, out, Q4_K_LANE_SCALE_BYTES, 144, [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
     unpack_k4(blk, nullptr, blk + 16, v, s, r);
   });
 }
@@ -319,7 +344,7 @@ static size_t q5_k_row_lane_bytes(const WeightView& w) {
   return k_quant_row_lane_bytes(w, DType::Q5_K, 5, Q4_K_LANE_SCALE_BYTES);
 }
 static void pack_q5_k_row_lanes(const WeightView& w, uint8_t* out) {
-  pack_k_quant(w, out, 5, Q4_K_LANE_SCALE_BYTES, 176, [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
+  pack_k_quant<5>(w, out, Q4_K_LANE_SCALE_BYTES, 176, [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
     unpack_k4(blk, blk + 16, blk + 48, v, s, r);
   });
 }
@@ -331,15 +356,17 @@ static void pack_q6_k_row_lanes(const WeightView& w, uint8_t* out) {
   // ql[128], qh[64], scales[16], d: value 128h + 32p + l (p = 0..3, l = 0..31) has its low nibble
   // in ql[64h + 32(p % 2) + l] (the low one for p < 2) and its two high bits at bit 2p of
   // qh[32h + l].
-  pack_k_quant(w, out, 6, Q6_K_LANE_SCALE_BYTES, 210, [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
+  pack_k_quant<6>(w, out, Q6_K_LANE_SCALE_BYTES, 210, [](const uint8_t* blk, uint8_t* v, uint8_t* s, int r) {
     std::memcpy(s + 2 * r, blk + 208, 2);
     for (int j = 0; j < 16; ++j) s[32 + 16 * j + r] = blk[192 + j];
     for (int h = 0; h < 2; ++h)
-      for (int p = 0; p < 4; ++p)
-        for (int l = 0; l < 32; ++l) {
-          const uint8_t low = blk[64 * h + 32 * (p % 2) + l], high = blk[128 + 32 * h + l];
-          v[128 * h + 32 * p + l] = uint8_t(((p < 2 ? low : low >> 4) & 0xF) | ((high >> (2 * p)) & 3) << 4);
-        }
+      for (int l = 0; l < 32; ++l) {  // p = 0..3 written out, so that the loop over l is vector code
+        const uint8_t low0 = blk[64 * h + l], low1 = blk[64 * h + 32 + l], high = blk[128 + 32 * h + l];
+        v[128 * h + l] = uint8_t((low0 & 0xF) | (high & 3) << 4);
+        v[128 * h + 32 + l] = uint8_t((low1 & 0xF) | ((high >> 2) & 3) << 4);
+        v[128 * h + 64 + l] = uint8_t((low0 >> 4) | ((high >> 4) & 3) << 4);
+        v[128 * h + 96 + l] = uint8_t((low1 >> 4) | ((high >> 6) & 3) << 4);
+      }
   });
 }
 

@@ -286,6 +286,30 @@ def test_malformed_headers(llama_file, tmp_path):
     expect_error(tmp_path, bytes(bad), "tensor count")
 
 
+def test_malformed_vocabulary_strings_are_named(llama_file, tmp_path):
+    """The vocabulary is read as one array of strings: a bad length or a cut inside one names the
+    array and the string's index."""
+    good = llama_file[0].read_bytes()
+    key = b"tokenizer.ggml.tokens"
+    first = good.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + 4 + 4 + 8  # type, element type, count
+    count = struct.unpack_from("<Q", good, first - 8)[0]
+
+    def string_at(index):
+        at = first
+        for _ in range(index):
+            at += 8 + struct.unpack_from("<Q", good, at)[0]
+        return at
+
+    bad = bytearray(good)
+    at = string_at(3)
+    bad[at:at + 8] = struct.pack("<Q", 1 << 60)
+    expect_error(tmp_path, bytes(bad), "string length", "tokenizer.ggml.tokens[3]")
+    # A cut inside the length of one of the last strings (near the start, the array's count alone
+    # would be larger than what is left).
+    at = string_at(count - 2)
+    expect_error(tmp_path, good[:at + 5], "file ends inside", f"tokenizer.ggml.tokens[{count - 2}]")
+
+
 def test_truncation_anywhere_raises_checkpoint_error(llama_file, tmp_path):
     good = llama_file[0].read_bytes()
     header_end = GGUFFile(llama_file[0]).tensors["token_embd.weight"].offset

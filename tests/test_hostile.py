@@ -198,6 +198,43 @@ def test_non_finite_scan_of_every_type():
             assert has_non_finite(Weight(bad, dtype, x.shape)) == expected, (dtype, at % block)
 
 
+def test_non_finite_scan_of_large_tensors_spread_over_threads():
+    """Tensors large enough that the core's scan splits them across its threads, in pieces of 65536
+    elements or blocks: a NaN or an infinity at the edges of those pieces and at the very ends is
+    found, as numpy's isfinite finds it; a clean tensor is not refused."""
+    from tokentrail import _core
+    from tokentrail.loading.quant import quantize
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(5 * 65536 + 7).astype(np.float32)
+    for dtype, make in (("f32", lambda a: a), ("f16", lambda a: a.astype(np.float16))):
+        assert not _core.has_non_finite(make(x), dtype)
+        for at in (0, 65535, 65536, 3 * 65536 + 1, x.size - 1):
+            for value in (np.nan, np.inf, -np.inf):
+                y = x.copy()
+                y[at] = value
+                assert _core.has_non_finite(make(y), dtype) == (not np.isfinite(make(y)).all()), (dtype, at)
+    q = quantize(rng.standard_normal((64, 65536 // 16 * 32 + 32)).astype(np.float32), "q8_0")  # 34-byte blocks
+    blocks = q.reshape(-1, 34)
+    assert not _core.has_non_finite(q, "q8_0")
+    for b in (0, 65535, 65536, len(blocks) - 1):
+        bad = q.copy().reshape(-1, 34)
+        bad[b, 0:2] = np.frombuffer(np.uint16(0x7E00).tobytes(), np.uint8)  # a NaN scale
+        assert _core.has_non_finite(bad, "q8_0"), b
+
+
+def test_non_finite_scan_refuses_what_it_cannot_read():
+    from tokentrail import _core
+
+    with pytest.raises(ValueError, match="whole blocks of 34 bytes"):
+        _core.has_non_finite(np.zeros(35, np.uint8), "q8_0")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.has_non_finite(np.zeros((8, 8), np.float32)[:, ::2], "f32")
+    with pytest.raises(ValueError, match="unknown weight dtype"):
+        _core.has_non_finite(np.zeros(8, np.float32), "f8")
+    assert not _core.has_non_finite(np.zeros(0, np.float32), "f32")
+
+
 # ---------------------------------------------------------------- GGUF metadata of the wrong kind
 
 @pytest.mark.parametrize("key, value, vtype", [

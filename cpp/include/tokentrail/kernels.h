@@ -196,6 +196,11 @@ std::vector<std::string> available_isas();
 // Weight rows of any type (float or block-quantized) widened to float32.
 void row_to_f32(const WeightView& w, int64_t row, float* out);
 
+// Whether `bytes` bytes of weights of type t hold a NaN or an infinity: a float element, or a
+// block's half scale, whose exponent bits are all ones (a block's other bytes are integers, always
+// finite). Spread over the threads for large tensors; bytes must be whole elements or blocks.
+bool has_non_finite(const void* data, size_t bytes, DType t);
+
 namespace isa_scalar { extern const KernelTable table; }
 namespace int8_scalar { extern const Int8KernelTable table; }
 #ifdef TOKENTRAIL_X86

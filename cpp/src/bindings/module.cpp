@@ -739,6 +739,16 @@ PYBIND11_MODULE(_core, m) {
     return out;
   }, "Every weight type the kernels read: (name, GGML type id, values per block, bytes per block, byte offset of "
      "a block's half-precision scales, how many)");
+  m.def("has_non_finite", [](py::array data, const std::string& dtype) {
+    if (!(data.flags() & py::array::c_style)) throw py::value_error("has_non_finite reads a C-contiguous array");
+    const DType t = dtype_from_name(dtype);
+    const void* p = data.data();
+    const size_t bytes = size_t(data.nbytes());
+    py::gil_scoped_release nogil;
+    return has_non_finite(p, bytes, t);  // std::invalid_argument (not whole blocks) reaches Python as ValueError
+  }, py::arg("data"), py::arg("dtype"),
+     "Whether the array's bytes, weights of type `dtype`, hold a NaN or an infinity (block types: in a block's "
+     "half-precision scales; their other bytes are integers), read by all threads at the memory's speed");
   m.def("row_to_f32", [](py::array w, const std::string& dtype, int64_t rows, int64_t cols) {
     ModelHandle keep;
     py::dict wd;

@@ -1,5 +1,7 @@
 // Chooses the kernel variant at run time.
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -461,6 +463,54 @@ void row_to_f32(const WeightView& w, int64_t row, float* out) {
       return;
     default: kernels().dequant_row(w, row, out);
   }
+}
+
+// Whether any of n elements (of U bits) at p has all of `exponent`'s bits set: written as a
+// reduction the compiler makes vector code of, so that the scan runs at the memory's speed.
+template <class U>
+static bool exponent_all_ones(const uint8_t* p, int64_t n, U exponent) {
+  unsigned found = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U x;
+    std::memcpy(&x, p + i * int64_t(sizeof(U)), sizeof(U));
+    found |= unsigned((x & exponent) == exponent);
+  }
+  return found != 0;
+}
+
+// Units [u0, u1) (elements, or blocks) of weights of type t at p.
+static bool non_finite_in(const uint8_t* p, int64_t u0, int64_t u1, const WeightTypeInfo& t) {
+  switch (t.type) {
+    case DType::F32: return exponent_all_ones<uint32_t>(p + u0 * 4, u1 - u0, 0x7F800000u);
+    case DType::F16: return exponent_all_ones<uint16_t>(p + u0 * 2, u1 - u0, 0x7C00);
+    case DType::BF16: return exponent_all_ones<uint16_t>(p + u0 * 2, u1 - u0, 0x7F80);
+    default: {
+      unsigned found = 0;
+      for (int64_t b = u0; b < u1; ++b)
+        for (int j = 0; j < t.half_scales; ++j) {
+          uint16_t h;
+          std::memcpy(&h, p + b * t.bytes + t.half_scales_at + 2 * j, 2);
+          found |= unsigned((h & 0x7C00) == 0x7C00);
+        }
+      return found != 0;
+    }
+  }
+}
+
+bool has_non_finite(const void* data, size_t bytes, DType type) {
+  const WeightTypeInfo& t = weight_type(type);
+  if (bytes % size_t(t.bytes))
+    throw std::invalid_argument(std::string("a scan for non-finite ") + t.name + " weights needs whole " +
+                                (t.values > 1 ? "blocks" : "elements") + " of " + std::to_string(t.bytes) + " bytes");
+  const auto* p = static_cast<const uint8_t*>(data);
+  const int64_t units = int64_t(bytes / size_t(t.bytes));
+  constexpr int64_t CHUNK = 1 << 16;  // elements or blocks per piece of work: 128 KB - 2 MB
+  std::atomic<bool> found{false};
+  parallel_for_if(bytes > (size_t(1) << 22), (units + CHUNK - 1) / CHUNK, 1, Split::Even, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1 && !found.load(std::memory_order_relaxed); ++c)
+      if (non_finite_in(p, c * CHUNK, std::min(units, (c + 1) * CHUNK), t)) found.store(true, std::memory_order_relaxed);
+  });
+  return found.load();
 }
 
 }  // namespace tokentrail

@@ -69,6 +69,9 @@ QWEN35_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+
                   r" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+_U64 = struct.Struct("<Q")  # a string's length
+
+
 @dataclass(frozen=True)
 class PreTokenizer:
     splits: tuple[str, ...]
@@ -230,6 +233,26 @@ class GGUFFile:
             raise self.error(f"string length {n} is larger than the rest of the file", where)
         return self._take(n, where).decode("utf-8", errors="replace")
 
+    def _strings(self, count: int, key: str) -> list[str]:
+        """An array of `count` strings, each checked as _string checks one: the same reads in one
+        loop over local names (a vocabulary of 150k strings is most of a GGUF header)."""
+        buf, pos, size = self._buf, self._pos, self.size
+        length = _U64.unpack_from
+        out = []
+        for i in range(count):
+            if pos + 8 > size:
+                self._pos = pos
+                self._take(8, f"{key}[{i}]")  # raises: the file ends inside this string's length
+            (n,) = length(buf, pos)
+            pos += 8
+            if n > size - pos:
+                self._pos = pos
+                raise self.error(f"string length {n} is larger than the rest of the file", f"{key}[{i}]")
+            out.append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        self._pos = pos
+        return out
+
     def _value(self, vtype: int, key: str, depth: int):
         if vtype == T_STRING:
             return self._string(key)
@@ -254,7 +277,7 @@ class GGUFFile:
             if etype == T_STRING:
                 if count * 8 > remaining:
                     raise self.error(f"array of {count} strings is larger than the rest of the file", key)
-                return [self._string(f"{key}[{i}]") for i in range(count)]
+                return self._strings(count, key)
             if etype == T_ARRAY:
                 if count * 12 > remaining:
                     raise self.error(f"array of {count} arrays is larger than the rest of the file", key)

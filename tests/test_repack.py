@@ -209,3 +209,35 @@ def test_the_core_refuses_a_file_backed_name_that_is_no_weight():
     weights = {n: (np.ascontiguousarray(w.data), w.dtype) for n, w in model.weights.items()}
     with pytest.raises(ValueError, match="'blocks.0.attn.q.weihgt', which is not among the weights"):
         _core.Model(model.config.core_dict(), weights, file_backed=["blocks.0.attn.q.weihgt"])
+
+
+def _vmas_advised(flag: str) -> int:
+    """How many of this process's mappings carry `flag` in their VmFlags (hg: advised into huge
+    pages, nh: advised against them)."""
+    with open("/proc/self/smaps") as fh:
+        return sum(1 for line in fh if line.startswith("VmFlags:") and flag in line.split()[1:])
+
+
+@needs_row_lanes
+def test_copies_in_4_kib_pages_when_asked(monkeypatch):
+    """TOKENTRAIL_HUGE_PAGES=0 puts the copies in 4 KiB pages (advised against huge pages: on VMs
+    that back a fresh 2 MiB page slowly, loading took 4-8x as long), with the same logits; any
+    other value than 0 or 1 is refused when a copy is made."""
+    import os
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("no /proc/self/smaps to read the pages' advice from")
+    monkeypatch.delenv("TOKENTRAIL_HUGE_PAGES", raising=False)
+    assert _core.copies_in_huge_pages()
+    huge = tokentrail.load(dtype="q8_0", repack=True)
+    monkeypatch.setenv("TOKENTRAIL_HUGE_PAGES", "0")
+    assert not _core.copies_in_huge_pages()
+    before = _vmas_advised("nh")
+    small = tokentrail.load(dtype="q8_0", repack=True)
+    assert small.repacked and _vmas_advised("nh") > before
+    ids = list(range(5, 40))
+    assert np.array_equal(huge.session().feed(ids), small.session().feed(ids))
+    monkeypatch.setenv("TOKENTRAIL_HUGE_PAGES", "yes")
+    with pytest.raises(ValueError, match="TOKENTRAIL_HUGE_PAGES must be 0"):
+        tokentrail.load(dtype="q8_0", repack=True)
+    monkeypatch.setenv("TOKENTRAIL_HUGE_PAGES", "1")
+    assert _core.copies_in_huge_pages()

@@ -3,6 +3,8 @@
 of its batch, and models with and without the copy alike."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -223,7 +225,6 @@ def test_copies_in_4_kib_pages_when_asked(monkeypatch):
     """TOKENTRAIL_HUGE_PAGES=0 puts the copies in 4 KiB pages (advised against huge pages: on VMs
     that back a fresh 2 MiB page slowly, loading took 4-8x as long), with the same logits; any
     other value than 0 or 1 is refused when a copy is made."""
-    import os
     if not os.path.exists("/proc/self/smaps"):
         pytest.skip("no /proc/self/smaps to read the pages' advice from")
     monkeypatch.delenv("TOKENTRAIL_HUGE_PAGES", raising=False)

@@ -57,9 +57,9 @@ constexpr auto CALLER_SPIN = std::chrono::microseconds(50);
 // decode next to a spinning process, 2 cores: sleepy workers 1.06-1.12x one thread in one run,
 // 0.86-0.89x for Q4_0 in another). So a backoff begins with a trial: TRIAL of sleepy workers,
 // timing every job; then, if /proc/stat shows other processes on the CPUs the threads need,
-// TRIAL of fewer threads, and the pool keeps the one whose jobs took less time on average (if not,
-// the wait was a passing burst: back to every thread). It tries again when a backoff is extended
-// RETRIAL or more after the last trial.
+// TRIAL of fewer threads, and the pool keeps the one whose jobs took less time, compared kind of
+// job by kind of job (time_trial); if not, the wait was a passing burst: back to every thread. It
+// tries again when a backoff is extended RETRIAL or more after the last trial.
 constexpr auto WINDOW = std::chrono::milliseconds(20);
 constexpr auto STALL = std::chrono::microseconds(250);  // less waiting in a window is never a reason
 constexpr auto LONG_STALL = std::chrono::microseconds(2500);
@@ -206,11 +206,8 @@ class Pool {
           backoff_until_ = start + backoff_length_;
           backoff_use_ = now;
         }
-      } else {  // back to every thread, polling: a new window
-        backoff_threads_ = 0;
-        set_sleepy_workers(false);
-        window_start_ = start;
-        window_own_ = window_waited_ = Clock::duration::zero();
+      } else {
+        stop_backing_off(start);
       }
     }
     if (backoff_threads_) threads = std::min(threads, backoff_threads_);
@@ -298,8 +295,20 @@ class Pool {
                                   : std::chrono::microseconds(MIN_BACKOFF);
       begin_trial(finish, threads);
     }
-    window_start_ = finish;
+    new_window(finish);
+  }
+
+  // A new window of accounting from `now`.
+  void new_window(Clock::time_point now) {
+    window_start_ = now;
     window_own_ = window_waited_ = Clock::duration::zero();
+  }
+
+  // Back to every thread, polling: a new window.
+  void stop_backing_off(Clock::time_point now) {
+    backoff_threads_ = 0;
+    set_sleepy_workers(false);
+    new_window(now);
   }
 
   // Backs off with sleepy workers first, timing jobs for TRIAL, then with fewer threads; see time_trial.
@@ -363,10 +372,8 @@ class Pool {
       fewer_per_job_ = 0.0;
       const CpuUse now = read_cpu_use();
       if (others_busy(trial_use_, now, CPU_USE_MIN_SECONDS) >= 0.0 && !cpus_taken(trial_use_, now, trial_threads_)) {
-        trial_ = 0;  // back to every thread, polling: a new window
-        set_sleepy_workers(false);
-        window_start_ = finish;
-        window_own_ = window_waited_ = Clock::duration::zero();
+        trial_ = 0;
+        stop_backing_off(finish);
         return;
       }
       trial_ = 2;

@@ -228,26 +228,23 @@ class GGUFFile:
         return struct.unpack(fmt, self._take(n, where))[0]
 
     def _string(self, where: str) -> str:
-        n = self._scalar("<Q", where)
-        if n > self.size - self._pos:
-            raise self.error(f"string length {n} is larger than the rest of the file", where)
-        return self._take(n, where).decode("utf-8", errors="replace")
+        return self._strings(1, lambda i: where)[0]
 
-    def _strings(self, count: int, key: str) -> list[str]:
-        """An array of `count` strings, each checked as _string checks one: the same reads in one
-        loop over local names (a vocabulary of 150k strings is most of a GGUF header)."""
+    def _strings(self, count: int, where_of) -> list[str]:
+        """`count` strings, one after another; where_of(i) names string i in errors. One loop over
+        local names, as a vocabulary of 150k strings is most of a GGUF header."""
         buf, pos, size = self._buf, self._pos, self.size
         length = _U64.unpack_from
         out = []
         for i in range(count):
             if pos + 8 > size:
                 self._pos = pos
-                self._take(8, f"{key}[{i}]")  # raises: the file ends inside this string's length
+                self._take(8, where_of(i))  # raises: the file ends inside this string's length
             (n,) = length(buf, pos)
             pos += 8
             if n > size - pos:
                 self._pos = pos
-                raise self.error(f"string length {n} is larger than the rest of the file", f"{key}[{i}]")
+                raise self.error(f"string length {n} is larger than the rest of the file", where_of(i))
             out.append(buf[pos:pos + n].decode("utf-8", errors="replace"))
             pos += n
         self._pos = pos
@@ -277,7 +274,7 @@ class GGUFFile:
             if etype == T_STRING:
                 if count * 8 > remaining:
                     raise self.error(f"array of {count} strings is larger than the rest of the file", key)
-                return self._strings(count, key)
+                return self._strings(count, lambda i: f"{key}[{i}]")
             if etype == T_ARRAY:
                 if count * 12 > remaining:
                     raise self.error(f"array of {count} arrays is larger than the rest of the file", key)
